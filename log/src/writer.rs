@@ -1,0 +1,281 @@
+//! The group-commit writer: one thread per log that is the permanent leader.
+//!
+//! Appenders encode their records (in their own task, in parallel) and send
+//! the bytes here. The thread takes every request waiting in the queue, gives
+//! them offsets, writes them with one `write`, runs one `fdatasync`, then
+//! publishes the new records to readers and answers every appender. A
+//! dedicated thread instead of a leader elected among callers keeps async
+//! callers from ever blocking a runtime thread on `fdatasync`.
+
+use std::io;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::fs::{write_atomic, AppendFile};
+use crate::log::Shared;
+use crate::options::FsyncMode;
+use crate::record::seal_frame;
+use crate::recovery::create_segment;
+use crate::segment::{encode_index, index_name, segment_path, IndexEntry};
+
+/// An append request: frames encoded with offset 0 and no CRC.
+pub(crate) struct Request {
+    pub buf: Vec<u8>,
+    /// Start of each frame in `buf`.
+    pub starts: Vec<usize>,
+    pub reply: oneshot::Sender<Result<Range<u64>>>,
+}
+
+pub(crate) enum Command {
+    Append(Request),
+    /// Make everything written so far durable, then answer.
+    Sync(oneshot::Sender<Result<()>>),
+}
+
+struct Pending {
+    reply: oneshot::Sender<Result<Range<u64>>>,
+    range: Range<u64>,
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    file: Box<dyn AppendFile>,
+    path: PathBuf,
+    base: u64,
+    /// Bytes written and accepted in the active segment.
+    len: u64,
+    /// Bytes of the active segment known durable.
+    durable_len: u64,
+    next_offset: u64,
+    /// Staged frames not yet written.
+    buf: Vec<u8>,
+    staged_entries: Vec<IndexEntry>,
+    pending: Vec<Pending>,
+    first_unsynced: Option<Instant>,
+}
+
+impl Writer {
+    pub(crate) fn new(shared: Arc<Shared>) -> Result<Self> {
+        let (base, len, next_offset) = {
+            let st = shared.state();
+            let seg = st.segments.last().expect("a log always has an active segment");
+            (seg.base, seg.len, seg.end_offset())
+        };
+        let path = segment_path(&shared.dir, base);
+        let file = shared.fs.open_append(&path).map_err(|e| Error::io("opening", &path, e))?;
+        Ok(Writer {
+            shared,
+            file,
+            path,
+            base,
+            len,
+            durable_len: len,
+            next_offset,
+            buf: Vec::new(),
+            staged_entries: Vec::new(),
+            pending: Vec::new(),
+            first_unsynced: None,
+        })
+    }
+
+    pub(crate) fn run(mut self, rx: Receiver<Command>) {
+        loop {
+            let first = match (self.shared.opts.fsync, self.first_unsynced) {
+                (FsyncMode::Interval(every), Some(since)) => {
+                    match rx.recv_timeout(every.saturating_sub(since.elapsed())) {
+                        Ok(cmd) => cmd,
+                        Err(RecvTimeoutError::Timeout) => {
+                            // A failure poisons the log and is logged there.
+                            let _ = self.sync_unsynced();
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                _ => match rx.recv() {
+                    Ok(cmd) => cmd,
+                    Err(_) => break,
+                },
+            };
+            let mut gathered = 0usize;
+            let mut syncs = Vec::new();
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Command::Append(req) => {
+                        gathered += req.buf.len();
+                        self.stage(req);
+                    }
+                    Command::Sync(tx) => syncs.push(tx),
+                }
+                if gathered < self.shared.opts.group_bytes {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.flush();
+            if !syncs.is_empty() {
+                let r = self.sync_unsynced();
+                for tx in syncs {
+                    let _ = tx.send(r.as_ref().map(|_| ()).map_err(|_| Error::Poisoned));
+                }
+            }
+            if let (FsyncMode::Interval(every), Some(since)) = (self.shared.opts.fsync, self.first_unsynced) {
+                if since.elapsed() >= every {
+                    let _ = self.sync_unsynced();
+                }
+            }
+        }
+        // Closing: make everything written durable.
+        self.flush();
+        let _ = self.sync_unsynced();
+    }
+
+    fn poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    fn poison(&self, why: &str, e: &io::Error) {
+        tracing::error!(path = %self.path.display(), error = %e, "{why}; the log refuses appends until reopened");
+        self.shared.poisoned.store(true, Ordering::Release);
+    }
+
+    /// Gives a request its offsets and stages its bytes.
+    fn stage(&mut self, mut req: Request) {
+        if self.poisoned() {
+            return answer(req.reply, Err(Error::Poisoned));
+        }
+        let n = req.buf.len() as u64;
+        let budget = self.shared.opts.budget.clone();
+        if let Err(used) = budget.try_reserve(n) {
+            return answer(req.reply, Err(Error::Full { limit: budget.limit(), used, requested: n }));
+        }
+        let staged_end = self.len + self.buf.len() as u64;
+        let has_records = self.next_offset > self.base || !self.buf.is_empty();
+        if has_records && staged_end + n > self.shared.opts.segment_bytes {
+            self.flush();
+            if let Err(e) = self.roll() {
+                budget.release(n);
+                return answer(req.reply, Err(e));
+            }
+        }
+        let first = self.next_offset;
+        let buf_base = self.len + self.buf.len() as u64;
+        for (i, &start) in req.starts.iter().enumerate() {
+            let end = req.starts.get(i + 1).copied().unwrap_or(req.buf.len());
+            let offset = self.next_offset;
+            seal_frame(&mut req.buf[start..end], offset);
+            self.staged_entries
+                .push(IndexEntry { rel: (offset - self.base) as u32, pos: (buf_base + start as u64) as u32 });
+            self.next_offset += 1;
+        }
+        self.buf.extend_from_slice(&req.buf);
+        self.pending.push(Pending { reply: req.reply, range: first..self.next_offset });
+    }
+
+    /// Writes (and, with `FsyncMode::Always`, syncs) everything staged,
+    /// then publishes it and answers the appenders.
+    fn flush(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let always = self.shared.opts.fsync == FsyncMode::Always;
+        let mut result = self.file.write_all(&self.buf);
+        if result.is_ok() && always {
+            result = self.file.sync_data();
+        }
+        let written = self.buf.len() as u64;
+        match result {
+            Ok(()) => {
+                self.len += written;
+                if always {
+                    self.durable_len = self.len;
+                } else if self.first_unsynced.is_none() {
+                    self.first_unsynced = Some(Instant::now());
+                }
+                self.shared.publish(self.len, &mut self.staged_entries, self.next_offset);
+                for p in self.pending.drain(..) {
+                    answer(p.reply, Ok(p.range));
+                }
+            }
+            Err(e) => {
+                // Nothing of this group was acknowledged: cut it off again
+                // so the file ends with acknowledged records only.
+                let rolled_back =
+                    self.file.set_len(self.len).and_then(|()| if always { self.file.sync_data() } else { Ok(()) });
+                if let Err(e2) = rolled_back {
+                    self.poison("a failed append could not be rolled back", &e2);
+                }
+                self.shared.opts.budget.release(written);
+                let first = self.pending.first().map_or(self.next_offset, |p| p.range.start);
+                self.next_offset = first;
+                self.staged_entries.clear();
+                tracing::warn!(path = %self.path.display(), error = %e, records = self.pending.len(), "append failed");
+                for p in self.pending.drain(..) {
+                    answer(
+                        p.reply,
+                        Err(Error::io("appending to", &self.path, io::Error::new(e.kind(), e.to_string()))),
+                    );
+                }
+            }
+        }
+        self.buf.clear();
+    }
+
+    /// Syncs bytes written in `Interval`/`Never` mode.
+    fn sync_unsynced(&mut self) -> Result<()> {
+        self.first_unsynced = None;
+        if self.durable_len == self.len {
+            return Ok(());
+        }
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.durable_len = self.len;
+                Ok(())
+            }
+            Err(e) => {
+                // These bytes were already acknowledged (the documented risk
+                // of these modes); whether they reached the disk is unknown.
+                self.poison("fdatasync failed for acknowledged records", &e);
+                Err(Error::io("syncing", &self.path, e))
+            }
+        }
+    }
+
+    /// Seals the active segment (data synced, index written) and starts a new one.
+    fn roll(&mut self) -> Result<()> {
+        if self.poisoned() {
+            return Err(Error::Poisoned);
+        }
+        self.sync_unsynced()?;
+        let dir = self.shared.dir.clone();
+        let index = encode_index(self.base, self.len, &self.shared.state().segments.last().expect("active").index);
+        if let Err(e) = write_atomic(&*self.shared.fs, &dir, &index_name(self.base), &index) {
+            // Not fatal: recovery rebuilds a missing index.
+            tracing::warn!(segment = self.base, error = %e, "could not write a segment index");
+        }
+        let seg = create_segment(&*self.shared.fs, &dir, self.next_offset)?;
+        let path = segment_path(&dir, seg.base);
+        let file = self.shared.fs.open_append(&path).map_err(|e| Error::io("opening", &path, e))?;
+        self.shared.opts.budget.add(seg.len);
+        self.base = seg.base;
+        self.len = seg.len;
+        self.durable_len = seg.len;
+        self.file = file;
+        self.path = path;
+        self.shared.state_mut().segments.push(seg);
+        Ok(())
+    }
+}
+
+/// Answers an appender. It may have stopped waiting (its task was
+/// cancelled); the records are in the log all the same.
+fn answer(tx: oneshot::Sender<Result<Range<u64>>>, r: Result<Range<u64>>) {
+    let _ = tx.send(r);
+}
