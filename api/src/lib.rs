@@ -1,0 +1,24 @@
+//! `ferry-api`: what Ferry's resources are and what they mean on the broker.
+//!
+//! * [`Topic`] and [`Subscription`] (`ferry.dev/v1alpha1`): the custom
+//!   resources users `kubectl apply`, and the same YAML the standalone
+//!   sidecar reads. Every field is documented: the docs become the CRD
+//!   descriptions `kubectl explain` shows.
+//! * [`naming`]: stream, subject, consumer and KV key names, header names.
+//! * [`plan`]: the pure mapping Topic → stream and Subscription → consumer,
+//!   and checks beyond the schema. Shared by the sidecar and the operator.
+//!
+//! No IO: this crate reads no file and opens no connection.
+
+pub mod duration;
+#[cfg(feature = "jetstream")]
+mod jetstream;
+pub mod naming;
+pub mod plan;
+pub mod subscription;
+pub mod topic;
+
+pub use crate::duration::Duration;
+pub use crate::plan::{consumer_plan, stream_plan, ConsumerPlan, FieldError, StreamPlan};
+pub use crate::subscription::{Subscription, SubscriptionSpec, SubscriptionStatus};
+pub use crate::topic::{Topic, TopicSpec, TopicStatus};

@@ -1,0 +1,245 @@
+//! The pure mapping from resources to broker objects, and resource checks.
+//!
+//! Both the sidecar (standalone: it creates what its manifests name) and the
+//! operator (cluster) call these, so a Topic means the same stream wherever
+//! it is applied. Plans are broker-neutral; `jetstream` (feature) turns them
+//! into async-nats configs, and the embedded broker reads them directly.
+
+use std::time::Duration;
+
+use crate::naming;
+use crate::subscription::{Fanout, StartPosition, SubscriptionSpec};
+use crate::topic::{Storage, TopicSpec};
+
+/// The stream a Topic becomes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamPlan {
+    /// `FERRY_{ns}_{topic}`.
+    pub name: String,
+    /// `ferry.{ns}.{topic}.>`.
+    pub subjects: Vec<String>,
+    /// Oldest message kept; `None` = no limit.
+    pub max_age: Option<Duration>,
+    /// Most bytes kept; `None` = no limit.
+    pub max_bytes: Option<i64>,
+    /// Most messages kept; `None` = no limit.
+    pub max_messages: Option<i64>,
+    /// File or memory.
+    pub storage: Storage,
+    /// Replicas.
+    pub replicas: u8,
+    /// Broker-side dedupe window for message ids.
+    pub duplicate_window: Duration,
+    /// Largest message payload, bytes.
+    pub max_message_size: u32,
+}
+
+/// The consumer a Subscription becomes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerPlan {
+    /// The topic's stream.
+    pub stream: String,
+    /// Durable consumer name.
+    pub name: String,
+    /// Subject filter (the whole topic).
+    pub filter_subject: String,
+    /// Where a new consumer starts.
+    pub start: StartPosition,
+    /// Redelivery after this long without ack or progress: the processing
+    /// timeout. No `BackOff` list is set, since it would replace this (Ferry
+    /// times its own retries with nak-with-delay).
+    pub ack_wait: Duration,
+    /// Always -1 (unlimited), deliberately: Ferry counts attempts itself and
+    /// dead-letters at `maxDeliveries`; a broker limit would strand a message
+    /// unacked and undelivered before Ferry could dead-letter it.
+    pub max_deliver: i64,
+    /// Unacked messages the broker lets out across all pods of the group:
+    /// enough for 16 sidecars at `maxInFlight` each, at least 1000.
+    pub max_ack_pending: i64,
+    /// For per-pod consumers: removed after this long without a fetch.
+    pub inactive_threshold: Option<Duration>,
+}
+
+/// How long a per-pod consumer outlives its pod.
+pub const POD_CONSUMER_INACTIVE: Duration = Duration::from_secs(300);
+
+/// The stream for a Topic.
+pub fn stream_plan(namespace: &str, topic: &str, spec: &TopicSpec) -> StreamPlan {
+    StreamPlan {
+        name: naming::stream_name(namespace, topic),
+        subjects: vec![naming::topic_subjects(namespace, topic)],
+        max_age: spec.retention.max_age.map(|d| d.get()),
+        max_bytes: spec.retention.max_bytes,
+        max_messages: spec.retention.max_messages,
+        storage: spec.storage,
+        replicas: spec.replicas,
+        duplicate_window: spec.duplicate_window.get(),
+        max_message_size: spec.max_message_size,
+    }
+}
+
+/// The consumer for a Subscription; `pod` is set for `fanout: Pod`.
+pub fn consumer_plan(namespace: &str, subscription: &str, spec: &SubscriptionSpec, pod: Option<&str>) -> ConsumerPlan {
+    let (name, inactive_threshold) = match (spec.fanout, pod) {
+        (Fanout::Pod, Some(pod)) => (naming::pod_consumer_name(subscription, pod), Some(POD_CONSUMER_INACTIVE)),
+        _ => (naming::consumer_name(subscription), None),
+    };
+    ConsumerPlan {
+        stream: naming::stream_name(namespace, &spec.topic),
+        name,
+        filter_subject: naming::topic_subjects(namespace, &spec.topic),
+        start: spec.start_position,
+        ack_wait: spec.processing_timeout.get(),
+        max_deliver: -1,
+        max_ack_pending: (spec.max_in_flight as i64 * 16).max(1000),
+        inactive_threshold,
+    }
+}
+
+/// One problem in a resource, with the field it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, e.g. `spec.deadLetterTopic`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+fn check(errors: &mut Vec<FieldError>, ok: bool, field: &str, message: impl Into<String>) {
+    if !ok {
+        errors.push(FieldError { field: field.to_owned(), message: message.into() });
+    }
+}
+
+fn check_label(errors: &mut Vec<FieldError>, field: &str, what: &'static str, value: &str) {
+    if let Err(e) = naming::validate_label(what, value) {
+        errors.push(FieldError { field: field.to_owned(), message: e.to_string() });
+    }
+}
+
+/// Checks a Topic beyond what its schema says; every problem is listed.
+pub fn validate_topic(namespace: &str, name: &str, spec: &TopicSpec) -> Vec<FieldError> {
+    let mut e = Vec::new();
+    check_label(&mut e, "metadata.namespace", "namespace", namespace);
+    check_label(&mut e, "metadata.name", "topic name", name);
+    check(&mut e, (1..=5).contains(&spec.replicas), "spec.replicas", "must be 1 to 5");
+    check(&mut e, (1..=256).contains(&spec.partitions), "spec.partitions", "must be 1 to 256");
+    check(
+        &mut e,
+        (1..=64 << 20).contains(&spec.max_message_size),
+        "spec.maxMessageSize",
+        "must be 1 to 67108864 bytes",
+    );
+    check(&mut e, !spec.duplicate_window.get().is_zero(), "spec.duplicateWindow", "must be more than 0");
+    check(&mut e, spec.retention.max_bytes.is_none_or(|b| b > 0), "spec.retention.maxBytes", "must be positive");
+    check(&mut e, spec.retention.max_messages.is_none_or(|m| m > 0), "spec.retention.maxMessages", "must be positive");
+    e
+}
+
+/// Checks a Subscription beyond what its schema says; every problem is listed.
+pub fn validate_subscription(namespace: &str, name: &str, spec: &SubscriptionSpec) -> Vec<FieldError> {
+    let mut e = Vec::new();
+    check_label(&mut e, "metadata.namespace", "namespace", namespace);
+    check_label(&mut e, "metadata.name", "subscription name", name);
+    check_label(&mut e, "spec.topic", "topic name", &spec.topic);
+    check_label(&mut e, "spec.app", "app id", &spec.app);
+    if let Some(dlq) = &spec.dead_letter_topic {
+        check_label(&mut e, "spec.deadLetterTopic", "topic name", dlq);
+        check(&mut e, *dlq != spec.topic, "spec.deadLetterTopic", "must differ from spec.topic");
+    }
+    check(&mut e, spec.path.starts_with('/'), "spec.path", "must start with '/'");
+    check(&mut e, (1..=10_000).contains(&spec.max_in_flight), "spec.maxInFlight", "must be 1 to 10000");
+    check(&mut e, (1..=1000).contains(&spec.max_deliveries), "spec.maxDeliveries", "must be 1 to 1000");
+    check(&mut e, !spec.processing_timeout.get().is_zero(), "spec.processingTimeout", "must be more than 0");
+    check(&mut e, spec.backoff.initial <= spec.backoff.max, "spec.backoff", "initial must not exceed max");
+    check(&mut e, (1..=1000).contains(&spec.batch.max_messages), "spec.batch.maxMessages", "must be 1 to 1000");
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::duration::Duration as D;
+    use crate::topic::Retention;
+
+    #[test]
+    fn a_default_topic_becomes_a_file_stream_with_a_two_minute_dedupe_window() {
+        let plan = stream_plan("shop", "orders", &TopicSpec::default());
+        assert_eq!(
+            plan,
+            StreamPlan {
+                name: "FERRY_shop_orders".into(),
+                subjects: vec!["ferry.shop.orders.>".into()],
+                max_age: None,
+                max_bytes: None,
+                max_messages: None,
+                storage: Storage::File,
+                replicas: 1,
+                duplicate_window: Duration::from_secs(120),
+                max_message_size: 1 << 20,
+            }
+        );
+    }
+
+    #[test]
+    fn topic_retention_maps_to_stream_limits() {
+        let spec = TopicSpec {
+            retention: Retention { max_age: Some(D::from_secs(3600)), max_bytes: Some(10), max_messages: Some(5) },
+            storage: Storage::Memory,
+            replicas: 3,
+            ..TopicSpec::default()
+        };
+        let plan = stream_plan("a", "b", &spec);
+        assert_eq!(plan.max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            (plan.max_bytes, plan.max_messages, plan.storage, plan.replicas),
+            (Some(10), Some(5), Storage::Memory, 3)
+        );
+    }
+
+    #[test]
+    fn a_subscription_sets_ack_wait_max_deliver_and_max_ack_pending_deliberately() {
+        let mut spec = SubscriptionSpec::new("orders", "billing");
+        spec.processing_timeout = D::from_secs(10);
+        spec.max_in_flight = 100;
+        let plan = consumer_plan("shop", "billing", &spec, Some("pod-1"));
+        assert_eq!(plan.stream, "FERRY_shop_orders");
+        assert_eq!(plan.name, "billing", "group fanout ignores the pod");
+        assert_eq!(plan.filter_subject, "ferry.shop.orders.>");
+        assert_eq!(plan.ack_wait, Duration::from_secs(10));
+        assert_eq!(plan.max_deliver, -1);
+        assert_eq!(plan.max_ack_pending, 1600);
+        assert_eq!(plan.inactive_threshold, None);
+    }
+
+    #[test]
+    fn a_pod_fanout_subscription_gets_a_consumer_per_pod_that_expires() {
+        let mut spec = SubscriptionSpec::new("orders", "audit");
+        spec.fanout = Fanout::Pod;
+        let plan = consumer_plan("shop", "audit", &spec, Some("audit-5f7c"));
+        assert_eq!(plan.name, "audit--audit-5f7c");
+        assert_eq!(plan.inactive_threshold, Some(POD_CONSUMER_INACTIVE));
+    }
+
+    #[test]
+    fn validation_lists_every_problem_with_its_field() {
+        let mut spec = SubscriptionSpec::new("orders", "Bad_App");
+        spec.dead_letter_topic = Some("orders".into());
+        spec.path = "hook".into();
+        spec.max_deliveries = 0;
+        let errors = validate_subscription("shop", "billing", &spec);
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.app", "spec.deadLetterTopic", "spec.path", "spec.maxDeliveries"]);
+        assert!(validate_subscription("shop", "billing", &SubscriptionSpec::new("orders", "billing")).is_empty());
+        let topic = TopicSpec { partitions: 0, ..TopicSpec::default() };
+        let errors = validate_topic("shop", "Orders", &topic);
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["metadata.name", "spec.partitions"]);
+    }
+}

@@ -1,0 +1,149 @@
+//! The one place where errors become HTTP answers.
+//!
+//! Every handler returns `Result<_, ApiError>`; this file decides status,
+//! error code, `Retry-After` and the JSON body
+//! `{"error": {"code": "...", "message": "..."}}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+/// Seconds a client should wait before retrying when the outbox is full.
+pub const RETRY_AFTER_FULL: u64 = 1;
+/// Seconds a client should wait before retrying against a stopping sidecar
+/// (by then another pod, or this one restarted, takes the call).
+pub const RETRY_AFTER_SHUTDOWN: u64 = 5;
+
+/// Everything the app-facing API can answer with besides success.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401: the bearer token is missing or wrong.
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    /// 404: no such topic.
+    #[error("unknown topic {0:?}")]
+    UnknownTopic(String),
+    /// 404: no such message id among the recent ones.
+    #[error("no recent message with id {0:?}")]
+    UnknownMessage(String),
+    /// 404: no such route.
+    #[error("no such endpoint")]
+    NoRoute,
+    /// 405.
+    #[error("method not allowed on this endpoint")]
+    MethodNotAllowed,
+    /// 413: body or message larger than allowed.
+    #[error("{what} exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// 415: a content type the endpoint does not take.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 429: the outbox is over its byte limit (back-pressure).
+    #[error("outbox is full ({used} of {limit} bytes); retry later")]
+    OutboxFull {
+        /// Bytes in use.
+        used: u64,
+        /// Limit.
+        limit: u64,
+    },
+    /// 507: the disk under the data directory is full.
+    #[error("no space left on the sidecar's data volume; nothing was stored")]
+    DiskFull,
+    /// 503: the sidecar is shutting down.
+    #[error("sidecar is shutting down; retry against a running sidecar")]
+    ShuttingDown,
+    /// 503: the outbox cannot take writes (I/O failure).
+    #[error("outbox unavailable: {0}")]
+    Unavailable(String),
+    /// 504: `?ack=broker` and the broker did not confirm in time. The
+    /// message IS stored in the outbox and will be forwarded.
+    #[error("stored locally, but the broker did not confirm within {0:?}; it will be forwarded")]
+    BrokerTimeout(std::time::Duration),
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::UnknownTopic(_) | ApiError::UnknownMessage(_) | ApiError::NoRoute => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::OutboxFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::DiskFull => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::ShuttingDown | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BrokerTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The machine-readable code in the body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::UnknownTopic(_) => "topic_not_found",
+            ApiError::UnknownMessage(_) => "message_not_found",
+            ApiError::NoRoute => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::TooLarge { .. } => "too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::OutboxFull { .. } => "outbox_full",
+            ApiError::DiskFull => "disk_full",
+            ApiError::ShuttingDown => "shutting_down",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::BrokerTimeout(_) => "broker_timeout",
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::OutboxFull { .. } | ApiError::Unavailable(_) => Some(RETRY_AFTER_FULL),
+            ApiError::ShuttingDown => Some(RETRY_AFTER_SHUTDOWN),
+            _ => None,
+        }
+    }
+}
+
+impl From<ferry_log::Error> for ApiError {
+    fn from(e: ferry_log::Error) -> Self {
+        use ferry_log::Error as E;
+        match e {
+            E::Full { used, limit, .. } => ApiError::OutboxFull { used, limit },
+            E::NoSpace { .. } => ApiError::DiskFull,
+            E::TooLarge { max, .. } => ApiError::TooLarge { what: "message batch", limit: max },
+            E::Invalid(why) => ApiError::BadRequest(why.to_owned()),
+            other => {
+                // Walk the source chain so the answer says what failed.
+                let mut text = other.to_string();
+                let mut source = std::error::Error::source(&other);
+                while let Some(s) = source {
+                    text.push_str(": ");
+                    text.push_str(&s.to_string());
+                    source = s.source();
+                }
+                ApiError::Unavailable(text)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        let mut resp = (self.status(), Json(body)).into_response();
+        if let Some(secs) = self.retry_after() {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}

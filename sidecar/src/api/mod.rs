@@ -1,0 +1,231 @@
+//! The app-facing HTTP API (DESIGN.md §3.1): produce, message status.
+//! Errors become answers in one place: [`error`].
+
+pub mod error;
+pub mod produce;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use self::error::ApiError;
+use self::produce::Limits;
+use crate::metrics::ProduceLabels;
+use crate::outbox::MessageState;
+use crate::state::Sidecar;
+
+/// Extra bytes a single-message body may have over the payload limit, for a
+/// structured CloudEvent's envelope.
+pub const ENVELOPE_ALLOWANCE: usize = 64 << 10;
+
+/// The API router.
+pub fn router(sidecar: Arc<Sidecar>) -> Router {
+    Router::new()
+        .route("/v1/topics/{topic}/messages", post(produce_one))
+        .route("/v1/topics/{topic}/messages:batch", post(produce_batch))
+        .route("/v1/messages/{id}", get(message_status))
+        .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        // Auth wraps every route (and the fallbacks), so an unauthenticated
+        // caller learns nothing, not even which routes exist.
+        .layer(middleware::from_fn_with_state(sidecar.clone(), auth))
+        .with_state(sidecar)
+}
+
+async fn auth(State(s): State<Arc<Sidecar>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.config.api_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `?ack=local|broker`.
+#[derive(Debug, Deserialize, Default)]
+pub struct ProduceQuery {
+    ack: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckMode {
+    Local,
+    Broker,
+}
+
+fn ack_mode(q: &ProduceQuery) -> Result<AckMode, ApiError> {
+    match q.ack.as_deref() {
+        None | Some("local") => Ok(AckMode::Local),
+        Some("broker") => Ok(AckMode::Broker),
+        Some(other) => Err(ApiError::BadRequest(format!("ack={other:?}: use ack=local or ack=broker"))),
+    }
+}
+
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize, what: &'static str) -> Result<Bytes, ApiError> {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge { what, limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        let mut too_large = false;
+        while let Some(err) = source {
+            too_large |= err.is::<http_body_util::LengthLimitError>();
+            source = err.source();
+        }
+        if too_large {
+            ApiError::TooLarge { what, limit }
+        } else {
+            ApiError::BadRequest(format!("could not read the request body: {e}"))
+        }
+    })
+}
+
+/// Checks the topic and the sidecar's state; returns the payload limits.
+fn admit(s: &Sidecar, topic: &str) -> Result<(Arc<crate::outbox::TopicLog>, Limits), ApiError> {
+    if s.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let spec = s.topic_spec(topic).ok_or_else(|| ApiError::UnknownTopic(topic.to_owned()))?;
+    let tl = s.outbox.topic(topic).ok_or_else(|| ApiError::UnknownTopic(topic.to_owned()))?;
+    let max_payload = s.config.max_message_bytes.min(spec.max_message_size as usize);
+    Ok((tl, Limits { max_payload }))
+}
+
+fn count(s: &Sidecar, topic: &str, code: StatusCode, started: Instant) {
+    s.metrics.produce_requests.get_or_create(&ProduceLabels { topic: topic.to_owned(), code: code.as_u16() }).inc();
+    s.metrics.produce_duration.observe(started.elapsed().as_secs_f64());
+}
+
+async fn produce_one(
+    State(s): State<Arc<Sidecar>>,
+    Path(topic): Path<String>,
+    Query(q): Query<ProduceQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let result = async {
+        let mode = ack_mode(&q)?;
+        let (tl, limits) = admit(&s, &topic)?;
+        let body = read_body(&headers, body, limits.max_payload + ENVELOPE_ALLOWANCE, "request body").await?;
+        let record = produce::single(&headers, body, limits)?;
+        let id = record.id.clone();
+        let range = s.outbox.append(&tl, std::slice::from_ref(&record)).await?;
+        s.metrics.produce_messages.get_or_create(&crate::metrics::TopicLabels { topic: topic.clone() }).inc();
+        let mut answer = json!({ "id": id, "topic": topic, "offset": range.start });
+        let status = match mode {
+            AckMode::Local => {
+                answer["status"] = "pending".into();
+                StatusCode::ACCEPTED
+            }
+            AckMode::Broker => {
+                wait_confirmed(&s, &topic, range.end).await?;
+                forwarded_fields(&s, &id, &mut answer);
+                StatusCode::CREATED
+            }
+        };
+        Ok::<_, ApiError>((status, Json(answer)).into_response())
+    }
+    .await;
+    count(&s, &topic, result.as_ref().map_or_else(ApiError::status, |r| r.status()), started);
+    result
+}
+
+async fn produce_batch(
+    State(s): State<Arc<Sidecar>>,
+    Path(topic): Path<String>,
+    Query(q): Query<ProduceQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let result = async {
+        let mode = ack_mode(&q)?;
+        let (tl, limits) = admit(&s, &topic)?;
+        let body = read_body(&headers, body, s.config.max_batch_bytes, "batch body").await?;
+        let records = produce::batch(&headers, &body, limits)?;
+        let range = s.outbox.append(&tl, &records).await?;
+        s.metrics
+            .produce_messages
+            .get_or_create(&crate::metrics::TopicLabels { topic: topic.clone() })
+            .inc_by(records.len() as u64);
+        let mut messages: Vec<serde_json::Value> =
+            records.iter().zip(range.clone()).map(|(r, offset)| json!({ "id": r.id, "offset": offset })).collect();
+        let status = match mode {
+            AckMode::Local => StatusCode::ACCEPTED,
+            AckMode::Broker => {
+                wait_confirmed(&s, &topic, range.end).await?;
+                for (m, r) in messages.iter_mut().zip(&records) {
+                    forwarded_fields(&s, &r.id, m);
+                }
+                StatusCode::CREATED
+            }
+        };
+        let answer = json!({ "topic": topic, "count": records.len(), "messages": messages });
+        Ok::<_, ApiError>((status, Json(answer)).into_response())
+    }
+    .await;
+    count(&s, &topic, result.as_ref().map_or_else(ApiError::status, |r| r.status()), started);
+    result
+}
+
+/// Waits until the broker confirmed every offset below `end`.
+async fn wait_confirmed(s: &Sidecar, topic: &str, end: u64) -> Result<(), ApiError> {
+    let timeout = s.config.broker_ack_timeout;
+    let mut rx =
+        s.confirmed(topic).ok_or_else(|| ApiError::Unavailable(format!("no forwarder for topic {topic:?}")))?;
+    let confirmed = tokio::time::timeout(timeout, rx.wait_for(|c| *c >= end)).await.map(|r| r.is_ok());
+    match confirmed {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ApiError::ShuttingDown),
+        Err(_) => Err(ApiError::BrokerTimeout(timeout)),
+    }
+}
+
+fn forwarded_fields(s: &Sidecar, id: &str, answer: &mut serde_json::Value) {
+    answer["status"] = "forwarded".into();
+    if let Some(st) = s.outbox.status(id) {
+        if let MessageState::Forwarded { stream, sequence } = st.state {
+            answer["stream"] = stream.into();
+            answer["sequence"] = sequence.into();
+        }
+    }
+}
+
+async fn message_status(
+    State(s): State<Arc<Sidecar>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    produce::check_id(&id)?;
+    let st = s.outbox.status(&id).ok_or_else(|| ApiError::UnknownMessage(id.clone()))?;
+    let mut answer = json!({ "id": id, "topic": st.topic, "offset": st.offset });
+    match st.state {
+        MessageState::Pending => answer["status"] = "pending".into(),
+        MessageState::Forwarded { stream, sequence } => {
+            answer["status"] = "forwarded".into();
+            answer["stream"] = stream.into();
+            answer["sequence"] = sequence.into();
+        }
+    }
+    Ok(Json(answer))
+}

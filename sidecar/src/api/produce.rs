@@ -1,0 +1,435 @@
+//! Turning produce requests into log records: raw bodies, CloudEvents in
+//! binary and structured mode, and the three batch formats.
+//!
+//! Stored headers: `content-type`, and for CloudEvents every attribute as
+//! `ce-{name}` (the binary-mode names), so delivery can rebuild the event.
+
+use std::collections::BTreeMap;
+
+use axum::http::HeaderMap;
+use base64::Engine;
+use bytes::Bytes;
+use ferry_api::naming::headers;
+use ferry_log::{now_ms, NewRecord};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::ApiError;
+
+/// Longest message id or key, bytes.
+pub const MAX_ID_BYTES: usize = 256;
+/// Most messages in one batch request.
+pub const MAX_BATCH_MESSAGES: usize = 10_000;
+
+const CE_STRUCTURED: &str = "application/cloudevents+json";
+const CE_BATCH: &str = "application/cloudevents-batch+json";
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(msg.into())
+}
+
+/// The media type of a request, lowercased, without parameters.
+pub fn media_type(h: &HeaderMap) -> Option<String> {
+    let v = h.get(axum::http::header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match h.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| bad(format!("header {name} must be visible ASCII"))),
+    }
+}
+
+/// A message id: 1-256 visible ASCII characters.
+pub fn check_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > MAX_ID_BYTES || !id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(bad(format!("message id must be 1-{MAX_ID_BYTES} visible ASCII characters without spaces")));
+    }
+    Ok(())
+}
+
+fn check_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > MAX_ID_BYTES || key.chars().any(char::is_control) {
+        return Err(bad(format!("key must be 1-{MAX_ID_BYTES} bytes without control characters")));
+    }
+    Ok(())
+}
+
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Limits applied to each message.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest payload.
+    pub max_payload: usize,
+}
+
+fn record(
+    id: String,
+    key: Option<String>,
+    headers: Vec<(String, String)>,
+    payload: Bytes,
+    limits: Limits,
+) -> Result<NewRecord, ApiError> {
+    check_id(&id)?;
+    if let Some(k) = &key {
+        check_key(k)?;
+    }
+    if payload.len() > limits.max_payload {
+        return Err(ApiError::TooLarge { what: "message payload", limit: limits.max_payload });
+    }
+    Ok(NewRecord { timestamp_ms: now_ms(), id, key, headers, payload })
+}
+
+/// One message from a single-produce request.
+pub fn single(h: &HeaderMap, body: Bytes, limits: Limits) -> Result<NewRecord, ApiError> {
+    let ferry_id = header_str(h, headers::ID)?.map(str::to_owned);
+    let key = header_str(h, headers::KEY)?.map(str::to_owned);
+    let media = media_type(h);
+    if media.as_deref() == Some(CE_STRUCTURED) {
+        let value: Value = serde_json::from_slice(&body).map_err(|e| bad(format!("invalid CloudEvent JSON: {e}")))?;
+        let mut rec = structured(value, limits)?;
+        if let Some(id) = ferry_id {
+            rec.id = id;
+        }
+        if key.is_some() {
+            rec.key = key;
+        }
+        check_id(&rec.id)?;
+        return Ok(rec);
+    }
+    if let Some(spec) = header_str(h, "ce-specversion")? {
+        return binary(h, spec, ferry_id, key, body, limits);
+    }
+    let mut hdrs = Vec::new();
+    if let Some(ct) = header_str(h, "content-type")? {
+        hdrs.push(("content-type".to_owned(), ct.to_owned()));
+    }
+    record(ferry_id.unwrap_or_else(new_id), key, hdrs, body, limits)
+}
+
+fn binary(
+    h: &HeaderMap,
+    spec: &str,
+    ferry_id: Option<String>,
+    key: Option<String>,
+    body: Bytes,
+    limits: Limits,
+) -> Result<NewRecord, ApiError> {
+    if spec != "1.0" {
+        return Err(bad(format!("ce-specversion {spec:?} is not supported; use 1.0")));
+    }
+    let mut hdrs = Vec::new();
+    for (name, value) in h {
+        let name = name.as_str();
+        if let Some(attr) = name.strip_prefix("ce-") {
+            check_attr_name(attr)?;
+            let value = value.to_str().map_err(|_| bad(format!("header {name} must be visible ASCII")))?;
+            hdrs.push((name.to_owned(), value.to_owned()));
+        }
+    }
+    for required in ["ce-id", "ce-source", "ce-type"] {
+        if !hdrs.iter().any(|(n, v)| n == required && !v.is_empty()) {
+            return Err(bad(format!("binary-mode CloudEvent lacks the {required} header")));
+        }
+    }
+    if let Some(ct) = header_str(h, "content-type")? {
+        hdrs.push(("content-type".to_owned(), ct.to_owned()));
+    }
+    let ce_id = hdrs.iter().find(|(n, _)| n == "ce-id").map(|(_, v)| v.clone()).expect("checked above");
+    record(ferry_id.unwrap_or(ce_id), key, hdrs, body, limits)
+}
+
+/// CloudEvents attribute names: lowercase letters and digits, 1-20 long.
+fn check_attr_name(name: &str) -> Result<(), ApiError> {
+    if name.is_empty() || name.len() > 20 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+        return Err(bad(format!("CloudEvent attribute {name:?}: names are 1-20 lowercase letters or digits")));
+    }
+    Ok(())
+}
+
+/// A structured-mode CloudEvent (one JSON object).
+fn structured(value: Value, limits: Limits) -> Result<NewRecord, ApiError> {
+    let Value::Object(map) = value else {
+        return Err(bad("a CloudEvent must be a JSON object"));
+    };
+    let mut hdrs = Vec::new();
+    let mut data: Option<Value> = None;
+    let mut data_b64: Option<String> = None;
+    let mut content_type: Option<String> = None;
+    for (name, v) in map {
+        match name.as_str() {
+            "data" => data = Some(v),
+            "data_base64" => match v {
+                Value::String(s) => data_b64 = Some(s),
+                _ => return Err(bad("data_base64 must be a string")),
+            },
+            "datacontenttype" => match v {
+                Value::String(s) => content_type = Some(s),
+                _ => return Err(bad("datacontenttype must be a string")),
+            },
+            attr => {
+                check_attr_name(attr)?;
+                let text = match v {
+                    Value::String(s) => s,
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    _ => return Err(bad(format!("CloudEvent attribute {attr:?} must be a string, number or boolean"))),
+                };
+                if text.chars().any(char::is_control) {
+                    return Err(bad(format!("CloudEvent attribute {attr:?} contains control characters")));
+                }
+                hdrs.push((format!("ce-{attr}"), text));
+            }
+        }
+    }
+    let attr = |n: &str| hdrs.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    match attr("ce-specversion").as_deref() {
+        Some("1.0") => {}
+        Some(other) => return Err(bad(format!("specversion {other:?} is not supported; use 1.0"))),
+        None => return Err(bad("CloudEvent lacks specversion")),
+    }
+    for required in ["ce-id", "ce-source", "ce-type"] {
+        if attr(required).is_none_or(|v| v.is_empty()) {
+            return Err(bad(format!("CloudEvent lacks {}", &required[3..])));
+        }
+    }
+    let id = attr("ce-id").expect("checked above");
+    let payload = match (data, data_b64) {
+        (Some(_), Some(_)) => return Err(bad("a CloudEvent has data or data_base64, not both")),
+        (None, Some(b64)) => Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| bad(format!("data_base64: {e}")))?,
+        ),
+        (Some(Value::String(s)), None) if !content_type.as_deref().is_some_and(is_json) && content_type.is_some() => {
+            Bytes::from(s)
+        }
+        (Some(v), None) => {
+            content_type.get_or_insert_with(|| "application/json".to_owned());
+            Bytes::from(serde_json::to_vec(&v).expect("a JSON value serializes"))
+        }
+        (None, None) => Bytes::new(),
+    };
+    if let Some(ct) = content_type {
+        hdrs.push(("content-type".to_owned(), ct));
+    }
+    record(id, None, hdrs, payload, limits)
+}
+
+fn is_json(ct: &str) -> bool {
+    let ct = ct.split(';').next().unwrap_or("").trim();
+    ct == "application/json" || ct.ends_with("+json") || ct == "text/json"
+}
+
+/// One entry of a JSON-array or NDJSON batch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Entry {
+    id: Option<String>,
+    key: Option<String>,
+    data: Option<Value>,
+    #[serde(rename = "data_base64")]
+    data_base64: Option<String>,
+    content_type: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+fn entry(e: Entry, limits: Limits) -> Result<NewRecord, ApiError> {
+    let mut hdrs = Vec::new();
+    for (name, value) in e.headers {
+        let lower = name.to_ascii_lowercase();
+        if lower.is_empty() || !lower.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(bad(format!("header name {name:?} must be letters, digits, '-' or '_'")));
+        }
+        if lower == "content-type" || lower.starts_with("ferry-") || lower.starts_with("nats-") {
+            return Err(bad(format!("header {name:?} is reserved; use the entry's fields")));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(bad(format!("header {name:?} contains control characters")));
+        }
+        hdrs.push((lower, value));
+    }
+    let (payload, default_ct) = match (e.data, e.data_base64) {
+        (Some(_), Some(_)) => return Err(bad("an entry has data or data_base64, not both")),
+        (Some(v), None) => (Bytes::from(serde_json::to_vec(&v).expect("a JSON value serializes")), "application/json"),
+        (None, Some(b64)) => (
+            Bytes::from(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64.as_bytes())
+                    .map_err(|e| bad(format!("data_base64: {e}")))?,
+            ),
+            "application/octet-stream",
+        ),
+        (None, None) => (Bytes::new(), "application/octet-stream"),
+    };
+    hdrs.push(("content-type".to_owned(), e.content_type.unwrap_or_else(|| default_ct.to_owned())));
+    record(e.id.unwrap_or_else(new_id), e.key, hdrs, payload, limits)
+}
+
+/// The messages of a batch request, all or nothing.
+pub fn batch(h: &HeaderMap, body: &[u8], limits: Limits) -> Result<Vec<NewRecord>, ApiError> {
+    let media = media_type(h).unwrap_or_default();
+    let records: Vec<NewRecord> = match media.as_str() {
+        CE_BATCH => {
+            let items: Vec<Value> =
+                serde_json::from_slice(body).map_err(|e| bad(format!("invalid CloudEvents batch: {e}")))?;
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| structured(v, limits).map_err(|e| at(i, e)))
+                .collect::<Result<_, _>>()?
+        }
+        "application/json" => {
+            let items: Vec<Value> =
+                serde_json::from_slice(body).map_err(|e| bad(format!("a batch is a JSON array of entries: {e}")))?;
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| parse_entry(v, limits).map_err(|e| at(i, e)))
+                .collect::<Result<_, _>>()?
+        }
+        "application/x-ndjson" | "application/ndjson" => {
+            let text = std::str::from_utf8(body).map_err(|_| bad("NDJSON batch is not UTF-8"))?;
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .enumerate()
+                .map(|(i, line)| {
+                    let v: Value = serde_json::from_str(line).map_err(|e| at(i, bad(format!("invalid JSON: {e}"))))?;
+                    parse_entry(v, limits).map_err(|e| at(i, e))
+                })
+                .collect::<Result<_, _>>()?
+        }
+        other => {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "batch content type {other:?}: use application/json, application/x-ndjson or {CE_BATCH}"
+            )))
+        }
+    };
+    if records.is_empty() {
+        return Err(bad("empty batch"));
+    }
+    if records.len() > MAX_BATCH_MESSAGES {
+        return Err(bad(format!("a batch holds at most {MAX_BATCH_MESSAGES} messages")));
+    }
+    Ok(records)
+}
+
+fn parse_entry(v: Value, limits: Limits) -> Result<NewRecord, ApiError> {
+    let e: Entry = serde_json::from_value(v).map_err(|e| bad(format!("invalid entry: {e}")))?;
+    entry(e, limits)
+}
+
+/// Prefixes a batch error with the entry's position.
+fn at(i: usize, e: ApiError) -> ApiError {
+    match e {
+        ApiError::BadRequest(m) => ApiError::BadRequest(format!("message {i}: {m}")),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    const L: Limits = Limits { max_payload: 1024 };
+
+    fn hdrs(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.insert(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn a_raw_body_keeps_its_content_type_id_and_key() {
+        let r =
+            single(&hdrs(&[("content-type", "text/plain"), ("ferry-id", "abc"), ("ferry-key", "k1")]), "hi".into(), L)
+                .unwrap();
+        assert_eq!((r.id.as_str(), r.key.as_deref(), &r.payload[..]), ("abc", Some("k1"), &b"hi"[..]));
+        assert_eq!(r.headers, [("content-type".to_owned(), "text/plain".to_owned())]);
+        let generated = single(&HeaderMap::new(), Bytes::new(), L).unwrap();
+        assert_eq!(generated.id.len(), 36, "a UUID is generated");
+    }
+
+    #[test]
+    fn a_binary_cloudevent_keeps_every_attribute_and_uses_its_id() {
+        let h = hdrs(&[
+            ("ce-specversion", "1.0"),
+            ("ce-id", "e1"),
+            ("ce-source", "/shop"),
+            ("ce-type", "order.created"),
+            ("ce-myext", "x"),
+            ("content-type", "application/json"),
+        ]);
+        let r = single(&h, "{}".into(), L).unwrap();
+        assert_eq!(r.id, "e1");
+        for want in [
+            ("ce-source", "/shop"),
+            ("ce-type", "order.created"),
+            ("ce-myext", "x"),
+            ("content-type", "application/json"),
+        ] {
+            assert!(r.headers.contains(&(want.0.to_owned(), want.1.to_owned())), "{want:?} in {:?}", r.headers);
+        }
+        let missing = hdrs(&[("ce-specversion", "1.0"), ("ce-id", "e1"), ("ce-type", "t")]);
+        assert!(matches!(single(&missing, Bytes::new(), L), Err(ApiError::BadRequest(m)) if m.contains("ce-source")));
+    }
+
+    #[test]
+    fn a_structured_cloudevent_becomes_payload_and_ce_headers() {
+        let body = r#"{"specversion":"1.0","id":"e2","source":"/s","type":"t","datacontenttype":"application/json","data":{"n":1},"seq":7}"#;
+        let r = single(&hdrs(&[("content-type", "application/cloudevents+json")]), body.into(), L).unwrap();
+        assert_eq!(r.id, "e2");
+        assert_eq!(&r.payload[..], br#"{"n":1}"#);
+        assert!(r.headers.contains(&("ce-seq".to_owned(), "7".to_owned())));
+        let b64 = r#"{"specversion":"1.0","id":"e3","source":"/s","type":"t","data_base64":"AAEC"}"#;
+        let r = single(&hdrs(&[("content-type", "application/cloudevents+json")]), b64.into(), L).unwrap();
+        assert_eq!(&r.payload[..], &[0, 1, 2]);
+        let text =
+            r#"{"specversion":"1.0","id":"e4","source":"/s","type":"t","datacontenttype":"text/plain","data":"hello"}"#;
+        let r = single(&hdrs(&[("content-type", "application/cloudevents+json")]), text.into(), L).unwrap();
+        assert_eq!(&r.payload[..], b"hello");
+        let bad_version = r#"{"specversion":"0.3","id":"e","source":"/s","type":"t"}"#;
+        assert!(single(&hdrs(&[("content-type", "application/cloudevents+json")]), bad_version.into(), L).is_err());
+    }
+
+    #[test]
+    fn batches_parse_in_all_three_formats_and_fail_whole() {
+        let json = r#"[{"id":"a","data":{"x":1}},{"key":"k","data_base64":"AA==","contentType":"application/x"}]"#;
+        let r = batch(&hdrs(&[("content-type", "application/json")]), json.as_bytes(), L).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].id, "a");
+        assert_eq!(r[1].key.as_deref(), Some("k"));
+        assert_eq!(r[1].headers, [("content-type".to_owned(), "application/x".to_owned())]);
+        let nd = "{\"id\":\"a\",\"data\":1}\n\n{\"id\":\"b\",\"data\":2}\n";
+        assert_eq!(batch(&hdrs(&[("content-type", "application/x-ndjson")]), nd.as_bytes(), L).unwrap().len(), 2);
+        let ce = r#"[{"specversion":"1.0","id":"c1","source":"/s","type":"t"},{"specversion":"1.0","id":"c2","source":"/s","type":"t"}]"#;
+        let r = batch(&hdrs(&[("content-type", "application/cloudevents-batch+json")]), ce.as_bytes(), L).unwrap();
+        assert_eq!(r.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["c1", "c2"]);
+        let one_bad = r#"[{"id":"a"},{"id":"b","colour":"red"}]"#;
+        let err = batch(&hdrs(&[("content-type", "application/json")]), one_bad.as_bytes(), L).unwrap_err();
+        assert!(matches!(&err, ApiError::BadRequest(m) if m.starts_with("message 1:")), "{err:?}");
+        assert!(matches!(
+            batch(&hdrs(&[("content-type", "text/plain")]), b"x", L),
+            Err(ApiError::UnsupportedMediaType(_))
+        ));
+        assert!(batch(&hdrs(&[("content-type", "application/json")]), b"[]", L).is_err());
+    }
+
+    #[test]
+    fn ids_keys_and_sizes_are_checked() {
+        assert!(check_id("ok-1").is_ok());
+        for bad_id in ["", "has space", &"x".repeat(257), "tab\t", "é"] {
+            assert!(check_id(bad_id).is_err(), "{bad_id:?}");
+        }
+        let big = Bytes::from(vec![0u8; 1025]);
+        assert!(matches!(single(&HeaderMap::new(), big, L), Err(ApiError::TooLarge { .. })));
+    }
+}

@@ -1,0 +1,373 @@
+//! Configuration: flags and `FERRY_*` environment variables (clap), checked
+//! whole. Every problem is reported, then the process exits once with code
+//! 64 before binding any port. Also the resource sources (`resources`).
+
+pub mod resources;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit code for a configuration error (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+/// Default app-facing API address: loopback only, the app is in the same pod.
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:7600";
+/// Default admin address (health, readiness, metrics): all interfaces, so
+/// the kubelet and Prometheus can reach it.
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:7601";
+/// Default largest message body: 1 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Default largest batch request body: 16 MiB.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 << 20;
+/// Default outbox byte limit: 1 GiB.
+pub const DEFAULT_OUTBOX_BYTES: u64 = 1 << 30;
+/// Default grace period to drain the outbox on SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE: &str = "20s";
+/// Default wait for the broker's confirmation with `?ack=broker`.
+pub const DEFAULT_BROKER_ACK_TIMEOUT: &str = "10s";
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(name = "ferry-sidecar", version, about = "Ferry sidecar: durable messaging for the app next to it")]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// A maintenance command instead of running the sidecar.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Sidecar settings.
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+/// Maintenance commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Look at the outbox.
+    Outbox {
+        /// What to do with it.
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+}
+
+/// Outbox commands.
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Print segments, records per topic, the forwarded watermark and any
+    /// damage found. Do not run it against a data dir a sidecar is using.
+    Inspect {
+        /// The sidecar's data directory.
+        #[arg(long, env = "FERRY_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of the sidecar itself. Each has a `FERRY_*` variable.
+#[derive(Debug, Args, Clone)]
+pub struct SidecarArgs {
+    /// The app id: Subscriptions with `app: <id>` are delivered to this app.
+    #[arg(long, env = "FERRY_APP_ID")]
+    pub app_id: Option<String>,
+    /// The app's HTTP port on localhost, for push deliveries.
+    #[arg(long, env = "FERRY_APP_PORT")]
+    pub app_port: Option<u16>,
+    /// Kubernetes namespace of the app (names streams and config keys).
+    #[arg(long, env = "FERRY_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Name of this pod (per-pod consumers); defaults to the host name.
+    #[arg(long, env = "FERRY_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Directory for the outbox and delivery state (a volume in Kubernetes).
+    #[arg(long, env = "FERRY_DATA_DIR", default_value = "ferry-data")]
+    pub data_dir: PathBuf,
+    /// Address of the app-facing API.
+    #[arg(long, env = "FERRY_API_ADDR", default_value = DEFAULT_API_ADDR)]
+    pub api_addr: String,
+    /// Address of the admin endpoints (/healthz, /readyz, /metrics).
+    #[arg(long, env = "FERRY_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: String,
+    /// Broker URL, `nats://host:port` (several: comma-separated).
+    #[arg(long, env = "FERRY_BROKER")]
+    pub broker: Option<String>,
+    /// NATS credentials file (`.creds`).
+    #[arg(long, env = "FERRY_BROKER_CREDS")]
+    pub broker_creds: Option<PathBuf>,
+    /// NATS user (with `--broker-password`).
+    #[arg(long, env = "FERRY_BROKER_USER")]
+    pub broker_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "FERRY_BROKER_PASSWORD", hide_env_values = true)]
+    pub broker_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "FERRY_BROKER_TOKEN", hide_env_values = true)]
+    pub broker_token: Option<String>,
+    /// CA certificate (PEM) to verify the broker's TLS certificate; implies TLS.
+    #[arg(long, env = "FERRY_BROKER_TLS_CA")]
+    pub broker_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for TLS client authentication.
+    #[arg(long, env = "FERRY_BROKER_TLS_CERT")]
+    pub broker_tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for TLS client authentication.
+    #[arg(long, env = "FERRY_BROKER_TLS_KEY")]
+    pub broker_tls_key: Option<PathBuf>,
+    /// Directory of Topic/Subscription YAML manifests (standalone mode).
+    #[arg(long, env = "FERRY_RESOURCES")]
+    pub resources: Option<PathBuf>,
+    /// Log output format.
+    #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Bearer token the app must send on every API call (unset: no auth).
+    #[arg(long, env = "FERRY_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Bearer token the sidecar sends on every push to the app.
+    #[arg(long, env = "FERRY_APP_TOKEN", hide_env_values = true)]
+    pub app_token: Option<String>,
+    /// Largest message body in bytes (a topic's `maxMessageSize` may lower it).
+    #[arg(long, env = "FERRY_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+    /// Largest batch request body in bytes.
+    #[arg(long, env = "FERRY_MAX_BATCH_BYTES", default_value_t = DEFAULT_MAX_BATCH_BYTES)]
+    pub max_batch_bytes: usize,
+    /// Outbox byte limit; beyond it produce answers 429.
+    #[arg(long, env = "FERRY_OUTBOX_MAX_BYTES", default_value_t = DEFAULT_OUTBOX_BYTES)]
+    pub outbox_max_bytes: u64,
+    /// On SIGTERM, how long to keep forwarding the outbox before exiting.
+    #[arg(long, env = "FERRY_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE)]
+    pub shutdown_grace: String,
+    /// With `?ack=broker`, how long to wait for the broker's confirmation.
+    #[arg(long, env = "FERRY_BROKER_ACK_TIMEOUT", default_value = DEFAULT_BROKER_ACK_TIMEOUT)]
+    pub broker_ack_timeout: String,
+}
+
+/// Broker connection settings.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerConfig {
+    /// Server URLs.
+    pub urls: Vec<String>,
+    /// Credentials file.
+    pub creds: Option<PathBuf>,
+    /// User and password.
+    pub user_password: Option<(String, String)>,
+    /// Token.
+    pub token: Option<String>,
+    /// TLS CA file (implies TLS required).
+    pub tls_ca: Option<PathBuf>,
+    /// TLS client certificate and key.
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+}
+
+/// The checked configuration of a running sidecar.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// App id.
+    pub app_id: String,
+    /// App port for push.
+    pub app_port: Option<u16>,
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod_name: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// API address.
+    pub api_addr: SocketAddr,
+    /// Admin address.
+    pub admin_addr: SocketAddr,
+    /// Broker settings.
+    pub broker: BrokerConfig,
+    /// Manifest directory.
+    pub resources: Option<PathBuf>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// API bearer token.
+    pub api_token: Option<String>,
+    /// Token sent to the app.
+    pub app_token: Option<String>,
+    /// Largest message body.
+    pub max_message_bytes: usize,
+    /// Largest batch body.
+    pub max_batch_bytes: usize,
+    /// Outbox limit.
+    pub outbox_max_bytes: u64,
+    /// Drain time on SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Wait for `?ack=broker`.
+    pub broker_ack_timeout: Duration,
+}
+
+impl Config {
+    /// Checks the parsed flags; returns every problem found.
+    pub fn from_args(a: SidecarArgs) -> Result<Config, Vec<String>> {
+        let mut errors = Vec::new();
+        let app_id = match a.app_id {
+            Some(id) => {
+                if let Err(e) = ferry_api::naming::validate_label("app id", &id) {
+                    errors.push(format!("--app-id: {e}"));
+                }
+                id
+            }
+            None => {
+                errors.push("--app-id (FERRY_APP_ID) is required".to_owned());
+                String::new()
+            }
+        };
+        if let Err(e) = ferry_api::naming::validate_label("namespace", &a.namespace) {
+            errors.push(format!("--namespace: {e}"));
+        }
+        let mut addr = |flag: &str, value: &str| match value.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errors.push(format!("{flag}: {value:?} is not an address like 127.0.0.1:7600"));
+                None
+            }
+        };
+        let api_addr = addr("--api-addr", &a.api_addr);
+        let admin_addr = addr("--admin-addr", &a.admin_addr);
+        let mut duration = |flag: &str, value: &str| match humantime::parse_duration(value) {
+            Ok(d) => d,
+            Err(e) => {
+                errors.push(format!("{flag}: {value:?} is not a duration like 20s ({e})"));
+                Duration::ZERO
+            }
+        };
+        let shutdown_grace = duration("--shutdown-grace", &a.shutdown_grace);
+        let broker_ack_timeout = duration("--broker-ack-timeout", &a.broker_ack_timeout);
+        let urls: Vec<String> = match &a.broker {
+            Some(list) => list.split(',').map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),
+            None => Vec::new(),
+        };
+        if urls.is_empty() {
+            errors.push("--broker (FERRY_BROKER) is required: a NATS URL like nats://127.0.0.1:4222".to_owned());
+        }
+        for u in &urls {
+            let scheme_ok = ["nats://", "tls://", "ws://", "wss://"].iter().any(|s| u.starts_with(s));
+            if !scheme_ok {
+                errors.push(format!("--broker: {u:?} must start with nats://, tls://, ws:// or wss://"));
+            }
+        }
+        let user_password = match (a.broker_user, a.broker_password) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (None, None) => None,
+            _ => {
+                errors.push("--broker-user and --broker-password go together".to_owned());
+                None
+            }
+        };
+        let auth_kinds = [a.broker_creds.is_some(), user_password.is_some(), a.broker_token.is_some()];
+        if auth_kinds.iter().filter(|x| **x).count() > 1 {
+            errors.push("choose one of --broker-creds, --broker-user/--broker-password, --broker-token".to_owned());
+        }
+        let tls_client = match (a.broker_tls_cert, a.broker_tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                errors.push("--broker-tls-cert and --broker-tls-key go together".to_owned());
+                None
+            }
+        };
+        if a.max_message_bytes == 0 || a.max_message_bytes > 64 << 20 {
+            errors.push("--max-message-bytes must be 1 to 67108864".to_owned());
+        }
+        if a.max_batch_bytes < a.max_message_bytes {
+            errors.push("--max-batch-bytes must be at least --max-message-bytes".to_owned());
+        }
+        if a.api_token.as_deref() == Some("") {
+            errors.push("FERRY_API_TOKEN is set but empty".to_owned());
+        }
+        if let Some(dir) = &a.resources {
+            if !dir.is_dir() {
+                errors.push(format!("--resources: {} is not a directory", dir.display()));
+            }
+        }
+        let pod_name = a
+            .pod_name
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| format!("{}-{}", app_id, std::process::id()));
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Config {
+            app_id,
+            app_port: a.app_port,
+            namespace: a.namespace,
+            pod_name,
+            data_dir: a.data_dir,
+            api_addr: api_addr.expect("checked above"),
+            admin_addr: admin_addr.expect("checked above"),
+            broker: BrokerConfig {
+                urls,
+                creds: a.broker_creds,
+                user_password,
+                token: a.broker_token,
+                tls_ca: a.broker_tls_ca,
+                tls_client,
+            },
+            resources: a.resources,
+            log_format: a.log_format,
+            api_token: a.api_token,
+            app_token: a.app_token,
+            max_message_bytes: a.max_message_bytes,
+            max_batch_bytes: a.max_batch_bytes,
+            outbox_max_bytes: a.outbox_max_bytes,
+            shutdown_grace,
+            broker_ack_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, Vec<String>> {
+        let cli = Cli::try_parse_from(std::iter::once("ferry-sidecar").chain(args.iter().copied()))
+            .map_err(|e| vec![e.to_string()])?;
+        Config::from_args(cli.sidecar)
+    }
+
+    #[test]
+    fn defaults_fill_everything_but_app_id_and_broker() {
+        let c = parse(&["--app-id", "orders", "--broker", "nats://127.0.0.1:4222"]).unwrap();
+        assert_eq!(c.api_addr.to_string(), DEFAULT_API_ADDR);
+        assert_eq!(c.admin_addr.to_string(), DEFAULT_ADMIN_ADDR);
+        assert_eq!(c.namespace, "default");
+        assert_eq!(c.max_message_bytes, 1 << 20);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(c.broker.urls, ["nats://127.0.0.1:4222"]);
+    }
+
+    #[test]
+    fn every_configuration_problem_is_reported_at_once() {
+        let errors = parse(&[
+            "--namespace",
+            "Bad_NS",
+            "--api-addr",
+            "localhost",
+            "--shutdown-grace",
+            "soon",
+            "--broker",
+            "http://x",
+            "--broker-user",
+            "u",
+        ])
+        .unwrap_err();
+        let text = errors.join("\n");
+        for needle in
+            ["--app-id", "--namespace", "--api-addr", "--shutdown-grace", "--broker: \"http://x\"", "--broker-user"]
+        {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+        assert_eq!(errors.len(), 6, "{text}");
+    }
+}

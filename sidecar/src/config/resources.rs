@@ -1,0 +1,202 @@
+//! Topic and Subscription manifests from a directory: the same YAML one
+//! would `kubectl apply` (multi-document files allowed). Every problem is
+//! reported with its file, document and field.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ferry_api::plan::{validate_subscription, validate_topic};
+use ferry_api::{Subscription, SubscriptionSpec, Topic, TopicSpec};
+use serde::de::DeserializeOwned;
+
+const API_VERSION: &str = "ferry.dev/v1alpha1";
+
+/// The resources this sidecar knows, by name, in its namespace.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resources {
+    /// Topics by name.
+    pub topics: BTreeMap<String, TopicSpec>,
+    /// Subscriptions by name.
+    pub subscriptions: BTreeMap<String, SubscriptionSpec>,
+}
+
+impl Resources {
+    /// Subscriptions whose `app` is `app_id`.
+    pub fn subscriptions_of<'a>(&'a self, app_id: &'a str) -> impl Iterator<Item = (&'a String, &'a SubscriptionSpec)> {
+        self.subscriptions.iter().filter(move |(_, s)| s.app == app_id)
+    }
+}
+
+/// Reads every `*.yaml` / `*.yml` file in `dir` (not recursive, in name order).
+pub fn load_dir(dir: &Path, namespace: &str) -> Result<Resources, Vec<String>> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect(),
+        Err(e) => return Err(vec![format!("{}: {e}", dir.display())]),
+    };
+    files.sort();
+    let mut sources = Vec::new();
+    let mut errors = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => sources.push((file.display().to_string(), text)),
+            Err(e) => errors.push(format!("{}: {e}", file.display())),
+        }
+    }
+    match parse_sources(&sources, namespace) {
+        Ok(r) if errors.is_empty() => Ok(r),
+        Ok(_) => Err(errors),
+        Err(more) => {
+            errors.extend(more);
+            Err(errors)
+        }
+    }
+}
+
+/// Parses manifests given as (file name, text) pairs. Pure: tests feed it strings.
+pub fn parse_sources(sources: &[(String, String)], namespace: &str) -> Result<Resources, Vec<String>> {
+    let mut res = Resources::default();
+    let mut errors = Vec::new();
+    for (file, text) in sources {
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let at = format!("{file} (document {})", i + 1);
+            let value = match <serde_yaml::Value as serde::Deserialize>::deserialize(doc) {
+                Ok(serde_yaml::Value::Null) => continue,
+                Ok(v) => v,
+                Err(e) => {
+                    errors.push(format!("{at}: not valid YAML: {e}"));
+                    continue;
+                }
+            };
+            if let Err(e) = add_document(&mut res, value, namespace) {
+                errors.push(format!("{at}: {e}"));
+            }
+        }
+    }
+    for (name, sub) in &res.subscriptions {
+        let topics = std::iter::once(("spec.topic", &sub.topic))
+            .chain(sub.dead_letter_topic.iter().map(|t| ("spec.deadLetterTopic", t)));
+        for (field, topic) in topics {
+            if !res.topics.contains_key(topic) {
+                errors.push(format!("Subscription {name:?}: {field}: no Topic named {topic:?} in these manifests"));
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(res)
+    } else {
+        Err(errors)
+    }
+}
+
+fn typed<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        format!("{path}: {}", e.into_inner())
+    })
+}
+
+fn add_document(res: &mut Resources, value: serde_yaml::Value, namespace: &str) -> Result<(), String> {
+    let api_version = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    if api_version != API_VERSION {
+        return Err(format!("apiVersion: expected {API_VERSION:?}, found {api_version:?}"));
+    }
+    let (name, ns, problems) = match kind.as_str() {
+        "Topic" => {
+            let t: Topic = typed(value)?;
+            let (name, ns) = meta(&t.metadata, namespace)?;
+            let problems = validate_topic(&ns, &name, &t.spec);
+            if problems.is_empty() && res.topics.insert(name.clone(), t.spec).is_some() {
+                return Err(format!("Topic {name:?} is defined twice"));
+            }
+            (name, ns, problems)
+        }
+        "Subscription" => {
+            let s: Subscription = typed(value)?;
+            let (name, ns) = meta(&s.metadata, namespace)?;
+            let problems = validate_subscription(&ns, &name, &s.spec);
+            if problems.is_empty() && res.subscriptions.insert(name.clone(), s.spec).is_some() {
+                return Err(format!("Subscription {name:?} is defined twice"));
+            }
+            (name, ns, problems)
+        }
+        other => return Err(format!("kind: expected Topic or Subscription, found {other:?}")),
+    };
+    if ns != namespace {
+        return Err(format!(
+            "{kind} {name:?}: metadata.namespace: {ns:?} is not this sidecar's namespace {namespace:?}"
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        Err(format!("{kind} {name:?}: {}", list.join("; ")))
+    }
+}
+
+fn meta(
+    m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    namespace: &str,
+) -> Result<(String, String), String> {
+    let name = m.name.clone().ok_or("metadata.name: missing")?;
+    Ok((name, m.namespace.clone().unwrap_or_else(|| namespace.to_owned())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Resources, Vec<String>> {
+        parse_sources(&[("m.yaml".to_owned(), text.to_owned())], "default")
+    }
+
+    #[test]
+    fn a_multi_document_file_yields_topics_and_subscriptions_with_defaults() {
+        let r = parse(
+            "apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {name: orders}\nspec: {partitions: 4}\n---\n\
+             apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {name: orders-dlq}\nspec: {}\n---\n\
+             apiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {name: billing, namespace: default}\n\
+             spec: {topic: orders, app: billing, deadLetterTopic: orders-dlq, maxDeliveries: 3}\n",
+        )
+        .unwrap();
+        assert_eq!(r.topics["orders"].partitions, 4);
+        assert_eq!(r.topics["orders-dlq"].partitions, 1);
+        let s = &r.subscriptions["billing"];
+        assert_eq!((s.max_deliveries, s.max_in_flight, s.path.as_str()), (3, 32, "/"));
+        assert_eq!(r.subscriptions_of("billing").count(), 1);
+        assert_eq!(r.subscriptions_of("other").count(), 0);
+    }
+
+    #[test]
+    fn a_bad_field_is_reported_with_file_document_and_path() {
+        let errors = parse(
+            "apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {name: orders}\nspec: {}\n---\n\
+             apiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {name: billing}\n\
+             spec: {topic: orders, app: billing, maxDeliveries: many}\n",
+        )
+        .unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("m.yaml (document 2): spec.maxDeliveries: invalid type"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn unknown_kinds_namespaces_topics_and_semantic_problems_are_all_reported() {
+        let errors = parse(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\n\
+             apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {name: a, namespace: other}\nspec: {}\n---\n\
+             apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {name: Bad}\nspec: {}\n---\n\
+             apiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {name: s}\nspec: {topic: missing, app: x}\n",
+        )
+        .unwrap_err();
+        let text = errors.join("\n");
+        assert_eq!(errors.len(), 4, "{text}");
+        assert!(text.contains("(document 1): apiVersion"), "{text}");
+        assert!(text.contains("(document 2): Topic \"a\": metadata.namespace"), "{text}");
+        assert!(text.contains("(document 3): Topic \"Bad\": metadata.name"), "{text}");
+        assert!(text.contains("Subscription \"s\": spec.topic: no Topic named \"missing\""), "{text}");
+    }
+}

@@ -1,0 +1,225 @@
+//! The forwarder: one ordered, pipelined pipeline per topic from the outbox
+//! log to the broker.
+//!
+//! It reads from the `forwarded` cursor, publishes each record with its id
+//! as `Nats-Msg-Id`, keeps up to [`WINDOW`] publishes in flight, and moves
+//! the confirmed offset forward as acks arrive in order. On any failure it
+//! drops what is in flight and starts again from the first unconfirmed
+//! record after a capped exponential backoff; records the broker already has
+//! come back as duplicates, which count as confirmed. The cursor is
+//! committed (durably) at most every [`COMMIT_EVERY`], so a crash re-sends
+//! at most that much, and the broker's duplicate window drops the re-sends.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_api::naming;
+use futures::stream::{FuturesOrdered, StreamExt};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::broker::{Broker, BrokerError, OutMessage, PendingAck};
+use crate::metrics::Metrics;
+use crate::outbox::{Outbox, TopicLog, FORWARDED};
+
+/// Most publishes awaiting confirmation per topic.
+pub const WINDOW: usize = 1024;
+/// Most records read from the log at once.
+pub const READ_BATCH: usize = 256;
+/// How often the confirmed offset is made durable.
+pub const COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// First retry delay after a failure.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Handle to one topic's forwarder.
+#[derive(Debug)]
+pub struct Forwarder {
+    /// Topic.
+    pub topic: String,
+    /// First offset not yet confirmed by the broker.
+    pub confirmed: watch::Receiver<u64>,
+    task: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+impl Forwarder {
+    /// Starts forwarding a topic.
+    pub fn start(
+        namespace: &str,
+        tl: Arc<TopicLog>,
+        outbox: Arc<Outbox>,
+        broker: Arc<dyn Broker>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let start = tl.log.cursor(FORWARDED).unwrap_or(0);
+        let (confirmed_tx, confirmed) = watch::channel(start);
+        let (stop, stop_rx) = watch::channel(false);
+        let topic = tl.topic.clone();
+        let ctx = Ctx {
+            namespace: namespace.to_owned(),
+            tl,
+            outbox,
+            broker,
+            metrics,
+            confirmed: confirmed_tx,
+            stop: stop_rx,
+        };
+        let task = tokio::spawn(ctx.run());
+        Forwarder { topic, confirmed, task, stop }
+    }
+
+    /// Stops the forwarder and commits what was confirmed.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+struct Ctx {
+    namespace: String,
+    tl: Arc<TopicLog>,
+    outbox: Arc<Outbox>,
+    broker: Arc<dyn Broker>,
+    metrics: Arc<Metrics>,
+    confirmed: watch::Sender<u64>,
+    stop: watch::Receiver<bool>,
+}
+
+/// A publish awaiting its ack, with what to record when it comes.
+struct InFlight {
+    offset: u64,
+    id: String,
+    sent: Instant,
+}
+
+enum Outcome {
+    Stopped,
+    Failed(BrokerError),
+}
+
+impl Ctx {
+    async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let before = *self.confirmed.borrow();
+            match self.pipeline().await {
+                Outcome::Stopped => break,
+                Outcome::Failed(e) => {
+                    if *self.confirmed.borrow() > before {
+                        backoff = BACKOFF_MIN;
+                    }
+                    self.metrics.forward_errors.get_or_create(&self.labels()).inc();
+                    tracing::warn!(topic = %self.tl.topic, error = %e, retry_in = ?backoff, "forwarding failed; will re-send from the first unconfirmed message");
+                    self.commit();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.stop.changed() => break,
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+            if *self.stop.borrow() {
+                break;
+            }
+        }
+        self.commit();
+    }
+
+    fn labels(&self) -> crate::metrics::TopicLabels {
+        crate::metrics::TopicLabels { topic: self.tl.topic.clone() }
+    }
+
+    /// Persists the confirmed offset as the `forwarded` cursor (and lets
+    /// retention delete forwarded segments).
+    fn commit(&self) {
+        let confirmed = *self.confirmed.borrow();
+        if self.tl.log.cursor(FORWARDED) != Some(confirmed) {
+            if let Err(e) = self.tl.log.commit(FORWARDED, confirmed) {
+                tracing::warn!(topic = %self.tl.topic, error = %e, "could not commit the forwarded offset; will retry");
+            }
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let stats = self.tl.log.stats();
+        let confirmed = *self.confirmed.borrow();
+        let l = self.labels();
+        self.metrics.outbox_records.get_or_create(&l).set(stats.next_offset.saturating_sub(confirmed) as i64);
+        self.metrics.outbox_bytes.get_or_create(&l).set(stats.bytes as i64);
+    }
+
+    fn message(&self, rec: &ferry_log::Record) -> OutMessage {
+        let partition = naming::partition_of(rec.key.as_deref(), self.tl.partitions);
+        let mut headers = rec.headers.clone();
+        if let Some(key) = &rec.key {
+            headers.push((naming::headers::KEY.to_owned(), key.clone()));
+        }
+        OutMessage {
+            subject: naming::message_subject(&self.namespace, &self.tl.topic, partition),
+            id: rec.id.clone(),
+            headers,
+            payload: rec.payload.clone(),
+        }
+    }
+
+    /// Publishes from the first unconfirmed record until stopped or failed.
+    async fn pipeline(&mut self) -> Outcome {
+        let log = &self.tl.log;
+        let mut end = log.subscribe();
+        let mut next_read = *self.confirmed.borrow();
+        let mut in_flight: FuturesOrdered<
+            futures::future::BoxFuture<'static, (InFlight, Result<crate::broker::PubAck, BrokerError>)>,
+        > = FuturesOrdered::new();
+        let mut last_commit = Instant::now();
+        let mut ticker = tokio::time::interval(COMMIT_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Fill the window from the log.
+            while in_flight.len() < WINDOW && next_read < log.next_offset() {
+                let want = READ_BATCH.min(WINDOW - in_flight.len());
+                let batch = match log.read(next_read, want, 1 << 20) {
+                    Ok(b) => b,
+                    Err(e) => return Outcome::Failed(BrokerError::Unavailable(format!("reading the outbox: {e}"))),
+                };
+                for rec in &batch.records {
+                    self.outbox.pending_seen(&self.tl.topic, &rec.id, rec.offset);
+                    let pending: PendingAck = match self.broker.publish(self.message(rec)).await {
+                        Ok(p) => p,
+                        Err(e) => return Outcome::Failed(e),
+                    };
+                    let info = InFlight { offset: rec.offset, id: rec.id.clone(), sent: Instant::now() };
+                    in_flight.push_back(Box::pin(async move { (info, pending.await) }));
+                }
+                if batch.records.is_empty() && batch.next > next_read && in_flight.is_empty() {
+                    // Only damaged records were skipped: nothing to confirm.
+                    let _ = self.confirmed.send(batch.next);
+                }
+                next_read = batch.next;
+            }
+            tokio::select! {
+                biased;
+                _ = self.stop.changed() => return Outcome::Stopped,
+                Some((info, result)) = in_flight.next(), if !in_flight.is_empty() => match result {
+                    Ok(ack) => {
+                        self.outbox.confirmed(&self.tl.topic, &info.id, info.offset, &ack.stream, ack.sequence);
+                        let l = self.labels();
+                        self.metrics.forward_messages.get_or_create(&l).inc();
+                        self.metrics.forward_duration.observe(info.sent.elapsed().as_secs_f64());
+                        let _ = self.confirmed.send(info.offset + 1);
+                    }
+                    Err(e) => return Outcome::Failed(e),
+                },
+                _ = end.changed(), if in_flight.len() < WINDOW => {}
+                _ = ticker.tick() => {
+                    if last_commit.elapsed() >= COMMIT_EVERY {
+                        self.commit();
+                        last_commit = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! `ferry-sidecar outbox inspect`: what the outbox holds, for an operator.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use ferry_log::{Budget, Log};
+
+use crate::outbox::{log_options, FORWARDED};
+
+/// A text report of every topic log under `{data_dir}/outbox`. Opening a log
+/// runs its recovery (a torn tail is truncated, as a restart would).
+pub fn inspect(data_dir: &Path) -> Result<String, String> {
+    let dir = data_dir.join("outbox");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    let mut out = String::new();
+    let _ = writeln!(out, "outbox {}: {} topic(s)", dir.display(), names.len());
+    for name in names {
+        let path = dir.join(&name);
+        let opts = log_options(ferry_api::topic::Persistence::Durable, &Budget::unlimited());
+        let (log, report) = Log::open(&path, opts).map_err(|e| format!("{}: {e}", path.display()))?;
+        let stats = log.stats();
+        let forwarded = log.cursor(FORWARDED).unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "topic {name}: {} segment(s), {} bytes, {} record(s) held (offsets {}..{}), forwarded up to {forwarded}, {} not forwarded",
+            stats.segments,
+            stats.bytes,
+            stats.records,
+            stats.start_offset,
+            stats.next_offset,
+            stats.next_offset.saturating_sub(forwarded),
+        );
+        for entry in std::fs::read_dir(&path).map_err(|e| e.to_string())?.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if file.ends_with(".log") {
+                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                let _ = writeln!(out, "  segment {file}: {len} bytes");
+            }
+        }
+        for t in &report.truncated {
+            let _ =
+                writeln!(out, "  truncated a torn tail: segment {} at byte {} ({} bytes)", t.segment, t.at, t.bytes);
+        }
+        for c in &report.corrupt {
+            let _ =
+                writeln!(out, "  CORRUPT: segment {} byte {} ({} bytes): {}", c.segment, c.position, c.len, c.reason);
+        }
+        for b in &report.rebuilt_indexes {
+            let _ = writeln!(out, "  rebuilt the index of segment {b}");
+        }
+        if let Some(why) = report.cursors_damaged {
+            let _ = writeln!(out, "  CORRUPT cursor file: {why}");
+        }
+        if report.is_clean() {
+            let _ = writeln!(out, "  no damage found");
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,105 @@
+//! Prometheus metrics of the sidecar, in one registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels naming a topic.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    /// Topic name.
+    pub topic: String,
+}
+
+/// Labels of a produce request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProduceLabels {
+    /// Topic name (empty when the request named no known topic).
+    pub topic: String,
+    /// HTTP status code answered.
+    pub code: u16,
+}
+
+/// Every metric the sidecar exports.
+#[derive(Debug)]
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    /// Produce requests by topic and status code.
+    pub produce_requests: Family<ProduceLabels, Counter>,
+    /// Messages accepted into the outbox.
+    pub produce_messages: Family<TopicLabels, Counter>,
+    /// Produce request latency (seconds), including the fsync.
+    pub produce_duration: Histogram,
+    /// Records in the outbox not yet confirmed by the broker.
+    pub outbox_records: Family<TopicLabels, Gauge>,
+    /// Bytes of outbox segment files.
+    pub outbox_bytes: Family<TopicLabels, Gauge>,
+    /// Messages confirmed by the broker.
+    pub forward_messages: Family<TopicLabels, Counter>,
+    /// Forwarding failures (each followed by a re-send after backoff).
+    pub forward_errors: Family<TopicLabels, Counter>,
+    /// Publish-to-confirmation latency (seconds).
+    pub forward_duration: Histogram,
+    /// 1 while connected to the broker.
+    pub broker_connected: Gauge,
+}
+
+fn latency() -> Histogram {
+    // 50 µs .. ~26 s
+    Histogram::new(exponential_buckets(0.00005, 2.0, 20))
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ferry");
+        let m = Metrics {
+            produce_requests: Family::default(),
+            produce_messages: Family::default(),
+            produce_duration: latency(),
+            outbox_records: Family::default(),
+            outbox_bytes: Family::default(),
+            forward_messages: Family::default(),
+            forward_errors: Family::default(),
+            forward_duration: latency(),
+            broker_connected: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("produce_requests", "Produce requests by topic and status code", m.produce_requests.clone());
+        registry.register("produce_messages", "Messages accepted into the outbox", m.produce_messages.clone());
+        registry.register(
+            "produce_duration_seconds",
+            "Produce request latency, fsync included",
+            m.produce_duration.clone(),
+        );
+        registry.register("outbox_records", "Outbox records not yet confirmed by the broker", m.outbox_records.clone());
+        registry.register("outbox_bytes", "Bytes of outbox segment files", m.outbox_bytes.clone());
+        registry.register("forward_messages", "Messages confirmed by the broker", m.forward_messages.clone());
+        registry.register(
+            "forward_errors",
+            "Forwarding failures, each followed by a re-send",
+            m.forward_errors.clone(),
+        );
+        registry.register("forward_duration_seconds", "Publish-to-confirmation latency", m.forward_duration.clone());
+        registry.register("broker_connected", "1 while connected to the broker", m.broker_connected.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,205 @@
+//! The outbox: one `ferry-log` per topic under `{data_dir}/outbox/{topic}`,
+//! sharing one byte budget, plus a bounded index of recent message ids for
+//! `GET /v1/messages/{id}`.
+//!
+//! A produce call appends to its topic's log; the forwarder reads it from
+//! the `forwarded` cursor and advances that cursor as the broker confirms.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use ferry_api::topic::Persistence;
+use ferry_log::{Budget, FsyncMode, Log, LogOptions, NewRecord, RecoveryReport};
+
+/// Name of the log cursor holding the first offset not yet confirmed by the broker.
+pub const FORWARDED: &str = "forwarded";
+/// How many recent message ids `GET /v1/messages/{id}` remembers.
+pub const TRACKED_IDS: usize = 100_000;
+/// Sync interval of `BestEffort` topics.
+pub const BEST_EFFORT_SYNC: Duration = Duration::from_secs(1);
+
+/// One topic's log.
+#[derive(Debug)]
+pub struct TopicLog {
+    /// Topic name.
+    pub topic: String,
+    /// The log.
+    pub log: Log,
+    /// Partitions of the topic (from its spec; 1 when the topic is unknown).
+    pub partitions: u32,
+}
+
+/// Where a produced message is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageState {
+    /// In the outbox, not yet confirmed by the broker.
+    Pending,
+    /// Confirmed by the broker.
+    Forwarded {
+        /// Stream.
+        stream: String,
+        /// Sequence in the stream.
+        sequence: u64,
+    },
+}
+
+/// What is known about a recent message id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageStatus {
+    /// Topic.
+    pub topic: String,
+    /// Offset in the topic's outbox log.
+    pub offset: u64,
+    /// Pending or forwarded.
+    pub state: MessageState,
+}
+
+#[derive(Default)]
+struct Tracker {
+    by_id: HashMap<String, MessageStatus>,
+    order: VecDeque<String>,
+}
+
+/// The outbox.
+pub struct Outbox {
+    dir: PathBuf,
+    budget: Budget,
+    logs: RwLock<BTreeMap<String, Arc<TopicLog>>>,
+    tracker: Mutex<Tracker>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+/// Log options for a topic with this persistence.
+pub fn log_options(persistence: Persistence, budget: &Budget) -> LogOptions {
+    LogOptions {
+        fsync: match persistence {
+            Persistence::Durable => FsyncMode::Always,
+            Persistence::BestEffort => FsyncMode::Interval(BEST_EFFORT_SYNC),
+        },
+        budget: budget.clone(),
+        ..LogOptions::default()
+    }
+}
+
+impl Outbox {
+    /// Opens the outbox: every topic directory already there (so messages of
+    /// a topic no longer configured still get forwarded) and every topic in
+    /// `topics` (name → (persistence, partitions)).
+    pub fn open(
+        data_dir: &Path,
+        max_bytes: u64,
+        topics: &BTreeMap<String, (Persistence, u32)>,
+    ) -> Result<(Self, Vec<(String, RecoveryReport)>), ferry_log::Error> {
+        let dir = data_dir.join("outbox");
+        std::fs::create_dir_all(&dir).map_err(|e| ferry_log::Error::Io {
+            op: "creating",
+            path: dir.clone(),
+            source: e,
+        })?;
+        let mut names: Vec<String> = topics.keys().cloned().collect();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if let Some(name) = e.file_name().to_str() {
+                    if e.path().is_dir() && ferry_api::naming::validate_label("topic", name).is_ok() {
+                        names.push(name.to_owned());
+                    }
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        let outbox = Outbox {
+            dir,
+            budget: Budget::new(max_bytes),
+            logs: RwLock::new(BTreeMap::new()),
+            tracker: Mutex::new(Tracker::default()),
+        };
+        let mut reports = Vec::new();
+        for name in names {
+            let (persistence, partitions) = topics.get(&name).copied().unwrap_or((Persistence::Durable, 1));
+            let report = outbox.open_topic(&name, persistence, partitions)?;
+            reports.push((name, report));
+        }
+        Ok((outbox, reports))
+    }
+
+    fn open_topic(
+        &self,
+        topic: &str,
+        persistence: Persistence,
+        partitions: u32,
+    ) -> Result<RecoveryReport, ferry_log::Error> {
+        let (log, report) = Log::open(self.dir.join(topic), log_options(persistence, &self.budget))?;
+        let tl = Arc::new(TopicLog { topic: topic.to_owned(), log, partitions });
+        self.logs.write().unwrap_or_else(|e| e.into_inner()).insert(topic.to_owned(), tl);
+        Ok(report)
+    }
+
+    /// The log of a topic.
+    pub fn topic(&self, topic: &str) -> Option<Arc<TopicLog>> {
+        self.logs.read().unwrap_or_else(|e| e.into_inner()).get(topic).cloned()
+    }
+
+    /// All topic logs.
+    pub fn topics(&self) -> Vec<Arc<TopicLog>> {
+        self.logs.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    /// The shared byte budget.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// Appends records to a topic's log (one durable write) and tracks their ids.
+    pub async fn append(&self, tl: &TopicLog, records: &[NewRecord]) -> Result<std::ops::Range<u64>, ferry_log::Error> {
+        let range = tl.log.append(records).await?;
+        let mut t = self.lock_tracker();
+        for (rec, offset) in records.iter().zip(range.clone()) {
+            t.insert(rec.id.clone(), MessageStatus { topic: tl.topic.clone(), offset, state: MessageState::Pending });
+        }
+        Ok(range)
+    }
+
+    fn lock_tracker(&self) -> std::sync::MutexGuard<'_, Tracker> {
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that the broker confirmed a message.
+    pub fn confirmed(&self, topic: &str, id: &str, offset: u64, stream: &str, sequence: u64) {
+        let state = MessageState::Forwarded { stream: stream.to_owned(), sequence };
+        self.lock_tracker().insert(id.to_owned(), MessageStatus { topic: topic.to_owned(), offset, state });
+    }
+
+    /// Remembers a pending message found in the log after a restart.
+    pub fn pending_seen(&self, topic: &str, id: &str, offset: u64) {
+        let mut t = self.lock_tracker();
+        if !t.by_id.contains_key(id) {
+            t.insert(id.to_owned(), MessageStatus { topic: topic.to_owned(), offset, state: MessageState::Pending });
+        }
+    }
+
+    /// What is known of a message id (recent ones only).
+    pub fn status(&self, id: &str) -> Option<MessageStatus> {
+        self.lock_tracker().by_id.get(id).cloned()
+    }
+}
+
+impl Tracker {
+    fn insert(&mut self, id: String, status: MessageStatus) {
+        if self.by_id.insert(id.clone(), status).is_none() {
+            self.order.push_back(id);
+            while self.order.len() > TRACKED_IDS {
+                if let Some(old) = self.order.pop_front() {
+                    self.by_id.remove(&old);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! What the API, the admin endpoints and the background tasks share.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+
+use crate::broker::Broker;
+use crate::config::resources::Resources;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+
+/// The running sidecar's shared state.
+pub struct Sidecar {
+    /// Checked configuration.
+    pub config: Config,
+    /// Known topics and subscriptions.
+    pub resources: RwLock<Resources>,
+    /// The outbox.
+    pub outbox: Arc<Outbox>,
+    /// The broker.
+    pub broker: Arc<dyn Broker>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Per topic: first offset not yet confirmed by the broker.
+    pub confirmed: RwLock<BTreeMap<String, watch::Receiver<u64>>>,
+    /// Set on SIGTERM: produce answers 503 from then on.
+    pub shutting_down: AtomicBool,
+    /// Set once every stream and consumer of the resources exists on the broker.
+    pub broker_configured: AtomicBool,
+}
+
+impl std::fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar").field("app_id", &self.config.app_id).finish_non_exhaustive()
+    }
+}
+
+impl Sidecar {
+    /// The confirmed-offset watch of a topic.
+    pub fn confirmed(&self, topic: &str) -> Option<watch::Receiver<u64>> {
+        self.confirmed.read().unwrap_or_else(|e| e.into_inner()).get(topic).cloned()
+    }
+
+    /// The spec of a topic, if configured.
+    pub fn topic_spec(&self, topic: &str) -> Option<ferry_api::TopicSpec> {
+        self.resources.read().unwrap_or_else(|e| e.into_inner()).topics.get(topic).cloned()
+    }
+
+    /// True after SIGTERM.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+}
