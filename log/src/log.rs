@@ -219,7 +219,9 @@ impl Log {
         let (file, base, seg_base, entries, end) = {
             let st = self.shared.state();
             let first = st.segments.partition_point(|s| s.end_offset() <= from);
-            let Some(seg) = st.segments.get(first) else {
+            // Skip segments without readable records (an active segment whose
+            // first append failed, a sealed one whose records were all damaged).
+            let Some(seg) = st.segments[first..].iter().find(|s| !s.index.is_empty()) else {
                 return Ok(ReadBatch { next: from.max(self.next_offset()), ..ReadBatch::default() });
             };
             let k = seg.index.partition_point(|e| seg.base + (e.rel as u64) < from);

@@ -93,7 +93,7 @@ pub(crate) fn scan(data: &[u8], base: u64) -> Scan {
                 last = Some(offset);
                 pos += len;
             }
-            None => match resync(data, pos + 1, base, last) {
+            None => match skip_one(data, pos, base, last).or_else(|| resync(data, pos + 1, base, last)) {
                 Some(next) => {
                     out.corrupt.push(Corruption {
                         segment: base,
@@ -131,6 +131,15 @@ fn valid_frame_at(data: &[u8], pos: usize, base: u64, last: Option<u64>) -> Opti
     let in_segment = offset >= base && offset - base <= u32::MAX as u64;
     let increasing = last.is_none_or(|l| offset > l);
     (in_segment && increasing).then_some((len, offset))
+}
+
+/// When only the body of the frame at `pos` is damaged, its length field
+/// still says where the next frame starts: skip exactly that frame. Checked
+/// before a byte-by-byte search so that a frame-shaped payload inside the
+/// damaged record is never taken for the next record.
+fn skip_one(data: &[u8], pos: usize, base: u64, last: Option<u64>) -> Option<usize> {
+    let next = pos + frame_len(&data[pos..]).ok()?;
+    (next < data.len() && valid_frame_at(data, next, base, last).is_some()).then_some(next)
 }
 
 /// The next position after damage where a valid, in-sequence frame starts.

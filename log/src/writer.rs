@@ -156,13 +156,16 @@ impl Writer {
         if let Err(used) = budget.try_reserve(n) {
             return answer(req.reply, Err(Error::Full { limit: budget.limit(), used, requested: n }));
         }
-        let staged_end = self.len + self.buf.len() as u64;
-        let has_records = self.next_offset > self.base || !self.buf.is_empty();
-        if has_records && staged_end + n > self.shared.opts.segment_bytes {
+        if self.must_roll(n) {
             self.flush();
-            if let Err(e) = self.roll() {
-                budget.release(n);
-                return answer(req.reply, Err(e));
+            // A failed flush cut its records off again: if that left the
+            // segment empty, there is nothing to seal (sealing it would
+            // start a second segment at the same base offset).
+            if self.must_roll(n) {
+                if let Err(e) = self.roll() {
+                    budget.release(n);
+                    return answer(req.reply, Err(e));
+                }
             }
         }
         let first = self.next_offset;
@@ -177,6 +180,13 @@ impl Writer {
         }
         self.buf.extend_from_slice(&req.buf);
         self.pending.push(Pending { reply: req.reply, range: first..self.next_offset });
+    }
+
+    /// True when `n` more bytes do not fit the active segment and it holds
+    /// or has staged a record (an empty segment takes any batch).
+    fn must_roll(&self, n: u64) -> bool {
+        let has_records = self.next_offset > self.base || !self.buf.is_empty();
+        has_records && self.len + self.buf.len() as u64 + n > self.shared.opts.segment_bytes
     }
 
     /// Writes (and, with `FsyncMode::Always`, syncs) everything staged,
