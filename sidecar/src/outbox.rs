@@ -162,7 +162,7 @@ impl Outbox {
         let range = tl.log.append(records).await?;
         let mut t = self.lock_tracker();
         for (rec, offset) in records.iter().zip(range.clone()) {
-            t.insert(rec.id.clone(), MessageStatus { topic: tl.topic.clone(), offset, state: MessageState::Pending });
+            t.note_pending(&rec.id, &tl.topic, offset);
         }
         Ok(range)
     }
@@ -179,10 +179,7 @@ impl Outbox {
 
     /// Remembers a pending message found in the log after a restart.
     pub fn pending_seen(&self, topic: &str, id: &str, offset: u64) {
-        let mut t = self.lock_tracker();
-        if !t.by_id.contains_key(id) {
-            t.insert(id.to_owned(), MessageStatus { topic: topic.to_owned(), offset, state: MessageState::Pending });
-        }
+        self.lock_tracker().note_pending(id, topic, offset);
     }
 
     /// What is known of a message id (recent ones only).
@@ -192,6 +189,16 @@ impl Outbox {
 }
 
 impl Tracker {
+    /// Records a pending message unless this record (or a later produce of
+    /// the same id) is already known: the forwarder can confirm a record
+    /// before its appender gets here.
+    fn note_pending(&mut self, id: &str, topic: &str, offset: u64) {
+        let known = self.by_id.get(id).is_some_and(|s| s.topic == topic && s.offset >= offset);
+        if !known {
+            self.insert(id.to_owned(), MessageStatus { topic: topic.to_owned(), offset, state: MessageState::Pending });
+        }
+    }
+
     fn insert(&mut self, id: String, status: MessageStatus) {
         if self.by_id.insert(id.clone(), status).is_none() {
             self.order.push_back(id);

@@ -1,0 +1,193 @@
+//! Produce side against a real nats-server: the API → outbox → JetStream.
+
+mod support;
+
+use support::*;
+
+#[tokio::test]
+async fn a_produced_message_lands_in_its_stream_with_subject_headers_and_payload() {
+    let nats = NatsServer::start();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    sc.wait_configured();
+    let resp = http()
+        .post(sc.url("/v1/topics/orders/messages?ack=broker"))
+        .header("content-type", "text/plain")
+        .header("ferry-id", "order-1")
+        .header("ferry-key", "customer-7")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(resp).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["id"], "order-1");
+    assert_eq!(body["status"], "forwarded");
+    assert_eq!(body["stream"], "FERRY_default_orders");
+    let seq = body["sequence"].as_u64().expect("a sequence");
+
+    let js = jetstream(&nats.url()).await;
+    let msgs = stream_messages(&js, "FERRY_default_orders").await;
+    assert_eq!(msgs.len(), 1);
+    let m = &msgs[0];
+    assert_eq!(m.sequence, seq);
+    let partition = ferry_api::naming::partition_of(Some("customer-7"), 2);
+    assert_eq!(m.subject.as_str(), format!("ferry.default.orders.{partition}"));
+    assert_eq!(&m.payload[..], b"hello");
+    assert_eq!(header(m, "Nats-Msg-Id").as_deref(), Some("order-1"));
+    assert_eq!(header(m, "content-type").as_deref(), Some("text/plain"));
+    assert_eq!(header(m, "ferry-key").as_deref(), Some("customer-7"));
+
+    let (status, body) = json(http().get(sc.url("/v1/messages/order-1")).send().await.unwrap()).await;
+    assert_eq!((status, body["status"].as_str(), body["sequence"].as_u64()), (200, Some("forwarded"), Some(seq)));
+}
+
+async fn post(sc: &Sidecar, path: &str, content_type: &str, body: &'static str) -> (u16, serde_json::Value) {
+    json(http().post(sc.url(path)).header("content-type", content_type).body(body).send().await.unwrap()).await
+}
+
+#[tokio::test]
+async fn batches_in_all_three_formats_are_stored_whole_and_in_order() {
+    let nats = NatsServer::start();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    sc.wait_configured();
+    let path = "/v1/topics/audit/messages:batch?ack=broker";
+    let (status, body) = post(&sc, path, "application/json", r#"[{"id":"j1","data":{"n":1}},{"id":"j2","data":{"n":2}}]"#).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["count"], 2);
+    assert_eq!(body["messages"][1]["id"], "j2");
+    let (status, _) = post(&sc, path, "application/x-ndjson", "{\"id\":\"n1\",\"data\":\"x\"}\n{\"id\":\"n2\",\"key\":\"k\",\"data_base64\":\"AAE=\"}\n").await;
+    assert_eq!(status, 201);
+    let ce = r#"[{"specversion":"1.0","id":"c1","source":"/s","type":"t","data":{"a":true}}]"#;
+    let (status, _) = post(&sc, path, "application/cloudevents-batch+json", ce).await;
+    assert_eq!(status, 201);
+
+    let js = jetstream(&nats.url()).await;
+    let msgs = stream_messages(&js, "FERRY_default_audit").await;
+    let ids: Vec<String> = msgs.iter().map(|m| header(m, "Nats-Msg-Id").unwrap()).collect();
+    assert_eq!(ids, ["j1", "j2", "n1", "n2", "c1"]);
+    assert_eq!(&msgs[0].payload[..], br#"{"n":1}"#);
+    assert_eq!(&msgs[3].payload[..], &[0, 1]);
+    assert_eq!(header(&msgs[3], "content-type").as_deref(), Some("application/octet-stream"));
+    assert_eq!(header(&msgs[4], "ce-source").as_deref(), Some("/s"));
+}
+
+#[tokio::test]
+async fn cloudevents_in_binary_and_structured_mode_keep_their_attributes() {
+    let nats = NatsServer::start();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    sc.wait_configured();
+    let resp = http()
+        .post(sc.url("/v1/topics/audit/messages?ack=broker"))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "evt-1")
+        .header("ce-source", "/checkout")
+        .header("ce-type", "order.placed")
+        .header("ce-time", "2026-11-25T10:00:00Z")
+        .header("ce-tenant", "acme")
+        .header("content-type", "application/json")
+        .body(r#"{"total":12}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let structured = r#"{"specversion":"1.0","id":"evt-2","source":"/checkout","type":"order.paid","subject":"o-9","datacontenttype":"text/plain","data":"paid"}"#;
+    let (status, body) = post(&sc, "/v1/topics/audit/messages?ack=broker", "application/cloudevents+json", structured).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["id"], "evt-2");
+
+    let js = jetstream(&nats.url()).await;
+    let msgs = stream_messages(&js, "FERRY_default_audit").await;
+    assert_eq!(msgs.len(), 2);
+    let (b, s) = (&msgs[0], &msgs[1]);
+    for (name, want) in [("Nats-Msg-Id", "evt-1"), ("ce-id", "evt-1"), ("ce-source", "/checkout"), ("ce-type", "order.placed"), ("ce-time", "2026-11-25T10:00:00Z"), ("ce-tenant", "acme"), ("ce-specversion", "1.0"), ("content-type", "application/json")] {
+        assert_eq!(header(b, name).as_deref(), Some(want), "binary {name}");
+    }
+    assert_eq!(&b.payload[..], br#"{"total":12}"#);
+    for (name, want) in [("Nats-Msg-Id", "evt-2"), ("ce-type", "order.paid"), ("ce-subject", "o-9"), ("content-type", "text/plain")] {
+        assert_eq!(header(s, name).as_deref(), Some(want), "structured {name}");
+    }
+    assert_eq!(&s.payload[..], b"paid");
+}
+
+#[tokio::test]
+async fn the_same_id_produced_twice_is_stored_once_in_the_stream() {
+    let nats = NatsServer::start();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    sc.wait_configured();
+    let mut seqs = Vec::new();
+    for _ in 0..2 {
+        let resp = http().post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "dup-1").body("x").send().await.unwrap();
+        let (status, body) = json(resp).await;
+        assert_eq!(status, 201);
+        seqs.push(body["sequence"].as_u64().unwrap());
+    }
+    assert_eq!(seqs[0], seqs[1], "the duplicate reports the original's sequence");
+    let js = jetstream(&nats.url()).await;
+    assert_eq!(stream_messages(&js, "FERRY_default_audit").await.len(), 1);
+}
+
+#[tokio::test]
+async fn with_the_broker_down_produce_keeps_answering_and_everything_arrives_in_order_once() {
+    let mut nats = NatsServer::stopped();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    let client = http();
+    for i in 0..50 {
+        let resp = client.post(sc.url("/v1/topics/audit/messages")).header("ferry-id", format!("m-{i}")).body(format!("{i}")).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 202, "produce {i} with the broker down");
+    }
+    let (status, ready) = json(client.get(format!("{}/readyz", sc.admin)).send().await.unwrap()).await;
+    assert_eq!(status, 503);
+    assert_eq!(ready["broker"]["connected"], false);
+    assert_eq!(ready["outbox"]["audit"]["pending"], 50);
+
+    nats.start_again();
+    // ack=broker answers once this message, and so every earlier one of the
+    // topic (forwarding is in order), is confirmed.
+    let resp = client.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "m-50").body("50").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let js = jetstream(&nats.url()).await;
+    let msgs = stream_messages(&js, "FERRY_default_audit").await;
+    let ids: Vec<String> = msgs.iter().map(|m| header(m, "Nats-Msg-Id").unwrap()).collect();
+    let want: Vec<String> = (0..=50).map(|i| format!("m-{i}")).collect();
+    assert_eq!(ids, want);
+}
+
+#[tokio::test]
+async fn kill_9_right_after_acknowledged_produces_loses_and_duplicates_nothing() {
+    let nats = NatsServer::start();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let client = http();
+    let mut acked = Vec::new();
+    for round in 0..3 {
+        let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
+        for i in 0..200 {
+            let id = format!("r{round}-{i}");
+            let resp = client.post(sc.url("/v1/topics/audit/messages")).header("ferry-id", &id).body(id.clone()).send().await.unwrap();
+            assert_eq!(resp.status().as_u16(), 202);
+            acked.push(id);
+        }
+        sc.process.kill9();
+    }
+    let sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    let resp = client.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "last").body("last").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    acked.push("last".into());
+    let js = jetstream(&nats.url()).await;
+    let msgs = stream_messages(&js, "FERRY_default_audit").await;
+    let ids: Vec<String> = msgs.iter().map(|m| header(m, "Nats-Msg-Id").unwrap()).collect();
+    assert_eq!(ids, acked, "exactly the acknowledged messages, each once, in order");
+    for m in &msgs {
+        assert_eq!(m.payload, header(m, "Nats-Msg-Id").unwrap().as_bytes());
+    }
+}

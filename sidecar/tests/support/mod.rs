@@ -1,0 +1,133 @@
+//! Shared helpers for the sidecar's integration tests: a real nats-server,
+//! the real `ferry-sidecar` binary, HTTP on loopback, and reading streams
+//! back with async-nats.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+pub use ferry_e2e::{free_port, manifests, NatsServer, Process, START_TIMEOUT};
+
+/// A Topic `orders` and a Topic `audit` in namespace `default`.
+pub const TOPICS: &str = "\
+apiVersion: ferry.dev/v1alpha1
+kind: Topic
+metadata:
+  name: orders
+spec:
+  partitions: 2
+  maxMessageSize: 4096
+---
+apiVersion: ferry.dev/v1alpha1
+kind: Topic
+metadata:
+  name: audit
+spec: {}
+";
+
+/// A running `ferry-sidecar` process.
+pub struct Sidecar {
+    pub process: Process,
+    pub api: String,
+    pub admin: String,
+    pub data_dir: PathBuf,
+    pub api_port: u16,
+    pub admin_port: u16,
+}
+
+/// How to start a sidecar.
+pub struct Launch<'a> {
+    pub broker: String,
+    pub resources: &'a Path,
+    pub data_dir: &'a Path,
+    pub extra: Vec<String>,
+    pub api_port: Option<u16>,
+}
+
+impl<'a> Launch<'a> {
+    pub fn new(broker: String, resources: &'a Path, data_dir: &'a Path) -> Self {
+        Launch { broker, resources, data_dir, extra: Vec::new(), api_port: None }
+    }
+
+    pub fn arg(mut self, a: &str) -> Self {
+        self.extra.push(a.to_owned());
+        self
+    }
+
+    /// Starts the process and waits for its start-up line.
+    pub fn start(self) -> Sidecar {
+        let api_port = self.api_port.unwrap_or_else(free_port);
+        let admin_port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
+        cmd.env_remove("RUST_LOG")
+            .args(["--app-id", "shop", "--broker", &self.broker])
+            .args(["--api-addr", &format!("127.0.0.1:{api_port}")])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .arg("--resources")
+            .arg(self.resources)
+            .arg("--data-dir")
+            .arg(self.data_dir)
+            .args(&self.extra);
+        let mut process = Process::spawn("ferry-sidecar", cmd);
+        process.wait_for_line("ferry-sidecar started", START_TIMEOUT);
+        Sidecar {
+            process,
+            api: format!("http://127.0.0.1:{api_port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            data_dir: self.data_dir.to_path_buf(),
+            api_port,
+            admin_port,
+        }
+    }
+}
+
+impl Sidecar {
+    /// Waits until the sidecar has created its streams on the broker.
+    pub fn wait_configured(&mut self) {
+        self.process.wait_for_line("broker configured", START_TIMEOUT);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.api, path)
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client")
+}
+
+/// Connects a JetStream client to the server.
+pub async fn jetstream(url: &str) -> async_nats::jetstream::Context {
+    let client = async_nats::connect(url).await.expect("connecting to nats-server");
+    async_nats::jetstream::new(client)
+}
+
+/// Every message of a stream, in sequence order.
+pub async fn stream_messages(js: &async_nats::jetstream::Context, stream: &str) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let mut s = js.get_stream(stream).await.expect("stream exists");
+    let info = s.info().await.expect("stream info").state.clone();
+    let mut out = Vec::new();
+    if info.messages == 0 {
+        return out;
+    }
+    for seq in info.first_sequence..=info.last_sequence {
+        if let Ok(m) = s.get_raw_message(seq).await {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// Header value of a stream message.
+pub fn header(m: &async_nats::jetstream::message::StreamMessage, name: &str) -> Option<String> {
+    m.headers.get(name).map(|v| v.as_str().to_owned())
+}
+
+/// The JSON of a response, with its status.
+pub async fn json(resp: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = resp.status().as_u16();
+    let body = resp.text().await.expect("response body");
+    let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    (status, value)
+}
