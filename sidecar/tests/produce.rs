@@ -55,11 +55,18 @@ async fn batches_in_all_three_formats_are_stored_whole_and_in_order() {
     let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
     sc.wait_configured();
     let path = "/v1/topics/audit/messages:batch?ack=broker";
-    let (status, body) = post(&sc, path, "application/json", r#"[{"id":"j1","data":{"n":1}},{"id":"j2","data":{"n":2}}]"#).await;
+    let (status, body) =
+        post(&sc, path, "application/json", r#"[{"id":"j1","data":{"n":1}},{"id":"j2","data":{"n":2}}]"#).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["count"], 2);
     assert_eq!(body["messages"][1]["id"], "j2");
-    let (status, _) = post(&sc, path, "application/x-ndjson", "{\"id\":\"n1\",\"data\":\"x\"}\n{\"id\":\"n2\",\"key\":\"k\",\"data_base64\":\"AAE=\"}\n").await;
+    let (status, _) = post(
+        &sc,
+        path,
+        "application/x-ndjson",
+        "{\"id\":\"n1\",\"data\":\"x\"}\n{\"id\":\"n2\",\"key\":\"k\",\"data_base64\":\"AAE=\"}\n",
+    )
+    .await;
     assert_eq!(status, 201);
     let ce = r#"[{"specversion":"1.0","id":"c1","source":"/s","type":"t","data":{"a":true}}]"#;
     let (status, _) = post(&sc, path, "application/cloudevents-batch+json", ce).await;
@@ -97,7 +104,8 @@ async fn cloudevents_in_binary_and_structured_mode_keep_their_attributes() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 201);
     let structured = r#"{"specversion":"1.0","id":"evt-2","source":"/checkout","type":"order.paid","subject":"o-9","datacontenttype":"text/plain","data":"paid"}"#;
-    let (status, body) = post(&sc, "/v1/topics/audit/messages?ack=broker", "application/cloudevents+json", structured).await;
+    let (status, body) =
+        post(&sc, "/v1/topics/audit/messages?ack=broker", "application/cloudevents+json", structured).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["id"], "evt-2");
 
@@ -105,11 +113,22 @@ async fn cloudevents_in_binary_and_structured_mode_keep_their_attributes() {
     let msgs = stream_messages(&js, "FERRY_default_audit").await;
     assert_eq!(msgs.len(), 2);
     let (b, s) = (&msgs[0], &msgs[1]);
-    for (name, want) in [("Nats-Msg-Id", "evt-1"), ("ce-id", "evt-1"), ("ce-source", "/checkout"), ("ce-type", "order.placed"), ("ce-time", "2026-11-25T10:00:00Z"), ("ce-tenant", "acme"), ("ce-specversion", "1.0"), ("content-type", "application/json")] {
+    for (name, want) in [
+        ("Nats-Msg-Id", "evt-1"),
+        ("ce-id", "evt-1"),
+        ("ce-source", "/checkout"),
+        ("ce-type", "order.placed"),
+        ("ce-time", "2026-11-25T10:00:00Z"),
+        ("ce-tenant", "acme"),
+        ("ce-specversion", "1.0"),
+        ("content-type", "application/json"),
+    ] {
         assert_eq!(header(b, name).as_deref(), Some(want), "binary {name}");
     }
     assert_eq!(&b.payload[..], br#"{"total":12}"#);
-    for (name, want) in [("Nats-Msg-Id", "evt-2"), ("ce-type", "order.paid"), ("ce-subject", "o-9"), ("content-type", "text/plain")] {
+    for (name, want) in
+        [("Nats-Msg-Id", "evt-2"), ("ce-type", "order.paid"), ("ce-subject", "o-9"), ("content-type", "text/plain")]
+    {
         assert_eq!(header(s, name).as_deref(), Some(want), "structured {name}");
     }
     assert_eq!(&s.payload[..], b"paid");
@@ -124,7 +143,13 @@ async fn the_same_id_produced_twice_is_stored_once_in_the_stream() {
     sc.wait_configured();
     let mut seqs = Vec::new();
     for _ in 0..2 {
-        let resp = http().post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "dup-1").body("x").send().await.unwrap();
+        let resp = http()
+            .post(sc.url("/v1/topics/audit/messages?ack=broker"))
+            .header("ferry-id", "dup-1")
+            .body("x")
+            .send()
+            .await
+            .unwrap();
         let (status, body) = json(resp).await;
         assert_eq!(status, 201);
         seqs.push(body["sequence"].as_u64().unwrap());
@@ -142,7 +167,13 @@ async fn with_the_broker_down_produce_keeps_answering_and_everything_arrives_in_
     let sc = Launch::new(nats.url(), res.path(), data.path()).start();
     let client = http();
     for i in 0..50 {
-        let resp = client.post(sc.url("/v1/topics/audit/messages")).header("ferry-id", format!("m-{i}")).body(format!("{i}")).send().await.unwrap();
+        let resp = client
+            .post(sc.url("/v1/topics/audit/messages"))
+            .header("ferry-id", format!("m-{i}"))
+            .body(format!("{i}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status().as_u16(), 202, "produce {i} with the broker down");
     }
     let (status, ready) = json(client.get(format!("{}/readyz", sc.admin)).send().await.unwrap()).await;
@@ -153,7 +184,13 @@ async fn with_the_broker_down_produce_keeps_answering_and_everything_arrives_in_
     nats.start_again();
     // ack=broker answers once this message, and so every earlier one of the
     // topic (forwarding is in order), is confirmed.
-    let resp = client.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "m-50").body("50").send().await.unwrap();
+    let resp = client
+        .post(sc.url("/v1/topics/audit/messages?ack=broker"))
+        .header("ferry-id", "m-50")
+        .body("50")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 201);
     let js = jetstream(&nats.url()).await;
     let msgs = stream_messages(&js, "FERRY_default_audit").await;
@@ -173,14 +210,26 @@ async fn kill_9_right_after_acknowledged_produces_loses_and_duplicates_nothing()
         let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
         for i in 0..200 {
             let id = format!("r{round}-{i}");
-            let resp = client.post(sc.url("/v1/topics/audit/messages")).header("ferry-id", &id).body(id.clone()).send().await.unwrap();
+            let resp = client
+                .post(sc.url("/v1/topics/audit/messages"))
+                .header("ferry-id", &id)
+                .body(id.clone())
+                .send()
+                .await
+                .unwrap();
             assert_eq!(resp.status().as_u16(), 202);
             acked.push(id);
         }
         sc.process.kill9();
     }
     let sc = Launch::new(nats.url(), res.path(), data.path()).start();
-    let resp = client.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "last").body("last").send().await.unwrap();
+    let resp = client
+        .post(sc.url("/v1/topics/audit/messages?ack=broker"))
+        .header("ferry-id", "last")
+        .body("last")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 201);
     acked.push("last".into());
     let js = jetstream(&nats.url()).await;

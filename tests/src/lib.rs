@@ -64,7 +64,11 @@ impl Process {
             match self.rx.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
-                Err(_) => panic!("{}: no line containing {needle:?} within {timeout:?}; output:\n{}", self.name, self.output().join("\n")),
+                Err(_) => panic!(
+                    "{}: no line containing {needle:?} within {timeout:?}; output:\n{}",
+                    self.name,
+                    self.output().join("\n")
+                ),
             }
         }
     }

@@ -104,7 +104,10 @@ pub async fn jetstream(url: &str) -> async_nats::jetstream::Context {
 }
 
 /// Every message of a stream, in sequence order.
-pub async fn stream_messages(js: &async_nats::jetstream::Context, stream: &str) -> Vec<async_nats::jetstream::message::StreamMessage> {
+pub async fn stream_messages(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> Vec<async_nats::jetstream::message::StreamMessage> {
     let mut s = js.get_stream(stream).await.expect("stream exists");
     let info = s.info().await.expect("stream info").state.clone();
     let mut out = Vec::new();

@@ -1,0 +1,275 @@
+//! Every error answer of the produce API: status, JSON body, and nothing stored.
+
+mod support;
+
+use support::*;
+
+/// The outbox's next offset for `topic`, from /readyz.
+async fn next_offset(sc: &Sidecar, topic: &str) -> u64 {
+    let (_, ready) = json(http().get(format!("{}/readyz", sc.admin)).send().await.unwrap()).await;
+    ready["outbox"][topic]["nextOffset"].as_u64().unwrap_or_else(|| panic!("no outbox detail for {topic}: {ready}"))
+}
+
+fn assert_error(status: u16, body: &serde_json::Value, want_status: u16, want_code: &str) {
+    assert_eq!(status, want_status, "{body}");
+    assert_eq!(body["error"]["code"], want_code, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
+
+async fn send(req: reqwest::RequestBuilder) -> (u16, serde_json::Value, reqwest::header::HeaderMap) {
+    let resp = req.send().await.unwrap();
+    let headers = resp.headers().clone();
+    let (status, body) = json(resp).await;
+    (status, body, headers)
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_and_store_nothing() {
+    let nats = NatsServer::start();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    let c = http();
+    let cases: Vec<(&str, reqwest::RequestBuilder)> = vec![
+        ("bad ack mode", c.post(sc.url("/v1/topics/orders/messages?ack=maybe")).body("x")),
+        ("id with a space", c.post(sc.url("/v1/topics/orders/messages")).header("ferry-id", "a b").body("x")),
+        ("id too long", c.post(sc.url("/v1/topics/orders/messages")).header("ferry-id", "x".repeat(300)).body("x")),
+        (
+            "CloudEvent without source",
+            c.post(sc.url("/v1/topics/orders/messages"))
+                .header("ce-specversion", "1.0")
+                .header("ce-id", "1")
+                .header("ce-type", "t")
+                .body("x"),
+        ),
+        (
+            "structured CloudEvent not JSON",
+            c.post(sc.url("/v1/topics/orders/messages"))
+                .header("content-type", "application/cloudevents+json")
+                .body("{nope"),
+        ),
+        (
+            "batch not an array",
+            c.post(sc.url("/v1/topics/orders/messages:batch"))
+                .header("content-type", "application/json")
+                .body(r#"{"id":"a"}"#),
+        ),
+        (
+            "batch with one bad entry",
+            c.post(sc.url("/v1/topics/orders/messages:batch"))
+                .header("content-type", "application/json")
+                .body(r#"[{"id":"ok"},{"id":"bad id"}]"#),
+        ),
+        (
+            "batch with an unknown field",
+            c.post(sc.url("/v1/topics/orders/messages:batch"))
+                .header("content-type", "application/json")
+                .body(r#"[{"id":"ok","colour":1}]"#),
+        ),
+        (
+            "empty batch",
+            c.post(sc.url("/v1/topics/orders/messages:batch")).header("content-type", "application/json").body("[]"),
+        ),
+        (
+            "invalid UTF-8 NDJSON",
+            c.post(sc.url("/v1/topics/orders/messages:batch"))
+                .header("content-type", "application/x-ndjson")
+                .body(vec![0xff, 0xfe]),
+        ),
+    ];
+    for (what, req) in cases {
+        let (status, body, _) = send(req).await;
+        assert_error(status, &body, 400, "bad_request");
+        assert_eq!(next_offset(&sc, "orders").await, 0, "{what} stored something");
+    }
+    let (status, body, _) =
+        send(c.post(sc.url("/v1/topics/orders/messages:batch")).header("content-type", "text/csv").body("a,b")).await;
+    assert_error(status, &body, 415, "unsupported_media_type");
+    let (status, body, _) = send(c.get(sc.url("/v1/messages/a%20b"))).await;
+    assert_error(status, &body, 400, "bad_request");
+    assert_eq!(next_offset(&sc, "orders").await, 0);
+}
+
+#[tokio::test]
+async fn a_missing_or_wrong_token_gets_401_and_stores_nothing() {
+    let nats = NatsServer::start();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let sc = Launch::new(nats.url(), res.path(), data.path()).arg("--api-token").arg("s3cret").start();
+    let c = http();
+    for auth in [None, Some("Bearer wrong"), Some("s3cret"), Some("Basic s3cret")] {
+        let mut req = c.post(sc.url("/v1/topics/orders/messages")).body("x");
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let (status, body, _) = send(req).await;
+        assert_error(status, &body, 401, "unauthorized");
+    }
+    let (status, body, _) = send(c.get(sc.url("/no/such/route"))).await;
+    assert_error(status, &body, 401, "unauthorized");
+    assert_eq!(next_offset(&sc, "orders").await, 0);
+    let resp = c
+        .post(sc.url("/v1/topics/orders/messages"))
+        .header("authorization", "Bearer s3cret")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    assert_eq!(next_offset(&sc, "orders").await, 1);
+}
+
+#[tokio::test]
+async fn unknown_topics_messages_and_routes_get_404() {
+    let nats = NatsServer::start();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    let c = http();
+    let (status, body, _) = send(c.post(sc.url("/v1/topics/nope/messages")).body("x")).await;
+    assert_error(status, &body, 404, "topic_not_found");
+    let (status, body, _) = send(c.post(sc.url("/v1/topics/..%2F..%2Fetc/messages")).body("x")).await;
+    assert_error(status, &body, 404, "topic_not_found");
+    let (status, body, _) = send(c.get(sc.url("/v1/messages/never-produced"))).await;
+    assert_error(status, &body, 404, "message_not_found");
+    let (status, body, _) = send(c.get(sc.url("/v2/anything"))).await;
+    assert_error(status, &body, 404, "not_found");
+    let (status, body, _) = send(c.get(sc.url("/v1/topics/orders/messages"))).await;
+    assert_error(status, &body, 405, "method_not_allowed");
+    let outbox: Vec<String> = std::fs::read_dir(data.path().join("outbox"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!outbox.iter().any(|n| n.contains("nope") || n.contains("etc")), "{outbox:?}");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_gets_413_and_stores_nothing() {
+    let nats = NatsServer::start();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let sc = Launch::new(nats.url(), res.path(), data.path()).arg("--max-message-bytes").arg("8192").start();
+    let c = http();
+    // `orders` allows 4096 bytes (its maxMessageSize), `audit` the flag's 8192.
+    let (status, body, _) = send(c.post(sc.url("/v1/topics/orders/messages")).body(vec![b'x'; 4097])).await;
+    assert_error(status, &body, 413, "too_large");
+    let (status, body, _) = send(c.post(sc.url("/v1/topics/audit/messages")).body(vec![b'x'; 8193])).await;
+    assert_error(status, &body, 413, "too_large");
+    let big_entry = format!(r#"[{{"id":"a","data":"{}"}}]"#, "y".repeat(5000));
+    let (status, body, _) = send(
+        c.post(sc.url("/v1/topics/orders/messages:batch")).header("content-type", "application/json").body(big_entry),
+    )
+    .await;
+    assert_error(status, &body, 413, "too_large");
+    // A declared length over the batch limit is refused before the body is
+    // read; the answer comes while the client still has body to send.
+    let (status, body) = raw_request(sc.api_port, "POST /v1/topics/audit/messages:batch HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 17825792\r\n\r\n[");
+    assert_error(status, &body, 413, "too_large");
+    assert_eq!(next_offset(&sc, "orders").await, 0);
+    assert_eq!(next_offset(&sc, "audit").await, 0);
+    let resp = c.post(sc.url("/v1/topics/orders/messages")).body(vec![b'x'; 4096]).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "exactly the limit is accepted");
+}
+
+#[tokio::test]
+async fn a_full_outbox_answers_429_with_retry_after_and_takes_nothing_more() {
+    let nats = NatsServer::stopped();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    // Two empty segments take 48 bytes; room for a few small messages.
+    let sc = Launch::new(nats.url(), res.path(), data.path()).arg("--outbox-max-bytes").arg("600").start();
+    let c = http();
+    let mut accepted = 0u64;
+    let (status, body, headers) = loop {
+        let (status, body, headers) = send(c.post(sc.url("/v1/topics/audit/messages")).body(vec![b'z'; 100])).await;
+        if status != 202 {
+            break (status, body, headers);
+        }
+        accepted += 1;
+        assert!(accepted < 10, "the outbox limit was never reached");
+    };
+    assert!(accepted >= 1);
+    assert_error(status, &body, 429, "outbox_full");
+    assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert_eq!(next_offset(&sc, "audit").await, accepted);
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_507_stores_nothing_and_recovers_when_space_returns() {
+    let nats = NatsServer::stopped();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let mnt = tempfile::tempdir().unwrap();
+    let _mount = TmpfsMount::new(mnt.path(), "256k");
+    let sc = Launch::new(nats.url(), res.path(), mnt.path()).start();
+    let c = http();
+    let filler = mnt.path().join("filler");
+    // Fill the filesystem. tmpfs allocates whole 4 KiB pages and the
+    // segment's first page has room left, so the message spans new pages.
+    let _ = std::fs::write(&filler, vec![0u8; 256 << 10]);
+    let before = next_offset(&sc, "audit").await;
+    let (status, body, _) = send(c.post(sc.url("/v1/topics/audit/messages")).body(vec![b'd'; 10_000])).await;
+    assert_error(status, &body, 507, "disk_full");
+    assert_eq!(next_offset(&sc, "audit").await, before);
+    std::fs::remove_file(&filler).unwrap();
+    let resp = c
+        .post(sc.url("/v1/topics/audit/messages"))
+        .header("ferry-id", "after")
+        .body(vec![b'd'; 10_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "the outbox is usable again once space returns");
+    assert_eq!(next_offset(&sc, "audit").await, before + 1);
+}
+
+/// Sends raw bytes, reads one response; returns its status and JSON body.
+fn raw_request(port: u16, head: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => break,
+        }
+        let text = String::from_utf8_lossy(&buf);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head.lines().find_map(|l| {
+                l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse::<usize>().unwrap())
+            });
+            if len.is_some_and(|n| body.len() >= n) {
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP response: {text:?}"));
+    let status =
+        head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad status line: {head}"));
+    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")))
+}
+
+/// A size-limited tmpfs mounted for one test (needs root, which CI has).
+struct TmpfsMount(std::path::PathBuf);
+
+impl TmpfsMount {
+    fn new(path: &std::path::Path, size: &str) -> Self {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting a tmpfs needs root (CI runs as root); this test cannot run here");
+        TmpfsMount(path.to_path_buf())
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

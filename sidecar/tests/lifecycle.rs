@@ -1,0 +1,199 @@
+//! Start-up, readiness, metrics, SIGTERM, and the outbox inspect command.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+const SIGTERM: i32 = 15;
+
+#[tokio::test]
+async fn sigterm_drains_the_outbox_to_the_broker_then_exits_0() {
+    let mut nats = NatsServer::stopped();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = Launch::new(nats.url(), res.path(), data.path()).arg("--shutdown-grace").arg("30s").start();
+    let c = http();
+    for i in 0..20 {
+        let resp = c
+            .post(sc.url("/v1/topics/orders/messages"))
+            .header("ferry-id", format!("d-{i}"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+    }
+    sc.process.signal(SIGTERM);
+    sc.process.wait_for_line("shutting down", START_TIMEOUT);
+    // While draining, produce calls are refused with 503 + Retry-After.
+    let resp = c.post(sc.url("/v1/topics/orders/messages")).body("late").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let (_, body) = json(resp).await;
+    assert_eq!(body["error"]["code"], "shutting_down");
+    // The broker comes back within the grace period: the outbox drains.
+    nats.start_again();
+    let status = sc.process.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        sc.process.output().iter().any(|l| l.contains("ferry-sidecar stopped") && l.contains("left_in_outbox=0")),
+        "{:#?}",
+        sc.process.output()
+    );
+    let js = jetstream(&nats.url()).await;
+    assert_eq!(stream_messages(&js, "FERRY_default_orders").await.len(), 20);
+}
+
+#[tokio::test]
+async fn sigterm_with_the_broker_down_exits_0_after_the_grace_and_says_what_is_left() {
+    let nats = NatsServer::stopped();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = Launch::new(nats.url(), res.path(), data.path()).arg("--shutdown-grace").arg("300ms").start();
+    for _ in 0..3 {
+        let resp = http().post(sc.url("/v1/topics/audit/messages")).body("x").send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+    }
+    sc.process.signal(SIGTERM);
+    let status = sc.process.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status:?}");
+    let out = sc.process.output().join("\n");
+    assert!(out.contains("messages left in the outbox") && out.contains("pending=3"), "{out}");
+    // They are still there for the next start.
+    let report = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
+        .args(["outbox", "inspect", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert!(report.status.success(), "{text}");
+    assert!(text.contains("topic audit:") && text.contains("3 not forwarded"), "{text}");
+}
+
+#[tokio::test]
+async fn readyz_and_metrics_report_broker_state_and_outbox_depth() {
+    let mut nats = NatsServer::stopped();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    let c = http();
+    let (status, health) = json(c.get(format!("{}/healthz", sc.admin)).send().await.unwrap()).await;
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    for _ in 0..4 {
+        c.post(sc.url("/v1/topics/orders/messages")).body("x").send().await.unwrap();
+    }
+    let (status, ready) = json(c.get(format!("{}/readyz", sc.admin)).send().await.unwrap()).await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["ready"], false);
+    assert_eq!(ready["broker"]["connected"], false);
+    assert_eq!(ready["outbox"]["orders"]["pending"], 4);
+    let metrics = c.get(format!("{}/metrics", sc.admin)).send().await.unwrap().text().await.unwrap();
+    for line in [
+        "ferry_broker_connected 0",
+        "ferry_outbox_records{topic=\"orders\"} 4",
+        "ferry_produce_requests_total{topic=\"orders\",code=\"202\"} 4",
+        "ferry_produce_messages_total{topic=\"orders\"} 4",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line:?} in\n{metrics}");
+    }
+    assert!(metrics.contains("ferry_produce_duration_seconds_count 4"), "{metrics}");
+
+    nats.start_again();
+    sc.wait_configured();
+    let resp = c.post(sc.url("/v1/topics/orders/messages?ack=broker")).body("y").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let (status, ready) = json(c.get(format!("{}/readyz", sc.admin)).send().await.unwrap()).await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["broker"]["connected"], true);
+    assert_eq!(ready["outbox"]["orders"]["pending"], 0);
+    let metrics = c.get(format!("{}/metrics", sc.admin)).send().await.unwrap().text().await.unwrap();
+    for line in [
+        "ferry_broker_connected 1",
+        "ferry_forward_messages_total{topic=\"orders\"} 5",
+        "ferry_outbox_records{topic=\"orders\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line:?} in\n{metrics}");
+    }
+    assert!(metrics.contains("ferry_forward_duration_seconds_count 5"), "{metrics}");
+}
+
+#[test]
+fn invalid_flags_are_all_reported_and_exit_64_before_binding() {
+    let port = free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
+        .args(["--namespace", "Not_Valid", "--api-addr", &format!("127.0.0.1:{port}"), "--shutdown-grace", "later"])
+        .env_remove("FERRY_APP_ID")
+        .env_remove("FERRY_BROKER")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["--app-id", "--namespace", "--shutdown-grace", "--broker"] {
+        assert!(err.contains(needle), "{needle} not reported in:\n{err}");
+    }
+    // Nothing was bound.
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("the API port was never bound");
+}
+
+#[test]
+fn an_invalid_manifest_exits_64_naming_file_and_field() {
+    let res = manifests(&[
+        ("topics.yaml", TOPICS),
+        ("subs.yaml", "apiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {name: billing}\nspec: {topic: orders, app: shop, maxInFlight: lots}\n"),
+    ]);
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
+        .args([
+            "--app-id",
+            "shop",
+            "--broker",
+            "nats://127.0.0.1:1",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--resources",
+        ])
+        .arg(res.path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("subs.yaml (document 1): spec.maxInFlight: invalid type"), "{err}");
+    assert!(!data.path().join("outbox").exists(), "nothing was created");
+}
+
+#[test]
+fn a_second_sidecar_on_the_same_data_dir_is_refused() {
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let _first = Launch::new("nats://127.0.0.1:1".into(), res.path(), data.path()).start();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
+        .args([
+            "--app-id",
+            "shop",
+            "--broker",
+            "nats://127.0.0.1:1",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--resources",
+        ])
+        .arg(res.path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another ferry-sidecar"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
