@@ -7,13 +7,15 @@
 //! nothing; a full outbox or disk answers 429 / 507, never a silent drop.
 //!
 //! The data path reads top to bottom: [`api`] (produce) → [`outbox`]
-//! (`ferry-log` per topic) → [`forward`] → [`broker`]. [`config`] holds flags
-//! and resource manifests, [`admin`] the health and metrics endpoints.
+//! (`ferry-log` per topic) → [`forward`] → [`broker`] → [`deliver`] (push to
+//! the app, ack callbacks, pull). [`config`] holds flags and resource
+//! manifests, [`admin`] the health and metrics endpoints.
 
 pub mod admin;
 pub mod api;
 pub mod broker;
 pub mod config;
+pub mod deliver;
 pub mod forward;
 pub mod inspect;
 pub mod metrics;
@@ -137,12 +139,58 @@ fn lock_data_dir(config: &Config) -> Result<File, StartError> {
     Ok(file)
 }
 
+/// Checks that combine flags and manifests.
+fn check_resources(config: &Config, resources: &Resources) -> Result<(), StartError> {
+    let push: Vec<&String> = resources
+        .subscriptions_of(&config.app_id)
+        .filter(|(_, s)| s.mode == ferry_api::subscription::DeliveryMode::Push)
+        .map(|(n, _)| n)
+        .collect();
+    if config.app_port.is_none() && !push.is_empty() {
+        return Err(StartError::Config(vec![format!(
+            "--app-port (FERRY_APP_PORT) is required: push subscriptions {push:?} deliver to the app"
+        )]));
+    }
+    Ok(())
+}
+
+/// The forwarders, one per topic log, growing as topics are added.
+struct Forwarders {
+    running: Vec<Forwarder>,
+}
+
+impl Forwarders {
+    /// Opens logs for new topics and starts a forwarder for each log without one.
+    fn ensure(&mut self, s: &Sidecar, resources: &Resources) {
+        for (name, t) in &resources.topics {
+            if let Err(e) = s.outbox.ensure_topic(name, t.persistence, t.partitions) {
+                tracing::error!(topic = %name, error = %e, "cannot open the outbox of a new topic");
+            }
+        }
+        for tl in s.outbox.topics() {
+            if self.running.iter().any(|f| f.topic == tl.topic) {
+                continue;
+            }
+            let f = Forwarder::start(
+                &s.config.namespace,
+                tl.clone(),
+                s.outbox.clone(),
+                s.broker.clone(),
+                s.metrics.clone(),
+            );
+            s.confirmed.write().unwrap_or_else(|e| e.into_inner()).insert(tl.topic.clone(), f.confirmed.clone());
+            self.running.push(f);
+        }
+    }
+}
+
 /// Runs the sidecar until `shutdown` resolves, then drains and stops.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), StartError> {
     let resources = match &config.resources {
         Some(dir) => load_dir(dir, &config.namespace).map_err(StartError::Config)?,
         None => Resources::default(),
     };
+    check_resources(&config, &resources)?;
     let _lock = lock_data_dir(&config)?;
 
     let topics: BTreeMap<_, _> =
@@ -171,6 +219,23 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let api_addr = api_listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
     let admin_addr = admin_listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
 
+    let client = reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| StartError::Other(format!("building the push client: {e}")))?;
+    let delivery = deliver::Delivery::new(deliver::Deps {
+        namespace: config.namespace.clone(),
+        app_id: config.app_id.clone(),
+        pod_name: config.pod_name.clone(),
+        app_port: config.app_port,
+        app_token: config.app_token.clone(),
+        data_dir: config.data_dir.clone(),
+        dedupe_window: config.dedupe_window,
+        broker: broker.clone(),
+        metrics: metrics.clone(),
+        callbacks: Default::default(),
+        client,
+    });
     let sidecar = Arc::new(Sidecar {
         config: config.clone(),
         resources: RwLock::new(resources.clone()),
@@ -179,16 +244,17 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         metrics: metrics.clone(),
         confirmed: RwLock::new(BTreeMap::new()),
         shutting_down: Default::default(),
+        delivery,
         broker_configured: Default::default(),
     });
 
-    let mut forwarders = Vec::new();
-    for tl in outbox.topics() {
-        let f = Forwarder::start(&config.namespace, tl.clone(), outbox.clone(), broker.clone(), metrics.clone());
-        sidecar.confirmed.write().unwrap_or_else(|e| e.into_inner()).insert(tl.topic.clone(), f.confirmed.clone());
-        forwarders.push(f);
-    }
+    let mut forwarders = Forwarders { running: Vec::new() };
+    forwarders.ensure(&sidecar, &resources);
+    let forwarders = Arc::new(tokio::sync::Mutex::new(forwarders));
     let configure = tokio::spawn(configure_broker(sidecar.clone(), resources.clone()));
+    sidecar.delivery.reconcile(&resources).await;
+    let reload =
+        config.resources.clone().map(|dir| tokio::spawn(watch_resources(sidecar.clone(), forwarders.clone(), dir)));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let serve = |listener: TcpListener, router: axum::Router| {
@@ -216,9 +282,15 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     shutdown.await;
     tracing::info!(grace = ?config.shutdown_grace, "shutting down: refusing produce calls, draining the outbox");
     sidecar.shutting_down.store(true, Ordering::Release);
+    if let Some(r) = reload {
+        r.abort();
+    }
+    // Stop fetching first and hand back unfinished deliveries, so another
+    // pod gets them at once; then drain what the app produced.
+    sidecar.delivery.stop_all().await;
     drain(&sidecar, config.shutdown_grace).await;
     configure.abort();
-    for f in forwarders {
+    for f in std::mem::take(&mut forwarders.lock().await.running) {
         f.stop().await;
     }
     let _ = stop_tx.send(true);
@@ -235,6 +307,44 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     }
     tracing::info!(left_in_outbox = left, "ferry-sidecar stopped");
     Ok(())
+}
+
+/// Re-reads the manifests every `--resources-poll` and applies changes:
+/// new topics get an outbox and a forwarder, broker objects are ensured,
+/// subscriptions are started, restarted or stopped. An invalid change is
+/// logged and ignored (the running config stays).
+async fn watch_resources(s: Arc<Sidecar>, forwarders: Arc<tokio::sync::Mutex<Forwarders>>, dir: std::path::PathBuf) {
+    let mut last_error: Option<Vec<String>> = None;
+    loop {
+        tokio::time::sleep(s.config.resources_poll).await;
+        let loaded = load_dir(&dir, &s.config.namespace).and_then(|r| match check_resources(&s.config, &r) {
+            Ok(()) => Ok(r),
+            Err(StartError::Config(e)) => Err(e),
+            Err(e) => Err(vec![e.to_string()]),
+        });
+        let new = match loaded {
+            Ok(r) => {
+                last_error = None;
+                r
+            }
+            Err(errors) => {
+                if last_error.as_ref() != Some(&errors) {
+                    tracing::error!(errors = ?errors, "changed manifests are invalid; keeping the running configuration");
+                    last_error = Some(errors);
+                }
+                continue;
+            }
+        };
+        if *s.resources.read().unwrap_or_else(|e| e.into_inner()) == new {
+            continue;
+        }
+        tracing::info!(topics = ?new.topics.keys().collect::<Vec<_>>(), "manifests changed; applying");
+        *s.resources.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+        forwarders.lock().await.ensure(&s, &new);
+        s.broker_configured.store(false, Ordering::Release);
+        configure_broker(s.clone(), new.clone()).await;
+        s.delivery.reconcile(&new).await;
+    }
 }
 
 /// Waits until every topic's outbox is confirmed by the broker, or `grace` passes.

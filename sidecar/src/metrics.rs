@@ -23,6 +23,22 @@ pub struct ProduceLabels {
     pub code: u16,
 }
 
+/// Labels naming a subscription.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubscriptionLabels {
+    /// Subscription name.
+    pub subscription: String,
+}
+
+/// Labels of a settled delivery.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    /// Subscription name.
+    pub subscription: String,
+    /// `acked`, `retried`, `dead_lettered`, `dropped` or `deduplicated`.
+    pub result: &'static str,
+}
+
 /// Every metric the sidecar exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -46,6 +62,14 @@ pub struct Metrics {
     pub forward_duration: Histogram,
     /// 1 while connected to the broker.
     pub broker_connected: Gauge,
+    /// Deliveries by subscription and result.
+    pub deliveries: Family<DeliveryLabels, Counter>,
+    /// Pushes to the app (every attempt).
+    pub push_attempts: Family<SubscriptionLabels, Counter>,
+    /// Push latency until the app's answer (seconds).
+    pub push_duration: Histogram,
+    /// Deliveries pushed or awaiting a callback.
+    pub in_flight: Family<SubscriptionLabels, Gauge>,
 }
 
 fn latency() -> Histogram {
@@ -67,6 +91,10 @@ impl Metrics {
             forward_errors: Family::default(),
             forward_duration: latency(),
             broker_connected: Gauge::default(),
+            deliveries: Family::default(),
+            push_attempts: Family::default(),
+            push_duration: latency(),
+            in_flight: Family::default(),
             registry: Registry::default(),
         };
         registry.register("produce_requests", "Produce requests by topic and status code", m.produce_requests.clone());
@@ -86,6 +114,10 @@ impl Metrics {
         );
         registry.register("forward_duration_seconds", "Publish-to-confirmation latency", m.forward_duration.clone());
         registry.register("broker_connected", "1 while connected to the broker", m.broker_connected.clone());
+        registry.register("deliveries", "Deliveries by subscription and result", m.deliveries.clone());
+        registry.register("push_attempts", "Pushes to the app, every attempt", m.push_attempts.clone());
+        registry.register("push_duration_seconds", "Push latency until the app answered", m.push_duration.clone());
+        registry.register("deliveries_in_flight", "Deliveries pushed or awaiting a callback", m.in_flight.clone());
         Metrics { registry, ..m }
     }
 

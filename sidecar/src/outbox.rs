@@ -130,6 +130,19 @@ impl Outbox {
         Ok((outbox, reports))
     }
 
+    /// Opens a topic's log unless it is open already (a topic added at run time).
+    pub fn ensure_topic(
+        &self,
+        topic: &str,
+        persistence: Persistence,
+        partitions: u32,
+    ) -> Result<bool, ferry_log::Error> {
+        if self.topic(topic).is_some() {
+            return Ok(false);
+        }
+        self.open_topic(topic, persistence, partitions).map(|_| true)
+    }
+
     fn open_topic(
         &self,
         topic: &str,

@@ -28,6 +28,8 @@ pub struct Sidecar {
     pub confirmed: RwLock<BTreeMap<String, watch::Receiver<u64>>>,
     /// Set on SIGTERM: produce answers 503 from then on.
     pub shutting_down: AtomicBool,
+    /// Subscription runners and deliveries awaiting callbacks.
+    pub delivery: crate::deliver::Delivery,
     /// Set once every stream and consumer of the resources exists on the broker.
     pub broker_configured: AtomicBool,
 }

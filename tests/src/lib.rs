@@ -1,10 +1,13 @@
 //! `ferry-e2e`: start real parts for tests. A `nats-server` with JetStream in
 //! its own temp dir on a free port ([`NatsServer`]), and `ferry-sidecar`
-//! processes ([`Process`]) whose log lines can be awaited.
+//! processes ([`Process`]) whose log lines can be awaited, and a test app
+//! that records deliveries and answers per a script ([`app::TestApp`]).
 //!
 //! Nothing here mocks a broker: every test that needs one runs the real
 //! server binary (`FERRY_NATS_SERVER`, else `nats-server` on `PATH`; the
 //! test command installs a pinned one).
+
+pub mod app;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;

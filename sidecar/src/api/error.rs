@@ -29,6 +29,15 @@ pub enum ApiError {
     /// 404: no such message id among the recent ones.
     #[error("no recent message with id {0:?}")]
     UnknownMessage(String),
+    /// 404: no delivery awaits a callback under this id.
+    #[error("no delivery {0:?} awaits a callback (unknown, already settled, or timed out)")]
+    UnknownDelivery(String),
+    /// 404: no such subscription of this app (or not a pull subscription).
+    #[error("no pull subscription {0:?} for this app")]
+    UnknownSubscription(String),
+    /// 503: the broker is not reachable for this call.
+    #[error("broker unavailable: {0}")]
+    BrokerUnavailable(String),
     /// 404: no such route.
     #[error("no such endpoint")]
     NoRoute,
@@ -75,13 +84,19 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::UnknownTopic(_) | ApiError::UnknownMessage(_) | ApiError::NoRoute => StatusCode::NOT_FOUND,
+            ApiError::UnknownTopic(_)
+            | ApiError::UnknownMessage(_)
+            | ApiError::UnknownDelivery(_)
+            | ApiError::UnknownSubscription(_)
+            | ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::OutboxFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::DiskFull => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::ShuttingDown | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ShuttingDown | ApiError::Unavailable(_) | ApiError::BrokerUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::BrokerTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -93,6 +108,9 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::UnknownTopic(_) => "topic_not_found",
             ApiError::UnknownMessage(_) => "message_not_found",
+            ApiError::UnknownDelivery(_) => "delivery_not_found",
+            ApiError::UnknownSubscription(_) => "subscription_not_found",
+            ApiError::BrokerUnavailable(_) => "broker_unavailable",
             ApiError::NoRoute => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::TooLarge { .. } => "too_large",
@@ -107,7 +125,9 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::OutboxFull { .. } | ApiError::Unavailable(_) => Some(RETRY_AFTER_FULL),
+            ApiError::OutboxFull { .. } | ApiError::Unavailable(_) | ApiError::BrokerUnavailable(_) => {
+                Some(RETRY_AFTER_FULL)
+            }
             ApiError::ShuttingDown => Some(RETRY_AFTER_SHUTDOWN),
             _ => None,
         }

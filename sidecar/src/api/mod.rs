@@ -1,6 +1,8 @@
-//! The app-facing HTTP API (DESIGN.md §3.1): produce, message status.
+//! The app-facing HTTP API (DESIGN.md §3.1): produce, message status, ack
+//! callbacks and pull.
 //! Errors become answers in one place: [`error`].
 
+pub mod deliveries;
 pub mod error;
 pub mod produce;
 
@@ -33,6 +35,10 @@ pub fn router(sidecar: Arc<Sidecar>) -> Router {
         .route("/v1/topics/{topic}/messages", post(produce_one))
         .route("/v1/topics/{topic}/messages:batch", post(produce_batch))
         .route("/v1/messages/{id}", get(message_status))
+        .route("/v1/deliveries/{id}/ack", post(deliveries::ack))
+        .route("/v1/deliveries/{id}/retry", post(deliveries::retry))
+        .route("/v1/deliveries/{id}/reject", post(deliveries::reject))
+        .route("/v1/subscriptions/{name}/messages", get(deliveries::pull))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Auth wraps every route (and the fallbacks), so an unauthenticated

@@ -52,9 +52,78 @@ pub struct PubAck {
 /// A confirmation still to come; publishes are pipelined.
 pub type PendingAck = BoxFuture<'static, Result<PubAck, BrokerError>>;
 
+/// How to settle a fetched message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done: never deliver it again.
+    Ack,
+    /// Deliver it again after this delay (nak with delay; never a bare nak,
+    /// which JetStream redelivers at once).
+    Retry(std::time::Duration),
+    /// Hand it back now, e.g. on shutdown, so another consumer gets it at once.
+    Release,
+    /// Never deliver it again, without success (after dead-lettering).
+    Reject,
+    /// Still working on it: restart the ack timer.
+    Progress,
+}
+
+/// Settles one fetched message. Shared by the delivery and its heartbeats.
+#[async_trait]
+pub trait Settle: Send + Sync + 'static {
+    /// Sends the settlement to the broker.
+    async fn settle(&self, how: Settlement) -> Result<(), BrokerError>;
+}
+
+/// A message fetched from a consumer.
+pub struct Fetched {
+    /// Message id (the producer's, from `Nats-Msg-Id`).
+    pub id: String,
+    /// Subject it was published to.
+    pub subject: String,
+    /// Headers as stored.
+    pub headers: Vec<(String, String)>,
+    /// Payload.
+    pub payload: Bytes,
+    /// Sequence in the stream.
+    pub sequence: u64,
+    /// How many times the broker has delivered it, this time included (1 = first).
+    pub delivered: u32,
+    /// When it was stored, milliseconds since the Unix epoch.
+    pub published_ms: u64,
+    /// Settles it.
+    pub settle: std::sync::Arc<dyn Settle>,
+}
+
+impl std::fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetched")
+            .field("id", &self.id)
+            .field("sequence", &self.sequence)
+            .field("delivered", &self.delivered)
+            .finish()
+    }
+}
+
+impl Fetched {
+    /// The first value of a header (names compared case-insensitively).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A durable consumer to fetch from.
+#[async_trait]
+pub trait Consumer: Send + Sync + 'static {
+    /// Up to `max` messages, waiting up to `wait` for the first.
+    async fn fetch(&self, max: usize, wait: std::time::Duration) -> Result<Vec<Fetched>, BrokerError>;
+}
+
 /// What the sidecar needs from a broker.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
+    /// Ensures the consumer exists as planned and opens it for fetching.
+    async fn consumer(&self, plan: &ConsumerPlan) -> Result<std::sync::Arc<dyn Consumer>, BrokerError>;
     /// Creates the stream, or updates it to match the plan.
     async fn ensure_stream(&self, plan: &StreamPlan) -> Result<(), BrokerError>;
     /// Creates the durable consumer, or updates it to match the plan.

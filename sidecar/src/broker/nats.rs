@@ -9,7 +9,12 @@ use ferry_api::naming::headers;
 use ferry_api::{ConsumerPlan, StreamPlan};
 use futures::FutureExt;
 
-use super::{Broker, BrokerError, OutMessage, PendingAck, PubAck};
+use std::sync::Arc;
+
+use async_nats::jetstream::message::{AckKind, Acker};
+use futures::StreamExt;
+
+use super::{Broker, BrokerError, Consumer, Fetched, OutMessage, PendingAck, PubAck, Settle, Settlement};
 use crate::config::BrokerConfig;
 
 /// Timeout of JetStream API requests and publish acknowledgements.
@@ -123,7 +128,87 @@ impl Broker for NatsBroker {
         .boxed())
     }
 
+    async fn consumer(&self, plan: &ConsumerPlan) -> Result<Arc<dyn Consumer>, BrokerError> {
+        let stream = self.js.get_stream(&plan.stream).await.map_err(|e| self.classify(e))?;
+        let consumer = stream.create_consumer(plan.to_jetstream()).await.map_err(|e| self.classify(e))?;
+        Ok(Arc::new(NatsConsumer { consumer, broker: self.clone() }))
+    }
+
     fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+/// A JetStream pull consumer.
+struct NatsConsumer {
+    consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+    broker: NatsBroker,
+}
+
+struct NatsSettle(Acker);
+
+#[async_trait]
+impl Settle for NatsSettle {
+    async fn settle(&self, how: Settlement) -> Result<(), BrokerError> {
+        let kind = match how {
+            Settlement::Ack => AckKind::Ack,
+            // A bare Nak redelivers at once; always give a delay.
+            Settlement::Retry(delay) => AckKind::Nak(Some(delay.max(Duration::from_millis(1)))),
+            Settlement::Release => AckKind::Nak(Some(Duration::from_millis(1))),
+            Settlement::Reject => AckKind::Term,
+            Settlement::Progress => AckKind::Progress,
+        };
+        self.0.ack_with(kind).await.map_err(|e| BrokerError::Unavailable(e.to_string()))
+    }
+}
+
+#[async_trait]
+impl Consumer for NatsConsumer {
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Fetched>, BrokerError> {
+        let mut batch = self
+            .consumer
+            .fetch()
+            .max_messages(max)
+            .expires(wait.max(Duration::from_millis(10)))
+            .messages()
+            .await
+            .map_err(|e| self.broker.classify(e))?;
+        let mut out = Vec::new();
+        while let Some(next) = batch.next().await {
+            let msg = next.map_err(|e| self.broker.classify(e))?;
+            let (sequence, delivered, published_ms) = match msg.info() {
+                Ok(info) => (
+                    info.stream_sequence,
+                    u32::try_from(info.delivered).unwrap_or(u32::MAX),
+                    u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+                ),
+                Err(_) => continue,
+            };
+            let (message, acker) = msg.split();
+            let mut headers = Vec::new();
+            let mut id = None;
+            if let Some(map) = &message.headers {
+                for (name, values) in map.iter() {
+                    for v in values {
+                        if AsRef::<str>::as_ref(name).eq_ignore_ascii_case(headers::NATS_MSG_ID) {
+                            id = Some(v.as_str().to_owned());
+                        } else {
+                            headers.push((name.to_string(), v.as_str().to_owned()));
+                        }
+                    }
+                }
+            }
+            out.push(Fetched {
+                id: id.unwrap_or_else(|| format!("seq-{sequence}")),
+                subject: message.subject.to_string(),
+                headers,
+                payload: message.payload,
+                sequence,
+                delivered,
+                published_ms,
+                settle: Arc::new(NatsSettle(acker)),
+            });
+        }
+        Ok(out)
     }
 }

@@ -28,6 +28,11 @@ pub const DEFAULT_SHUTDOWN_GRACE: &str = "20s";
 /// Default wait for the broker's confirmation with `?ack=broker`.
 pub const DEFAULT_BROKER_ACK_TIMEOUT: &str = "10s";
 
+/// Default consumer-side dedupe window.
+pub const DEFAULT_DEDUPE_WINDOW: &str = "10m";
+/// Default interval for re-reading manifests.
+pub const DEFAULT_RESOURCES_POLL: &str = "1s";
+
 /// The command line.
 #[derive(Debug, Parser)]
 #[command(name = "ferry-sidecar", version, about = "Ferry sidecar: durable messaging for the app next to it")]
@@ -148,6 +153,13 @@ pub struct SidecarArgs {
     /// With `?ack=broker`, how long to wait for the broker's confirmation.
     #[arg(long, env = "FERRY_BROKER_ACK_TIMEOUT", default_value = DEFAULT_BROKER_ACK_TIMEOUT)]
     pub broker_ack_timeout: String,
+    /// How long ids the app acknowledged are remembered, so a redelivered
+    /// copy is acknowledged without reaching the app again.
+    #[arg(long, env = "FERRY_DEDUPE_WINDOW", default_value = DEFAULT_DEDUPE_WINDOW)]
+    pub dedupe_window: String,
+    /// How often the `--resources` directory is re-read for changes.
+    #[arg(long, env = "FERRY_RESOURCES_POLL", default_value = DEFAULT_RESOURCES_POLL)]
+    pub resources_poll: String,
 }
 
 /// Broker connection settings.
@@ -204,6 +216,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Wait for `?ack=broker`.
     pub broker_ack_timeout: Duration,
+    /// Consumer-side dedupe window.
+    pub dedupe_window: Duration,
+    /// Manifest re-read interval.
+    pub resources_poll: Duration,
 }
 
 impl Config {
@@ -243,6 +259,8 @@ impl Config {
         };
         let shutdown_grace = duration("--shutdown-grace", &a.shutdown_grace);
         let broker_ack_timeout = duration("--broker-ack-timeout", &a.broker_ack_timeout);
+        let dedupe_window = duration("--dedupe-window", &a.dedupe_window);
+        let resources_poll = duration("--resources-poll", &a.resources_poll);
         let urls: Vec<String> = match &a.broker {
             Some(list) => list.split(',').map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),
             None => Vec::new(),
@@ -322,6 +340,8 @@ impl Config {
             outbox_max_bytes: a.outbox_max_bytes,
             shutdown_grace,
             broker_ack_timeout,
+            dedupe_window,
+            resources_poll: resources_poll.max(Duration::from_millis(50)),
         })
     }
 }

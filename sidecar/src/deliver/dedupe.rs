@@ -1,0 +1,135 @@
+//! Consumer-side dedupe: ids the app already acknowledged, per subscription,
+//! within a window, kept on the data volume so they survive a restart.
+//!
+//! The broker can deliver a message again (a late ack, an ack lost in a
+//! crash, a producer re-send beyond the broker's duplicate window); such a
+//! message is acknowledged without reaching the app again.
+//!
+//! Stored as a `ferry-log` of ids under `{data_dir}/dedupe/{subscription}`,
+//! written with `FsyncMode::Interval`: a process crash loses nothing (the
+//! bytes are in the page cache); a power loss can forget the last 100 ms of
+//! acks, in which case the app may see those messages once more.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ferry_log::{now_ms, Budget, FsyncMode, Log, LogOptions, NewRecord};
+
+/// Cursor of the oldest id still inside the window.
+const WINDOW_CURSOR: &str = "window";
+/// How long acknowledged ids are written before being synced.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Acked ids of one subscription.
+pub struct Dedupe {
+    log: Log,
+    window_ms: u64,
+    seen: Mutex<HashMap<String, u64>>,
+}
+
+impl std::fmt::Debug for Dedupe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dedupe").field("dir", &self.log.dir()).finish_non_exhaustive()
+    }
+}
+
+impl Dedupe {
+    /// Opens the store, loading the ids acknowledged within `window`.
+    pub fn open(dir: &Path, window: Duration) -> Result<Self, ferry_log::Error> {
+        let opts = LogOptions {
+            fsync: FsyncMode::Interval(SYNC_INTERVAL),
+            segment_bytes: 4 << 20,
+            budget: Budget::unlimited(),
+            ..LogOptions::default()
+        };
+        let (log, _report) = Log::open(dir, opts)?;
+        let window_ms = window.as_millis() as u64;
+        let oldest = now_ms().saturating_sub(window_ms);
+        let mut seen = HashMap::new();
+        let mut from = log.cursor(WINDOW_CURSOR).unwrap_or(0);
+        while from < log.next_offset() {
+            let batch = log.read(from, 4096, 4 << 20)?;
+            for r in batch.records {
+                if r.timestamp_ms >= oldest {
+                    seen.insert(r.id, r.timestamp_ms);
+                }
+            }
+            from = batch.next;
+        }
+        Ok(Dedupe { log, window_ms, seen: Mutex::new(seen) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True when the app acknowledged `id` within the window.
+    pub fn contains(&self, id: &str) -> bool {
+        let oldest = now_ms().saturating_sub(self.window_ms);
+        self.lock().get(id).is_some_and(|t| *t >= oldest)
+    }
+
+    /// Remembers that the app acknowledged `id`.
+    pub async fn insert(&self, id: &str) -> Result<(), ferry_log::Error> {
+        let rec = NewRecord::new(id, bytes::Bytes::new());
+        let ts = rec.timestamp_ms;
+        self.log.append(std::slice::from_ref(&rec)).await?;
+        self.lock().insert(id.to_owned(), ts);
+        Ok(())
+    }
+
+    /// Forgets ids older than the window, in memory and on disk.
+    pub fn prune(&self) -> Result<(), ferry_log::Error> {
+        let oldest = now_ms().saturating_sub(self.window_ms);
+        self.lock().retain(|_, t| *t >= oldest);
+        // The first record still inside the window becomes the cursor, so
+        // whole segments before it are deleted.
+        let mut from = self.log.cursor(WINDOW_CURSOR).unwrap_or(0);
+        while from < self.log.next_offset() {
+            let batch = self.log.read(from, 4096, 4 << 20)?;
+            if let Some(keep) = batch.records.iter().find(|r| r.timestamp_ms >= oldest) {
+                from = keep.offset;
+                break;
+            }
+            from = batch.next;
+        }
+        self.log.commit(WINDOW_CURSOR, from)
+    }
+
+    /// Ids currently remembered.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no id is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn acked_ids_survive_a_reopen_and_expire_after_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let d = Dedupe::open(dir.path(), Duration::from_secs(600)).unwrap();
+            assert!(!d.contains("a"));
+            d.insert("a").await.unwrap();
+            assert!(d.contains("a"));
+        }
+        let d = Dedupe::open(dir.path(), Duration::from_secs(600)).unwrap();
+        assert!(d.contains("a"), "remembered across a reopen");
+        assert!(!d.contains("b"));
+        drop(d);
+        let d = Dedupe::open(dir.path(), Duration::ZERO).unwrap();
+        // A zero window keeps only ids acked in this very millisecond.
+        d.prune().unwrap();
+        let d2 = Dedupe::open(dir.path(), Duration::from_secs(600)).unwrap();
+        assert!(d.len() <= 1 && d2.len() <= 1);
+    }
+}

@@ -1,0 +1,133 @@
+//! Delivery: broker → sidecar → app → ack (DESIGN.md §3.2).
+//!
+//! One [`runner`] per Subscription of this app: it fetches from the
+//! subscription's durable consumer, pushes each message to the app
+//! ([`push`]), and settles it by the app's answer — ack, retry later, or
+//! dead-letter — keeping the lease alive with progress heartbeats while the
+//! app works. Deliveries answered 202 and pull deliveries wait in
+//! [`callbacks`] for the app's ack/retry/reject call. Ids the app already
+//! acknowledged are remembered per subscription ([`dedupe`]).
+
+pub mod callbacks;
+pub mod dedupe;
+pub mod push;
+pub mod runner;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_api::subscription::DeliveryMode;
+use ferry_api::SubscriptionSpec;
+
+use self::callbacks::Callbacks;
+use self::runner::{Ctx, Runner};
+use crate::broker::Broker;
+use crate::config::resources::Resources;
+use crate::metrics::Metrics;
+
+/// What every runner needs, fixed for the process.
+#[derive(Clone)]
+pub struct Deps {
+    /// Namespace.
+    pub namespace: String,
+    /// This app's id.
+    pub app_id: String,
+    /// This pod's name (per-pod consumers).
+    pub pod_name: String,
+    /// App port for push.
+    pub app_port: Option<u16>,
+    /// Token sent to the app.
+    pub app_token: Option<String>,
+    /// Where dedupe stores live.
+    pub data_dir: PathBuf,
+    /// Consumer-side dedupe window.
+    pub dedupe_window: Duration,
+    /// The broker.
+    pub broker: Arc<dyn Broker>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Deliveries awaiting callbacks.
+    pub callbacks: Arc<Callbacks>,
+    /// HTTP client for pushes (pooled keep-alive connections to the app).
+    pub client: reqwest::Client,
+}
+
+/// The set of running subscriptions, kept equal to the resources.
+pub struct Delivery {
+    deps: Deps,
+    running: Mutex<BTreeMap<String, (SubscriptionSpec, Runner)>>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// No subscription running yet.
+    pub fn new(deps: Deps) -> Self {
+        Delivery { deps, running: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// The callbacks registry.
+    pub fn callbacks(&self) -> &Arc<Callbacks> {
+        &self.deps.callbacks
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (SubscriptionSpec, Runner)>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts, restarts and stops runners so that exactly this app's
+    /// subscriptions in `resources` run, each with its current spec.
+    pub async fn reconcile(&self, resources: &Resources) {
+        let wanted: BTreeMap<String, SubscriptionSpec> =
+            resources.subscriptions_of(&self.deps.app_id).map(|(n, s)| (n.clone(), s.clone())).collect();
+        let stale: Vec<(String, Runner)> = {
+            let mut running = self.lock();
+            let names: Vec<String> =
+                running.keys().filter(|n| wanted.get(*n) != running.get(*n).map(|(s, _)| s)).cloned().collect();
+            names.into_iter().filter_map(|n| running.remove(&n).map(|(_, r)| (n, r))).collect()
+        };
+        for (name, runner) in stale {
+            tracing::info!(subscription = %name, "stopping subscription (removed or changed)");
+            runner.stop().await;
+        }
+        for (name, spec) in wanted {
+            if self.lock().contains_key(&name) {
+                continue;
+            }
+            let dlq_partitions =
+                spec.dead_letter_topic.as_ref().and_then(|t| resources.topics.get(t)).map_or(1, |t| t.partitions);
+            match Ctx::new(&self.deps, &name, spec.clone(), dlq_partitions) {
+                Ok(ctx) => {
+                    tracing::info!(subscription = %name, topic = %spec.topic, mode = ?spec.mode, "starting subscription");
+                    let runner = Runner::start(ctx);
+                    self.lock().insert(name, (spec, runner));
+                }
+                Err(e) => tracing::error!(subscription = %name, error = %e, "cannot start subscription"),
+            }
+        }
+    }
+
+    /// The context of a pull subscription.
+    pub fn pull_ctx(&self, name: &str) -> Option<Arc<Ctx>> {
+        self.lock().get(name).filter(|(s, _)| s.mode == DeliveryMode::Pull).map(|(_, r)| r.ctx.clone())
+    }
+
+    /// True when a subscription of that name runs here (any mode).
+    pub fn has(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+
+    /// Stops fetching everywhere and hands back what is not finished.
+    pub async fn stop_all(&self) {
+        let all: Vec<Runner> = std::mem::take(&mut *self.lock()).into_values().map(|(_, r)| r).collect();
+        for r in all {
+            r.stop().await;
+        }
+    }
+}

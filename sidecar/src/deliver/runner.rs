@@ -1,0 +1,614 @@
+//! One subscription's delivery loop, and how each message is settled.
+//!
+//! Attempts: the broker's delivery count, plus retries done here. With
+//! `ordering: None` a retry is a nak-with-delay (the slot is freed, the
+//! broker redelivers after the delay and counts the attempt); with `Key` or
+//! `Strict` the message is retried here, holding its key, so later messages
+//! of the key wait behind it. Either way `maxDeliveries` counts every
+//! attempt once. A retry after a sidecar crash restarts from the broker's
+//! count (local retries are not persisted).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_api::naming::{self, headers};
+use ferry_api::subscription::{DeliveryMode, Ordering};
+use ferry_api::SubscriptionSpec;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use super::callbacks::{Callback, Verdict};
+use super::dedupe::Dedupe;
+use super::push::{self, Outcome, Target};
+use super::Deps;
+use crate::broker::{BrokerError, Consumer, Fetched, OutMessage, Settlement};
+use crate::metrics::{DeliveryLabels, SubscriptionLabels};
+
+/// Longest a fetch waits for the first message.
+pub const FETCH_WAIT: Duration = Duration::from_secs(1);
+/// How often dedupe stores forget expired ids.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How long stopping waits for pushes under way.
+pub const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// A running subscription.
+pub struct Runner {
+    /// Its context (pull requests use it).
+    pub ctx: Arc<Ctx>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Runner {
+    /// Starts the loop (push) or just the housekeeping (pull).
+    pub fn start(ctx: Ctx) -> Runner {
+        let ctx = Arc::new(ctx);
+        let stop = ctx.stop_tx.clone();
+        let task = tokio::spawn(ctx.clone().run());
+        Runner { ctx, stop, task }
+    }
+
+    /// Stops fetching, hands back waiting messages, waits for pushes under way.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Everything one subscription's deliveries share.
+pub struct Ctx {
+    /// Subscription name.
+    pub name: String,
+    /// Its spec.
+    pub spec: SubscriptionSpec,
+    deps: Deps,
+    target: Target,
+    dlq_partitions: u32,
+    dedupe: Arc<Dedupe>,
+    consumer: tokio::sync::Mutex<Option<Arc<dyn Consumer>>>,
+    permits: Arc<Semaphore>,
+    /// Per-key queues of messages waiting behind one of their key.
+    keys: Mutex<HashMap<String, VecDeque<(Fetched, OwnedSemaphorePermit)>>>,
+    stop_tx: watch::Sender<bool>,
+    stop: watch::Receiver<bool>,
+}
+
+enum Next {
+    Done,
+    RetryHere(Duration),
+}
+
+impl Ctx {
+    /// A context; opens the subscription's dedupe store.
+    pub fn new(deps: &Deps, name: &str, spec: SubscriptionSpec, dlq_partitions: u32) -> Result<Ctx, ferry_log::Error> {
+        let dedupe = Arc::new(Dedupe::open(&deps.data_dir.join("dedupe").join(name), deps.dedupe_window)?);
+        let target = Target {
+            url: format!("http://127.0.0.1:{}{}", deps.app_port.unwrap_or(0), spec.path),
+            token: deps.app_token.clone(),
+            subscription: name.to_owned(),
+            source: format!("/ferry/{}/{}", deps.namespace, spec.topic),
+            timeout: spec.processing_timeout.get(),
+        };
+        let in_flight = if spec.ordering == Ordering::Strict { 1 } else { spec.max_in_flight as usize };
+        let (stop_tx, stop) = watch::channel(false);
+        Ok(Ctx {
+            name: name.to_owned(),
+            deps: deps.clone(),
+            target,
+            dlq_partitions,
+            dedupe,
+            consumer: tokio::sync::Mutex::new(None),
+            permits: Arc::new(Semaphore::new(in_flight)),
+            keys: Mutex::new(HashMap::new()),
+            stop_tx,
+            stop,
+            spec,
+        })
+    }
+
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn labels(&self) -> SubscriptionLabels {
+        SubscriptionLabels { subscription: self.name.clone() }
+    }
+
+    fn count(&self, result: &'static str) {
+        self.deps.metrics.deliveries.get_or_create(&DeliveryLabels { subscription: self.name.clone(), result }).inc();
+    }
+
+    /// The consumer, created (or re-created) on first use.
+    pub async fn consumer(&self) -> Result<Arc<dyn Consumer>, BrokerError> {
+        let mut slot = self.consumer.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let plan = ferry_api::consumer_plan(&self.deps.namespace, &self.name, &self.spec, Some(&self.deps.pod_name));
+        let c = self.deps.broker.consumer(&plan).await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn reset_consumer(&self) {
+        *self.consumer.lock().await = None;
+    }
+
+    fn heartbeat_every(&self) -> Duration {
+        (self.spec.processing_timeout.get() / 3).max(Duration::from_millis(50))
+    }
+
+    /// Exponential backoff for `attempt` (1-based) with equal jitter.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let b = self.spec.backoff;
+        let exp = b.initial.get().saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(b.max.get());
+        let half = exp / 2;
+        let r = (uuid::Uuid::new_v4().as_u128() as u64 % 1000) as u32;
+        half + half * r / 1000
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut tasks = JoinSet::new();
+        let mut heartbeat = tokio::time::interval(self.heartbeat_every());
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        let mut stop = self.stop.clone();
+        let mut backoff = Duration::from_millis(100);
+        let push = self.spec.mode == DeliveryMode::Push;
+        loop {
+            // Free a finished task's slot in the join set.
+            while tasks.try_join_next().is_some() {}
+            if self.stopped() {
+                break;
+            }
+            let first = if push {
+                tokio::select! {
+                    p = self.permits.clone().acquire_owned() => match p { Ok(p) => Some(p), Err(_) => break },
+                    _ = stop.changed() => break,
+                    _ = heartbeat.tick() => { self.heartbeat_held().await; continue }
+                    _ = prune.tick() => { self.prune(); continue }
+                }
+            } else {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = prune.tick() => { self.prune(); continue }
+                }
+            };
+            let Some(first) = first else { continue };
+            let mut permits = vec![first];
+            let want =
+                if self.spec.batch.max_messages > 1 { self.spec.batch.max_messages as usize } else { usize::MAX };
+            while permits.len() < want {
+                match self.permits.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let wait = if self.spec.batch.max_messages > 1 { self.spec.batch.max_wait.get() } else { FETCH_WAIT };
+            let fetched = tokio::select! {
+                r = async { self.consumer().await?.fetch(permits.len(), wait).await } => r,
+                _ = stop.changed() => break,
+            };
+            let messages = match fetched {
+                Ok(m) => {
+                    backoff = Duration::from_millis(100);
+                    m
+                }
+                Err(e) => {
+                    tracing::warn!(subscription = %self.name, error = %e, retry_in = ?backoff, "fetch failed");
+                    self.reset_consumer().await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let mut permits = permits.into_iter();
+            if self.spec.batch.max_messages > 1 && messages.len() > 1 && self.spec.ordering == Ordering::None {
+                let held: Vec<_> = permits.by_ref().take(messages.len()).collect();
+                let ctx = self.clone();
+                tasks.spawn(async move {
+                    ctx.deliver_batch(messages).await;
+                    drop(held);
+                });
+                continue;
+            }
+            for (msg, permit) in messages.into_iter().zip(permits.by_ref()) {
+                self.dispatch(&mut tasks, msg, permit);
+            }
+        }
+        // Stopping: hand back what waits behind a key, then let pushes under
+        // way finish (they hand back or settle on their own).
+        let queued: Vec<Fetched> = self
+            .keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .flat_map(|(_, q)| q.into_iter().map(|(m, _)| m))
+            .collect();
+        for m in queued {
+            let _ = m.settle.settle(Settlement::Release).await;
+        }
+        let _ = tokio::time::timeout(STOP_WAIT, async { while tasks.join_next().await.is_some() {} }).await;
+    }
+
+    fn prune(&self) {
+        if let Err(e) = self.dedupe.prune() {
+            tracing::warn!(subscription = %self.name, error = %e, "could not prune the dedupe store");
+        }
+    }
+
+    /// Keeps messages waiting behind their key leased.
+    async fn heartbeat_held(&self) {
+        let settles: Vec<_> = self
+            .keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .flat_map(|q| q.iter().map(|(m, _)| m.settle.clone()))
+            .collect();
+        for s in settles {
+            let _ = s.settle(Settlement::Progress).await;
+        }
+    }
+
+    fn ordering_key(&self, msg: &Fetched) -> Option<String> {
+        match self.spec.ordering {
+            Ordering::None => None,
+            Ordering::Strict => Some(String::new()),
+            Ordering::Key => msg.header(headers::KEY).map(str::to_owned),
+        }
+    }
+
+    fn dispatch(self: &Arc<Self>, tasks: &mut JoinSet<()>, msg: Fetched, permit: OwnedSemaphorePermit) {
+        let Some(key) = self.ordering_key(&msg) else {
+            let ctx = self.clone();
+            tasks.spawn(async move {
+                ctx.deliver(msg, false).await;
+                drop(permit);
+            });
+            return;
+        };
+        {
+            let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(queue) = keys.get_mut(&key) {
+                queue.push_back((msg, permit));
+                return;
+            }
+            keys.insert(key.clone(), VecDeque::new());
+        }
+        let ctx = self.clone();
+        tasks.spawn(async move {
+            let mut current = Some((msg, permit));
+            while let Some((msg, permit)) = current.take() {
+                ctx.deliver(msg, true).await;
+                drop(permit);
+                let mut keys = ctx.keys.lock().unwrap_or_else(|e| e.into_inner());
+                match keys.get_mut(&key).and_then(VecDeque::pop_front) {
+                    Some(next) => current = Some(next),
+                    None => {
+                        keys.remove(&key);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Runs `fut` while keeping the message leased.
+    async fn leased<T>(&self, msg: &Fetched, fut: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(fut);
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat_every(), self.heartbeat_every());
+        loop {
+            tokio::select! {
+                out = &mut fut => return out,
+                _ = tick.tick() => { let _ = msg.settle.settle(Settlement::Progress).await; }
+            }
+        }
+    }
+
+    /// Delivers one message until it is settled.
+    async fn deliver(&self, msg: Fetched, ordered: bool) {
+        let mut local_retries = 0u32;
+        loop {
+            let attempt = msg.delivered.saturating_add(local_retries);
+            if self.dedupe.contains(&msg.id) {
+                self.count("deduplicated");
+                let _ = msg.settle.settle(Settlement::Ack).await;
+                return;
+            }
+            if attempt > self.spec.max_deliveries {
+                let why = format!("delivered {} times without success", attempt - 1);
+                self.dead_letter(&msg, attempt - 1, "timeout", &why).await;
+                return;
+            }
+            let delivery_id = uuid::Uuid::now_v7().to_string();
+            self.deps.metrics.push_attempts.get_or_create(&self.labels()).inc();
+            let in_flight = self.deps.metrics.in_flight.get_or_create(&self.labels()).clone();
+            in_flight.inc();
+            let started = Instant::now();
+            // Registered before the push: an app may call back before its
+            // 202 answer reaches us.
+            let callback = self.deps.callbacks.register(&delivery_id);
+            let outcome =
+                self.leased(&msg, push::push(&self.deps.client, &self.target, &msg, &delivery_id, attempt)).await;
+            self.deps.metrics.push_duration.observe(started.elapsed().as_secs_f64());
+            let (outcome, done) = match outcome {
+                Outcome::Deferred => self.await_callback(&msg, &delivery_id, callback).await,
+                other => {
+                    self.deps.callbacks.forget(&delivery_id);
+                    (Some(other), None)
+                }
+            };
+            in_flight.dec();
+            let Some(outcome) = outcome else {
+                // Stopping while the app holds it: hand it back.
+                let _ = msg.settle.settle(Settlement::Release).await;
+                return;
+            };
+            let next = self.settle(&msg, attempt, outcome, ordered).await;
+            if let Some(done) = done {
+                let _ = done.send(Ok(()));
+            }
+            match next {
+                Next::Done => return,
+                Next::RetryHere(delay) => {
+                    let stop = self.stop.clone();
+                    let stopped = self.leased(&msg, async move {
+                        let mut stop = stop;
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => false,
+                            _ = stop.wait_for(|s| *s) => true,
+                        }
+                    });
+                    if stopped.await {
+                        let _ = msg.settle.settle(Settlement::Release).await;
+                        return;
+                    }
+                    local_retries += 1;
+                }
+            }
+        }
+    }
+
+    /// Waits for the app's callback (leased); `None` when stopping.
+    async fn await_callback(
+        &self,
+        msg: &Fetched,
+        delivery_id: &str,
+        rx: tokio::sync::oneshot::Receiver<Callback>,
+    ) -> (Option<Outcome>, Option<tokio::sync::oneshot::Sender<Result<(), String>>>) {
+        let timeout = self.spec.processing_timeout.get();
+        let mut stop = self.stop.clone();
+        let waited = self
+            .leased(msg, async {
+                tokio::select! {
+                    cb = rx => cb.ok(),
+                    _ = tokio::time::sleep(timeout) => None,
+                    _ = stop.wait_for(|s| *s) => None,
+                }
+            })
+            .await;
+        self.deps.callbacks.forget(delivery_id);
+        match waited {
+            Some(Callback { verdict, done }) => {
+                let outcome = match verdict {
+                    Verdict::Ack => Outcome::Ack,
+                    Verdict::Retry(after) => {
+                        Outcome::Retry { after, status: "202".into(), error: "the app asked to retry".into() }
+                    }
+                    Verdict::Reject(reason) => Outcome::Reject { status: "202".into(), error: reason },
+                };
+                (Some(outcome), Some(done))
+            }
+            None if self.stopped() => (None, None),
+            None => (
+                Some(Outcome::Retry {
+                    after: None,
+                    status: "timeout".into(),
+                    error: format!("no callback within the processing timeout of {timeout:?}"),
+                }),
+                None,
+            ),
+        }
+    }
+
+    /// Settles by outcome; says whether to retry here.
+    async fn settle(&self, msg: &Fetched, attempt: u32, outcome: Outcome, ordered: bool) -> Next {
+        match outcome {
+            Outcome::Ack | Outcome::Deferred => {
+                if let Err(e) = self.dedupe.insert(&msg.id).await {
+                    tracing::warn!(subscription = %self.name, error = %e, "could not record an ack for dedupe");
+                }
+                let _ = msg.settle.settle(Settlement::Ack).await;
+                self.count("acked");
+                Next::Done
+            }
+            Outcome::Reject { status, error } => {
+                self.dead_letter(msg, attempt, &status, &error).await;
+                Next::Done
+            }
+            Outcome::Retry { after, status, error } => {
+                if attempt >= self.spec.max_deliveries {
+                    self.dead_letter(msg, attempt, &status, &error).await;
+                    return Next::Done;
+                }
+                let delay = after.unwrap_or_else(|| self.backoff(attempt));
+                self.count("retried");
+                tracing::debug!(subscription = %self.name, id = %msg.id, attempt, ?delay, status, "retrying");
+                if ordered {
+                    Next::RetryHere(delay)
+                } else {
+                    let _ = msg.settle.settle(Settlement::Retry(delay)).await;
+                    Next::Done
+                }
+            }
+        }
+    }
+
+    /// Sends a message to the dead-letter topic (confirmed by the broker)
+    /// and only then settles the original; without one, drops it loudly.
+    async fn dead_letter(&self, msg: &Fetched, attempts: u32, status: &str, error: &str) {
+        let Some(dlq) = &self.spec.dead_letter_topic else {
+            tracing::warn!(subscription = %self.name, id = %msg.id, attempts, status, error, "dropping a message: no dead-letter topic");
+            self.count("dropped");
+            let _ = msg.settle.settle(Settlement::Reject).await;
+            return;
+        };
+        let mut hdrs: Vec<(String, String)> = msg
+            .headers
+            .iter()
+            .filter(|(n, _)| {
+                !n.to_ascii_lowercase().starts_with("ferry-origin") && !n.eq_ignore_ascii_case(headers::ATTEMPTS)
+            })
+            .cloned()
+            .collect();
+        let error: String = error.chars().filter(|c| !c.is_control()).take(500).collect();
+        hdrs.push((headers::ORIGIN_TOPIC.into(), self.spec.topic.clone()));
+        hdrs.push((headers::ORIGIN_SUBSCRIPTION.into(), self.name.clone()));
+        hdrs.push((headers::ATTEMPTS.into(), attempts.to_string()));
+        hdrs.push((headers::LAST_STATUS.into(), status.to_owned()));
+        hdrs.push((headers::LAST_ERROR.into(), error));
+        let key = msg.header(headers::KEY).map(str::to_owned);
+        let out = OutMessage {
+            subject: naming::message_subject(
+                &self.deps.namespace,
+                dlq,
+                naming::partition_of(key.as_deref(), self.dlq_partitions),
+            ),
+            id: msg.id.clone(),
+            headers: hdrs,
+            payload: msg.payload.clone(),
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let published = self.leased(msg, async { self.deps.broker.publish(out.clone()).await?.await }).await;
+            match published {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(subscription = %self.name, id = %msg.id, error = %e, "dead-letter publish failed; the original stays leased");
+                    if self.stopped() {
+                        let _ = msg.settle.settle(Settlement::Release).await;
+                        return;
+                    }
+                    self.leased(msg, tokio::time::sleep(backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let _ = msg.settle.settle(Settlement::Reject).await;
+        self.count("dead_lettered");
+        tracing::info!(subscription = %self.name, id = %msg.id, attempts, status, dead_letter_topic = %dlq, "dead-lettered");
+    }
+
+    /// Bulk push: one request, settled per message.
+    async fn deliver_batch(self: Arc<Self>, messages: Vec<Fetched>) {
+        let mut fresh = Vec::new();
+        for m in messages {
+            if self.dedupe.contains(&m.id) {
+                self.count("deduplicated");
+                let _ = m.settle.settle(Settlement::Ack).await;
+            } else if m.delivered > self.spec.max_deliveries {
+                let why = format!("delivered {} times without success", m.delivered - 1);
+                self.dead_letter(&m, m.delivered - 1, "timeout", &why).await;
+            } else {
+                fresh.push(m);
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let batch: Vec<(&Fetched, String, u32)> =
+            fresh.iter().map(|m| (m, uuid::Uuid::now_v7().to_string(), m.delivered)).collect();
+        let mut callbacks: Vec<_> = batch.iter().map(|(_, id, _)| Some(self.deps.callbacks.register(id))).collect();
+        self.deps.metrics.push_attempts.get_or_create(&self.labels()).inc_by(batch.len() as u64);
+        let started = Instant::now();
+        let outcomes = push::push_batch(&self.deps.client, &self.target, &batch).await;
+        self.deps.metrics.push_duration.observe(started.elapsed().as_secs_f64());
+        let mut settles = Vec::new();
+        for (((m, delivery_id, attempt), outcome), callback) in batch.iter().zip(outcomes).zip(callbacks.iter_mut()) {
+            let ctx = self.clone();
+            let delivery_id = delivery_id.clone();
+            let attempt = *attempt;
+            let callback = callback.take().expect("one receiver per message");
+            settles.push(async move {
+                let (outcome, done) = match outcome {
+                    Outcome::Deferred => ctx.await_callback(m, &delivery_id, callback).await,
+                    other => {
+                        ctx.deps.callbacks.forget(&delivery_id);
+                        (Some(other), None)
+                    }
+                };
+                match outcome {
+                    Some(o) => {
+                        ctx.settle(m, attempt, o, false).await;
+                    }
+                    None => {
+                        let _ = m.settle.settle(Settlement::Release).await;
+                    }
+                }
+                if let Some(done) = done {
+                    let _ = done.send(Ok(()));
+                }
+            });
+        }
+        futures::future::join_all(settles).await;
+    }
+
+    /// Pull mode: up to `max` messages waiting up to `wait`, each registered
+    /// for a callback within the processing timeout (leased meanwhile).
+    pub async fn pull(self: &Arc<Self>, max: usize, wait: Duration) -> Result<Vec<serde_json::Value>, BrokerError> {
+        let consumer = match self.consumer().await {
+            Ok(c) => c,
+            Err(e) => {
+                self.reset_consumer().await;
+                return Err(e);
+            }
+        };
+        let fetched = match consumer.fetch(max, wait).await {
+            Ok(f) => f,
+            Err(e) => {
+                self.reset_consumer().await;
+                return Err(e);
+            }
+        };
+        let mut out = Vec::new();
+        for msg in fetched {
+            if self.dedupe.contains(&msg.id) {
+                self.count("deduplicated");
+                let _ = msg.settle.settle(Settlement::Ack).await;
+                continue;
+            }
+            let attempt = msg.delivered;
+            if attempt > self.spec.max_deliveries {
+                let why = format!("delivered {} times without success", attempt - 1);
+                self.dead_letter(&msg, attempt - 1, "timeout", &why).await;
+                continue;
+            }
+            let delivery_id = uuid::Uuid::now_v7().to_string();
+            let mut event = push::structured(&msg, &self.target.source, &delivery_id, attempt);
+            event["ferrysubscription"] = self.name.clone().into();
+            out.push(event);
+            let ctx = self.clone();
+            // Registered before the answer leaves, so an immediate callback finds it.
+            let callback = ctx.deps.callbacks.register(&delivery_id);
+            tokio::spawn(async move {
+                let (outcome, done) = ctx.await_callback(&msg, &delivery_id, callback).await;
+                match outcome {
+                    Some(o) => {
+                        ctx.settle(&msg, attempt, o, false).await;
+                    }
+                    None => {
+                        let _ = msg.settle.settle(Settlement::Release).await;
+                    }
+                }
+                if let Some(done) = done {
+                    let _ = done.send(Ok(()));
+                }
+            });
+        }
+        Ok(out)
+    }
+}
