@@ -9,6 +9,8 @@ use crate::duration::Duration;
 
 /// A subscription: every pod of `app` shares its messages (each message goes
 /// to one pod), unless `fanout: Pod` gives every pod every message.
+// Several `printcolumn(...)` are the kube derive's syntax, not duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[kube(
     group = "ferry.dev",

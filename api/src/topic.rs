@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::duration::Duration;
 
 /// A topic: producers write to it, every Subscription of it gets every message.
+// Several `printcolumn(...)` are the kube derive's syntax, not duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[kube(
     group = "ferry.dev",
