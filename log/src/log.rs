@@ -185,6 +185,17 @@ impl Log {
         rx.await.map_err(|_| Error::Closed)?
     }
 
+    /// Queues an append now and returns a future for its offsets. Appends
+    /// submitted one after another get increasing offsets in that order,
+    /// whenever their futures are awaited: for callers that pipeline.
+    pub fn submit(&self, records: &[NewRecord]) -> Result<impl std::future::Future<Output = Result<Range<u64>>> + Send + 'static> {
+        let mut req = self.encode(records)?;
+        let (tx, rx) = oneshot::channel();
+        req.reply = tx;
+        self.send(Command::Append(req))?;
+        Ok(async move { rx.await.map_err(|_| Error::Closed)? })
+    }
+
     /// [`Log::append`] for threads outside an async runtime.
     pub fn append_blocking(&self, records: &[NewRecord]) -> Result<Range<u64>> {
         let mut req = self.encode(records)?;

@@ -34,6 +34,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::broker::embedded::EmbeddedBroker;
 use crate::broker::nats::NatsBroker;
 use crate::broker::Broker;
 use crate::config::resources::{load_dir, Resources};
@@ -203,11 +204,15 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         }
     }
     let outbox = Arc::new(outbox);
-    let broker: Arc<dyn Broker> = Arc::new(
-        NatsBroker::connect(&config.broker, &format!("ferry-sidecar/{}/{}", config.namespace, config.app_id))
-            .await
-            .map_err(|e| StartError::Other(e.to_string()))?,
-    );
+    let broker: Arc<dyn Broker> = if config.broker.is_embedded() {
+        Arc::new(EmbeddedBroker::open(&config.data_dir.join("broker")).map_err(|e| StartError::Other(e.to_string()))?)
+    } else {
+        Arc::new(
+            NatsBroker::connect(&config.broker, &format!("ferry-sidecar/{}/{}", config.namespace, config.app_id))
+                .await
+                .map_err(|e| StartError::Other(e.to_string()))?,
+        )
+    };
     let metrics = Arc::new(Metrics::new());
 
     let api_listener = TcpListener::bind(config.api_addr)

@@ -167,6 +167,14 @@ impl NatsServer {
         }
     }
 
+    /// Stops the server with SIGTERM (it syncs its store) and waits for it.
+    pub fn stop_gracefully(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.signal(15);
+            p.wait_exit(START_TIMEOUT);
+        }
+    }
+
     /// Deletes the JetStream store (data loss at the broker). Stop first.
     pub fn wipe_store(&self) {
         assert!(self.process.is_none(), "stop the server before wiping its store");

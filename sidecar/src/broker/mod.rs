@@ -1,8 +1,10 @@
 //! The broker seam: everything the sidecar asks of a message broker.
 //!
 //! The sidecar talks to a broker only through [`Broker`]. `nats` is NATS
-//! JetStream; the embedded broker (standalone mode) implements the same trait.
+//! JetStream; [`embedded`] (standalone mode, on `ferry-log`) implements the same
+//! trait, and one conformance suite (`tests/conformance.rs`) runs against both.
 
+pub mod embedded;
 pub mod nats;
 
 use async_trait::async_trait;

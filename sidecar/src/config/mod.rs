@@ -102,7 +102,8 @@ pub struct SidecarArgs {
     /// Address of the admin endpoints (/healthz, /readyz, /metrics).
     #[arg(long, env = "FERRY_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: String,
-    /// Broker URL, `nats://host:port` (several: comma-separated).
+    /// Broker: `nats://host:port` (several: comma-separated), or `embedded`
+    /// (the default): an in-process broker on the data dir, for one sidecar.
     #[arg(long, env = "FERRY_BROKER")]
     pub broker: Option<String>,
     /// NATS credentials file (`.creds`).
@@ -165,7 +166,7 @@ pub struct SidecarArgs {
 /// Broker connection settings.
 #[derive(Debug, Clone, Default)]
 pub struct BrokerConfig {
-    /// Server URLs.
+    /// Server URLs; empty for the embedded broker.
     pub urls: Vec<String>,
     /// Credentials file.
     pub creds: Option<PathBuf>,
@@ -222,6 +223,13 @@ pub struct Config {
     pub resources_poll: Duration,
 }
 
+impl BrokerConfig {
+    /// True for the in-process broker.
+    pub fn is_embedded(&self) -> bool {
+        self.urls.is_empty()
+    }
+}
+
 impl Config {
     /// Checks the parsed flags; returns every problem found.
     pub fn from_args(a: SidecarArgs) -> Result<Config, Vec<String>> {
@@ -261,17 +269,18 @@ impl Config {
         let broker_ack_timeout = duration("--broker-ack-timeout", &a.broker_ack_timeout);
         let dedupe_window = duration("--dedupe-window", &a.dedupe_window);
         let resources_poll = duration("--resources-poll", &a.resources_poll);
-        let urls: Vec<String> = match &a.broker {
+        // No --broker, or `embedded`: the in-process broker (standalone mode).
+        let urls: Vec<String> = match a.broker.as_deref().map(str::trim) {
+            None | Some("embedded") => Vec::new(),
             Some(list) => list.split(',').map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),
-            None => Vec::new(),
         };
-        if urls.is_empty() {
-            errors.push("--broker (FERRY_BROKER) is required: a NATS URL like nats://127.0.0.1:4222".to_owned());
+        if a.broker.as_deref().is_some_and(|b| b.trim() != "embedded") && urls.is_empty() {
+            errors.push("--broker: give a NATS URL like nats://127.0.0.1:4222, or `embedded`".to_owned());
         }
         for u in &urls {
             let scheme_ok = ["nats://", "tls://", "ws://", "wss://"].iter().any(|s| u.starts_with(s));
             if !scheme_ok {
-                errors.push(format!("--broker: {u:?} must start with nats://, tls://, ws:// or wss://"));
+                errors.push(format!("--broker: {u:?} must start with nats://, tls://, ws:// or wss://, or be `embedded`"));
             }
         }
         let user_password = match (a.broker_user, a.broker_password) {
@@ -354,6 +363,13 @@ mod tests {
         let cli = Cli::try_parse_from(std::iter::once("ferry-sidecar").chain(args.iter().copied()))
             .map_err(|e| vec![e.to_string()])?;
         Config::from_args(cli.sidecar)
+    }
+
+    #[test]
+    fn no_broker_means_the_embedded_one() {
+        let c = parse(&["--app-id", "orders"]).unwrap();
+        assert!(c.broker.is_embedded());
+        assert!(parse(&["--app-id", "orders", "--broker", "embedded"]).unwrap().broker.is_embedded());
     }
 
     #[test]
