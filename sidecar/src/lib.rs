@@ -16,6 +16,7 @@ pub mod api;
 pub mod broker;
 pub mod config;
 pub mod deliver;
+pub mod devloop;
 pub mod forward;
 pub mod inspect;
 pub mod metrics;
@@ -76,26 +77,32 @@ pub fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(EXIT_CONFIG) } else { ExitCode::SUCCESS };
         }
     };
-    if let Some(Command::Outbox { command: OutboxCommand::Inspect { data_dir } }) = cli.command {
-        return match inspect::inspect(&data_dir) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("ferry-sidecar outbox inspect: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    let config = match Config::from_args(cli.sidecar) {
+    let (args, app) = match cli.command {
+        Some(Command::Outbox { command: OutboxCommand::Inspect { data_dir } }) => {
+            return match inspect::inspect(&data_dir) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ferry-sidecar outbox inspect: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Run { sidecar, command }) => (sidecar, Some(command)),
+        None => (cli.sidecar, None),
+    };
+    let config = match Config::from_args(args) {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("{}", StartError::Config(errors));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    telemetry::init(config.log_format);
+    // With an app beside it, the sidecar says little so the app's output
+    // stays readable (RUST_LOG still decides when set).
+    telemetry::init(config.log_format, if app.is_some() { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -103,7 +110,10 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, shutdown_signal())) {
+    if let Some(command) = app {
+        return runtime.block_on(devloop::run_with_app(config, command));
+    }
+    match runtime.block_on(run(config, shutdown_signal(), None)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -185,8 +195,26 @@ impl Forwarders {
     }
 }
 
+/// Where a started sidecar listens, for whoever started it.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// The app-facing API.
+    pub api: std::net::SocketAddr,
+    /// The admin endpoints.
+    pub admin: std::net::SocketAddr,
+    /// Topics configured.
+    pub topics: Vec<String>,
+    /// This app's subscriptions.
+    pub subscriptions: Vec<String>,
+}
+
 /// Runs the sidecar until `shutdown` resolves, then drains and stops.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), StartError> {
+/// `ready` (if given) gets the addresses once the broker is configured.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+    ready: Option<tokio::sync::oneshot::Sender<Started>>,
+) -> Result<(), StartError> {
     let resources = match &config.resources {
         Some(dir) => load_dir(dir, &config.namespace).map_err(StartError::Config)?,
         None => Resources::default(),
@@ -256,8 +284,23 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let mut forwarders = Forwarders { running: Vec::new() };
     forwarders.ensure(&sidecar, &resources);
     let forwarders = Arc::new(tokio::sync::Mutex::new(forwarders));
-    let configure = tokio::spawn(configure_broker(sidecar.clone(), resources.clone()));
-    sidecar.delivery.reconcile(&resources).await;
+    let started = Started {
+        api: api_addr,
+        admin: admin_addr,
+        topics: resources.topics.keys().cloned().collect(),
+        subscriptions: resources.subscriptions_of(&config.app_id).map(|(n, _)| n.clone()).collect(),
+    };
+    let configure = {
+        let (s, r) = (sidecar.clone(), resources.clone());
+        tokio::spawn(async move {
+            configure_broker(s.clone(), r.clone()).await;
+            // Subscriptions start once their streams exist.
+            s.delivery.reconcile(&r).await;
+            if let Some(tx) = ready {
+                let _ = tx.send(started);
+            }
+        })
+    };
     let reload =
         config.resources.clone().map(|dir| tokio::spawn(watch_resources(sidecar.clone(), forwarders.clone(), dir)));
 

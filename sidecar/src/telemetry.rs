@@ -1,5 +1,5 @@
 //! Logging setup: `tracing` to stderr, text or JSON, filtered by `RUST_LOG`
-//! (default `info`). Colours only on a terminal.
+//! (default given by the caller). Colours only on a terminal.
 
 use std::io::IsTerminal;
 
@@ -8,8 +8,8 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 /// Installs the global subscriber (once; later calls do nothing).
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+pub fn init(format: LogFormat, default_level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

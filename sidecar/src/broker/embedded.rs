@@ -84,7 +84,8 @@ impl SavedStream {
         };
         let bytes = serde_json::to_vec(&saved).map_err(unavailable)?;
         let dir = base.join("streams");
-        ferry_log::fs::write_atomic(&ferry_log::StdFs, &dir, &format!("{}.json", plan.name), &bytes).map_err(unavailable)
+        ferry_log::fs::write_atomic(&ferry_log::StdFs, &dir, &format!("{}.json", plan.name), &bytes)
+            .map_err(unavailable)
     }
 }
 
@@ -114,9 +115,9 @@ impl EmbeddedBroker {
         for entry in std::fs::read_dir(&streams_dir).map_err(unavailable)?.flatten() {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "json") {
-                let saved: SavedStream = std::fs::read(&path)
-                    .map_err(unavailable)
-                    .and_then(|b| serde_json::from_slice(&b).map_err(|e| BrokerError::Refused(format!("{}: {e}", path.display()))))?;
+                let saved: SavedStream = std::fs::read(&path).map_err(unavailable).and_then(|b| {
+                    serde_json::from_slice(&b).map_err(|e| BrokerError::Refused(format!("{}: {e}", path.display())))
+                })?;
                 let plan = saved.plan();
                 streams.insert(plan.name.clone(), Arc::new(Stream::open(dir, &plan)?));
             }
@@ -196,7 +197,8 @@ impl Stream {
         headers.push((SUBJECT_HEADER.to_owned(), msg.subject));
         let record = NewRecord { timestamp_ms: now, id: msg.id.clone(), key: None, headers, payload: msg.payload };
         let ticket = self.log.submit(std::slice::from_ref(&record)).map_err(unavailable)?;
-        let fut: AckFuture = async move { ticket.await.map(|r| r.start + 1).map_err(|e| e.to_string()) }.boxed().shared();
+        let fut: AckFuture =
+            async move { ticket.await.map(|r| r.start + 1).map_err(|e| e.to_string()) }.boxed().shared();
         ids.insert(msg.id, (fut.clone(), now));
         // Forget ids past the window now and then, so the map stays bounded.
         if ids.len() > 10_000 && ids.len().is_power_of_two() {
@@ -299,7 +301,9 @@ impl ConsumerState {
         std::fs::create_dir_all(&stream.dir).map_err(unavailable)?;
         let path = stream.dir.join(format!("{}.json", plan.name));
         let snap = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| BrokerError::Refused(format!("{}: {e}", path.display())))?,
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| BrokerError::Refused(format!("{}: {e}", path.display())))?
+            }
             Err(_) => {
                 let start = match plan.start {
                     StartPosition::Earliest => stream.log.stats().start_offset + 1,
@@ -475,7 +479,8 @@ impl Consumer for EmbeddedConsumer {
                         me.settle_now(seq, Settlement::Reject);
                         continue;
                     };
-                    let subject = r.headers.iter().find(|(n, _)| n == SUBJECT_HEADER).map(|(_, v)| v.clone()).unwrap_or_default();
+                    let subject =
+                        r.headers.iter().find(|(n, _)| n == SUBJECT_HEADER).map(|(_, v)| v.clone()).unwrap_or_default();
                     let headers = r.headers.into_iter().filter(|(n, _)| n != SUBJECT_HEADER).collect();
                     out.push(Fetched {
                         id: r.id,

@@ -46,9 +46,22 @@ pub struct Cli {
     pub sidecar: SidecarArgs,
 }
 
-/// Maintenance commands.
+/// Commands besides running the sidecar alone.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the sidecar and an app next to it (the developer loop, like
+    /// `dapr run`): `ferry-sidecar run --app-id orders --app-port 3000
+    /// --resources examples/quickstart -- python3 app.py`. The app gets
+    /// `FERRY_URL` and starts once the sidecar is ready; signals go to the
+    /// app; when it exits the sidecar stops, and its exit status is ours.
+    Run {
+        /// Sidecar settings (no `--broker`: the embedded broker).
+        #[command(flatten)]
+        sidecar: SidecarArgs,
+        /// The app's command line, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Look at the outbox.
     Outbox {
         /// What to do with it.
@@ -280,7 +293,9 @@ impl Config {
         for u in &urls {
             let scheme_ok = ["nats://", "tls://", "ws://", "wss://"].iter().any(|s| u.starts_with(s));
             if !scheme_ok {
-                errors.push(format!("--broker: {u:?} must start with nats://, tls://, ws:// or wss://, or be `embedded`"));
+                errors.push(format!(
+                    "--broker: {u:?} must start with nats://, tls://, ws:// or wss://, or be `embedded`"
+                ));
             }
         }
         let user_password = match (a.broker_user, a.broker_password) {

@@ -118,8 +118,10 @@ pub async fn push(client: &reqwest::Client, t: &Target, m: &Fetched, delivery_id
     if let Some(ct) = m.header("content-type") {
         req = req.header("content-type", ct);
     }
-    if let Some(key) = m.header(headers::KEY) {
-        req = req.header(headers::KEY, key);
+    // Ferry's own headers a message carries (a dead letter's origin,
+    // attempts and last error; the key) go to the app as they are.
+    for (name, value) in m.headers.iter().filter(|(n, _)| n.to_ascii_lowercase().starts_with("ferry-")) {
+        req = req.header(name.as_str(), value.as_str());
     }
     req = req
         .header("traceparent", traceparent(m))
