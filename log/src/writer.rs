@@ -26,6 +26,10 @@ use crate::recovery::create_segment;
 use crate::segment::{encode_index, index_name, segment_path, IndexEntry};
 
 /// An append request: frames encoded with offset 0 and no CRC.
+/// Longest the writer waits for the appenders of its last commit to come
+/// back before committing with fewer (see `run`).
+const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
+
 pub(crate) struct Request {
     pub buf: Vec<u8>,
     /// Start of each frame in `buf`.
@@ -59,6 +63,8 @@ pub(crate) struct Writer {
     staged_entries: Vec<IndexEntry>,
     pending: Vec<Pending>,
     first_unsynced: Option<Instant>,
+    /// Append requests in the last commit.
+    last_group: usize,
 }
 
 impl Writer {
@@ -82,6 +88,7 @@ impl Writer {
             staged_entries: Vec::new(),
             pending: Vec::new(),
             first_unsynced: None,
+            last_group: 0,
         })
     }
 
@@ -105,20 +112,32 @@ impl Writer {
                 },
             };
             let mut gathered = 0usize;
+            let mut requests = 0usize;
             let mut syncs = Vec::new();
             let mut next = Some(first);
+            let waited_until = Instant::now() + GATHER_WAIT;
             while let Some(cmd) = next.take() {
                 match cmd {
                     Command::Append(req) => {
                         gathered += req.buf.len();
+                        requests += 1;
                         self.stage(req);
                     }
                     Command::Sync(tx) => syncs.push(tx),
                 }
                 if gathered < self.shared.opts.group_bytes {
                     next = rx.try_recv().ok();
+                    // Appenders answered by the last commit are about to send
+                    // their next record: when fewer than last time have
+                    // arrived, wait a moment for the rest rather than spend
+                    // a whole fdatasync on a handful. Never with one appender.
+                    if next.is_none() && self.last_group > 1 && requests < self.last_group {
+                        let left = waited_until.saturating_duration_since(Instant::now());
+                        next = rx.recv_timeout(left).ok();
+                    }
                 }
             }
+            self.last_group = requests;
             self.flush();
             if !syncs.is_empty() {
                 let r = self.sync_unsynced();
