@@ -159,6 +159,12 @@ pub fn validate_subscription(namespace: &str, name: &str, spec: &SubscriptionSpe
     check(&mut e, !spec.processing_timeout.get().is_zero(), "spec.processingTimeout", "must be more than 0");
     check(&mut e, spec.backoff.initial <= spec.backoff.max, "spec.backoff", "initial must not exceed max");
     check(&mut e, (1..=1000).contains(&spec.batch.max_messages), "spec.batch.maxMessages", "must be 1 to 1000");
+    check(
+        &mut e,
+        spec.batch.max_messages == 1 || spec.ordering == crate::subscription::Ordering::None,
+        "spec.batch.maxMessages",
+        "bulk push (more than 1) needs ordering None",
+    );
     e
 }
 
@@ -237,6 +243,11 @@ mod tests {
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["spec.app", "spec.deadLetterTopic", "spec.path", "spec.maxDeliveries"]);
         assert!(validate_subscription("shop", "billing", &SubscriptionSpec::new("orders", "billing")).is_empty());
+        let mut bulk_keyed = SubscriptionSpec::new("orders", "billing");
+        bulk_keyed.batch.max_messages = 10;
+        bulk_keyed.ordering = crate::subscription::Ordering::Key;
+        let errors = validate_subscription("shop", "billing", &bulk_keyed);
+        assert_eq!(errors.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), ["spec.batch.maxMessages"]);
         let topic = TopicSpec { partitions: 0, ..TopicSpec::default() };
         let errors = validate_topic("shop", "Orders", &topic);
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();

@@ -90,7 +90,7 @@ pub fn main() -> ExitCode {
                 }
             };
         }
-        Some(Command::Run { sidecar, command }) => (sidecar, Some(command)),
+        Some(Command::Run { sidecar, command }) => (*sidecar, Some(command)),
         None => (cli.sidecar, None),
     };
     let config = match Config::from_args(args) {
@@ -294,8 +294,11 @@ pub async fn run(
         let (s, r) = (sidecar.clone(), resources.clone());
         tokio::spawn(async move {
             configure_broker(s.clone(), r.clone()).await;
-            // Subscriptions start once their streams exist.
+            // Subscriptions start once their streams exist; the sidecar is
+            // ready once they run (a pull before that would find none).
             s.delivery.reconcile(&r).await;
+            s.broker_configured.store(true, Ordering::Release);
+            tracing::info!(topics = r.topics.len(), "broker configured");
             if let Some(tx) = ready {
                 let _ = tx.send(started);
             }
@@ -389,9 +392,9 @@ async fn watch_resources(s: Arc<Sidecar>, forwarders: Arc<tokio::sync::Mutex<For
         tracing::info!(topics = ?new.topics.keys().collect::<Vec<_>>(), "manifests changed; applying");
         *s.resources.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
         forwarders.lock().await.ensure(&s, &new);
-        s.broker_configured.store(false, Ordering::Release);
         configure_broker(s.clone(), new.clone()).await;
         s.delivery.reconcile(&new).await;
+        tracing::info!("manifests applied");
     }
 }
 
@@ -414,11 +417,7 @@ async fn configure_broker(s: Arc<Sidecar>, resources: Resources) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match apply_resources(&*s.broker, &s.config, &resources).await {
-            Ok(()) => {
-                s.broker_configured.store(true, Ordering::Release);
-                tracing::info!(topics = resources.topics.len(), "broker configured");
-                return;
-            }
+            Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "could not configure the broker yet");
                 tokio::time::sleep(backoff).await;

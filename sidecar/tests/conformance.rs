@@ -23,7 +23,9 @@ struct Harness {
 impl Harness {
     async fn nats() -> Harness {
         let nats = NatsServer::start();
-        let broker = NatsBroker::connect(&BrokerConfig { urls: vec![nats.url()], ..Default::default() }, "conformance").await.unwrap();
+        let broker = NatsBroker::connect(&BrokerConfig { urls: vec![nats.url()], ..Default::default() }, "conformance")
+            .await
+            .unwrap();
         let h = Harness { broker: Arc::new(broker), nats: Some(nats), dir: tempfile::tempdir().unwrap() };
         h.wait_connected().await;
         h
@@ -156,11 +158,17 @@ async fn an_unsettled_message_is_redelivered_after_the_ack_wait_and_progress_ext
         tokio::time::sleep(Duration::from_millis(200)).await;
         first[0].settle.settle(Settlement::Progress).await.unwrap();
     }
-    assert!(c.fetch(1, Duration::ZERO.max(Duration::from_millis(50))).await.unwrap().is_empty(), "progress kept the lease");
+    assert!(
+        c.fetch(1, Duration::ZERO.max(Duration::from_millis(50))).await.unwrap().is_empty(),
+        "progress kept the lease"
+    );
     let again = fetch_n(&c, 1, Duration::from_secs(5)).await;
     assert_eq!(ids(&again), ["slow"]);
     assert_eq!(again[0].delivered, 2);
-    assert!(fetched_at.elapsed() >= Duration::from_millis(1200 + 600), "redelivered only after the extended lease lapsed");
+    assert!(
+        fetched_at.elapsed() >= Duration::from_millis(1200 + 600),
+        "redelivered only after the extended lease lapsed"
+    );
     again[0].settle.settle(Settlement::Release).await.unwrap();
     let third = fetch_n(&c, 1, Duration::from_secs(2)).await;
     assert_eq!(third[0].delivered, 3, "released: delivered again at once");

@@ -124,7 +124,16 @@ async fn readyz_and_metrics_report_broker_state_and_outbox_depth() {
 fn invalid_flags_are_all_reported_and_exit_64_before_binding() {
     let port = free_port();
     let out = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
-        .args(["--namespace", "Not_Valid", "--api-addr", &format!("127.0.0.1:{port}"), "--shutdown-grace", "later", "--broker", "http://x"])
+        .args([
+            "--namespace",
+            "Not_Valid",
+            "--api-addr",
+            &format!("127.0.0.1:{port}"),
+            "--shutdown-grace",
+            "later",
+            "--broker",
+            "http://x",
+        ])
         .env_remove("FERRY_APP_ID")
         .env_remove("FERRY_BROKER")
         .output()

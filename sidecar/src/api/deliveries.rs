@@ -105,7 +105,19 @@ pub async fn pull(
     if s.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
-    let ctx = s.delivery.pull_ctx(&name).ok_or_else(|| ApiError::UnknownSubscription(name.clone()))?;
+    let Some(ctx) = s.delivery.pull_ctx(&name) else {
+        // Configured but not running yet (starting, or its broker side is
+        // not there yet): come back shortly. Unknown: 404.
+        let configured =
+            s.resources.read().unwrap_or_else(|e| e.into_inner()).subscriptions.get(&name).is_some_and(|sub| {
+                sub.app == s.config.app_id && sub.mode == ferry_api::subscription::DeliveryMode::Pull
+            });
+        return Err(if configured {
+            ApiError::Unavailable(format!("subscription {name:?} is starting"))
+        } else {
+            ApiError::UnknownSubscription(name)
+        });
+    };
     let max = match q.max.as_deref() {
         None => 1,
         Some(m) => m

@@ -57,7 +57,7 @@ pub enum Command {
     Run {
         /// Sidecar settings (no `--broker`: the embedded broker).
         #[command(flatten)]
-        sidecar: SidecarArgs,
+        sidecar: Box<SidecarArgs>,
         /// The app's command line, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,

@@ -190,8 +190,26 @@ impl Ctx {
                 _ = stop.changed() => break,
             };
             let messages = match fetched {
-                Ok(m) => {
+                Ok(mut m) => {
                     backoff = Duration::from_millis(100);
+                    if self.spec.batch.max_messages > 1 && !m.is_empty() {
+                        // A partial batch stays open up to maxWait from its first message.
+                        let until = tokio::time::Instant::now() + wait;
+                        while m.len() < permits.len() {
+                            let left = until.saturating_duration_since(tokio::time::Instant::now());
+                            if left.is_zero() {
+                                break;
+                            }
+                            let more = tokio::select! {
+                                r = async { self.consumer().await?.fetch(permits.len() - m.len(), left).await } => r,
+                                _ = stop.changed() => break,
+                            };
+                            match more {
+                                Ok(more) => m.extend(more),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     m
                 }
                 Err(e) => {
@@ -206,7 +224,7 @@ impl Ctx {
                 }
             };
             let mut permits = permits.into_iter();
-            if self.spec.batch.max_messages > 1 && messages.len() > 1 && self.spec.ordering == Ordering::None {
+            if self.spec.batch.max_messages > 1 && !messages.is_empty() {
                 let held: Vec<_> = permits.by_ref().take(messages.len()).collect();
                 let ctx = self.clone();
                 tasks.spawn(async move {
