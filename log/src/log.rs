@@ -188,7 +188,10 @@ impl Log {
     /// Queues an append now and returns a future for its offsets. Appends
     /// submitted one after another get increasing offsets in that order,
     /// whenever their futures are awaited: for callers that pipeline.
-    pub fn submit(&self, records: &[NewRecord]) -> Result<impl std::future::Future<Output = Result<Range<u64>>> + Send + 'static> {
+    pub fn submit(
+        &self,
+        records: &[NewRecord],
+    ) -> Result<impl std::future::Future<Output = Result<Range<u64>>> + Send + 'static> {
         let mut req = self.encode(records)?;
         let (tx, rx) = oneshot::channel();
         req.reply = tx;

@@ -13,6 +13,15 @@ use crate::config::Config;
 /// as on SIGTERM) and returns the app's exit status (128 + signal when it
 /// was killed by one).
 pub async fn run_with_app(config: Config, command: Vec<String>) -> ExitCode {
+    // Installed first: from now on SIGINT/SIGTERM are ours to forward,
+    // never the default action that would kill us and orphan the app.
+    let (mut int, mut term) = match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(i), Ok(t)) => (i, t),
+        _ => {
+            eprintln!("ferry: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
     let (ready_tx, ready_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let broker = if config.broker.is_embedded() {
@@ -66,13 +75,6 @@ pub async fn run_with_app(config: Config, command: Vec<String>) -> ExitCode {
             let _ = stop_tx.send(());
             let _ = sidecar.await;
             return ExitCode::from(127);
-        }
-    };
-    let (mut int, mut term) = match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-        (Ok(i), Ok(t)) => (i, t),
-        _ => {
-            eprintln!("ferry: cannot install signal handlers");
-            return ExitCode::FAILURE;
         }
     };
     let pid = child.id();
