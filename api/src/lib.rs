@@ -8,6 +8,9 @@
 //! * [`plan`]: the pure mapping Topic → stream and Subscription → consumer,
 //!   and checks beyond the schema. Shared by the sidecar and the operator.
 //!
+//! * [`resolved`]: the configuration the operator writes to the broker's KV
+//!   bucket for the sidecars.
+//!
 //! No IO: this crate reads no file and opens no connection.
 
 pub mod duration;
@@ -15,6 +18,7 @@ pub mod duration;
 mod jetstream;
 pub mod naming;
 pub mod plan;
+pub mod resolved;
 pub mod subscription;
 pub mod topic;
 

@@ -1,0 +1,201 @@
+//! The broker side of reconciling: apply desired streams, consumers and KV
+//! entries to JetStream, level-based and idempotent — nothing is written
+//! when the broker already matches.
+
+use async_nats::jetstream::{self, kv, stream};
+use ferry_api::naming;
+use ferry_api::topic::DeletionPolicy;
+
+use crate::build::{DesiredSubscription, DesiredTopic};
+
+/// Why applying failed, by what the status should say.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The broker cannot be reached (retry with backoff).
+    #[error("broker unavailable: {0}")]
+    BrokerUnavailable(String),
+    /// A field the broker cannot change in place was changed.
+    #[error("{field} cannot be changed on an existing stream (is {current}, spec says {desired}); delete and recreate the resource")]
+    ImmutableField {
+        /// The spec field.
+        field: &'static str,
+        /// What the broker has.
+        current: String,
+        /// What the spec asks for.
+        desired: String,
+    },
+    /// The broker refused the change.
+    #[error("broker refused: {0}")]
+    Refused(String),
+}
+
+impl ApplyError {
+    /// The condition reason and metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ApplyError::BrokerUnavailable(_) => "BrokerUnavailable",
+            ApplyError::ImmutableField { .. } => "ImmutableField",
+            ApplyError::Refused(_) => "BrokerRefused",
+        }
+    }
+}
+
+fn classify(client: &async_nats::Client, e: impl std::fmt::Display) -> ApplyError {
+    let text = e.to_string();
+    if client.connection_state() != async_nats::connection::State::Connected || text.contains("timed out") {
+        ApplyError::BrokerUnavailable(text)
+    } else {
+        ApplyError::Refused(text)
+    }
+}
+
+/// A JetStream connection with the config bucket.
+#[derive(Clone)]
+pub struct JetStream {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+impl JetStream {
+    /// Wraps a connected client.
+    pub fn new(client: async_nats::Client) -> Self {
+        let js = jetstream::new(client.clone());
+        JetStream { client, js }
+    }
+
+    /// The config bucket, created on first use.
+    pub async fn bucket(&self) -> Result<kv::Store, ApplyError> {
+        match self.js.get_key_value(naming::CONFIG_BUCKET).await {
+            Ok(store) => Ok(store),
+            Err(_) => self
+                .js
+                .create_key_value(kv::Config { bucket: naming::CONFIG_BUCKET.into(), history: 1, ..Default::default() })
+                .await
+                .map_err(|e| classify(&self.client, e)),
+        }
+    }
+
+    /// Puts a KV entry unless it already holds exactly this value.
+    async fn put_if_changed(&self, key: &str, value: &[u8]) -> Result<bool, ApplyError> {
+        let bucket = self.bucket().await?;
+        let current = bucket.get(key).await.map_err(|e| classify(&self.client, e))?;
+        if current.as_deref() == Some(value) {
+            return Ok(false);
+        }
+        bucket.put(key, value.to_vec().into()).await.map_err(|e| classify(&self.client, e))?;
+        Ok(true)
+    }
+
+    async fn delete_key(&self, key: &str) -> Result<(), ApplyError> {
+        let bucket = self.bucket().await?;
+        if bucket.get(key).await.map_err(|e| classify(&self.client, e))?.is_some() {
+            bucket.delete(key).await.map_err(|e| classify(&self.client, e))?;
+        }
+        Ok(())
+    }
+
+    /// Creates or updates a Topic's stream and KV entry. Returns whether
+    /// anything was written.
+    pub async fn apply_topic(&self, d: &DesiredTopic) -> Result<bool, ApplyError> {
+        let want = d.stream.to_jetstream();
+        let mut changed = false;
+        match self.js.get_stream(&want.name).await {
+            Ok(mut s) => {
+                let have = s.info().await.map_err(|e| classify(&self.client, e))?.config.clone();
+                if have.storage != want.storage {
+                    return Err(ApplyError::ImmutableField {
+                        field: "spec.storage",
+                        current: format!("{:?}", have.storage),
+                        desired: format!("{:?}", want.storage),
+                    });
+                }
+                if !same_stream(&have, &want) {
+                    self.js.update_stream(want).await.map_err(|e| classify(&self.client, e))?;
+                    changed = true;
+                }
+            }
+            Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => {
+                self.js.create_stream(want).await.map_err(|e| classify(&self.client, e))?;
+                changed = true;
+            }
+            Err(e) => return Err(classify(&self.client, e)),
+        }
+        changed |= self.put_if_changed(&d.kv.0, &d.kv.1).await?;
+        Ok(changed)
+    }
+
+    /// Deletes a Topic's broker objects per its deletion policy (the KV entry
+    /// always goes). Not found is success.
+    pub async fn delete_topic(&self, namespace: &str, name: &str, policy: DeletionPolicy) -> Result<(), ApplyError> {
+        if policy == DeletionPolicy::Delete {
+            match self.js.delete_stream(naming::stream_name(namespace, name)).await {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("not found") => {}
+                Err(e) => return Err(classify(&self.client, e)),
+            }
+        }
+        self.delete_key(&naming::topic_key(namespace, name)).await
+    }
+
+    /// Creates or updates a Subscription's consumer and KV entry.
+    pub async fn apply_subscription(&self, d: &DesiredSubscription) -> Result<bool, ApplyError> {
+        let mut changed = false;
+        if let Some(plan) = &d.consumer {
+            let stream = self.js.get_stream(&plan.stream).await.map_err(|e| classify(&self.client, e))?;
+            let want = plan.to_jetstream();
+            let same = match stream.consumer_info(&plan.name).await {
+                Ok(info) => {
+                    let have = &info.config;
+                    have.ack_wait == want.ack_wait
+                        && have.max_deliver == want.max_deliver
+                        && have.max_ack_pending == want.max_ack_pending
+                        && have.filter_subject == want.filter_subject
+                }
+                Err(_) => false,
+            };
+            if !same {
+                stream.create_consumer(want).await.map_err(|e| classify(&self.client, e))?;
+                changed = true;
+            }
+        }
+        changed |= self.put_if_changed(&d.kv.0, &d.kv.1).await?;
+        Ok(changed)
+    }
+
+    /// Deletes a Subscription's consumer (if its stream still exists) and KV entry.
+    pub async fn delete_subscription(
+        &self,
+        namespace: &str,
+        name: &str,
+        topic: &str,
+        app: &str,
+    ) -> Result<(), ApplyError> {
+        if let Ok(stream) = self.js.get_stream(naming::stream_name(namespace, topic)).await {
+            match stream.delete_consumer(&naming::consumer_name(name)).await {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("not found") => {}
+                Err(e) => return Err(classify(&self.client, e)),
+            }
+        }
+        self.delete_key(&naming::subscription_key(namespace, app, name)).await
+    }
+
+    /// Messages and bytes of a topic's stream.
+    pub async fn topic_counts(&self, namespace: &str, name: &str) -> Result<(u64, u64), ApplyError> {
+        let mut s =
+            self.js.get_stream(naming::stream_name(namespace, name)).await.map_err(|e| classify(&self.client, e))?;
+        let info = s.info().await.map_err(|e| classify(&self.client, e))?;
+        Ok((info.state.messages, info.state.bytes))
+    }
+}
+
+/// Whether the stream config already matches on every field Ferry sets.
+fn same_stream(have: &stream::Config, want: &stream::Config) -> bool {
+    have.subjects == want.subjects
+        && have.max_age == want.max_age
+        && have.max_bytes == want.max_bytes
+        && have.max_messages == want.max_messages
+        && have.num_replicas == want.num_replicas
+        && have.duplicate_window == want.duplicate_window
+        && have.max_message_size == want.max_message_size
+}

@@ -1,0 +1,69 @@
+//! The checked-in CRDs are what the types generate, and their key parts are
+//! what users rely on.
+
+use std::path::PathBuf;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn the_checked_in_crds_match_the_types() {
+    for (name, yaml) in ferry_operator::crd::rendered() {
+        let path = repo().join("crds").join(&name);
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            on_disk == yaml,
+            "{} drifted from the types in api/; run `cargo run -p ferry-operator -- crd --write crds`",
+            path.display()
+        );
+    }
+}
+
+fn crd(name: &str) -> serde_json::Value {
+    let crd = ferry_operator::crd::crds().into_iter().find(|c| c.metadata.name.as_deref() == Some(name)).unwrap();
+    serde_json::to_value(crd).unwrap()
+}
+
+#[test]
+fn the_subscription_crd_has_its_names_columns_validation_and_descriptions() {
+    let c = crd("subscriptions.ferry.dev");
+    assert_eq!(c["spec"]["names"]["shortNames"], serde_json::json!(["fsub"]));
+    assert_eq!(c["spec"]["scope"], "Namespaced");
+    let v = &c["spec"]["versions"][0];
+    assert_eq!(v["name"], "v1alpha1");
+    assert!(v["subresources"]["status"].is_object(), "status subresource");
+    let columns: Vec<&str> =
+        v["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(columns, ["Ready", "Topic", "Consumer", "Lag", "Age"]);
+    let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    assert_eq!(spec["required"], serde_json::json!(["app", "topic"]));
+    assert_eq!(spec["properties"]["maxDeliveries"]["minimum"], 1.0);
+    assert_eq!(spec["properties"]["maxDeliveries"]["maximum"], 1000.0);
+    assert_eq!(spec["properties"]["ordering"]["enum"], serde_json::json!(["None", "Key", "Strict"]));
+    let rules: Vec<&str> =
+        spec["x-kubernetes-validations"].as_array().unwrap().iter().map(|r| r["rule"].as_str().unwrap()).collect();
+    assert!(rules.iter().any(|r| r.contains("self.deadLetterTopic != self.topic")), "{rules:?}");
+    for (field, schema) in spec["properties"].as_object().unwrap() {
+        assert!(
+            schema["description"].as_str().is_some_and(|d| !d.is_empty()),
+            "spec.{field} has no description (kubectl explain)"
+        );
+    }
+}
+
+#[test]
+fn the_topic_crd_has_its_names_columns_and_ranges() {
+    let c = crd("topics.ferry.dev");
+    assert_eq!(c["spec"]["names"]["shortNames"], serde_json::json!(["ftopic"]));
+    let v = &c["spec"]["versions"][0];
+    let columns: Vec<&str> =
+        v["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(columns, ["Ready", "Stream", "Messages", "Age"]);
+    let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    assert_eq!(spec["properties"]["partitions"]["maximum"], 256.0);
+    assert_eq!(spec["properties"]["storage"]["enum"], serde_json::json!(["File", "Memory"]));
+    for (field, schema) in spec["properties"].as_object().unwrap() {
+        assert!(schema["description"].as_str().is_some_and(|d| !d.is_empty()), "spec.{field} has no description");
+    }
+}
