@@ -232,14 +232,15 @@ pub async fn run(
         }
     }
     let outbox = Arc::new(outbox);
+    let mut nats = None;
     let broker: Arc<dyn Broker> = if config.broker.is_embedded() {
         Arc::new(EmbeddedBroker::open(&config.data_dir.join("broker")).map_err(|e| StartError::Other(e.to_string()))?)
     } else {
-        Arc::new(
-            NatsBroker::connect(&config.broker, &format!("ferry-sidecar/{}/{}", config.namespace, config.app_id))
-                .await
-                .map_err(|e| StartError::Other(e.to_string()))?,
-        )
+        let n = NatsBroker::connect(&config.broker, &format!("ferry-sidecar/{}/{}", config.namespace, config.app_id))
+            .await
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        nats = Some(n.clone());
+        Arc::new(n)
     };
     let metrics = Arc::new(Metrics::new());
 
@@ -304,8 +305,13 @@ pub async fn run(
             }
         })
     };
-    let reload =
-        config.resources.clone().map(|dir| tokio::spawn(watch_resources(sidecar.clone(), forwarders.clone(), dir)));
+    // Config source: the manifest directory (standalone), else the broker's
+    // KV bucket the operator writes (cluster).
+    let reload = match (&config.resources, nats) {
+        (Some(dir), _) => Some(tokio::spawn(watch_resources(sidecar.clone(), forwarders.clone(), dir.clone()))),
+        (None, Some(n)) => Some(tokio::spawn(watch_kv(sidecar.clone(), forwarders.clone(), n.jetstream().clone()))),
+        (None, None) => None,
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let serve = |listener: TcpListener, router: axum::Router| {
@@ -373,29 +379,51 @@ async fn watch_resources(s: Arc<Sidecar>, forwarders: Arc<tokio::sync::Mutex<For
             Err(StartError::Config(e)) => Err(e),
             Err(e) => Err(vec![e.to_string()]),
         });
-        let new = match loaded {
-            Ok(r) => {
+        match loaded {
+            Ok(new) => {
                 last_error = None;
-                r
+                apply_change(&s, &forwarders, new).await;
             }
             Err(errors) => {
                 if last_error.as_ref() != Some(&errors) {
                     tracing::error!(errors = ?errors, "changed manifests are invalid; keeping the running configuration");
                     last_error = Some(errors);
                 }
-                continue;
             }
-        };
-        if *s.resources.read().unwrap_or_else(|e| e.into_inner()) == new {
+        }
+    }
+}
+
+/// Applies the resources the operator resolved into the broker's KV bucket.
+async fn watch_kv(
+    s: Arc<Sidecar>,
+    forwarders: Arc<tokio::sync::Mutex<Forwarders>>,
+    js: async_nats::jetstream::Context,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let watcher = tokio::spawn(config::kv::watch(js, s.config.namespace.clone(), s.config.app_id.clone(), tx));
+    while let Some(new) = rx.recv().await {
+        if let Err(e) = check_resources(&s.config, &new) {
+            tracing::error!(error = %e, "the resolved configuration cannot run here; keeping the running configuration");
             continue;
         }
-        tracing::info!(topics = ?new.topics.keys().collect::<Vec<_>>(), "manifests changed; applying");
-        *s.resources.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
-        forwarders.lock().await.ensure(&s, &new);
-        configure_broker(s.clone(), new.clone()).await;
-        s.delivery.reconcile(&new).await;
-        tracing::info!("manifests applied");
+        apply_change(&s, &forwarders, new).await;
     }
+    watcher.abort();
+}
+
+/// Applies new resources: new topics get an outbox and a forwarder, broker
+/// objects are ensured, subscriptions are started, restarted or stopped.
+async fn apply_change(s: &Arc<Sidecar>, forwarders: &tokio::sync::Mutex<Forwarders>, new: Resources) {
+    if *s.resources.read().unwrap_or_else(|e| e.into_inner()) == new {
+        return;
+    }
+    tracing::info!(topics = ?new.topics.keys().collect::<Vec<_>>(), subscriptions = ?new.subscriptions_of(&s.config.app_id).map(|(n, _)| n).collect::<Vec<_>>(), "configuration changed; applying");
+    *s.resources.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+    forwarders.lock().await.ensure(s, &new);
+    configure_broker(s.clone(), new.clone()).await;
+    s.delivery.reconcile(&new).await;
+    tracing::info!("configuration applied");
 }
 
 /// Waits until every topic's outbox is confirmed by the broker, or `grace` passes.

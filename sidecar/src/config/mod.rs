@@ -1,7 +1,9 @@
 //! Configuration: flags and `FERRY_*` environment variables (clap), checked
 //! whole. Every problem is reported, then the process exits once with code
-//! 64 before binding any port. Also the resource sources (`resources`).
+//! 64 before binding any port. Also the resource sources: manifest files
+//! (`resources`, standalone) and the broker's KV bucket (`kv`, cluster).
 
+pub mod kv;
 pub mod resources;
 
 use std::net::SocketAddr;

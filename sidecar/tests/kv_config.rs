@@ -1,0 +1,56 @@
+//! The cluster config path: the operator writes the resolved Topics and
+//! Subscriptions to the broker's KV bucket; a sidecar given `--broker` and no
+//! `--resources` picks them up live and delivers.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_api::subscription::SubscriptionSpec;
+use ferry_api::topic::TopicSpec;
+use ferry_e2e::app::{Reply, TestApp};
+use ferry_operator::{build, jetstream::JetStream};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_the_operator_writes_reaches_a_running_sidecar_and_is_delivered() {
+    let nats = NatsServer::start();
+    let op = JetStream::new(async_nats::connect(nats.url()).await.unwrap());
+    op.apply_topic(&build::topic("default", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+
+    let app = TestApp::start(|_, _| Reply::status(200)).await;
+    let data = tempfile::tempdir().unwrap();
+    let (api, admin) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
+    cmd.env_remove("RUST_LOG")
+        .args(["--app-id", "shop", "--broker", &nats.url(), "--app-port", &app.port.to_string()])
+        .args(["--api-addr", &format!("127.0.0.1:{api}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
+        .arg("--data-dir")
+        .arg(data.path());
+    let mut sc = Process::spawn("ferry-sidecar", cmd);
+    sc.wait_for_line("configuration applied", START_TIMEOUT);
+
+    // The operator adds a Subscription for this app while the sidecar runs.
+    let spec = SubscriptionSpec { path: "/in".into(), ..SubscriptionSpec::new("orders", "shop") };
+    op.apply_subscription(&build::subscription("default", "billing", &spec).unwrap()).await.unwrap();
+    sc.wait_for_line("starting subscription subscription=billing", START_TIMEOUT);
+    let resp = http()
+        .post(format!("http://127.0.0.1:{api}/v1/topics/orders/messages?ack=broker"))
+        .header("ferry-id", "kv-1")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let got = app.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!((got[0].id(), got[0].path.as_str()), ("kv-1", "/in"));
+
+    // A Subscription of another app is not this sidecar's.
+    let other = SubscriptionSpec::new("orders", "other-app");
+    op.apply_subscription(&build::subscription("default", "audit", &other).unwrap()).await.unwrap();
+    // Deleting ours stops it.
+    op.delete_subscription("default", "billing", "orders", "shop").await.unwrap();
+    sc.wait_for_line("stopping subscription", START_TIMEOUT);
+    assert!(!sc.output().iter().any(|l| l.contains("subscription=audit")), "{:#?}", sc.output());
+}
