@@ -1,0 +1,648 @@
+//! `ferry-bench`: a load generator for the whole produce path (DESIGN.md §5).
+//!
+//! `ferry-bench produce` starts its own `nats-server` (`FERRY_NATS_SERVER`,
+//! else `nats-server` on `PATH`) and its own `ferry-sidecar` (`--sidecar-bin`,
+//! default `target/release/ferry-sidecar`) on loopback with a temp data dir,
+//! then prints one line per figure, each with a baseline measured in the
+//! same run and the ratio to it:
+//!
+//! 1. single-message produce, `ack=local`, closed loop on N keep-alive
+//!    connections: msgs/s, p50/p99; baseline raw disk.
+//! 2. NDJSON batch produce: msgs/s, MB/s; baseline raw sequential 256 KiB
+//!    `write` + `fdatasync` in the same data dir.
+//! 3. latency at a fixed rate (open loop, from each request's scheduled
+//!    time): p50/p99/max; baseline raw 1 KiB `write` + `fdatasync` p99.
+//! 4. forwarder throughput (outbox filled while the broker is down, then
+//!    timed to empty); baseline raw async-nats JetStream publishing with
+//!    `Nats-Msg-Id` and the forwarder's window; medians of interleaved runs.
+//! 5. sidecar RSS idle and peak.
+//!
+//! Loads go to 127.0.0.1 only, and every loop is bounded in time and count.
+//! Timings are printed, never asserted.
+
+#[path = "ferry-bench/forward.rs"]
+mod forward;
+#[path = "ferry-bench/http.rs"]
+mod http;
+#[path = "ferry-bench/load.rs"]
+mod load;
+#[path = "ferry-bench/stats.rs"]
+mod stats;
+#[path = "ferry-bench/sys.rs"]
+mod sys;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use ferry_e2e::{free_port, manifests, NatsServer, Process, START_TIMEOUT};
+use hyper::Uri;
+
+use crate::http::{Admin, Error};
+use crate::load::{closed_loop, open_loop, Target};
+use crate::stats::{mbs, median, ms, verdict};
+
+/// Publishes the forwarder keeps awaiting confirmation (ferry-sidecar's
+/// `forward::WINDOW`).
+const FORWARDER_WINDOW: usize = 1024;
+/// Topic of figures 1-3.
+const TOPIC: &str = "bench";
+/// Topic of figure 4.
+const FWD_TOPIC: &str = "fwd";
+/// Its stream at the broker.
+const FWD_STREAM: &str = "FERRY_default_fwd";
+
+const TOPICS: &str = "\
+apiVersion: ferry.dev/v1alpha1
+kind: Topic
+metadata:
+  name: bench
+spec: {}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: Topic
+metadata:
+  name: fwd
+spec: {}
+";
+
+#[derive(Debug, Parser)]
+#[command(name = "ferry-bench", about = "Load generator for Ferry: figures with same-run baselines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Produce path: single and batch produce, fixed-rate latency, forwarder, RSS.
+    Produce(ProduceArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+struct ProduceArgs {
+    /// The ferry-sidecar binary (relative paths are tried from the current
+    /// directory, then from the workspace root).
+    #[arg(long, default_value = "target/release/ferry-sidecar")]
+    sidecar_bin: PathBuf,
+    /// Keep-alive HTTP/1.1 connections for single-message produce (figures 1 and 3).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Keep-alive connections for batch produce (figure 2 and the outbox fill of figure 4).
+    #[arg(long, default_value_t = 16)]
+    batch_connections: usize,
+    /// Seconds each of figures 1-3 runs [default: 10; 1 with --quick].
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Messages per batch request.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 1024)]
+    payload: usize,
+    /// Messages per second of figure 3.
+    #[arg(long, default_value_t = 5000)]
+    rate: u64,
+    /// Messages through the forwarder per run of figure 4 [default: 200000; 20000 with --quick].
+    #[arg(long)]
+    forward_messages: Option<u64>,
+    /// Interleaved forwarder/raw pairs of figure 4 [default: 5; 1 with --quick].
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// Raw baseline's publishes in flight (the forwarder's window).
+    #[arg(long, default_value_t = FORWARDER_WINDOW)]
+    window: usize,
+    /// The sidecar's outbox limit (large, so the produce figures measure
+    /// the produce path, not back-pressure).
+    #[arg(long, default_value_t = 8 << 30)]
+    outbox_max_bytes: u64,
+    /// Diagnosis: stop the broker during figures 1-3, so they measure the
+    /// produce path without the forwarder and nats-server sharing the CPU.
+    #[arg(long)]
+    broker_down_for_produce: bool,
+    /// Smoke run: 1 s phases, 20k forwarded messages, 1 repeat.
+    #[arg(long)]
+    quick: bool,
+}
+
+/// Resolved settings.
+struct Settings {
+    args: ProduceArgs,
+    sidecar_bin: PathBuf,
+    duration: Duration,
+    forward_messages: u64,
+    repeats: usize,
+    /// How long the raw disk baselines run.
+    raw_time: Duration,
+    /// Longest wait for the outbox to drain between phases.
+    drain_timeout: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Produce(args) => match settings(args) {
+            Ok(s) => match produce(&s) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ferry-bench: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(e) => {
+                eprintln!("ferry-bench: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn settings(args: ProduceArgs) -> Result<Settings, String> {
+    let sidecar_bin = resolve(&args.sidecar_bin).ok_or_else(|| {
+        format!(
+            "the sidecar binary {} does not exist: build it with `cargo build --release -p ferry-sidecar` \
+             (or pass --sidecar-bin PATH)",
+            args.sidecar_bin.display()
+        )
+    })?;
+    check_nats_server()?;
+    let q = args.quick;
+    let duration = Duration::from_secs_f64(args.duration.unwrap_or(if q { 1.0 } else { 10.0 }));
+    if duration.is_zero() || duration > Duration::from_secs(3600) {
+        return Err("--duration must be more than 0 and at most 3600 seconds".into());
+    }
+    if args.connections == 0 || args.batch_connections == 0 || args.batch_size == 0 || args.rate == 0 {
+        return Err("--connections, --batch-connections, --batch-size and --rate must be positive".into());
+    }
+    let forward_messages = args.forward_messages.unwrap_or(if q { 20_000 } else { 200_000 }).max(1);
+    let repeats = args.repeats.unwrap_or(if q { 1 } else { 5 }).max(1);
+    Ok(Settings {
+        sidecar_bin,
+        duration,
+        forward_messages,
+        repeats,
+        raw_time: if q { Duration::from_millis(300) } else { Duration::from_secs(2) },
+        drain_timeout: if q { Duration::from_secs(60) } else { Duration::from_secs(300) },
+        args,
+    })
+}
+
+/// A path as given, else relative to the workspace root.
+fn resolve(p: &Path) -> Option<PathBuf> {
+    if p.is_file() {
+        return Some(p.to_path_buf());
+    }
+    if p.is_relative() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+        let q = root.join(p);
+        if q.is_file() {
+            return Some(q);
+        }
+    }
+    None
+}
+
+fn check_nats_server() -> Result<(), String> {
+    let bin = ferry_e2e::nats_server_binary();
+    let found = if bin.components().count() > 1 {
+        bin.is_file()
+    } else {
+        std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(&bin).is_file()))
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "no nats-server ({}): run `source scripts/tools.sh && ensure_nats_server` first, \
+             or set FERRY_NATS_SERVER",
+            bin.display()
+        ))
+    }
+}
+
+/// A running sidecar.
+struct Sidecar {
+    process: Process,
+    api: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn start_sidecar(s: &Settings, broker: &str, resources: &Path, data_dir: &Path) -> Sidecar {
+    let api: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut cmd = Command::new(&s.sidecar_bin);
+    cmd.env_remove("RUST_LOG")
+        .args(["--app-id", "bench", "--broker", broker])
+        .args(["--api-addr", &api.to_string(), "--admin-addr", &admin.to_string()])
+        .arg("--resources")
+        .arg(resources)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--outbox-max-bytes", &s.args.outbox_max_bytes.to_string()]);
+    let mut process = Process::spawn("ferry-sidecar", cmd);
+    process.wait_for_line("ferry-sidecar started", START_TIMEOUT);
+    process.wait_for_line("broker configured", START_TIMEOUT);
+    Sidecar { process, api, admin }
+}
+
+fn nats_pid(nats: &NatsServer) -> Option<u32> {
+    let url = nats.url();
+    let port = url.rsplit(':').next()?;
+    sys::find_pid(&["-p", port, "-js"])
+}
+
+fn say(line: &str) {
+    use std::io::Write;
+    println!("{line}");
+    let _ = std::io::stdout().flush();
+}
+
+fn progress(what: &str) {
+    eprintln!("ferry-bench: {what}");
+}
+
+/// NDJSON batch of `n` entries whose payload is `payload` bytes: a JSON
+/// string (quotes included) stored as the message's bytes.
+fn ndjson_batch(n: usize, payload: usize) -> Bytes {
+    let line = format!("{{\"data\":\"{}\"}}\n", "x".repeat(payload.saturating_sub(2)));
+    Bytes::from(line.repeat(n))
+}
+
+/// The payload the forwarder publishes for an [`ndjson_batch`] entry.
+fn json_payload(payload: usize) -> Bytes {
+    Bytes::from(format!("\"{}\"", "x".repeat(payload.saturating_sub(2))))
+}
+
+fn uri(path: &str) -> Uri {
+    path.parse().expect("a valid path")
+}
+
+fn produce(s: &Settings) -> Result<(), Error> {
+    let a = &s.args;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut nats = NatsServer::start();
+    let resources = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir()?;
+    progress(&format!("starting {} (data dir {})", s.sidecar_bin.display(), data.path().display()));
+    let mut sc = start_sidecar(s, &nats.url(), resources.path(), data.path());
+    let pid = sc.process.pid();
+    let mut admin = Admin::new(sc.admin);
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    say(&format!(
+        "ferry-bench produce: sidecar {} (pid {pid}), nats-server {}, {cpus} CPUs, data dir {}, {:.0} s phases, \
+         {} B payloads{}",
+        s.sidecar_bin.display(),
+        ferry_e2e::nats_server_binary().display(),
+        data.path().display(),
+        s.duration.as_secs_f64(),
+        a.payload,
+        if a.quick { ", --quick" } else { "" }
+    ));
+
+    // Idle RSS: after start-up, before any load.
+    std::thread::sleep(if a.quick { Duration::from_millis(200) } else { Duration::from_secs(1) });
+    let idle_rss = sys::status_bytes(pid, "VmRSS").ok_or("cannot read the sidecar's VmRSS")?;
+
+    // Raw disk baselines, in the same data dir, the sidecar idle.
+    progress("raw disk baselines");
+    let raw256 = sys::raw_256k(data.path(), s.raw_time, 64 << 10)?;
+    let raw1k = sys::raw_small(data.path(), a.payload, s.raw_time, 100_000)?;
+    say(&format!(
+        "baseline raw disk (same data dir): 256 KiB write+fdatasync {:.1} MB/s ({} chunks in {:.2} s); \
+         {} B write+fdatasync {:.0}/s, p50 {}, p99 {}",
+        raw256.mbs,
+        raw256.chunks,
+        raw256.elapsed.as_secs_f64(),
+        a.payload,
+        raw1k.per_sec,
+        ms(raw1k.lat.p50),
+        ms(raw1k.lat.p99)
+    ));
+    let raw_msgs_per_sec = raw256.mbs * 1e6 / a.payload as f64;
+
+    let single = Target {
+        addr: sc.api,
+        uri: uri(&format!("/v1/topics/{TOPIC}/messages")),
+        content_type: "application/octet-stream",
+        body: Bytes::from(vec![0x42u8; a.payload]),
+        msgs_per_req: 1,
+    };
+    let batch = |topic: &str| Target {
+        addr: sc.api,
+        uri: uri(&format!("/v1/topics/{topic}/messages:batch")),
+        content_type: "application/x-ndjson",
+        body: ndjson_batch(a.batch_size, a.payload),
+        msgs_per_req: a.batch_size as u64,
+    };
+    let mut hwm = Vec::new();
+    let isolated = a.broker_down_for_produce;
+    if isolated {
+        nats.stop();
+        wait_disconnected(&rt, &mut admin)?;
+        say("  --broker-down-for-produce: the broker is stopped for figures 1-3 (no forwarding meanwhile)");
+    }
+
+    // 1. Single-message produce, closed loop.
+    progress(&format!("figure 1: single produce on {} connections for {:?}", a.connections, s.duration));
+    let cpu = sys::CpuMeter::start(pid, nats_pid(&nats));
+    let r = rt.block_on(closed_loop(&single, a.connections, s.duration, 100_000_000))?;
+    let cpu1 = cpu.report();
+    let rate = r.msgs_per_sec();
+    say(&format!(
+        "fig1 single produce (ack=local, {} B, {} connections, {:.0} s): {:.0} msg/s, p50 {}, p99 {} \
+         | baseline raw {} B write+fdatasync {:.0}/s, raw 256 KiB write+fdatasync {:.1} MB/s \
+         | ratio {:.2}x raw small-fsync rate, {:.3}x raw disk bytes/s | goal >= 50000 msg/s: {}",
+        a.payload,
+        a.connections,
+        s.duration.as_secs_f64(),
+        rate,
+        ms(r.lat.p50),
+        ms(r.lat.p99),
+        a.payload,
+        raw1k.per_sec,
+        raw256.mbs,
+        rate / raw1k.per_sec,
+        rate * a.payload as f64 / (raw256.mbs * 1e6),
+        verdict(rate >= 50_000.0)
+    ));
+    say(&format!("  fig1 detail: {}; max {}; {}", r.counts(), ms(r.lat.max), cpu1));
+    hwm.push(("fig1", sys::status_bytes(pid, "VmHWM")));
+    if !isolated {
+        drain(&rt, &mut admin, s, "fig1")?;
+    }
+
+    // 2. Batch produce, closed loop.
+    progress(&format!("figure 2: batch produce on {} connections for {:?}", a.batch_connections, s.duration));
+    let cpu = sys::CpuMeter::start(pid, nats_pid(&nats));
+    let r = rt.block_on(closed_loop(&batch(TOPIC), a.batch_connections, s.duration, 10_000_000))?;
+    let cpu2 = cpu.report();
+    let rate = r.msgs_per_sec();
+    let produce_mbs = mbs(r.msgs * a.payload as u64, r.elapsed);
+    let ratio = produce_mbs / raw256.mbs;
+    say(&format!(
+        "fig2 batch produce (ack=local, NDJSON {} x {} B per request, {} connections, {:.0} s): {:.0} msg/s, \
+         {:.1} MB/s | baseline raw 256 KiB write+fdatasync {:.1} MB/s (= {:.0} x {} B/s) | ratio {:.2}x raw disk \
+         bytes/s | goal >= 300000 msg/s: {}; DESIGN §5 goal >= 0.6x raw: {}",
+        a.batch_size,
+        a.payload,
+        a.batch_connections,
+        s.duration.as_secs_f64(),
+        rate,
+        produce_mbs,
+        raw256.mbs,
+        raw_msgs_per_sec,
+        a.payload,
+        ratio,
+        verdict(rate >= 300_000.0),
+        verdict(ratio >= 0.6)
+    ));
+    say(&format!(
+        "  fig2 detail: {}; per request p50 {}, p99 {}, max {}; {}",
+        r.counts(),
+        ms(r.lat.p50),
+        ms(r.lat.p99),
+        ms(r.lat.max),
+        cpu2
+    ));
+    hwm.push(("fig2", sys::status_bytes(pid, "VmHWM")));
+    if !isolated {
+        drain(&rt, &mut admin, s, "fig2")?;
+    }
+
+    // 3. Fixed rate, open loop.
+    progress(&format!("figure 3: {} msg/s for {:?}", a.rate, s.duration));
+    // The disk's small-write latency right before and right after the run
+    // (it drifts on a shared machine); the ratio uses the larger p99.
+    let fresh = s.raw_time / 2;
+    let before = sys::raw_small(data.path(), a.payload, fresh, 100_000)?.lat.p99;
+    let cpu = sys::CpuMeter::start(pid, nats_pid(&nats));
+    let r = rt.block_on(open_loop(&single, a.connections, a.rate, s.duration))?;
+    let cpu3 = cpu.report();
+    let after = sys::raw_small(data.path(), a.payload, fresh, 100_000)?.lat.p99;
+    let raw_p99 = before.max(after);
+    let l = r.load.lat;
+    say(&format!(
+        "fig3 fixed rate ({} msg/s open loop, single produce ack=local, {} B, {:.0} s): p50 {}, p99 {}, max {} \
+         ({} of {} answered 202) | baseline raw {} B write+fdatasync p99 {} (just before the run; {} just \
+         after) | ratio {:.2}x the larger raw p99 | goal p99 <= 2 ms: {}",
+        a.rate,
+        a.payload,
+        s.duration.as_secs_f64(),
+        ms(l.p50),
+        ms(l.p99),
+        ms(l.max),
+        r.load.requests,
+        r.scheduled,
+        a.payload,
+        ms(before),
+        ms(after),
+        l.p99.as_secs_f64() / raw_p99.as_secs_f64().max(1e-9),
+        verdict(l.p99 <= Duration::from_millis(2) && r.load.requests == r.scheduled)
+    ));
+    say(&format!(
+        "  fig3 detail: {}; latency from the scheduled send time; pacer lag (client-side, included) p50 {}, \
+         p99 {}, max {}; {}",
+        r.load.counts(),
+        ms(r.pacer_lag.p50),
+        ms(r.pacer_lag.p99),
+        ms(r.pacer_lag.max),
+        cpu3
+    ));
+    hwm.push(("fig3", sys::status_bytes(pid, "VmHWM")));
+    if !isolated {
+        drain(&rt, &mut admin, s, "fig3")?;
+    }
+
+    // 4. Forwarder vs raw JetStream publishing, interleaved.
+    if isolated {
+        nats.start_again();
+        drain(&rt, &mut admin, s, "restarting the broker")?;
+    }
+    rt.block_on(async {
+        let js = forward::connect(&nats.url()).await?;
+        forward::purge(&js, "FERRY_default_bench").await?;
+        Ok::<_, Error>(())
+    })?;
+    let payload = json_payload(a.payload);
+    let (mut fwd_rates, mut raw_rates, mut notes) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..s.repeats {
+        progress(&format!("figure 4: run {} of {}: forwarder", run + 1, s.repeats));
+        let f = forwarder_run(&rt, s, &mut nats, &mut admin, &batch(FWD_TOPIC), pid)?;
+        fwd_rates.push(f.rate);
+        progress(&format!("figure 4: run {} of {}: raw JetStream publish of {} messages", run + 1, s.repeats, f.n));
+        let url = nats.url();
+        let npid = nats_pid(&nats);
+        let (raw, raw_cpu) = rt.block_on(async {
+            let js = forward::connect(&url).await?;
+            let cpu = sys::CpuMeter::start(pid, npid);
+            let t = forward::raw_publish(&js, FWD_STREAM, f.n, a.window, payload.clone(), run).await?;
+            let cpu = cpu.report();
+            forward::purge(&js, forward::RAW_STREAM).await?;
+            forward::purge(&js, FWD_STREAM).await?;
+            Ok::<_, Error>((t, cpu))
+        })?;
+        let raw_rate = f.n as f64 / raw.as_secs_f64().max(1e-9);
+        raw_rates.push(raw_rate);
+        notes.push(format!(
+            "run {}: forwarder {:.0}/s ({}; {}), raw {:.0}/s ({})",
+            run + 1,
+            f.rate,
+            f.note,
+            f.cpu,
+            raw_rate,
+            raw_cpu
+        ));
+    }
+    hwm.push(("fig4", sys::status_bytes(pid, "VmHWM")));
+    let (fwd, raw) = (median(&fwd_rates), median(&raw_rates));
+    let ratio = fwd / raw.max(1e-9);
+    say(&format!(
+        "fig4 forwarder ({} x {} B per run, outbox filled with the broker down, median of {}): {:.0} msg/s \
+         | baseline raw async-nats JetStream publish, Nats-Msg-Id, window {}: {:.0} msg/s | ratio {:.2}x \
+         | goal >= 0.9x: {}",
+        s.forward_messages,
+        a.payload,
+        s.repeats,
+        fwd,
+        a.window,
+        raw,
+        ratio,
+        verdict(ratio >= 0.9)
+    ));
+    for n in &notes {
+        say(&format!("  fig4 {n}"));
+    }
+
+    // 5. RSS.
+    let peak = sys::status_bytes(pid, "VmHWM").ok_or("cannot read the sidecar's VmHWM")?;
+    let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
+    say(&format!(
+        "fig5 sidecar RSS: idle {:.1} MiB (VmRSS), peak under load {:.1} MiB (VmHWM) | baseline goals idle <= 20 MiB \
+         (DESIGN §5: 15), loaded <= 64 MiB | ratio {:.2}x, {:.2}x of goal | goal idle: {}, loaded: {}",
+        mb(idle_rss),
+        mb(peak),
+        mb(idle_rss) / 20.0,
+        mb(peak) / 64.0,
+        verdict(mb(idle_rss) <= 20.0),
+        verdict(mb(peak) <= 64.0)
+    ));
+    let phases: Vec<String> = hwm
+        .iter()
+        .map(|(n, b)| format!("after {n} {}", b.map_or("?".into(), |b| format!("{:.1} MiB", mb(b)))))
+        .collect();
+    say(&format!("  fig5 detail: VmHWM {}", phases.join(", ")));
+
+    sc.process.signal(15);
+    let _ = sc.process.wait_exit(Duration::from_secs(30));
+    Ok(())
+}
+
+/// Waits until the broker has confirmed everything in the outbox.
+fn drain(rt: &tokio::runtime::Runtime, admin: &mut Admin, s: &Settings, after: &str) -> Result<(), Error> {
+    let t0 = Instant::now();
+    let pending0 = rt.block_on(admin.pending())?;
+    let left = rt.block_on(async {
+        loop {
+            let p = admin.pending().await?;
+            if p == 0 || t0.elapsed() > s.drain_timeout {
+                return Ok::<_, Error>(p);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })?;
+    let t = t0.elapsed().as_secs_f64();
+    if left > 0 {
+        say(&format!("  WARNING after {after}: {left} messages still pending after {t:.1} s; going on"));
+    } else {
+        say(&format!(
+            "  after {after}: outbox drained to the broker ({pending0} pending at the end of the phase, {t:.2} s)"
+        ));
+    }
+    Ok(())
+}
+
+/// Waits until the sidecar noticed that the broker is gone.
+fn wait_disconnected(rt: &tokio::runtime::Runtime, admin: &mut Admin) -> Result<(), Error> {
+    rt.block_on(async {
+        let t0 = Instant::now();
+        while admin.broker_connected().await? {
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err::<(), Error>("the sidecar still says it is connected 10 s after the broker stopped".into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    })
+}
+
+struct ForwarderRun {
+    n: u64,
+    rate: f64,
+    note: String,
+    cpu: String,
+}
+
+/// Stops the broker, fills the outbox with `forward_messages`, starts the
+/// broker again and times the forwarder from its first confirmation to
+/// its last (reconnect and retry backoff are not the forwarder's speed).
+fn forwarder_run(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    nats: &mut NatsServer,
+    admin: &mut Admin,
+    target: &Target,
+    pid: u32,
+) -> Result<ForwarderRun, Error> {
+    nats.stop();
+    wait_disconnected(rt, admin)?;
+    let (next0, fwd0) = rt.block_on(admin.offsets(FWD_TOPIC))?;
+    if next0 != fwd0 {
+        return Err(format!("topic {FWD_TOPIC}: {} messages pending before the fill", next0 - fwd0).into());
+    }
+    let requests = s.forward_messages.div_ceil(target.msgs_per_req);
+    let fill = rt.block_on(closed_loop(target, s.args.batch_connections, Duration::from_secs(300), requests))?;
+    if fill.requests != requests {
+        return Err(format!("filling the outbox: {}", fill.counts()).into());
+    }
+    let (next1, _) = rt.block_on(admin.offsets(FWD_TOPIC))?;
+    let n = next1 - fwd0;
+    nats.start_again();
+    let up = Instant::now();
+    let npid = nats_pid(nats);
+    let (first, end, cpu) = rt.block_on(async {
+        let mut first: Option<(Instant, u64, sys::CpuMeter)> = None;
+        loop {
+            let (_, fwd) = admin.offsets(FWD_TOPIC).await?;
+            let now = Instant::now();
+            if first.is_none() && fwd > fwd0 {
+                first = Some((now, fwd, sys::CpuMeter::start(pid, npid)));
+            }
+            if fwd >= next1 {
+                let (t1, c1, cpu) = first.expect("set when progress was seen");
+                return Ok::<_, Error>(((t1, c1), now, cpu.report()));
+            }
+            if up.elapsed() > Duration::from_secs(300) {
+                return Err(format!("the forwarder confirmed {} of {n} messages in 300 s", fwd - fwd0).into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })?;
+    let (t1, c1) = first;
+    let (rate, how) = if c1 < next1 && end > t1 {
+        (
+            (next1 - c1) as f64 / (end - t1).as_secs_f64(),
+            format!("{} msgs timed over {:.3} s", next1 - c1, (end - t1).as_secs_f64()),
+        )
+    } else {
+        (n as f64 / (end - up).as_secs_f64(), format!("all {n} msgs by the first poll, timed from the restart"))
+    };
+    let note = format!(
+        "fill {:.0} msg/s; first confirmation {:.2} s after the broker restart; {how}",
+        fill.msgs_per_sec(),
+        (t1 - up).as_secs_f64()
+    );
+    Ok(ForwarderRun { n, rate, note, cpu })
+}
