@@ -56,10 +56,27 @@ pub struct MessageStatus {
     pub state: MessageState,
 }
 
+/// Recent message ids, compactly: keyed by a 64-bit hash of the id (a
+/// collision between two recent ids, odds about n²/2⁶⁵, would answer one's
+/// status for the other), names shared.
 #[derive(Default)]
 struct Tracker {
-    by_id: HashMap<String, MessageStatus>,
-    order: VecDeque<String>,
+    by_id: HashMap<u64, Tracked>,
+    order: VecDeque<u64>,
+    names: HashMap<String, Arc<str>>,
+}
+
+#[derive(Clone)]
+struct Tracked {
+    topic: Arc<str>,
+    offset: u64,
+    /// Stream and sequence once forwarded.
+    forwarded: Option<(Arc<str>, u64)>,
+}
+
+fn id_hash(id: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id)
 }
 
 /// The outbox.
@@ -174,8 +191,9 @@ impl Outbox {
     pub async fn append(&self, tl: &TopicLog, records: &[NewRecord]) -> Result<std::ops::Range<u64>, ferry_log::Error> {
         let range = tl.log.append(records).await?;
         let mut t = self.lock_tracker();
+        let topic = t.name(&tl.topic);
         for (rec, offset) in records.iter().zip(range.clone()) {
-            t.note_pending(&rec.id, &tl.topic, offset);
+            t.note_pending(&rec.id, &topic, offset);
         }
         Ok(range)
     }
@@ -186,35 +204,58 @@ impl Outbox {
 
     /// Records that the broker confirmed a message.
     pub fn confirmed(&self, topic: &str, id: &str, offset: u64, stream: &str, sequence: u64) {
-        let state = MessageState::Forwarded { stream: stream.to_owned(), sequence };
-        self.lock_tracker().insert(id.to_owned(), MessageStatus { topic: topic.to_owned(), offset, state });
+        let mut t = self.lock_tracker();
+        let (topic, stream) = (t.name(topic), t.name(stream));
+        t.insert(id_hash(id), Tracked { topic, offset, forwarded: Some((stream, sequence)) });
     }
 
     /// Remembers a pending message found in the log after a restart.
     pub fn pending_seen(&self, topic: &str, id: &str, offset: u64) {
-        self.lock_tracker().note_pending(id, topic, offset);
+        let mut t = self.lock_tracker();
+        let topic = t.name(topic);
+        t.note_pending(id, &topic, offset);
     }
 
     /// What is known of a message id (recent ones only).
     pub fn status(&self, id: &str) -> Option<MessageStatus> {
-        self.lock_tracker().by_id.get(id).cloned()
+        let t = self.lock_tracker();
+        let tracked = t.by_id.get(&id_hash(id))?;
+        Some(MessageStatus {
+            topic: tracked.topic.to_string(),
+            offset: tracked.offset,
+            state: match &tracked.forwarded {
+                None => MessageState::Pending,
+                Some((stream, sequence)) => MessageState::Forwarded { stream: stream.to_string(), sequence: *sequence },
+            },
+        })
     }
 }
 
 impl Tracker {
+    /// The shared copy of a topic or stream name.
+    fn name(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.names.insert(name.to_owned(), n.clone());
+        n
+    }
+
     /// Records a pending message unless this record (or a later produce of
     /// the same id) is already known: the forwarder can confirm a record
     /// before its appender gets here.
-    fn note_pending(&mut self, id: &str, topic: &str, offset: u64) {
-        let known = self.by_id.get(id).is_some_and(|s| s.topic == topic && s.offset >= offset);
+    fn note_pending(&mut self, id: &str, topic: &Arc<str>, offset: u64) {
+        let key = id_hash(id);
+        let known = self.by_id.get(&key).is_some_and(|s| s.topic == *topic && s.offset >= offset);
         if !known {
-            self.insert(id.to_owned(), MessageStatus { topic: topic.to_owned(), offset, state: MessageState::Pending });
+            self.insert(key, Tracked { topic: topic.clone(), offset, forwarded: None });
         }
     }
 
-    fn insert(&mut self, id: String, status: MessageStatus) {
-        if self.by_id.insert(id.clone(), status).is_none() {
-            self.order.push_back(id);
+    fn insert(&mut self, key: u64, tracked: Tracked) {
+        if self.by_id.insert(key, tracked).is_none() {
+            self.order.push_back(key);
             while self.order.len() > TRACKED_IDS {
                 if let Some(old) = self.order.pop_front() {
                     self.by_id.remove(&old);

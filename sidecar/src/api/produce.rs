@@ -231,7 +231,8 @@ fn is_json(ct: &str) -> bool {
 struct Entry {
     id: Option<String>,
     key: Option<String>,
-    data: Option<Value>,
+    /// Kept as the client wrote it: stored byte for byte, never re-encoded.
+    data: Option<Box<serde_json::value::RawValue>>,
     #[serde(rename = "data_base64")]
     data_base64: Option<String>,
     content_type: Option<String>,
@@ -256,7 +257,7 @@ fn entry(e: Entry, limits: Limits) -> Result<NewRecord, ApiError> {
     }
     let (payload, default_ct) = match (e.data, e.data_base64) {
         (Some(_), Some(_)) => return Err(bad("an entry has data or data_base64, not both")),
-        (Some(v), None) => (Bytes::from(serde_json::to_vec(&v).expect("a JSON value serializes")), "application/json"),
+        (Some(raw), None) => (Bytes::copy_from_slice(raw.get().as_bytes()), "application/json"),
         (None, Some(b64)) => (
             Bytes::from(
                 base64::engine::general_purpose::STANDARD
@@ -284,24 +285,28 @@ pub fn batch(h: &HeaderMap, body: &[u8], limits: Limits) -> Result<Vec<NewRecord
                 .map(|(i, v)| structured(v, limits).map_err(|e| at(i, e)))
                 .collect::<Result<_, _>>()?
         }
-        "application/json" => {
-            let items: Vec<Value> =
-                serde_json::from_slice(body).map_err(|e| bad(format!("a batch is a JSON array of entries: {e}")))?;
-            items
+        "application/json" => match serde_json::from_slice::<Vec<Entry>>(body) {
+            Ok(entries) => entries
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| parse_entry(v, limits).map_err(|e| at(i, e)))
-                .collect::<Result<_, _>>()?
-        }
+                .map(|(i, e)| entry(e, limits).map_err(|e| at(i, e)))
+                .collect::<Result<_, _>>()?,
+            // Parsed again, slowly, only to say which entry is wrong.
+            Err(whole) => {
+                let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
+                    .map_err(|_| bad(format!("a batch is a JSON array of entries: {whole}")))?;
+                for (i, item) in items.iter().enumerate() {
+                    parse_entry(item.get(), limits).map_err(|e| at(i, e))?;
+                }
+                return Err(bad(format!("a batch is a JSON array of entries: {whole}")));
+            }
+        },
         "application/x-ndjson" | "application/ndjson" => {
             let text = std::str::from_utf8(body).map_err(|_| bad("NDJSON batch is not UTF-8"))?;
             text.lines()
                 .filter(|l| !l.trim().is_empty())
                 .enumerate()
-                .map(|(i, line)| {
-                    let v: Value = serde_json::from_str(line).map_err(|e| at(i, bad(format!("invalid JSON: {e}"))))?;
-                    parse_entry(v, limits).map_err(|e| at(i, e))
-                })
+                .map(|(i, line)| parse_entry(line, limits).map_err(|e| at(i, e)))
                 .collect::<Result<_, _>>()?
         }
         other => {
@@ -319,8 +324,8 @@ pub fn batch(h: &HeaderMap, body: &[u8], limits: Limits) -> Result<Vec<NewRecord
     Ok(records)
 }
 
-fn parse_entry(v: Value, limits: Limits) -> Result<NewRecord, ApiError> {
-    let e: Entry = serde_json::from_value(v).map_err(|e| bad(format!("invalid entry: {e}")))?;
+fn parse_entry(text: &str, limits: Limits) -> Result<NewRecord, ApiError> {
+    let e: Entry = serde_json::from_str(text).map_err(|e| bad(format!("invalid entry: {e}")))?;
     entry(e, limits)
 }
 

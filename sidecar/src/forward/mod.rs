@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use ferry_api::naming;
 use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -57,8 +58,19 @@ impl Forwarder {
         let (confirmed_tx, confirmed) = watch::channel(start);
         let (stop, stop_rx) = watch::channel(false);
         let topic = tl.topic.clone();
+        let labels = crate::metrics::TopicLabels { topic: topic.clone() };
+        let forwarded = metrics.forward_messages.get_or_create(&labels).clone();
+        let errors = metrics.forward_errors.get_or_create(&labels).clone();
+        let outbox_records = metrics.outbox_records.get_or_create(&labels).clone();
+        let outbox_bytes = metrics.outbox_bytes.get_or_create(&labels).clone();
         let ctx = Ctx {
             namespace: namespace.to_owned(),
+            recovered_end: tl.log.next_offset(),
+            forwarded,
+            errors,
+            outbox_records,
+            outbox_bytes,
+            committing: None,
             tl,
             outbox,
             broker,
@@ -85,6 +97,17 @@ struct Ctx {
     metrics: Arc<Metrics>,
     confirmed: watch::Sender<u64>,
     stop: watch::Receiver<bool>,
+    /// Records below this were in the log at start: their ids are told to
+    /// the outbox's tracker as they are read (later ones it saw produced).
+    recovered_end: u64,
+    // Metric handles, looked up once.
+    forwarded: prometheus_client::metrics::counter::Counter,
+    errors: prometheus_client::metrics::counter::Counter,
+    outbox_records: prometheus_client::metrics::gauge::Gauge,
+    outbox_bytes: prometheus_client::metrics::gauge::Gauge,
+    /// A cursor commit running on the blocking pool (three fsyncs: never on
+    /// a runtime worker, where it would stall produce calls).
+    committing: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// A publish awaiting its ack, with what to record when it comes.
@@ -110,9 +133,9 @@ impl Ctx {
                     if *self.confirmed.borrow() > before {
                         backoff = BACKOFF_MIN;
                     }
-                    self.metrics.forward_errors.get_or_create(&self.labels()).inc();
+                    self.errors.inc();
                     tracing::warn!(topic = %self.tl.topic, error = %e, retry_in = ?backoff, "forwarding failed; will re-send from the first unconfirmed message");
-                    self.commit();
+                    self.commit().await;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = self.stop.changed() => break,
@@ -124,31 +147,45 @@ impl Ctx {
                 break;
             }
         }
-        self.commit();
+        self.commit().await;
     }
 
-    fn labels(&self) -> crate::metrics::TopicLabels {
-        crate::metrics::TopicLabels { topic: self.tl.topic.clone() }
-    }
-
-    /// Persists the confirmed offset as the `forwarded` cursor (and lets
-    /// retention delete forwarded segments).
-    fn commit(&self) {
-        let confirmed = *self.confirmed.borrow();
-        if self.tl.log.cursor(FORWARDED) != Some(confirmed) {
-            if let Err(e) = self.tl.log.commit(FORWARDED, confirmed) {
-                tracing::warn!(topic = %self.tl.topic, error = %e, "could not commit the forwarded offset; will retry");
-            }
+    /// Starts persisting the confirmed offset as the `forwarded` cursor (and
+    /// so letting retention delete forwarded segments) unless a commit is
+    /// still running.
+    fn start_commit(&mut self) {
+        if self.committing.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
         }
+        let confirmed = *self.confirmed.borrow();
         self.update_gauges();
+        if self.tl.log.cursor(FORWARDED) == Some(confirmed) {
+            return;
+        }
+        let tl = self.tl.clone();
+        self.committing = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = tl.log.commit(FORWARDED, confirmed) {
+                tracing::warn!(topic = %tl.topic, error = %e, "could not commit the forwarded offset; will retry");
+            }
+        }));
+    }
+
+    /// Commits now and waits for it (on failure and when stopping).
+    async fn commit(&mut self) {
+        if let Some(h) = self.committing.take() {
+            let _ = h.await;
+        }
+        self.start_commit();
+        if let Some(h) = self.committing.take() {
+            let _ = h.await;
+        }
     }
 
     fn update_gauges(&self) {
         let stats = self.tl.log.stats();
         let confirmed = *self.confirmed.borrow();
-        let l = self.labels();
-        self.metrics.outbox_records.get_or_create(&l).set(stats.next_offset.saturating_sub(confirmed) as i64);
-        self.metrics.outbox_bytes.get_or_create(&l).set(stats.bytes as i64);
+        self.outbox_records.set(stats.next_offset.saturating_sub(confirmed) as i64);
+        self.outbox_bytes.set(stats.bytes as i64);
     }
 
     fn message(&self, rec: &ferry_log::Record) -> OutMessage {
@@ -167,7 +204,8 @@ impl Ctx {
 
     /// Publishes from the first unconfirmed record until stopped or failed.
     async fn pipeline(&mut self) -> Outcome {
-        let log = &self.tl.log;
+        let tl = self.tl.clone();
+        let log = &tl.log;
         let mut end = log.subscribe();
         let mut next_read = *self.confirmed.borrow();
         let mut in_flight: FuturesOrdered<
@@ -185,7 +223,9 @@ impl Ctx {
                     Err(e) => return Outcome::Failed(BrokerError::Unavailable(format!("reading the outbox: {e}"))),
                 };
                 for rec in &batch.records {
-                    self.outbox.pending_seen(&self.tl.topic, &rec.id, rec.offset);
+                    if rec.offset < self.recovered_end {
+                        self.outbox.pending_seen(&self.tl.topic, &rec.id, rec.offset);
+                    }
                     let pending: PendingAck = match self.broker.publish(self.message(rec)).await {
                         Ok(p) => p,
                         Err(e) => return Outcome::Failed(e),
@@ -202,20 +242,35 @@ impl Ctx {
             tokio::select! {
                 biased;
                 _ = self.stop.changed() => return Outcome::Stopped,
-                Some((info, result)) = in_flight.next(), if !in_flight.is_empty() => match result {
-                    Ok(ack) => {
-                        self.outbox.confirmed(&self.tl.topic, &info.id, info.offset, &ack.stream, ack.sequence);
-                        let l = self.labels();
-                        self.metrics.forward_messages.get_or_create(&l).inc();
-                        self.metrics.forward_duration.observe(info.sent.elapsed().as_secs_f64());
-                        let _ = self.confirmed.send(info.offset + 1);
+                Some(first) = in_flight.next(), if !in_flight.is_empty() => {
+                    // Take every ack already there, then move the watermark once.
+                    let mut next = Some(first);
+                    let mut confirmed = None;
+                    while let Some((info, result)) = next.take() {
+                        match result {
+                            Ok(ack) => {
+                                self.outbox.confirmed(&self.tl.topic, &info.id, info.offset, &ack.stream, ack.sequence);
+                                self.forwarded.inc();
+                                self.metrics.forward_duration.observe(info.sent.elapsed().as_secs_f64());
+                                confirmed = Some(info.offset + 1);
+                            }
+                            Err(e) => {
+                                if let Some(c) = confirmed {
+                                    let _ = self.confirmed.send(c);
+                                }
+                                return Outcome::Failed(e);
+                            }
+                        }
+                        next = in_flight.next().now_or_never().flatten();
                     }
-                    Err(e) => return Outcome::Failed(e),
-                },
+                    if let Some(c) = confirmed {
+                        let _ = self.confirmed.send(c);
+                    }
+                }
                 _ = end.changed(), if in_flight.len() < WINDOW => {}
                 _ = ticker.tick() => {
                     if last_commit.elapsed() >= COMMIT_EVERY {
-                        self.commit();
+                        self.start_commit();
                         last_commit = Instant::now();
                     }
                 }
