@@ -49,6 +49,9 @@ fn classify(client: &async_nats::Client, e: impl std::fmt::Display) -> ApplyErro
     }
 }
 
+/// Timeout of each JetStream API call.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A JetStream connection with the config bucket.
 #[derive(Clone)]
 pub struct JetStream {
@@ -59,8 +62,17 @@ pub struct JetStream {
 impl JetStream {
     /// Wraps a connected client.
     pub fn new(client: async_nats::Client) -> Self {
-        let js = jetstream::new(client.clone());
+        let js = jetstream::ContextBuilder::new().timeout(REQUEST_TIMEOUT).build(client.clone());
         JetStream { client, js }
+    }
+
+    /// Fails fast while disconnected rather than waiting out a timeout.
+    fn connected(&self) -> Result<(), ApplyError> {
+        if self.client.connection_state() == async_nats::connection::State::Connected {
+            Ok(())
+        } else {
+            Err(ApplyError::BrokerUnavailable("not connected to the broker".into()))
+        }
     }
 
     /// The config bucket, created on first use.
@@ -97,6 +109,7 @@ impl JetStream {
     /// Creates or updates a Topic's stream and KV entry. Returns whether
     /// anything was written.
     pub async fn apply_topic(&self, d: &DesiredTopic) -> Result<bool, ApplyError> {
+        self.connected()?;
         let want = d.stream.to_jetstream();
         let mut changed = false;
         match self.js.get_stream(&want.name).await {
@@ -127,6 +140,7 @@ impl JetStream {
     /// Deletes a Topic's broker objects per its deletion policy (the KV entry
     /// always goes). Not found is success.
     pub async fn delete_topic(&self, namespace: &str, name: &str, policy: DeletionPolicy) -> Result<(), ApplyError> {
+        self.connected()?;
         if policy == DeletionPolicy::Delete {
             match self.js.delete_stream(naming::stream_name(namespace, name)).await {
                 Ok(_) => {}
@@ -139,6 +153,7 @@ impl JetStream {
 
     /// Creates or updates a Subscription's consumer and KV entry.
     pub async fn apply_subscription(&self, d: &DesiredSubscription) -> Result<bool, ApplyError> {
+        self.connected()?;
         let mut changed = false;
         if let Some(plan) = &d.consumer {
             let stream = self.js.get_stream(&plan.stream).await.map_err(|e| classify(&self.client, e))?;
@@ -170,6 +185,7 @@ impl JetStream {
         topic: &str,
         app: &str,
     ) -> Result<(), ApplyError> {
+        self.connected()?;
         if let Ok(stream) = self.js.get_stream(naming::stream_name(namespace, topic)).await {
             match stream.delete_consumer(&naming::consumer_name(name)).await {
                 Ok(_) => {}

@@ -6,10 +6,13 @@
 //! ([`jetstream`]) → status. The CRDs are generated from the `ferry-api`
 //! types ([`crd`]).
 //!
-//! Status of this crate: CRD generation, the pure build step and the
-//! JetStream apply side are here and tested; the Kubernetes controllers
-//! (watch, finalizers, status, events, leader election) are not written yet.
+//! Status of this crate: CRD generation, the pure build step, the JetStream
+//! apply side and the Topic reconcile (finalizer, status, events) are here
+//! and tested; the Subscription controller, the controller runtime wiring
+//! (watches, leader election, metrics) and the webhook are not written yet.
 
 pub mod build;
+pub mod context;
 pub mod crd;
 pub mod jetstream;
+pub mod topic;

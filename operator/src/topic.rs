@@ -1,0 +1,97 @@
+//! The Topic controller: validate → build (pure) → apply (JetStream, KV) →
+//! status, with a finalizer that deletes broker objects per `deletionPolicy`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_api::topic::TopicStatus;
+use ferry_api::Topic;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{finalizer, Event as Finalize};
+use kube::{Resource, ResourceExt};
+
+use crate::context::{ready_condition, Context, Error, FIELD_MANAGER, FINALIZER};
+use crate::{build, jetstream::ApplyError};
+
+/// How often status counters are refreshed for a ready Topic.
+pub const REFRESH: Duration = Duration::from_secs(60);
+/// Retry delay while the broker is unreachable.
+pub const BROKER_RETRY: Duration = Duration::from_secs(5);
+
+/// Reconciles one Topic.
+pub async fn reconcile(topic: Arc<Topic>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = topic.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<Topic> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, topic, |event| async {
+        match event {
+            Finalize::Apply(t) => apply(&api, &t, &ctx).await,
+            Finalize::Cleanup(t) => cleanup(&t, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+async fn apply(api: &Api<Topic>, t: &Topic, ctx: &Context) -> Result<Action, Error> {
+    let ns = t.namespace().unwrap_or_default();
+    let name = t.name_any();
+    let mut status = TopicStatus { observed_generation: t.meta().generation, ..TopicStatus::default() };
+    let (ok, reason, message, requeue) = match build::topic(&ns, &name, &t.spec) {
+        Err(errors) => {
+            let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            (false, "InvalidSpec", list.join("; "), None)
+        }
+        Ok(desired) => match ctx.js.apply_topic(&desired).await {
+            Ok(changed) => {
+                status.stream = Some(desired.stream.name.clone());
+                if let Ok((messages, bytes)) = ctx.js.topic_counts(&ns, &name).await {
+                    status.messages = Some(messages);
+                    status.bytes = Some(bytes);
+                }
+                if changed {
+                    ctx.event(
+                        t,
+                        EventType::Normal,
+                        "Reconciled",
+                        &format!("stream {} is as the spec says", desired.stream.name),
+                    )
+                    .await;
+                }
+                (true, "Reconciled", format!("stream {} ready", desired.stream.name), Some(REFRESH))
+            }
+            Err(e) => {
+                let retry = matches!(e, ApplyError::BrokerUnavailable(_)).then_some(BROKER_RETRY);
+                (false, e.category(), e.to_string(), retry)
+            }
+        },
+    };
+    let previous = t.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    status.conditions = vec![ready_condition(previous, ok, reason, &message, t.meta().generation)];
+    if !ok {
+        ctx.event(t, EventType::Warning, reason, &message).await;
+    }
+    let patch = serde_json::json!({ "apiVersion": "ferry.dev/v1alpha1", "kind": "Topic", "status": status });
+    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(Error::Kube)?;
+    Ok(match requeue {
+        Some(after) => Action::requeue(after),
+        // Invalid or immutable: nothing changes until the spec does.
+        None => Action::await_change(),
+    })
+}
+
+async fn cleanup(t: &Topic, ctx: &Context) -> Result<Action, Error> {
+    let ns = t.namespace().unwrap_or_default();
+    ctx.js.delete_topic(&ns, &t.name_any(), t.spec.deletion_policy).await.map_err(Error::Apply)?;
+    ctx.event(
+        t,
+        EventType::Normal,
+        "Deleted",
+        &format!("broker objects handled per deletionPolicy {:?}", t.spec.deletion_policy),
+    )
+    .await;
+    Ok(Action::await_change())
+}

@@ -1,0 +1,165 @@
+//! The Topic controller's Kubernetes calls, checked against kube's
+//! recorded-request pattern (a tower-test mock API server with the expected
+//! calls in order), and its broker side against a real nats-server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_api::topic::{DeletionPolicy, Storage, TopicSpec};
+use ferry_api::Topic;
+use ferry_e2e::NatsServer;
+use ferry_operator::context::{Context, FINALIZER};
+use ferry_operator::jetstream::JetStream;
+use http::{Method, Request, Response};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::Reporter;
+use serde_json::Value;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+fn topic(spec: TopicSpec, finalizer: bool, deleting: bool) -> Arc<Topic> {
+    let mut t = Topic::new("orders", spec);
+    t.metadata.namespace = Some("shop".into());
+    t.metadata.generation = Some(3);
+    t.metadata.uid = Some("uid-1".into());
+    t.metadata.resource_version = Some("10".into());
+    if finalizer {
+        t.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    }
+    if deleting {
+        t.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    }
+    Arc::new(t)
+}
+
+async fn context(nats: &NatsServer) -> (Arc<Context>, Handle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let js = JetStream::new(async_nats::connect(nats.url()).await.unwrap());
+    let reporter = Reporter { controller: "ferry-operator".into(), instance: None };
+    (Arc::new(Context { client, js, reporter }), handle)
+}
+
+/// The next call: asserts method and path, answers `reply` (or echoes the body).
+async fn expect(handle: &mut Handle, method: Method, path: &str, reply: Option<Value>) -> Value {
+    let (req, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+        .await
+        .unwrap_or_else(|_| panic!("no {method} {path} call within 10 s"))
+        .expect("the mock server is open");
+    assert_eq!(req.method(), method, "call to {}", req.uri());
+    assert_eq!(req.uri().path(), path);
+    let bytes = req.into_body().collect_bytes().await.unwrap();
+    let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+    let answer = reply.unwrap_or_else(|| body.clone());
+    send.send_response(Response::builder().body(Body::from(serde_json::to_vec(&answer).unwrap())).unwrap());
+    body
+}
+
+/// Fails if any call is made within a short while (no extra calls).
+async fn expect_no_more(handle: &mut Handle) {
+    if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(300), handle.next_request()).await {
+        panic!("unexpected call {} {}", req.method(), req.uri());
+    }
+}
+
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
+const STATUS: &str = "/apis/ferry.dev/v1alpha1/namespaces/shop/topics/orders/status";
+const OBJECT: &str = "/apis/ferry.dev/v1alpha1/namespaces/shop/topics/orders";
+
+#[tokio::test]
+async fn a_new_topic_first_gets_the_finalizer() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    let t = topic(TopicSpec::default(), false, false);
+    let reply = serde_json::to_value(&*topic(TopicSpec::default(), true, false)).unwrap();
+    let run = tokio::spawn(ferry_operator::topic::reconcile(t, ctx));
+    let patch = expect(&mut handle, Method::PATCH, OBJECT, Some(reply)).await;
+    assert!(patch.to_string().contains(FINALIZER), "{patch}");
+    assert_eq!(run.await.unwrap().unwrap(), Action::await_change());
+    expect_no_more(&mut handle).await;
+}
+
+#[tokio::test]
+async fn a_topic_gets_its_stream_a_ready_status_and_an_event_and_an_unchanged_one_writes_nothing() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    let t = topic(TopicSpec::default(), true, false);
+    let run = tokio::spawn(ferry_operator::topic::reconcile(t.clone(), ctx.clone()));
+    let ev = expect(&mut handle, Method::POST, EVENTS, None).await;
+    assert_eq!((ev["type"].as_str(), ev["reason"].as_str()), (Some("Normal"), Some("Reconciled")), "{ev}");
+    let status = expect(&mut handle, Method::PATCH, STATUS, Some(serde_json::to_value(&*t).unwrap())).await;
+    let cond = &status["status"]["conditions"][0];
+    assert_eq!(
+        (cond["type"].as_str(), cond["status"].as_str(), cond["reason"].as_str()),
+        (Some("Ready"), Some("True"), Some("Reconciled"))
+    );
+    assert_eq!(cond["observedGeneration"], 3);
+    assert_eq!(status["status"]["observedGeneration"], 3);
+    assert_eq!(status["status"]["stream"], "FERRY_shop_orders");
+    assert_eq!(status["status"]["messages"], 0);
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::topic::REFRESH));
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    assert!(js.get_stream("FERRY_shop_orders").await.is_ok());
+
+    // Again, nothing changed: no event (no broker write), just the status.
+    let run = tokio::spawn(ferry_operator::topic::reconcile(t.clone(), ctx));
+    let status = expect(&mut handle, Method::PATCH, STATUS, Some(serde_json::to_value(&*t).unwrap())).await;
+    assert_eq!(status["status"]["conditions"][0]["status"], "True");
+    run.await.unwrap().unwrap();
+    expect_no_more(&mut handle).await;
+}
+
+#[tokio::test]
+async fn a_changed_storage_reports_immutable_field_with_a_warning_and_no_requeue_loop() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    let js = JetStream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let t = topic(TopicSpec { storage: Storage::Memory, ..TopicSpec::default() }, true, false);
+    let run = tokio::spawn(ferry_operator::topic::reconcile(t.clone(), ctx));
+    let ev = expect(&mut handle, Method::POST, EVENTS, None).await;
+    assert_eq!((ev["type"].as_str(), ev["reason"].as_str()), (Some("Warning"), Some("ImmutableField")));
+    let status = expect(&mut handle, Method::PATCH, STATUS, Some(serde_json::to_value(&*t).unwrap())).await;
+    let cond = &status["status"]["conditions"][0];
+    assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("ImmutableField")));
+    assert!(cond["message"].as_str().unwrap().contains("spec.storage"), "{cond}");
+    assert_eq!(run.await.unwrap().unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn with_the_broker_down_the_status_says_broker_unavailable_and_it_retries() {
+    let mut nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    nats.stop();
+    let t = topic(TopicSpec::default(), true, false);
+    let run = tokio::spawn(ferry_operator::topic::reconcile(t.clone(), ctx));
+    let ev = expect(&mut handle, Method::POST, EVENTS, None).await;
+    assert_eq!(ev["reason"], "BrokerUnavailable");
+    let status = expect(&mut handle, Method::PATCH, STATUS, Some(serde_json::to_value(&*t).unwrap())).await;
+    assert_eq!(status["status"]["conditions"][0]["reason"], "BrokerUnavailable");
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::topic::BROKER_RETRY));
+}
+
+#[tokio::test]
+async fn deleting_removes_the_stream_per_policy_then_the_finalizer() {
+    for (policy, stream_left) in [(DeletionPolicy::Delete, false), (DeletionPolicy::Retain, true)] {
+        let nats = NatsServer::start();
+        let (ctx, mut handle) = context(&nats).await;
+        let js = JetStream::new(async_nats::connect(nats.url()).await.unwrap());
+        let spec = TopicSpec { deletion_policy: policy, ..TopicSpec::default() };
+        js.apply_topic(&ferry_operator::build::topic("shop", "orders", &spec).unwrap()).await.unwrap();
+        let t = topic(spec, true, true);
+        let run = tokio::spawn(ferry_operator::topic::reconcile(t.clone(), ctx));
+        let ev = expect(&mut handle, Method::POST, EVENTS, None).await;
+        assert_eq!(ev["reason"], "Deleted");
+        let mut gone = (*t).clone();
+        gone.metadata.finalizers = None;
+        let patch = expect(&mut handle, Method::PATCH, OBJECT, Some(serde_json::to_value(&gone).unwrap())).await;
+        assert!(patch.to_string().contains("finalizers"), "the finalizer is removed: {patch}");
+        run.await.unwrap().unwrap();
+        let raw = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        assert_eq!(raw.get_stream("FERRY_shop_orders").await.is_ok(), stream_left, "{policy:?}");
+    }
+}
