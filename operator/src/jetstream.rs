@@ -196,6 +196,13 @@ impl JetStream {
         self.delete_key(&naming::subscription_key(namespace, app, name)).await
     }
 
+    /// Pending (lag), ack pending (in flight) and redelivered of a consumer.
+    pub async fn consumer_counts(&self, stream: &str, consumer: &str) -> Result<(u64, u64, u64), ApplyError> {
+        let s = self.js.get_stream(stream).await.map_err(|e| classify(&self.client, e))?;
+        let info = s.consumer_info(consumer).await.map_err(|e| classify(&self.client, e))?;
+        Ok((info.num_pending, info.num_ack_pending as u64, info.num_redelivered as u64))
+    }
+
     /// Messages and bytes of a topic's stream.
     pub async fn topic_counts(&self, namespace: &str, name: &str) -> Result<(u64, u64), ApplyError> {
         let mut s =

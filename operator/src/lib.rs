@@ -7,12 +7,14 @@
 //! types ([`crd`]).
 //!
 //! Status of this crate: CRD generation, the pure build step, the JetStream
-//! apply side and the Topic reconcile (finalizer, status, events) are here
-//! and tested; the Subscription controller, the controller runtime wiring
+//! apply side and the Topic and Subscription reconciles (finalizer, status,
+//! events) are here and tested; the controller runtime wiring
 //! (watches, leader election, metrics) and the webhook are not written yet.
 
 pub mod build;
 pub mod context;
 pub mod crd;
 pub mod jetstream;
+pub mod run;
+pub mod subscription;
 pub mod topic;

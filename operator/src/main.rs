@@ -14,6 +14,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the controllers (in a cluster, or with a kubeconfig).
+    Run {
+        /// NATS URL of the broker.
+        #[arg(long, env = "FERRY_BROKER")]
+        broker: String,
+        /// Watch only this namespace (default: all).
+        #[arg(long, env = "FERRY_WATCH_NAMESPACE")]
+        namespace: Option<String>,
+    },
     /// Print the CRDs (YAML), or write them into a directory.
     Crd {
         /// Write one file per CRD into this directory instead of printing.
@@ -24,6 +33,39 @@ enum Cmd {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Cmd::Run { broker, namespace } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("ferry-operator: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(async {
+                let client = match kube::Client::try_default().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("ferry-operator: no Kubernetes API: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let nats =
+                    match async_nats::ConnectOptions::new().retry_on_initial_connect().connect(broker.as_str()).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            eprintln!("ferry-operator: broker {broker}: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    };
+                ferry_operator::run::run(client, nats, namespace).await;
+                ExitCode::SUCCESS
+            })
+        }
         Cmd::Crd { write: None } => {
             for (_, yaml) in ferry_operator::crd::rendered() {
                 println!("---\n{yaml}");

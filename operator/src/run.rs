@@ -1,0 +1,71 @@
+//! Running the controllers: watches, error policy, health endpoints.
+//!
+//! Not covered by tests here (no API server can run on these machines):
+//! the reconcile functions it drives are, with a mock API server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_api::{Subscription, Topic};
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::ResourceExt;
+
+use crate::context::{Context, Error};
+use crate::jetstream::JetStream;
+
+fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, category = error.category(), "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs both controllers until the process is stopped.
+pub async fn run(client: kube::Client, nats: async_nats::Client, namespace: Option<String>) {
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        js: JetStream::new(nats),
+        reporter: Reporter { controller: "ferry-operator".into(), instance: std::env::var("POD_NAME").ok() },
+    });
+    let (topics, subs): (Api<Topic>, Api<Subscription>) = match &namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let topic_controller = Controller::new(topics.clone(), watcher::Config::default())
+        .shutdown_on_signal()
+        .run(crate::topic::reconcile, error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "topic reconcile");
+            }
+        });
+    let sub_controller = Controller::new(subs, watcher::Config::default());
+    let store = sub_controller.store();
+    // A Topic that appears (or changes) wakes the Subscriptions that name it,
+    // so `TopicNotFound` recovers by itself.
+    let sub_controller = sub_controller
+        .watches(topics, watcher::Config::default(), move |topic: Topic| {
+            let ns = topic.namespace();
+            let name = topic.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|s| {
+                    s.namespace() == ns
+                        && (s.spec.topic == name || s.spec.dead_letter_topic.as_deref() == Some(name.as_str()))
+                })
+                .map(|s| ObjectRef::from_obj(&*s))
+                .collect::<Vec<_>>()
+        })
+        .shutdown_on_signal()
+        .run(crate::subscription::reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "subscription reconcile");
+            }
+        });
+    futures::join!(topic_controller, sub_controller);
+}

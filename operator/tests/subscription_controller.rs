@@ -1,0 +1,106 @@
+//! The Subscription controller's Kubernetes calls (tower-test mock API
+//! server) and its broker side (real nats-server).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_api::subscription::SubscriptionSpec;
+use ferry_api::topic::TopicSpec;
+use ferry_api::{Subscription, Topic};
+use ferry_e2e::NatsServer;
+use ferry_operator::context::{Context, FINALIZER};
+use ferry_operator::jetstream::JetStream;
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::Reporter;
+use serde_json::{json, Value};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+fn subscription() -> Arc<Subscription> {
+    let mut spec = SubscriptionSpec::new("orders", "billing");
+    spec.dead_letter_topic = None;
+    let mut s = Subscription::new("invoices", spec);
+    s.metadata.namespace = Some("shop".into());
+    s.metadata.generation = Some(2);
+    s.metadata.uid = Some("uid-2".into());
+    s.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    Arc::new(s)
+}
+
+async fn context(nats: &NatsServer) -> (Arc<Context>, Handle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let js = JetStream::new(async_nats::connect(nats.url()).await.unwrap());
+    (
+        Arc::new(Context { client, js, reporter: Reporter { controller: "ferry-operator".into(), instance: None } }),
+        handle,
+    )
+}
+
+async fn expect(handle: &mut Handle, method: Method, path: &str, status: StatusCode, reply: Option<Value>) -> Value {
+    let (req, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+        .await
+        .unwrap_or_else(|_| panic!("no {method} {path} call within 10 s"))
+        .expect("the mock server is open");
+    assert_eq!((req.method(), req.uri().path()), (&method, path));
+    let bytes = req.into_body().collect_bytes().await.unwrap();
+    let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+    let answer = reply.unwrap_or_else(|| body.clone());
+    send.send_response(
+        Response::builder().status(status).body(Body::from(serde_json::to_vec(&answer).unwrap())).unwrap(),
+    );
+    body
+}
+
+const TOPIC: &str = "/apis/ferry.dev/v1alpha1/namespaces/shop/topics/orders";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
+const STATUS: &str = "/apis/ferry.dev/v1alpha1/namespaces/shop/subscriptions/invoices/status";
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "topics.ferry.dev \"orders\" not found"})
+}
+
+#[tokio::test]
+async fn a_subscription_before_its_topic_reports_topic_not_found_and_retries() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    let s = subscription();
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx));
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::NOT_FOUND, Some(not_found())).await;
+    let ev = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    assert_eq!((ev["type"].as_str(), ev["reason"].as_str()), (Some("Warning"), Some("TopicNotFound")));
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&*s).unwrap())).await;
+    let cond = &status["status"]["conditions"][0];
+    assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("TopicNotFound")));
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::subscription::RETRY));
+}
+
+#[tokio::test]
+async fn once_its_topic_exists_a_subscription_gets_its_consumer_and_a_ready_status() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    ctx.js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let s = subscription();
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx));
+    let topic = serde_json::to_value(Topic::new("orders", TopicSpec::default())).unwrap();
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic)).await;
+    let ev = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    assert_eq!(ev["reason"], "Reconciled");
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&*s).unwrap())).await;
+    let st = &status["status"];
+    assert_eq!((st["conditions"][0]["status"].as_str(), st["consumer"].as_str()), (Some("True"), Some("invoices")));
+    assert_eq!(
+        (st["pending"].as_u64(), st["inFlight"].as_u64(), st["observedGeneration"].as_i64()),
+        (Some(0), Some(0), Some(2))
+    );
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::subscription::REFRESH));
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = js.get_stream("FERRY_shop_orders").await.unwrap();
+    assert!(stream.consumer_info("invoices").await.is_ok());
+    let kv = js.get_key_value("ferry-config").await.unwrap();
+    assert!(kv.get("shop.app.billing.invoices").await.unwrap().is_some());
+}
