@@ -22,6 +22,9 @@ pub const REFRESH: Duration = Duration::from_secs(30);
 /// Retry delay while the broker is unreachable or the Topic is missing.
 pub const RETRY: Duration = Duration::from_secs(5);
 
+/// Why a Subscription is not ready: reason, message, when to look again.
+type NotReady = (&'static str, String, Option<Duration>);
+
 /// Reconciles one Subscription.
 pub async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = sub.namespace().ok_or(Error::MissingNamespace)?;
@@ -41,7 +44,7 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
     let name = s.name_any();
     let topics: Api<Topic> = Api::namespaced(ctx.client.clone(), &ns);
     let mut status = SubscriptionStatus { observed_generation: s.meta().generation, ..SubscriptionStatus::default() };
-    let outcome: Result<(String, Option<Duration>), (&'static str, String, Option<Duration>)> = async {
+    let outcome: Result<(String, Option<Duration>), NotReady> = async {
         let desired = build::subscription(&ns, &name, &s.spec).map_err(|errors| {
             let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
             ("InvalidSpec", list.join("; "), None)
