@@ -12,7 +12,8 @@ It produces ten orders to the `orders` topic and receives them back on
   * 503 once       order 4 (Retry-After: 1)         -> retried after a second, then acked
   * 422            order 7 (negative amount)        -> dead-lettered to orders-dlq
 and prints the dead letter it receives on /dead-letters. It exits once all
-ten are settled (status 0), or after 60 s (status 1).
+ten are settled (status 0), or after 60 s (status 1); with --stay it keeps
+running until Ctrl-C, for the README's curl walkthrough.
 """
 import json
 import os
@@ -123,6 +124,9 @@ def main():
     time.sleep(0.2)  # let the last callback's answer print
     with lock:
         say(f"done: {len(acked)} acked, {len(dead)} dead-lettered, {len(retried)} retried")
+    if "--stay" in sys.argv:
+        say("staying up for the curl walkthrough in README.md; Ctrl-C to stop")
+        threading.Event().wait()
     server.shutdown()
 
 
@@ -130,5 +134,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        say("interrupted")
-        sys.exit(130)
+        say("stopped")
+        sys.exit(0 if "--stay" in sys.argv else 130)
