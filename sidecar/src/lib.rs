@@ -21,6 +21,7 @@ pub mod forward;
 pub mod inspect;
 pub mod metrics;
 pub mod outbox;
+pub mod serve;
 pub mod state;
 pub mod telemetry;
 
@@ -314,15 +315,8 @@ pub async fn run(
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let serve = |listener: TcpListener, router: axum::Router| {
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let graceful = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            axum::serve(listener, router).with_graceful_shutdown(graceful).await
-        })
-    };
+    let serve =
+        |listener: TcpListener, router: axum::Router| tokio::spawn(serve::serve(listener, router, stop_rx.clone()));
     let api_task = serve(api_listener, api::router(sidecar.clone()));
     let admin_task = serve(admin_listener, admin::router(sidecar.clone()));
     tracing::info!(

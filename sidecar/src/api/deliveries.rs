@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::{arg, PathArg, QueryArg};
 use crate::deliver::callbacks::Verdict;
 use crate::state::Sidecar;
 
@@ -52,17 +53,20 @@ async fn resolve(s: &Sidecar, id: &str, verdict: Verdict) -> Result<Json<Value>,
 }
 
 /// `POST /v1/deliveries/{id}/ack`.
-pub async fn ack(State(s): State<Arc<Sidecar>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn ack(State(s): State<Arc<Sidecar>>, path: PathArg<String>) -> Result<Json<Value>, ApiError> {
+    let Path(id) = arg(path)?;
     resolve(&s, &id, Verdict::Ack).await
 }
 
 /// `POST /v1/deliveries/{id}/retry` with `?delay=` or a body `{"delay": "5s"}`.
 pub async fn retry(
     State(s): State<Arc<Sidecar>>,
-    Path(id): Path<String>,
-    Query(q): Query<RetryQuery>,
+    path: PathArg<String>,
+    query: QueryArg<RetryQuery>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    let Path(id) = arg(path)?;
+    let Query(q) = arg(query)?;
     let body = body_json(&body)?;
     let delay = match (q.delay, body.get("delay")) {
         (Some(d), _) => Some(parse_duration("delay", &d)?),
@@ -76,9 +80,10 @@ pub async fn retry(
 /// `POST /v1/deliveries/{id}/reject` with an optional body `{"reason": "..."}`.
 pub async fn reject(
     State(s): State<Arc<Sidecar>>,
-    Path(id): Path<String>,
+    path: PathArg<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    let Path(id) = arg(path)?;
     let body = body_json(&body)?;
     let reason = match body.get("reason") {
         Some(Value::String(r)) => r.clone(),
@@ -99,9 +104,11 @@ pub struct PullQuery {
 /// CloudEvents, each with `ferrydeliveryid` to call back with.
 pub async fn pull(
     State(s): State<Arc<Sidecar>>,
-    Path(name): Path<String>,
-    Query(q): Query<PullQuery>,
+    path: PathArg<String>,
+    query: QueryArg<PullQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    let Path(name) = arg(path)?;
+    let Query(q) = arg(query)?;
     if s.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }

@@ -122,13 +122,25 @@ fn count(s: &Sidecar, topic: &str, code: StatusCode, started: Instant) {
     s.metrics.produce_duration.observe(started.elapsed().as_secs_f64());
 }
 
+/// Path and query extractors whose rejections become our JSON 400.
+pub type PathArg<T> = Result<Path<T>, axum::extract::rejection::PathRejection>;
+/// See [`PathArg`].
+pub type QueryArg<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+
+/// Unwraps an extractor, turning its rejection into a 400 in our error shape.
+pub fn arg<T, R: std::fmt::Display>(r: Result<T, R>) -> Result<T, ApiError> {
+    r.map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
 async fn produce_one(
     State(s): State<Arc<Sidecar>>,
-    Path(topic): Path<String>,
-    Query(q): Query<ProduceQuery>,
+    path: PathArg<String>,
+    query: QueryArg<ProduceQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let Path(topic) = arg(path)?;
+    let Query(q) = arg(query)?;
     let started = Instant::now();
     let result = async {
         let mode = ack_mode(&q)?;
@@ -159,11 +171,13 @@ async fn produce_one(
 
 async fn produce_batch(
     State(s): State<Arc<Sidecar>>,
-    Path(topic): Path<String>,
-    Query(q): Query<ProduceQuery>,
+    path: PathArg<String>,
+    query: QueryArg<ProduceQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let Path(topic) = arg(path)?;
+    let Query(q) = arg(query)?;
     let started = Instant::now();
     let result = async {
         let mode = ack_mode(&q)?;
@@ -220,8 +234,9 @@ fn forwarded_fields(s: &Sidecar, id: &str, answer: &mut serde_json::Value) {
 
 async fn message_status(
     State(s): State<Arc<Sidecar>>,
-    Path(id): Path<String>,
+    path: PathArg<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = arg(path)?;
     produce::check_id(&id)?;
     let st = s.outbox.status(&id).ok_or_else(|| ApiError::UnknownMessage(id.clone()))?;
     let mut answer = json!({ "id": id, "topic": st.topic, "offset": st.offset });

@@ -171,6 +171,9 @@ fn structured(value: Value, limits: Limits) -> Result<NewRecord, ApiError> {
                 Value::String(s) => content_type = Some(s),
                 _ => return Err(bad("datacontenttype must be a string")),
             },
+            "id" | "source" | "type" | "specversion" if !v.is_string() => {
+                return Err(bad(format!("CloudEvent attribute {name:?} must be a string")));
+            }
             attr => {
                 check_attr_name(attr)?;
                 let text = match v {

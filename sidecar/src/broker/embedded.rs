@@ -182,6 +182,12 @@ impl Stream {
         let window = *self.window.lock().unwrap_or_else(|e| e.into_inner());
         let now = now_ms();
         let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        // A cached publish that failed (e.g. ENOSPC) stored nothing: it does
+        // not make a re-send a duplicate.
+        let failed = ids.get(&msg.id).is_some_and(|(fut, _)| matches!(fut.peek(), Some(Err(_))));
+        if failed {
+            ids.remove(&msg.id);
+        }
         if let Some((fut, seen)) = ids.get(&msg.id) {
             if now.saturating_sub(*seen) <= window.as_millis() as u64 {
                 let fut = fut.clone();

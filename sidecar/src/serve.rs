@@ -1,0 +1,44 @@
+//! Serving a router over HTTP/1.1 and h2c with timeouts `axum::serve` does
+//! not set: a client that sends its request head slowly (slowloris) is cut
+//! off after [`HEADER_READ_TIMEOUT`] instead of holding a connection for
+//! ever.
+
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Longest a client may take to send a request's head.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest in-flight requests may take to finish once stopping.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Serves `router` on `listener` until `stop` turns true, then lets open
+/// requests finish (up to [`SHUTDOWN_WAIT`]).
+pub async fn serve(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let service = TowerToHyperService::new(router.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    // A broken or timed-out connection is the client's business.
+                    let _ = conn.await;
+                });
+            }
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    let _ = tokio::time::timeout(SHUTDOWN_WAIT, graceful.shutdown()).await;
+}
