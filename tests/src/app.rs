@@ -90,6 +90,11 @@ struct Inner {
     max_active: Mutex<usize>,
     count: watch::Sender<usize>,
     policy: Mutex<Policy>,
+    /// Whether the policy gets the requests received before (a copy per
+    /// request: costly for long runs, see [`TestApp::start_without_history`]).
+    history: bool,
+    /// Requests whose caller hung up while the reply's delay ran.
+    abandoned: Mutex<Vec<Received>>,
 }
 
 /// A running test app.
@@ -103,6 +108,10 @@ pub struct TestApp {
 impl TestApp {
     /// Starts an app answering per `policy`.
     pub async fn start(policy: impl Fn(&Received, &[Received]) -> Reply + Send + Sync + 'static) -> TestApp {
+        Self::start_with(Arc::new(policy), true).await
+    }
+
+    async fn start_with(policy: Policy, history: bool) -> TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binding the test app");
         let port = listener.local_addr().expect("local addr").port();
         let inner = Arc::new(Inner {
@@ -110,7 +119,9 @@ impl TestApp {
             active: Mutex::new(Vec::new()),
             max_active: Mutex::new(0),
             count: watch::channel(0).0,
-            policy: Mutex::new(Arc::new(policy)),
+            policy: Mutex::new(policy),
+            history,
+            abandoned: Mutex::new(Vec::new()),
         });
         let state = inner.clone();
         let router = axum::Router::new().fallback(move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
@@ -170,7 +181,8 @@ async fn handle(state: Arc<Inner>, path: String, headers: HeaderMap, body: Bytes
         headers.iter().map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap_or("").to_owned())).collect();
     let req = Received { path, headers, body, at: Instant::now() };
     let reply = {
-        let before = state.received.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let before =
+            if state.history { state.received.lock().unwrap_or_else(|e| e.into_inner()).clone() } else { Vec::new() };
         let policy = state.policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
         policy(&req, &before)
     };
@@ -181,7 +193,11 @@ async fn handle(state: Arc<Inner>, path: String, headers: HeaderMap, body: Bytes
         *max = (*max).max(active.len());
     }
     if !reply.delay.is_zero() {
+        // The caller may hang up meanwhile (a push timeout): the server then
+        // drops this future, and the guard records the request as abandoned.
+        let guard = Abandoned { state: state.clone(), req: Some(req.clone()) };
         tokio::time::sleep(reply.delay).await;
+        guard.answered();
     }
     {
         let mut active = state.active.lock().unwrap_or_else(|e| e.into_inner());
@@ -203,4 +219,76 @@ async fn handle(state: Arc<Inner>, path: String, headers: HeaderMap, body: Bytes
         }
     }
     resp
+}
+
+impl TestApp {
+    /// Starts an app answering per `policy`, which sees only the request
+    /// (no copy of everything received before it: for runs of many
+    /// thousands of messages).
+    pub async fn start_without_history(policy: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> TestApp {
+        Self::start_with(Arc::new(move |r: &Received, _: &[Received]| policy(r)), false).await
+    }
+
+    /// How many requests were answered so far (no copy).
+    pub fn count(&self) -> usize {
+        self.inner.received.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// A copy of the requests from index `from` on.
+    pub fn received_from(&self, from: usize) -> Vec<Received> {
+        let received = self.inner.received.lock().unwrap_or_else(|e| e.into_inner());
+        received.get(from..).map(<[Received]>::to_vec).unwrap_or_default()
+    }
+
+    /// Feeds `step` every request as it arrives (each exactly once, in
+    /// order, in slices) until it returns true; panics after `timeout`
+    /// with `step`'s last description of what is missing. Unlike
+    /// [`TestApp::wait_until`] it copies each request once, so it suits
+    /// runs of many thousands.
+    pub async fn wait_scan(&self, timeout: Duration, mut step: impl FnMut(&[Received]) -> Result<(), String>) {
+        let mut rx = self.inner.count.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut seen = 0;
+        let mut missing = step(&[]);
+        loop {
+            let new = self.received_from(seen);
+            seen += new.len();
+            if !new.is_empty() {
+                missing = step(&new);
+            }
+            let Err(what) = &missing else { return };
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                panic!("test app: not done within {timeout:?} ({seen} requests received): {what}");
+            }
+        }
+    }
+}
+
+/// Records a request as abandoned unless it was answered.
+struct Abandoned {
+    state: Arc<Inner>,
+    req: Option<Received>,
+}
+
+impl Abandoned {
+    fn answered(mut self) {
+        self.req = None;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(req) = self.req.take() {
+            self.state.abandoned.lock().unwrap_or_else(|e| e.into_inner()).push(req);
+        }
+    }
+}
+
+impl TestApp {
+    /// Requests whose caller hung up before the answer (while the reply's
+    /// delay ran, e.g. past the sidecar's push timeout); they are not in
+    /// [`TestApp::received`].
+    pub fn abandoned(&self) -> Vec<Received> {
+        self.inner.abandoned.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }

@@ -8,6 +8,7 @@
 //! test command installs a pinned one).
 
 pub mod app;
+pub mod check;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;

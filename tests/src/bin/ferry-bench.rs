@@ -17,15 +17,26 @@
 //!    `Nats-Msg-Id` and the forwarder's window; medians of interleaved runs.
 //! 5. sidecar RSS idle and peak.
 //!
+//! `ferry-bench e2e` measures the whole path, produce → broker → push to an
+//! in-process app → ack, for the `nats` and `embedded` backends in one run:
+//! latency at a fixed rate and sustained throughput, beside raw async-nats
+//! publish → pull consumer → ack on the same server (see `ferry-bench/e2e.rs`).
+//!
 //! Loads go to 127.0.0.1 only, and every loop is bounded in time and count.
 //! Timings are printed, never asserted.
 
+#[path = "ferry-bench/e2e.rs"]
+mod e2e;
 #[path = "ferry-bench/forward.rs"]
 mod forward;
 #[path = "ferry-bench/http.rs"]
 mod http;
 #[path = "ferry-bench/load.rs"]
 mod load;
+#[path = "ferry-bench/rawjs.rs"]
+mod rawjs;
+#[path = "ferry-bench/sink.rs"]
+mod sink;
 #[path = "ferry-bench/stats.rs"]
 mod stats;
 #[path = "ferry-bench/sys.rs"]
@@ -80,6 +91,9 @@ struct Cli {
 enum Cmd {
     /// Produce path: single and batch produce, fixed-rate latency, forwarder, RSS.
     Produce(ProduceArgs),
+    /// End to end: produce -> broker -> push to an app -> ack, latency and
+    /// throughput, nats and embedded backends, beside raw async-nats.
+    E2e(e2e::E2eArgs),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -157,6 +171,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::E2e(args) => e2e::main(args),
     }
 }
 

@@ -1,0 +1,950 @@
+//! `ferry-bench e2e`: produce → sidecar → broker → sidecar → push to an app
+//! → 200 (ack), for each backend in one run, each figure beside a baseline
+//! measured in the same run (DESIGN.md §5, issues 5 and 6).
+//!
+//! The app is in this process ([`crate::sink`]): every message carries its
+//! send time, and the app records receive time minus send time.
+//!
+//! 1. `nats` backend (its own nats-server): latency at a fixed rate (open
+//!    loop, stamped with each message's *scheduled* send time), then the
+//!    raw async-nats path at the same rate on the same server.
+//! 2. `embedded` backend: the same fixed-rate latency.
+//! 3. `nats` sustained throughput: NDJSON batches on several connections as
+//!    fast as the sidecar accepts them, while at most `--window` produced
+//!    messages are not yet at the app (so the run is a steady state, not
+//!    a backlog growing for later); messages/s reaching the app during the
+//!    phase. Baseline: raw pipelined JetStream publish → durable pull
+//!    consumer (fetch in batches, ack each) under the same window.
+//! 4. `embedded` sustained throughput, against the nats backend's.
+//! 5. durable throughput against JetStream's own `sync_interval: always`
+//!    (a second nats-server, configured so): its pipelined publish rate.
+//!
+//! Loads go to 127.0.0.1 only; every phase is bounded in time, every wait
+//! in time. Timings are printed, never asserted.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use ferry_e2e::{free_port, manifests, NatsServer, Process, START_TIMEOUT};
+use hyper::{StatusCode, Uri};
+
+use crate::http::{open_many, Conn, Error};
+use crate::load::REQUEST_TIMEOUT;
+use crate::rawjs::{self, SyncAlwaysServer, Template};
+use crate::sink::{self, NdjsonStamped, Recorder};
+use crate::stats::{ms, verdict, Latencies};
+use crate::{nats_pid, progress, resolve, say, sys, Sidecar};
+
+/// The topic and its stream at the broker.
+const TOPIC: &str = "e2e";
+const STREAM: &str = "FERRY_default_e2e";
+/// The subscription.
+const SUBSCRIPTION: &str = "e2e-app";
+/// Messages sent (and awaited) before the figures, to open connections and
+/// create consumers.
+const WARM_UP: u64 = 200;
+
+fn manifest(max_in_flight: u32, push_batch: u32, push_batch_wait_ms: u64) -> String {
+    format!(
+        "\
+apiVersion: ferry.dev/v1alpha1
+kind: Topic
+metadata:
+  name: {TOPIC}
+spec: {{}}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: Subscription
+metadata:
+  name: {SUBSCRIPTION}
+spec:
+  topic: {TOPIC}
+  app: bench
+  path: {path}
+  maxInFlight: {max_in_flight}
+  startPosition: Earliest
+  batch: {{maxMessages: {push_batch}, maxWait: {push_batch_wait_ms}ms}}
+",
+        path = sink::PATH
+    )
+}
+
+#[derive(Debug, Args, Clone)]
+pub(crate) struct E2eArgs {
+    /// The ferry-sidecar binary (relative paths are tried from the current
+    /// directory, then from the workspace root).
+    #[arg(long, default_value = "target/release/ferry-sidecar")]
+    sidecar_bin: PathBuf,
+    /// Seconds each phase runs [default: 10; 1 with --quick].
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Messages per second of the latency phases.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 1024)]
+    payload: usize,
+    /// Keep-alive connections for the fixed-rate single-message produce.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Keep-alive connections for batch produce in the throughput phases.
+    #[arg(long, default_value_t = 4)]
+    batch_connections: usize,
+    /// Messages per NDJSON batch request in the throughput phases.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Throughput phases: most messages produced (or published) but not yet
+    /// received by the app (0: no limit, a growing backlog).
+    #[arg(long, default_value_t = 5_000)]
+    window: u64,
+    /// The subscription's maxInFlight (concurrent pushes to the app).
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: u32,
+    /// Diagnosis: bulk push, this many messages per push request
+    /// (the subscription's batch.maxMessages; 1 = one request per message).
+    #[arg(long, default_value_t = 1)]
+    push_batch: u32,
+    /// Diagnosis: the subscription's batch.maxWait in milliseconds (with --push-batch).
+    #[arg(long, default_value_t = 1)]
+    push_batch_wait_ms: u64,
+    /// The raw consumer's fetch batch (messages per pull request).
+    #[arg(long, default_value_t = 256)]
+    fetch_batch: usize,
+    /// The raw publisher's confirmations in flight (the forwarder's window).
+    #[arg(long, default_value_t = crate::FORWARDER_WINDOW)]
+    publish_window: usize,
+    /// Leave out figure 5 (the second nats-server with `sync_interval: always`).
+    #[arg(long)]
+    skip_sync_always: bool,
+    /// Smoke run: 1 s phases.
+    #[arg(long)]
+    quick: bool,
+}
+
+struct Settings {
+    args: E2eArgs,
+    sidecar_bin: PathBuf,
+    duration: Duration,
+    /// Longest wait for the app to receive what a phase produced.
+    drain_timeout: Duration,
+}
+
+/// Runs `ferry-bench e2e`.
+pub(crate) fn main(args: E2eArgs) -> ExitCode {
+    let s = match settings(args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ferry-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&s) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn settings(args: E2eArgs) -> Result<Settings, String> {
+    let sidecar_bin = resolve(&args.sidecar_bin).ok_or_else(|| {
+        format!(
+            "the sidecar binary {} does not exist: build it with `cargo build --release -p ferry-sidecar` \
+             (or pass --sidecar-bin PATH)",
+            args.sidecar_bin.display()
+        )
+    })?;
+    crate::check_nats_server()?;
+    let q = args.quick;
+    let duration = Duration::from_secs_f64(args.duration.unwrap_or(if q { 1.0 } else { 10.0 }));
+    if duration.is_zero() || duration > Duration::from_secs(3600) {
+        return Err("--duration must be more than 0 and at most 3600 seconds".into());
+    }
+    if args.rate == 0
+        || args.connections == 0
+        || args.batch_connections == 0
+        || args.batch_size == 0
+        || args.fetch_batch == 0
+        || args.publish_window == 0
+        || args.max_in_flight == 0
+        || args.push_batch == 0
+        || args.push_batch_wait_ms == 0
+    {
+        return Err("--rate, --connections, --batch-connections, --batch-size, --fetch-batch, --publish-window, \
+                    --max-in-flight, --push-batch and --push-batch-wait-ms must be positive"
+            .into());
+    }
+    if args.payload < sink::STAMP_LEN + 2 {
+        return Err(format!("--payload must be at least {} bytes (it carries the send time)", sink::STAMP_LEN + 2));
+    }
+    if args.window != 0 && args.window < args.batch_size as u64 {
+        return Err("--window must be 0 or at least --batch-size".into());
+    }
+    Ok(Settings {
+        sidecar_bin,
+        duration,
+        drain_timeout: if q { Duration::from_secs(60) } else { Duration::from_secs(180) },
+        args,
+    })
+}
+
+/// A fixed-rate phase.
+struct Fixed {
+    /// Receive time minus scheduled send time, per message at the app.
+    lat: Latencies,
+    scheduled: u64,
+    /// Produces answered 202 / publishes confirmed.
+    accepted: u64,
+    delivered: u64,
+    errors: u64,
+    first_error: Option<String>,
+    /// Produce answers (Ferry) from the scheduled time.
+    answers: Option<Latencies>,
+    pacer_lag: Latencies,
+    cpu: String,
+}
+
+impl Fixed {
+    fn all_delivered(&self) -> bool {
+        self.errors == 0 && self.accepted == self.scheduled && self.delivered >= self.accepted
+    }
+
+    fn counts(&self) -> String {
+        let mut s = format!(
+            "{} scheduled, {} accepted, {} received by the app, {} failed",
+            self.scheduled, self.accepted, self.delivered, self.errors
+        );
+        if let Some(e) = &self.first_error {
+            s.push_str(&format!(" (first failure: {e})"));
+        }
+        s
+    }
+}
+
+/// A throughput phase.
+struct Sustained {
+    /// Messages the app received during the phase, per second.
+    rate: f64,
+    /// Produced messages accepted (202) / publishes confirmed, per second.
+    produce_rate: f64,
+    accepted: u64,
+    delivered: u64,
+    errors: u64,
+    rejected: u64,
+    first_error: Option<String>,
+    /// How long the app took to receive the rest after the phase.
+    drain: Duration,
+    /// Receive time minus send time (of the batch request, or the publish).
+    lat: Latencies,
+    cpu: String,
+}
+
+impl Sustained {
+    fn all_delivered(&self) -> bool {
+        self.errors == 0 && self.delivered >= self.accepted
+    }
+
+    fn counts(&self) -> String {
+        let mut s = format!(
+            "{} accepted ({:.0}/s), {} received by the app, {} rejected (429/503/507), {} failed, the last received \
+             {:.2} s after the phase's end",
+            self.accepted,
+            self.produce_rate,
+            self.delivered,
+            self.rejected,
+            self.errors,
+            self.drain.as_secs_f64()
+        );
+        if let Some(e) = &self.first_error {
+            s.push_str(&format!(" (first failure: {e})"));
+        }
+        s
+    }
+}
+
+/// Everything one backend measured.
+struct Backend {
+    fixed: Fixed,
+    sustained: Sustained,
+    rss_peak: Option<u64>,
+}
+
+/// The raw path's figures.
+struct RawFigures {
+    fixed: Fixed,
+    sustained: Sustained,
+    max_ack_pending: i64,
+}
+
+/// The sync_interval: always figures.
+struct SyncFigures {
+    publish_rate: f64,
+    publish_note: String,
+    sustained: Sustained,
+    sync_line: Option<String>,
+}
+
+fn run(s: &Settings) -> Result<(), Error> {
+    let a = &s.args;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rec = Arc::new(Recorder::default());
+    let app = rt.block_on(sink::start_app(rec.clone()))?;
+    let resources = manifests(&[("e2e.yaml", &manifest(a.max_in_flight, a.push_batch, a.push_batch_wait_ms))]);
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    say(&format!(
+        "ferry-bench e2e: sidecar {}, nats-server {}, {cpus} CPUs, {:.0} s phases, {} B payloads, app on {app} \
+         (in-process, answers 200), subscription maxInFlight {}{}, latency at {} msg/s on {} connections, \
+         throughput with NDJSON batches of {} on {} connections and a window of {} messages{}",
+        s.sidecar_bin.display(),
+        ferry_e2e::nats_server_binary().display(),
+        s.duration.as_secs_f64(),
+        a.payload,
+        a.max_in_flight,
+        if a.push_batch > 1 {
+            format!(" with bulk push of up to {} (maxWait {} ms)", a.push_batch, a.push_batch_wait_ms)
+        } else {
+            String::new()
+        },
+        a.rate,
+        a.connections,
+        a.batch_size,
+        a.batch_connections,
+        if a.window == 0 { "unlimited".to_owned() } else { a.window.to_string() },
+        if a.quick { ", --quick" } else { "" }
+    ));
+
+    // The nats backend and the raw path, on one nats-server.
+    let nats_server = NatsServer::start();
+    let data = tempfile::tempdir()?;
+    progress(&format!("nats backend: starting {} (data dir {})", s.sidecar_bin.display(), data.path().display()));
+    let mut sc = start_sidecar(s, &nats_server.url(), resources.path(), data.path(), app)?;
+    let npid = nats_pid(&nats_server);
+    let (nats, raw, template) = {
+        let pid = sc.process.pid();
+        warm_up(&rt, s, &sc, &rec)?;
+        progress(&format!("nats backend: {} msg/s for {:?}", a.rate, s.duration));
+        let fixed = ferry_fixed(&rt, s, &sc, &rec, sys::CpuMeter::start(pid, npid))?;
+        progress(&format!("raw path: {} msg/s for {:?}", a.rate, s.duration));
+        let js = rt.block_on(crate::forward::connect(&nats_server.url()))?;
+        let template = rt.block_on(Template::of(&js, STREAM))?;
+        let raw_fixed = raw_fixed(&rt, s, &js, &template, &rec, sys::CpuMeter::start(pid, npid))?;
+        progress(&format!("nats backend: throughput for {:?}", s.duration));
+        let sustained = ferry_sustained(&rt, s, &sc, &rec, sys::CpuMeter::start(pid, npid))?;
+        progress(&format!("raw path: throughput for {:?}", s.duration));
+        let raw_sustained = raw_sustained(&rt, s, &js, &template, &rec, Some(sys::CpuMeter::start(pid, npid)))?;
+        let rss_peak = sys::status_bytes(pid, "VmHWM");
+        let _ = rt.block_on(rawjs::purge(&js));
+        (
+            Backend { fixed, sustained, rss_peak },
+            RawFigures { fixed: raw_fixed, sustained: raw_sustained, max_ack_pending: template.max_ack_pending() },
+            template,
+        )
+    };
+    stop(&mut sc);
+    drop(nats_server);
+
+    // The embedded backend.
+    let data = tempfile::tempdir()?;
+    progress(&format!("embedded backend: starting {} (data dir {})", s.sidecar_bin.display(), data.path().display()));
+    let mut sc = start_sidecar(s, "embedded", resources.path(), data.path(), app)?;
+    let embedded = {
+        let pid = sc.process.pid();
+        warm_up(&rt, s, &sc, &rec)?;
+        progress(&format!("embedded backend: {} msg/s for {:?}", a.rate, s.duration));
+        let fixed = ferry_fixed(&rt, s, &sc, &rec, sys::CpuMeter::start(pid, None))?;
+        progress(&format!("embedded backend: throughput for {:?}", s.duration));
+        let sustained = ferry_sustained(&rt, s, &sc, &rec, sys::CpuMeter::start(pid, None))?;
+        Backend { fixed, sustained, rss_peak: sys::status_bytes(pid, "VmHWM") }
+    };
+    stop(&mut sc);
+
+    // JetStream's own durable rate, on a second server (stream and consumer
+    // configured like the first server's).
+    let sync = if a.skip_sync_always {
+        None
+    } else {
+        progress("nats-server with sync_interval: always: publish, then the raw path's throughput");
+        let server = SyncAlwaysServer::start()?;
+        Some(sync_always(&rt, s, &server, &template, &rec)?)
+    };
+
+    print_figures(s, &nats, &raw, &embedded, sync.as_ref());
+    Ok(())
+}
+
+fn start_sidecar(
+    s: &Settings,
+    broker: &str,
+    resources: &Path,
+    data_dir: &Path,
+    app: SocketAddr,
+) -> Result<Sidecar, Error> {
+    let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut cmd = Command::new(&s.sidecar_bin);
+    cmd.env_remove("RUST_LOG")
+        .env_remove("FERRY_API_TOKEN")
+        .env_remove("FERRY_APP_TOKEN")
+        .args(["--app-id", "bench", "--broker", broker, "--app-port", &app.port().to_string()])
+        .args(["--api-addr", &api.to_string(), "--admin-addr", &admin.to_string()])
+        .arg("--resources")
+        .arg(resources)
+        .arg("--data-dir")
+        .arg(data_dir);
+    let mut process = Process::spawn("ferry-sidecar", cmd);
+    process.wait_for_line("ferry-sidecar started", START_TIMEOUT);
+    process.wait_for_line("broker configured", START_TIMEOUT);
+    Ok(Sidecar { process, api, admin })
+}
+
+fn stop(sc: &mut Sidecar) {
+    sc.process.signal(15);
+    let _ = sc.process.wait_exit(Duration::from_secs(30));
+}
+
+fn produce_uri() -> Uri {
+    crate::uri(&format!("/v1/topics/{TOPIC}/messages"))
+}
+
+fn batch_uri() -> Uri {
+    crate::uri(&format!("/v1/topics/{TOPIC}/messages:batch"))
+}
+
+/// Sends a few hundred messages and waits for them at the app.
+fn warm_up(rt: &tokio::runtime::Runtime, s: &Settings, sc: &Sidecar, rec: &Recorder) -> Result<(), Error> {
+    rec.reset();
+    rt.block_on(async {
+        let mut conn = Conn::open(sc.api).await?;
+        let uri = produce_uri();
+        for _ in 0..WARM_UP {
+            let body = sink::stamped(Instant::now(), s.args.payload);
+            let a = conn.post(&uri, "text/plain", body).await?;
+            if a.status != StatusCode::ACCEPTED {
+                return Err::<(), Error>(
+                    format!("warm-up produce answered {}: {}", a.status, String::from_utf8_lossy(&a.body)).into(),
+                );
+            }
+        }
+        let got = rec.wait_for(WARM_UP, s.drain_timeout).await;
+        if got < WARM_UP {
+            return Err(
+                format!("warm-up: the app received {got} of {WARM_UP} messages in {:?}", s.drain_timeout).into()
+            );
+        }
+        Ok(())
+    })?;
+    // Let the sidecar's queues settle before measuring.
+    std::thread::sleep(Duration::from_millis(200));
+    rec.reset();
+    Ok(())
+}
+
+/// Hands out `rate` instants per second for `duration` on a thread of its
+/// own (std's nanosecond sleep, not tokio's millisecond timer); returns how
+/// late it handed each one out.
+fn pacer(
+    rate: u64,
+    duration: Duration,
+    tx: tokio::sync::mpsc::UnboundedSender<Instant>,
+) -> (u64, std::thread::JoinHandle<Vec<Duration>>) {
+    let total = (rate as f64 * duration.as_secs_f64()).round() as u64;
+    let start = Instant::now() + Duration::from_millis(10);
+    let handle = std::thread::spawn(move || {
+        let mut lags = Vec::with_capacity(total as usize);
+        for i in 0..total {
+            let due = start + Duration::from_nanos(i * 1_000_000_000 / rate.max(1));
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            lags.push(due.elapsed());
+            if tx.send(due).is_err() {
+                break;
+            }
+        }
+        lags
+    });
+    (total, handle)
+}
+
+async fn join_pacer(h: std::thread::JoinHandle<Vec<Duration>>) -> Result<Latencies, Error> {
+    let lags = tokio::task::spawn_blocking(move || h.join()).await?.map_err(|_| "the pacer thread panicked")?;
+    Ok(Latencies::of(lags))
+}
+
+#[derive(Default)]
+struct Worker {
+    accepted: u64,
+    rejected: u64,
+    errors: u64,
+    first_error: Option<String>,
+    answers: Vec<Duration>,
+}
+
+impl Worker {
+    fn failed(&mut self, e: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(e);
+    }
+
+    fn merge(ws: Vec<Worker>) -> Worker {
+        let mut out = Worker::default();
+        for w in ws {
+            out.accepted += w.accepted;
+            out.rejected += w.rejected;
+            out.errors += w.errors;
+            if out.first_error.is_none() {
+                out.first_error = w.first_error;
+            }
+            out.answers.extend(w.answers);
+        }
+        out
+    }
+}
+
+/// One produce request; `Ok(true)` when accepted (202), `Ok(false)` on
+/// back-pressure (429/503/507).
+async fn post(conn: &mut Conn, uri: &Uri, content_type: &'static str, body: bytes::Bytes) -> Result<bool, String> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, conn.post(uri, content_type, body)).await {
+        Ok(Ok(a)) if a.status == StatusCode::ACCEPTED => Ok(true),
+        Ok(Ok(a))
+            if a.status == StatusCode::TOO_MANY_REQUESTS
+                || a.status == StatusCode::SERVICE_UNAVAILABLE
+                || a.status == StatusCode::INSUFFICIENT_STORAGE =>
+        {
+            Ok(false)
+        }
+        Ok(Ok(a)) => Err(format!("{} {}", a.status, String::from_utf8_lossy(&a.body))),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {REQUEST_TIMEOUT:?}")),
+    }
+}
+
+/// Ferry at a fixed rate: single-message produce, open loop.
+fn ferry_fixed(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    sc: &Sidecar,
+    rec: &Recorder,
+    cpu: sys::CpuMeter,
+) -> Result<Fixed, Error> {
+    let a = &s.args;
+    rec.reset();
+    let (w, scheduled, pacer_lag) = rt.block_on(async {
+        let conns = open_many(sc.api, a.connections).await?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let mut tasks = Vec::new();
+        for mut conn in conns {
+            let rx = rx.clone();
+            let (size, addr, uri) = (a.payload, sc.api, produce_uri());
+            tasks.push(tokio::spawn(async move {
+                let mut w = Worker::default();
+                loop {
+                    let due = rx.lock().await.recv().await;
+                    let Some(due) = due else { break };
+                    match post(&mut conn, &uri, "text/plain", sink::stamped(due, size)).await {
+                        Ok(true) => {
+                            w.accepted += 1;
+                            w.answers.push(due.elapsed());
+                        }
+                        Ok(false) => w.rejected += 1,
+                        Err(e) => {
+                            w.failed(e);
+                            if let Ok(c) = Conn::open(addr).await {
+                                conn = c;
+                            }
+                        }
+                    }
+                }
+                w
+            }));
+        }
+        let (scheduled, pacer) = pacer(a.rate, s.duration, tx);
+        let lag = join_pacer(pacer).await?;
+        let mut ws = Vec::new();
+        for t in tasks {
+            ws.push(t.await?);
+        }
+        Ok::<_, Error>((Worker::merge(ws), scheduled, lag))
+    })?;
+    let cpu = cpu.report();
+    let delivered = rt.block_on(rec.wait_for(w.accepted, s.drain_timeout));
+    Ok(Fixed {
+        lat: Latencies::of(rec.latencies()),
+        scheduled,
+        accepted: w.accepted,
+        delivered,
+        errors: w.errors + w.rejected + rec.unstamped(),
+        first_error: w.first_error,
+        answers: Some(Latencies::of(w.answers)),
+        pacer_lag,
+        cpu,
+    })
+}
+
+/// The raw path at a fixed rate.
+fn raw_fixed(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    js: &async_nats::jetstream::Context,
+    template: &Template,
+    rec: &Arc<Recorder>,
+    cpu: sys::CpuMeter,
+) -> Result<Fixed, Error> {
+    let a = &s.args;
+    rec.reset();
+    let (published, scheduled, pacer_lag, cpu, delivered) = rt.block_on(async {
+        let consumer = rawjs::setup(js, template).await?;
+        let consuming = rawjs::consume(consumer, a.fetch_batch, rec.clone());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        let (scheduled, pacer) = pacer(a.rate, s.duration, tx);
+        let published = rawjs::publish_paced(js, rx, a.payload).await?;
+        let lag = join_pacer(pacer).await?;
+        let cpu = cpu.report();
+        let delivered = rec.wait_for(published.acked, s.drain_timeout).await;
+        consuming.abort();
+        Ok::<_, Error>((published, scheduled, lag, cpu, delivered))
+    })?;
+    Ok(Fixed {
+        lat: Latencies::of(rec.latencies()),
+        scheduled,
+        accepted: published.acked,
+        delivered,
+        errors: published.errors + rec.unstamped(),
+        first_error: published.first_error,
+        answers: None,
+        pacer_lag,
+        cpu,
+    })
+}
+
+/// Waits until a worker may send `n` more messages: at most `window` sent
+/// and not yet received. False once `deadline` passed.
+async fn gate(reserved: &AtomicU64, rec: &Recorder, n: u64, window: u64, deadline: Instant) -> bool {
+    loop {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        let r = reserved.load(Ordering::Acquire);
+        if window == 0 || r.saturating_sub(rec.count()) + n <= window {
+            if reserved.compare_exchange(r, r + n, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return true;
+            }
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Ferry's sustained throughput: NDJSON batches as fast as accepted, within the window.
+fn ferry_sustained(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    sc: &Sidecar,
+    rec: &Arc<Recorder>,
+    cpu: sys::CpuMeter,
+) -> Result<Sustained, Error> {
+    let a = &s.args;
+    rec.reset();
+    let batch = Arc::new(NdjsonStamped::new(a.batch_size, a.payload));
+    let (w, at_deadline, cpu, deadline) = rt.block_on(async {
+        let conns = open_many(sc.api, a.batch_connections).await?;
+        let reserved = Arc::new(AtomicU64::new(0));
+        let t0 = Instant::now();
+        let deadline = t0 + s.duration;
+        let mut tasks = Vec::new();
+        for mut conn in conns {
+            let (batch, reserved, rec) = (batch.clone(), reserved.clone(), rec.clone());
+            let (n, window, addr, uri) = (a.batch_size as u64, a.window, sc.api, batch_uri());
+            tasks.push(tokio::spawn(async move {
+                let mut w = Worker::default();
+                while gate(&reserved, &rec, n, window, deadline).await {
+                    let sent = Instant::now();
+                    match post(&mut conn, &uri, "application/x-ndjson", batch.body(sent)).await {
+                        Ok(true) => {
+                            w.accepted += n;
+                            w.answers.push(sent.elapsed());
+                            continue;
+                        }
+                        Ok(false) => {
+                            w.rejected += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Err(e) => {
+                            w.failed(e);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            if let Ok(c) = Conn::open(addr).await {
+                                conn = c;
+                            }
+                        }
+                    }
+                    reserved.fetch_sub(n, Ordering::AcqRel);
+                }
+                w
+            }));
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+        let at_deadline = rec.count();
+        let cpu = cpu.report();
+        let mut ws = Vec::new();
+        for t in tasks {
+            ws.push(t.await?);
+        }
+        Ok::<_, Error>((Worker::merge(ws), at_deadline, cpu, deadline))
+    })?;
+    let delivered = rt.block_on(rec.wait_for(w.accepted, s.drain_timeout));
+    Ok(Sustained {
+        rate: at_deadline as f64 / s.duration.as_secs_f64(),
+        produce_rate: w.accepted as f64 / s.duration.as_secs_f64(),
+        accepted: w.accepted,
+        delivered,
+        errors: w.errors + rec.unstamped(),
+        rejected: w.rejected,
+        first_error: w.first_error,
+        drain: deadline.elapsed(),
+        lat: Latencies::of(rec.latencies()),
+        cpu,
+    })
+}
+
+/// The raw path's sustained throughput, within the same window.
+fn raw_sustained(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    js: &async_nats::jetstream::Context,
+    template: &Template,
+    rec: &Arc<Recorder>,
+    cpu: Option<sys::CpuMeter>,
+) -> Result<Sustained, Error> {
+    let a = &s.args;
+    rec.reset();
+    let (published, at_deadline, cpu, delivered, drain) = rt.block_on(async {
+        let consumer = rawjs::setup(js, template).await?;
+        let consuming = rawjs::consume(consumer, a.fetch_batch, rec.clone());
+        let deadline = Instant::now() + s.duration;
+        let (published, at_deadline, cpu) = {
+            let publishing = rawjs::publish_sustained(js, a.payload, a.publish_window, a.window, deadline, rec);
+            let watch = async {
+                tokio::time::sleep_until(deadline.into()).await;
+                (rec.count(), cpu.map(|c| c.report()))
+            };
+            let (published, (at_deadline, cpu)) = tokio::join!(publishing, watch);
+            (published?, at_deadline, cpu)
+        };
+        let delivered = rec.wait_for(published.acked, s.drain_timeout).await;
+        let drain = deadline.elapsed();
+        if delivered < published.acked && consuming.is_finished() {
+            let e = consuming.await?;
+            return Err(format!("the raw consumer stopped: {e}").into());
+        }
+        consuming.abort();
+        Ok::<_, Error>((published, at_deadline, cpu, delivered, drain))
+    })?;
+    Ok(Sustained {
+        rate: at_deadline as f64 / s.duration.as_secs_f64(),
+        produce_rate: published.acked as f64 / s.duration.as_secs_f64(),
+        accepted: published.acked,
+        delivered,
+        errors: published.errors + rec.unstamped(),
+        rejected: 0,
+        first_error: published.first_error,
+        drain,
+        lat: Latencies::of(rec.latencies()),
+        cpu: cpu.unwrap_or_default(),
+    })
+}
+
+/// On the `sync_interval: always` server: the pipelined publish rate alone
+/// (at most 5 s), then the raw path's sustained throughput.
+fn sync_always(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    server: &SyncAlwaysServer,
+    template: &Template,
+    rec: &Arc<Recorder>,
+) -> Result<SyncFigures, Error> {
+    let a = &s.args;
+    let js = rt.block_on(crate::forward::connect(&server.url()))?;
+    let time = s.duration.min(Duration::from_secs(5));
+    let (published, elapsed) = rt.block_on(async {
+        rawjs::setup(&js, template).await?;
+        let t0 = Instant::now();
+        let p = rawjs::publish_sustained(&js, a.payload, a.publish_window, 0, t0 + time, rec).await?;
+        Ok::<_, Error>((p, t0.elapsed()))
+    })?;
+    let publish_rate = published.acked as f64 / elapsed.as_secs_f64().max(1e-9);
+    let mut publish_note = format!(
+        "{} publishes confirmed in {:.2} s (publishing for {:.1} s, then the last confirmations), {} failed",
+        published.acked,
+        elapsed.as_secs_f64(),
+        time.as_secs_f64(),
+        published.errors
+    );
+    if let Some(e) = &published.first_error {
+        publish_note.push_str(&format!(" (first failure: {e})"));
+    }
+    let sustained = raw_sustained(rt, s, &js, template, rec, None)?;
+    let _ = rt.block_on(rawjs::purge(&js));
+    Ok(SyncFigures { publish_rate, publish_note, sustained, sync_line: server.sync_line() })
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    a / b.max(1e-9)
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn lat3(l: &Latencies) -> String {
+    format!("p50 {}, p99 {}, max {}", ms(l.p50), ms(l.p99), ms(l.max))
+}
+
+fn latency_goals(l: &Latencies, complete: bool) -> String {
+    let within = |d: Duration, limit_ms: u64| verdict(complete && d <= Duration::from_millis(limit_ms));
+    format!(
+        "goal DESIGN §5 p50 <= 1 ms: {}, p99 <= 5 ms: {}; issue 5 p50 <= 2 ms: {}, p99 <= 10 ms: {}",
+        within(l.p50, 1),
+        within(l.p99, 5),
+        within(l.p50, 2),
+        within(l.p99, 10)
+    )
+}
+
+fn fixed_detail(who: &str, f: &Fixed) -> String {
+    let mut s = format!("{who}: {}", f.counts());
+    if let Some(a) = &f.answers {
+        s.push_str(&format!("; produce answered (202) {} from the scheduled time", lat3(a)));
+    }
+    s.push_str(&format!("; pacer lag (included) p50 {}, p99 {}; {}", ms(f.pacer_lag.p50), ms(f.pacer_lag.p99), f.cpu));
+    s
+}
+
+fn sustained_detail(who: &str, t: &Sustained) -> String {
+    let mut s = format!("{who}: {}; latency under this load {}", t.counts(), lat3(&t.lat));
+    if !t.cpu.is_empty() {
+        s.push_str(&format!("; {}", t.cpu));
+    }
+    s
+}
+
+fn print_figures(s: &Settings, nats: &Backend, raw: &RawFigures, embedded: &Backend, sync: Option<&SyncFigures>) {
+    let a = &s.args;
+    let d = secs(s.duration);
+    let mib = |b: Option<u64>| b.map_or("?".to_owned(), |b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64));
+
+    let (f, r) = (&nats.fixed, &raw.fixed);
+    say(&format!(
+        "e2e1 latency, nats backend ({} msg/s open loop, single produce ack=local -> JetStream -> push -> 200, {} B, \
+         {d:.0} s; from each message's scheduled send time to its arrival at the app): {} | baseline raw \
+         async-nats JetStream publish -> durable pull consumer (fetch, ack each), same rate and server: {} \
+         | ratio p50 {:.2}x, p99 {:.2}x raw | {}",
+        a.rate,
+        a.payload,
+        lat3(&f.lat),
+        lat3(&r.lat),
+        ratio(secs(f.lat.p50), secs(r.lat.p50)),
+        ratio(secs(f.lat.p99), secs(r.lat.p99)),
+        latency_goals(&f.lat, f.all_delivered())
+    ));
+    say(&format!("  e2e1 detail: {}", fixed_detail("Ferry", f)));
+    say(&format!("  e2e1 detail: {}", fixed_detail("raw", r)));
+
+    let e = &embedded.fixed;
+    say(&format!(
+        "e2e2 latency, embedded broker (same load): {} | baseline raw async-nats path (above): p50 {}, p99 {}; \
+         nats backend p50 {}, p99 {} | ratio p50 {:.2}x, p99 {:.2}x raw; p50 {:.2}x, p99 {:.2}x the nats backend \
+         | {}",
+        lat3(&e.lat),
+        ms(r.lat.p50),
+        ms(r.lat.p99),
+        ms(f.lat.p50),
+        ms(f.lat.p99),
+        ratio(secs(e.lat.p50), secs(r.lat.p50)),
+        ratio(secs(e.lat.p99), secs(r.lat.p99)),
+        ratio(secs(e.lat.p50), secs(f.lat.p50)),
+        ratio(secs(e.lat.p99), secs(f.lat.p99)),
+        latency_goals(&e.lat, e.all_delivered())
+    ));
+    say(&format!("  e2e2 detail: {}", fixed_detail("Ferry embedded", e)));
+
+    let (t, rt) = (&nats.sustained, &raw.sustained);
+    let window = if a.window == 0 { "no window".to_owned() } else { format!("window {}", a.window) };
+    let r3 = ratio(t.rate, rt.rate);
+    say(&format!(
+        "e2e3 throughput, nats backend (NDJSON batches of {} on {} connections, ack=local, {window}, maxInFlight {}, \
+         {d:.0} s): {:.0} msg/s received by the app | baseline raw async-nats pipelined publish (Nats-Msg-Id, {} in \
+         flight) -> durable pull consumer (fetch {}, ack each, maxAckPending {}), same {window} and server: {:.0} \
+         msg/s | ratio {:.2}x raw | goal (issue 5) >= 0.5x: {}",
+        a.batch_size,
+        a.batch_connections,
+        a.max_in_flight,
+        t.rate,
+        a.publish_window,
+        a.fetch_batch,
+        raw.max_ack_pending,
+        rt.rate,
+        r3,
+        verdict(r3 >= 0.5 && t.all_delivered())
+    ));
+    say(&format!("  e2e3 detail: {}; sidecar peak RSS {}", sustained_detail("Ferry", t), mib(nats.rss_peak)));
+    say(&format!("  e2e3 detail: {}", sustained_detail("raw", rt)));
+
+    let te = &embedded.sustained;
+    let r4 = ratio(te.rate, t.rate);
+    say(&format!(
+        "e2e4 throughput, embedded broker (same load): {:.0} msg/s received by the app | baseline nats backend \
+         {:.0} msg/s (raw path {:.0}) | ratio {:.2}x the nats backend, {:.2}x raw | goal (issue 6) >= 1.0x: {}",
+        te.rate,
+        t.rate,
+        rt.rate,
+        r4,
+        ratio(te.rate, rt.rate),
+        verdict(r4 >= 1.0 && te.all_delivered())
+    ));
+    say(&format!(
+        "  e2e4 detail: {}; sidecar peak RSS {}",
+        sustained_detail("Ferry embedded", te),
+        mib(embedded.rss_peak)
+    ));
+
+    match sync {
+        None => say("  e2e5 skipped (--skip-sync-always)"),
+        Some(y) => {
+            let r5 = ratio(t.rate, y.publish_rate);
+            say(&format!(
+                "e2e5 durable throughput (each message fsynced before its produce is acked, then pushed and acked; \
+                 e2e3/e2e4): nats backend {:.0} msg/s, embedded {:.0} msg/s | baseline JetStream with \
+                 sync_interval: always, pipelined publish with Nats-Msg-Id ({} in flight), {} B: {:.0} msg/s \
+                 | ratio {:.2}x (embedded {:.2}x) | goal DESIGN §5 >= 20x: {}",
+                t.rate,
+                te.rate,
+                a.publish_window,
+                a.payload,
+                y.publish_rate,
+                r5,
+                ratio(te.rate, y.publish_rate),
+                verdict(r5 >= 20.0)
+            ));
+            say(&format!("  e2e5 detail: sync_interval: always publish: {}", y.publish_note));
+            say(&format!(
+                "  e2e5 detail: the raw path on that server: {:.0} msg/s received (nats backend {:.2}x, embedded \
+                 {:.2}x); {}",
+                y.sustained.rate,
+                ratio(t.rate, y.sustained.rate),
+                ratio(te.rate, y.sustained.rate),
+                sustained_detail("raw sync-always", &y.sustained)
+            ));
+            if let Some(l) = &y.sync_line {
+                say(&format!("  e2e5 detail: that server's log: {l}"));
+            }
+        }
+    }
+}
