@@ -189,6 +189,7 @@ impl Forwarders {
                 s.outbox.clone(),
                 s.broker.clone(),
                 s.metrics.clone(),
+                s.stream_missing.clone(),
             );
             s.confirmed.write().unwrap_or_else(|e| e.into_inner()).insert(tl.topic.clone(), f.confirmed.clone());
             self.running.push(f);
@@ -281,6 +282,7 @@ pub async fn run(
         shutting_down: Default::default(),
         delivery,
         broker_configured: Default::default(),
+        stream_missing: Default::default(),
     });
 
     let mut forwarders = Forwarders { running: Vec::new() };
@@ -303,6 +305,20 @@ pub async fn run(
             tracing::info!(topics = r.topics.len(), "broker configured");
             if let Some(tx) = ready {
                 let _ = tx.send(started);
+            }
+        })
+    };
+    // A forwarder that finds its stream gone (the broker lost its store, or
+    // someone deleted it) has the broker configured again, at most once a second.
+    let reensure = {
+        let s = sidecar.clone();
+        tokio::spawn(async move {
+            loop {
+                s.stream_missing.notified().await;
+                let resources = s.resources.read().unwrap_or_else(|e| e.into_inner()).clone();
+                tracing::warn!("a stream is missing on the broker; creating the streams and consumers again");
+                configure_broker(s.clone(), resources).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         })
     };
@@ -341,6 +357,7 @@ pub async fn run(
     sidecar.delivery.stop_all().await;
     drain(&sidecar, config.shutdown_grace).await;
     configure.abort();
+    reensure.abort();
     for f in std::mem::take(&mut forwarders.lock().await.running) {
         f.stop().await;
     }

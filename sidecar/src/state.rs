@@ -30,6 +30,8 @@ pub struct Sidecar {
     pub shutting_down: AtomicBool,
     /// Subscription runners and deliveries awaiting callbacks.
     pub delivery: crate::deliver::Delivery,
+    /// Notified when a forwarder finds its stream missing on the broker.
+    pub stream_missing: Arc<tokio::sync::Notify>,
     /// Set once every stream and consumer of the resources exists on the broker.
     pub broker_configured: AtomicBool,
 }

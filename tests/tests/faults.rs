@@ -1418,10 +1418,6 @@ async fn after_the_broker_lost_its_store_a_sidecar_restart_recreates_the_stream_
 /// The running sidecar notices that its stream is gone and recreates it
 /// (and its consumers), so the outbox drains and new messages flow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: after nats-server lost its JetStream store the running sidecar never recreates its streams or \
-            consumers (they are ensured only at start and on config changes): the forwarder retries NoStream \
-            for ever and nothing produced afterwards is forwarded; sidecar/src/lib.rs configure_broker and \
-            sidecar/src/forward/mod.rs Ctx::run"]
 async fn after_the_broker_lost_its_store_the_running_sidecar_recreates_its_stream_and_messages_flow_again() {
     let run = store_lost_run(Duration::from_secs(20), false).await;
     assert!(run.recreated_in.is_some(), "the running sidecar never recreated {EVENTS_STREAM}");

@@ -53,6 +53,7 @@ impl Forwarder {
         outbox: Arc<Outbox>,
         broker: Arc<dyn Broker>,
         metrics: Arc<Metrics>,
+        stream_missing: Arc<tokio::sync::Notify>,
     ) -> Self {
         let start = tl.log.cursor(FORWARDED).unwrap_or(0);
         let (confirmed_tx, confirmed) = watch::channel(start);
@@ -71,6 +72,7 @@ impl Forwarder {
             outbox_records,
             outbox_bytes,
             committing: None,
+            stream_missing,
             tl,
             outbox,
             broker,
@@ -108,6 +110,9 @@ struct Ctx {
     /// A cursor commit running on the blocking pool (three fsyncs: never on
     /// a runtime worker, where it would stall produce calls).
     committing: Option<tokio::task::JoinHandle<()>>,
+    /// Told when the broker has no stream for the topic (it lost its store,
+    /// or someone deleted it): the sidecar then ensures its streams again.
+    stream_missing: Arc<tokio::sync::Notify>,
 }
 
 /// A publish awaiting its ack, with what to record when it comes.
@@ -130,6 +135,9 @@ impl Ctx {
             match self.pipeline().await {
                 Outcome::Stopped => break,
                 Outcome::Failed(e) => {
+                    if matches!(e, BrokerError::NoStream(_)) {
+                        self.stream_missing.notify_one();
+                    }
                     if *self.confirmed.borrow() > before {
                         backoff = BACKOFF_MIN;
                     }
