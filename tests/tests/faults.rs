@@ -158,9 +158,6 @@ async fn kill9_of_the_sidecar_under_keyed_load_loses_nothing_and_duplicates_noth
 
 /// The same run, judged on per-key order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: after kill -9 the restarted sidecar pushes later messages of a key before the earlier ones \
-            the dead process had fetched (JetStream redelivers those only after the ack wait); \
-            sidecar/src/deliver/runner.rs, Ctx::run/dispatch"]
 async fn kill9_of_the_sidecar_under_keyed_load_keeps_per_key_order() {
     let (kills, total, keys) = kill9_sizes();
     let report = kill9_run(kills, total, keys).await;

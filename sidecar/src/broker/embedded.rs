@@ -467,6 +467,11 @@ struct EmbeddedConsumer(Arc<ConsumerState>);
 
 #[async_trait]
 impl Consumer for EmbeddedConsumer {
+    async fn leased(&self) -> Result<u64, BrokerError> {
+        let now = Instant::now();
+        Ok(self.0.lock().due.values().filter(|t| **t > now).count() as u64)
+    }
+
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Fetched>, BrokerError> {
         let deadline = Instant::now() + wait;
         let me = &self.0;

@@ -119,6 +119,8 @@ impl Fetched {
 pub trait Consumer: Send + Sync + 'static {
     /// Up to `max` messages, waiting up to `wait` for the first.
     async fn fetch(&self, max: usize, wait: std::time::Duration) -> Result<Vec<Fetched>, BrokerError>;
+    /// Messages delivered and leased (not settled, not yet due again).
+    async fn leased(&self) -> Result<u64, BrokerError>;
 }
 
 /// What the sidecar needs from a broker.

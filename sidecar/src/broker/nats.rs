@@ -164,6 +164,11 @@ impl Settle for NatsSettle {
 
 #[async_trait]
 impl Consumer for NatsConsumer {
+    async fn leased(&self) -> Result<u64, BrokerError> {
+        let info = self.consumer.get_info().await.map_err(|e| self.broker.classify(e))?;
+        Ok(info.num_ack_pending as u64)
+    }
+
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Fetched>, BrokerError> {
         let mut batch = self
             .consumer

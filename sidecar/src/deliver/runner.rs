@@ -155,6 +155,9 @@ impl Ctx {
         let mut stop = self.stop.clone();
         let mut backoff = Duration::from_millis(100);
         let push = self.spec.mode == DeliveryMode::Push;
+        if push && self.spec.ordering != Ordering::None && !self.wait_out_leases(&mut stop).await {
+            return;
+        }
         loop {
             // Free a finished task's slot in the join set.
             while tasks.try_join_next().is_some() {}
@@ -250,6 +253,26 @@ impl Ctx {
             let _ = m.settle.settle(Settlement::Release).await;
         }
         let _ = tokio::time::timeout(STOP_WAIT, async { while tasks.join_next().await.is_some() {} }).await;
+    }
+
+    /// Ordered subscriptions only: when messages are still leased at start
+    /// (fetched by a sidecar that died, or by another pod), waits one
+    /// processing timeout, so the broker redelivers them before anything
+    /// later of their key is fetched here. Returns false when stopped.
+    async fn wait_out_leases(&self, stop: &mut watch::Receiver<bool>) -> bool {
+        let leased = match self.consumer().await {
+            Ok(c) => c.leased().await.unwrap_or(0),
+            Err(_) => 0,
+        };
+        if leased == 0 {
+            return true;
+        }
+        let wait = self.spec.processing_timeout.get();
+        tracing::info!(subscription = %self.name, leased, ?wait, "waiting out leased messages so each key stays in order");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            _ = stop.changed() => false,
+        }
     }
 
     fn prune(&self) {
