@@ -124,6 +124,16 @@ async fn embedded_state_survives_kill_9_acked_stays_acked_and_unacked_comes_back
         r.iter().any(|r| r.id() == "done") && r.iter().any(|r| r.id() == "held")
     })
     .await;
+    // The app has answered "done"; wait until the sidecar has settled it (an
+    // ack lost in the kill would rightly bring it back: at-least-once).
+    let metrics = format!("{}/metrics", sc.admin);
+    let acked = "ferry_deliveries_total{subscription=\"billing\",result=\"acked\"} 1";
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !http().get(&metrics).send().await.unwrap().text().await.unwrap().lines().any(|l| l == acked) {
+        assert!(std::time::Instant::now() < deadline, "the sidecar never settled the acked delivery");
+        // No event exposes the settlement; poll the metric.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     sc.process.kill9();
 
     let sc = launch(&data);
