@@ -331,8 +331,9 @@ pub async fn run(
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let serve =
-        |listener: TcpListener, router: axum::Router| tokio::spawn(serve::serve(listener, router, stop_rx.clone()));
+    let serve = |listener: TcpListener, router: axum::Router| {
+        tokio::spawn(serve::serve(listener, router, config.header_read_timeout, stop_rx.clone()))
+    };
     let api_task = serve(api_listener, api::router(sidecar.clone()));
     let admin_task = serve(admin_listener, admin::router(sidecar.clone()));
     tracing::info!(

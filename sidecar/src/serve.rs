@@ -1,7 +1,9 @@
 //! Serving a router over HTTP/1.1 and h2c with timeouts `axum::serve` does
 //! not set: a client that sends its request head slowly (slowloris) is cut
-//! off after [`HEADER_READ_TIMEOUT`] instead of holding a connection for
-//! ever.
+//! off after `--header-read-timeout` instead of holding a connection for
+//! ever. Hyper starts that timer when it waits for a request head, so it is
+//! also the idle keep-alive timeout: the default (30 s) is long enough that
+//! pooling clients see idle connections closed rarely, and retry them.
 
 use std::time::Duration;
 
@@ -12,17 +14,20 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Longest a client may take to send a request's head.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest in-flight requests may take to finish once stopping.
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// Serves `router` on `listener` until `stop` turns true, then lets open
 /// requests finish (up to [`SHUTDOWN_WAIT`]).
-pub async fn serve(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    header_read_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
     builder.http2().timer(TokioTimer::new());
     loop {
         tokio::select! {

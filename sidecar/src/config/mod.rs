@@ -173,6 +173,10 @@ pub struct SidecarArgs {
     /// copy is acknowledged without reaching the app again.
     #[arg(long, env = "FERRY_DEDUPE_WINDOW", default_value = DEFAULT_DEDUPE_WINDOW)]
     pub dedupe_window: String,
+    /// Longest a client may take to send a request head (slowloris guard);
+    /// also how long an idle keep-alive connection is kept.
+    #[arg(long, env = "FERRY_HEADER_READ_TIMEOUT", default_value = "30s")]
+    pub header_read_timeout: String,
     /// How often the `--resources` directory is re-read for changes.
     #[arg(long, env = "FERRY_RESOURCES_POLL", default_value = DEFAULT_RESOURCES_POLL)]
     pub resources_poll: String,
@@ -236,6 +240,8 @@ pub struct Config {
     pub dedupe_window: Duration,
     /// Manifest re-read interval.
     pub resources_poll: Duration,
+    /// Request-head read timeout (and keep-alive idle timeout).
+    pub header_read_timeout: Duration,
 }
 
 impl BrokerConfig {
@@ -284,6 +290,7 @@ impl Config {
         let broker_ack_timeout = duration("--broker-ack-timeout", &a.broker_ack_timeout);
         let dedupe_window = duration("--dedupe-window", &a.dedupe_window);
         let resources_poll = duration("--resources-poll", &a.resources_poll);
+        let header_read_timeout = duration("--header-read-timeout", &a.header_read_timeout);
         // No --broker, or `embedded`: the in-process broker (standalone mode).
         let urls: Vec<String> = match a.broker.as_deref().map(str::trim) {
             None | Some("embedded") => Vec::new(),
@@ -368,6 +375,7 @@ impl Config {
             broker_ack_timeout,
             dedupe_window,
             resources_poll: resources_poll.max(Duration::from_millis(50)),
+            header_read_timeout: header_read_timeout.max(Duration::from_secs(1)),
         })
     }
 }
