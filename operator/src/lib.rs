@@ -8,13 +8,15 @@
 //!
 //! Status of this crate: CRD generation, the pure build step, the JetStream
 //! apply side and the Topic and Subscription reconciles (finalizer, status,
-//! events) are here and tested; the controller runtime wiring
-//! (watches, leader election, metrics) and the webhook are not written yet.
+//! events) are here and tested; `run` wires the controllers with
+//! health and metrics endpoints; leader election and the webhook are not
+//! written yet.
 
 pub mod build;
 pub mod context;
 pub mod crd;
 pub mod jetstream;
+pub mod metrics;
 pub mod run;
 pub mod subscription;
 pub mod topic;

@@ -22,6 +22,9 @@ enum Cmd {
         /// Watch only this namespace (default: all).
         #[arg(long, env = "FERRY_WATCH_NAMESPACE")]
         namespace: Option<String>,
+        /// Address of /healthz, /readyz and /metrics.
+        #[arg(long, env = "FERRY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+        metrics_addr: std::net::SocketAddr,
     },
     /// Print the CRDs (YAML), or write them into a directory.
     Crd {
@@ -33,7 +36,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Cmd::Run { broker, namespace } => {
+        Cmd::Run { broker, namespace, metrics_addr } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -62,7 +65,7 @@ fn main() -> ExitCode {
                             return ExitCode::FAILURE;
                         }
                     };
-                ferry_operator::run::run(client, nats, namespace).await;
+                ferry_operator::run::run(client, nats, namespace, metrics_addr).await;
                 ExitCode::SUCCESS
             })
         }

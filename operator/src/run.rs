@@ -3,6 +3,7 @@
 //! Not covered by tests here (no API server can run on these machines):
 //! the reconcile functions it drives are, with a mock API server.
 
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,14 +18,58 @@ use kube::ResourceExt;
 
 use crate::context::{Context, Error};
 use crate::jetstream::JetStream;
+use crate::metrics::Metrics;
 
 fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(error = %error, category = error.category(), "reconcile failed");
     Action::requeue(Duration::from_secs(5))
 }
 
+/// Serves `/healthz`, `/readyz` (ready once the controllers run) and
+/// `/metrics` on `addr`.
+async fn serve_admin(addr: std::net::SocketAddr, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let router = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(AtomicOrdering::Acquire);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.encode();
+                async move { ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text) }
+            }),
+        );
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            let _ = axum::serve(listener, router).await;
+        }
+        Err(e) => tracing::error!(%addr, error = %e, "cannot bind the metrics address"),
+    }
+}
+
 /// Runs both controllers until the process is stopped.
-pub async fn run(client: kube::Client, nats: async_nats::Client, namespace: Option<String>) {
+pub async fn run(
+    client: kube::Client,
+    nats: async_nats::Client,
+    namespace: Option<String>,
+    metrics_addr: std::net::SocketAddr,
+) {
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(serve_admin(metrics_addr, metrics.clone(), ready.clone()));
     let ctx = Arc::new(Context {
         client: client.clone(),
         js: JetStream::new(nats),
@@ -36,7 +81,22 @@ pub async fn run(client: kube::Client, nats: async_nats::Client, namespace: Opti
     };
     let topic_controller = Controller::new(topics.clone(), watcher::Config::default())
         .shutdown_on_signal()
-        .run(crate::topic::reconcile, error_policy, ctx.clone())
+        .run(
+            {
+                let metrics = metrics.clone();
+                move |obj, ctx| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let started = std::time::Instant::now();
+                        let r = crate::topic::reconcile(obj, ctx).await;
+                        metrics.observe("topic", &r, started);
+                        r
+                    }
+                }
+            },
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "topic reconcile");
@@ -61,11 +121,27 @@ pub async fn run(client: kube::Client, nats: async_nats::Client, namespace: Opti
                 .collect::<Vec<_>>()
         })
         .shutdown_on_signal()
-        .run(crate::subscription::reconcile, error_policy, ctx)
+        .run(
+            {
+                let metrics = metrics.clone();
+                move |obj, ctx| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let started = std::time::Instant::now();
+                        let r = crate::subscription::reconcile(obj, ctx).await;
+                        metrics.observe("subscription", &r, started);
+                        r
+                    }
+                }
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "subscription reconcile");
             }
         });
+    ready.store(true, AtomicOrdering::Release);
     futures::join!(topic_controller, sub_controller);
 }
