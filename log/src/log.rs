@@ -178,11 +178,7 @@ impl Log {
     ///
     /// Cancelling the future does not cancel the append.
     pub async fn append(&self, records: &[NewRecord]) -> Result<Range<u64>> {
-        let mut req = self.encode(records)?;
-        let (tx, rx) = oneshot::channel();
-        req.reply = tx;
-        self.send(Command::Append(req))?;
-        rx.await.map_err(|_| Error::Closed)?
+        self.submit(records)?.await
     }
 
     /// Queues an append now and returns a future for its offsets. Appends

@@ -25,6 +25,27 @@ fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
+/// Wraps a reconcile function so every run is counted and timed.
+fn instrumented<K, Fut>(
+    controller: &'static str,
+    metrics: Arc<Metrics>,
+    reconcile: fn(Arc<K>, Arc<Context>) -> Fut,
+) -> impl FnMut(Arc<K>, Arc<Context>) -> futures::future::BoxFuture<'static, Result<Action, Error>>
+where
+    K: Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    move |obj, ctx| {
+        let metrics = metrics.clone();
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let r = reconcile(obj, ctx).await;
+            metrics.observe(controller, &r, started);
+            r
+        })
+    }
+}
+
 /// Serves `/healthz`, `/readyz` (ready once the controllers run) and
 /// `/metrics` on `addr`.
 async fn serve_admin(addr: std::net::SocketAddr, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
@@ -81,22 +102,7 @@ pub async fn run(
     };
     let topic_controller = Controller::new(topics.clone(), watcher::Config::default())
         .shutdown_on_signal()
-        .run(
-            {
-                let metrics = metrics.clone();
-                move |obj, ctx| {
-                    let metrics = metrics.clone();
-                    async move {
-                        let started = std::time::Instant::now();
-                        let r = crate::topic::reconcile(obj, ctx).await;
-                        metrics.observe("topic", &r, started);
-                        r
-                    }
-                }
-            },
-            error_policy,
-            ctx.clone(),
-        )
+        .run(instrumented("topic", metrics.clone(), crate::topic::reconcile), error_policy, ctx.clone())
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "topic reconcile");
@@ -121,22 +127,7 @@ pub async fn run(
                 .collect::<Vec<_>>()
         })
         .shutdown_on_signal()
-        .run(
-            {
-                let metrics = metrics.clone();
-                move |obj, ctx| {
-                    let metrics = metrics.clone();
-                    async move {
-                        let started = std::time::Instant::now();
-                        let r = crate::subscription::reconcile(obj, ctx).await;
-                        metrics.observe("subscription", &r, started);
-                        r
-                    }
-                }
-            },
-            error_policy,
-            ctx,
-        )
+        .run(instrumented("subscription", metrics.clone(), crate::subscription::reconcile), error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "subscription reconcile");

@@ -252,24 +252,3 @@ fn raw_request(port: u16, head: &str) -> (u16, serde_json::Value) {
         head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad status line: {head}"));
     (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")))
 }
-
-/// A size-limited tmpfs mounted for one test (needs root, which CI has).
-struct TmpfsMount(std::path::PathBuf);
-
-impl TmpfsMount {
-    fn new(path: &std::path::Path, size: &str) -> Self {
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .status()
-            .expect("running mount");
-        assert!(status.success(), "mounting a tmpfs needs root (CI runs as root); this test cannot run here");
-        TmpfsMount(path.to_path_buf())
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}

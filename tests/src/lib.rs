@@ -206,3 +206,26 @@ pub fn manifests(files: &[(&str, &str)]) -> tempfile::TempDir {
 pub fn arg(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// A size-limited tmpfs mounted for one test (needs root, which CI has);
+/// unmounted (lazily) when dropped.
+pub struct TmpfsMount(PathBuf);
+
+impl TmpfsMount {
+    /// Mounts a tmpfs of `size` (e.g. `"256k"`) on `path`; panics if it cannot.
+    pub fn new(path: &Path, size: &str) -> TmpfsMount {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting a tmpfs needs root (CI runs as root); this test cannot run here");
+        TmpfsMount(path.to_path_buf())
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

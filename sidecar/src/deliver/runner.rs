@@ -355,14 +355,7 @@ impl Ctx {
         let mut local_retries = 0u32;
         loop {
             let attempt = msg.delivered.saturating_add(local_retries);
-            if self.dedupe.contains(&msg.id) {
-                self.count("deduplicated");
-                let _ = msg.settle.settle(Settlement::Ack).await;
-                return;
-            }
-            if attempt > self.spec.max_deliveries {
-                let why = format!("delivered {} times without success", attempt - 1);
-                self.dead_letter(&msg, attempt - 1, "timeout", &why).await;
+            if self.settled_before_push(&msg, attempt).await {
                 return;
             }
             let delivery_id = uuid::Uuid::now_v7().to_string();
@@ -411,6 +404,45 @@ impl Ctx {
                     local_retries += 1;
                 }
             }
+        }
+    }
+
+    /// Settles a message that must not reach the app (again): acked within
+    /// the dedupe window, or out of attempts (dead-lettered). True if so.
+    async fn settled_before_push(&self, msg: &Fetched, attempt: u32) -> bool {
+        if self.dedupe.contains(&msg.id) {
+            self.count("deduplicated");
+            let _ = msg.settle.settle(Settlement::Ack).await;
+            return true;
+        }
+        if attempt > self.spec.max_deliveries {
+            let why = format!("delivered {} times without success", attempt - 1);
+            self.dead_letter(msg, attempt - 1, "timeout", &why).await;
+            return true;
+        }
+        false
+    }
+
+    /// Settles an unordered delivery by its outcome (a retry is a
+    /// nak-with-delay), hands it back when stopping (`None`), then answers
+    /// the app's callback if there was one.
+    async fn finish_unordered(
+        &self,
+        msg: &Fetched,
+        attempt: u32,
+        outcome: Option<Outcome>,
+        done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    ) {
+        match outcome {
+            Some(o) => {
+                self.settle(msg, attempt, o, false).await;
+            }
+            None => {
+                let _ = msg.settle.settle(Settlement::Release).await;
+            }
+        }
+        if let Some(done) = done {
+            let _ = done.send(Ok(()));
         }
     }
 
@@ -548,13 +580,7 @@ impl Ctx {
     async fn deliver_batch(self: Arc<Self>, messages: Vec<Fetched>) {
         let mut fresh = Vec::new();
         for m in messages {
-            if self.dedupe.contains(&m.id) {
-                self.count("deduplicated");
-                let _ = m.settle.settle(Settlement::Ack).await;
-            } else if m.delivered > self.spec.max_deliveries {
-                let why = format!("delivered {} times without success", m.delivered - 1);
-                self.dead_letter(&m, m.delivered - 1, "timeout", &why).await;
-            } else {
+            if !self.settled_before_push(&m, m.delivered).await {
                 fresh.push(m);
             }
         }
@@ -582,17 +608,7 @@ impl Ctx {
                         (Some(other), None)
                     }
                 };
-                match outcome {
-                    Some(o) => {
-                        ctx.settle(m, attempt, o, false).await;
-                    }
-                    None => {
-                        let _ = m.settle.settle(Settlement::Release).await;
-                    }
-                }
-                if let Some(done) = done {
-                    let _ = done.send(Ok(()));
-                }
+                ctx.finish_unordered(m, attempt, outcome, done).await;
             });
         }
         futures::future::join_all(settles).await;
@@ -617,15 +633,8 @@ impl Ctx {
         };
         let mut out = Vec::new();
         for msg in fetched {
-            if self.dedupe.contains(&msg.id) {
-                self.count("deduplicated");
-                let _ = msg.settle.settle(Settlement::Ack).await;
-                continue;
-            }
             let attempt = msg.delivered;
-            if attempt > self.spec.max_deliveries {
-                let why = format!("delivered {} times without success", attempt - 1);
-                self.dead_letter(&msg, attempt - 1, "timeout", &why).await;
+            if self.settled_before_push(&msg, attempt).await {
                 continue;
             }
             let delivery_id = uuid::Uuid::now_v7().to_string();
@@ -637,17 +646,7 @@ impl Ctx {
             let callback = ctx.deps.callbacks.register(&delivery_id);
             tokio::spawn(async move {
                 let (outcome, done) = ctx.await_callback(&msg, &delivery_id, callback).await;
-                match outcome {
-                    Some(o) => {
-                        ctx.settle(&msg, attempt, o, false).await;
-                    }
-                    None => {
-                        let _ = msg.settle.settle(Settlement::Release).await;
-                    }
-                }
-                if let Some(done) = done {
-                    let _ = done.send(Ok(()));
-                }
+                ctx.finish_unordered(&msg, attempt, outcome, done).await;
             });
         }
         Ok(out)

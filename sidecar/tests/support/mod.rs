@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 #[allow(unused_imports)]
-pub use ferry_e2e::{free_port, manifests, NatsServer, Process, START_TIMEOUT};
+pub use ferry_e2e::{free_port, manifests, NatsServer, Process, TmpfsMount, START_TIMEOUT};
 
 /// A Topic `orders` and a Topic `audit` in namespace `default`.
 pub const TOPICS: &str = "\

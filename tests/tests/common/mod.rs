@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 pub use ferry_e2e::app::{Received, Reply, TestApp};
 pub use ferry_e2e::check::{Checker, Report};
-pub use ferry_e2e::{free_port, manifests, NatsServer, Process, START_TIMEOUT};
+pub use ferry_e2e::{free_port, manifests, NatsServer, Process, TmpfsMount, START_TIMEOUT};
 use serde_json::Value;
 
 /// The app id of every sidecar here.
@@ -317,28 +317,6 @@ impl Rng {
     /// One of `items`.
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len() as u64) as usize]
-    }
-}
-
-/// A size-limited tmpfs mounted for one test (needs root, which CI has);
-/// unmounted (lazily) when dropped.
-pub struct TmpfsMount(PathBuf);
-
-impl TmpfsMount {
-    pub fn new(path: &Path, size: &str) -> TmpfsMount {
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .status()
-            .expect("running mount");
-        assert!(status.success(), "mounting a tmpfs needs root (CI runs as root); this test cannot run here");
-        TmpfsMount(path.to_path_buf())
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
