@@ -348,8 +348,9 @@ pub async fn run(
     );
 
     shutdown.await;
-    tracing::info!(grace = ?config.shutdown_grace, "shutting down: refusing produce calls, draining the outbox");
+    // Refuse first, then say so: whoever reads the line finds it true.
     sidecar.shutting_down.store(true, Ordering::Release);
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down: refusing produce calls, draining the outbox");
     if let Some(r) = reload {
         r.abort();
     }
