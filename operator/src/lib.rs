@@ -13,6 +13,7 @@
 //! written yet.
 
 pub mod build;
+pub mod cli;
 pub mod context;
 pub mod crd;
 pub mod jetstream;

@@ -1,42 +1,37 @@
 //! The `ferry-operator` binary.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use ferry_operator::cli::{Cli, Cmd, RunArgs};
 
-#[derive(Parser)]
-#[command(name = "ferry-operator", version, about = "Ferry operator")]
-struct Cli {
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Run the controllers (in a cluster, or with a kubeconfig).
-    Run {
-        /// NATS URL of the broker.
-        #[arg(long, env = "FERRY_BROKER")]
-        broker: String,
-        /// Watch only this namespace (default: all).
-        #[arg(long, env = "FERRY_WATCH_NAMESPACE")]
-        namespace: Option<String>,
-        /// Address of /healthz, /readyz and /metrics.
-        #[arg(long, env = "FERRY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
-        metrics_addr: std::net::SocketAddr,
-    },
-    /// Print the CRDs (YAML), or write them into a directory.
-    Crd {
-        /// Write one file per CRD into this directory instead of printing.
-        #[arg(long)]
-        write: Option<PathBuf>,
-    },
+/// Connects to NATS with the credentials the flags name; keeps retrying a
+/// broker that is down at start.
+async fn connect_broker(args: &RunArgs) -> Result<async_nats::Client, String> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name("ferry-operator")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2));
+    if let Some(path) = &args.broker_creds {
+        opts = opts.credentials_file(path).await.map_err(|e| format!("credentials file {}: {e}", path.display()))?;
+    }
+    if let (Some(user), Some(password)) = (&args.broker_user, &args.broker_password) {
+        opts = opts.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &args.broker_token {
+        opts = opts.token(token.clone());
+    }
+    if let Some(ca) = &args.broker_tls_ca {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    opts.connect(args.broker.as_str()).await.map_err(|e| format!("broker {}: {e}", args.broker))
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Cmd::Run { broker, namespace, metrics_addr } => {
+        Cmd::Run(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -57,15 +52,14 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                let nats =
-                    match async_nats::ConnectOptions::new().retry_on_initial_connect().connect(broker.as_str()).await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            eprintln!("ferry-operator: broker {broker}: {e}");
-                            return ExitCode::FAILURE;
-                        }
-                    };
-                ferry_operator::run::run(client, nats, namespace, metrics_addr).await;
+                let nats = match connect_broker(&args).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("ferry-operator: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                ferry_operator::run::run(client, nats, &args).await;
                 ExitCode::SUCCESS
             })
         }

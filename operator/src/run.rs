@@ -85,9 +85,10 @@ async fn serve_admin(addr: std::net::SocketAddr, metrics: Arc<Metrics>, ready: A
 pub async fn run(
     client: kube::Client,
     nats: async_nats::Client,
-    namespace: Option<String>,
-    metrics_addr: std::net::SocketAddr,
+    args: &crate::cli::RunArgs,
 ) {
+    let namespace = args.namespace.clone();
+    let metrics_addr = args.metrics_addr;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(serve_admin(metrics_addr, metrics.clone(), ready.clone()));
