@@ -101,8 +101,9 @@ mod tests {
 
     #[test]
     fn run_takes_defaults_and_explicit_false() {
-        let cli = Cli::try_parse_from(["ferry-operator", "run", "--broker", "nats://n:4222", "--leader-election", "false"])
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(["ferry-operator", "run", "--broker", "nats://n:4222", "--leader-election", "false"])
+                .unwrap();
         let Cmd::Run(args) = cli.command else { panic!("not run") };
         assert!(!args.leader_election);
         assert_eq!(args.operator_namespace, "ferry-system");

@@ -82,11 +82,7 @@ async fn serve_admin(addr: std::net::SocketAddr, metrics: Arc<Metrics>, ready: A
 }
 
 /// Runs both controllers until the process is stopped.
-pub async fn run(
-    client: kube::Client,
-    nats: async_nats::Client,
-    args: &crate::cli::RunArgs,
-) {
+pub async fn run(client: kube::Client, nats: async_nats::Client, args: &crate::cli::RunArgs) {
     let namespace = args.namespace.clone();
     let metrics_addr = args.metrics_addr;
     let metrics = Arc::new(Metrics::default());

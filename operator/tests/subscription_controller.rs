@@ -2,21 +2,18 @@
 //! server) and its broker side (real nats-server).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use ferry_api::subscription::SubscriptionSpec;
 use ferry_api::topic::TopicSpec;
 use ferry_api::{Subscription, Topic};
 use ferry_e2e::NatsServer;
-use ferry_operator::context::{Context, FINALIZER};
-use ferry_operator::jetstream::JetStream;
-use http::{Method, Request, Response, StatusCode};
-use kube::client::Body;
+use ferry_operator::context::FINALIZER;
+use http::{Method, StatusCode};
 use kube::runtime::controller::Action;
-use kube::runtime::events::Reporter;
 use serde_json::{json, Value};
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+mod common;
+use common::{context, expect_status as expect};
 
 fn subscription() -> Arc<Subscription> {
     let mut spec = SubscriptionSpec::new("orders", "billing");
@@ -27,31 +24,6 @@ fn subscription() -> Arc<Subscription> {
     s.metadata.uid = Some("uid-2".into());
     s.metadata.finalizers = Some(vec![FINALIZER.into()]);
     Arc::new(s)
-}
-
-async fn context(nats: &NatsServer) -> (Arc<Context>, Handle) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
-    let js = JetStream::new(async_nats::connect(nats.url()).await.unwrap());
-    (
-        Arc::new(Context { client, js, reporter: Reporter { controller: "ferry-operator".into(), instance: None } }),
-        handle,
-    )
-}
-
-async fn expect(handle: &mut Handle, method: Method, path: &str, status: StatusCode, reply: Option<Value>) -> Value {
-    let (req, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
-        .await
-        .unwrap_or_else(|_| panic!("no {method} {path} call within 10 s"))
-        .expect("the mock server is open");
-    assert_eq!((req.method(), req.uri().path()), (&method, path));
-    let bytes = req.into_body().collect_bytes().await.unwrap();
-    let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-    let answer = reply.unwrap_or_else(|| body.clone());
-    send.send_response(
-        Response::builder().status(status).body(Body::from(serde_json::to_vec(&answer).unwrap())).unwrap(),
-    );
-    body
 }
 
 const TOPIC: &str = "/apis/ferry.dev/v1alpha1/namespaces/shop/topics/orders";

@@ -3,20 +3,17 @@
 //! calls in order), and its broker side against a real nats-server.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use ferry_api::topic::{DeletionPolicy, Storage, TopicSpec};
 use ferry_api::Topic;
 use ferry_e2e::NatsServer;
-use ferry_operator::context::{Context, FINALIZER};
+use ferry_operator::context::FINALIZER;
 use ferry_operator::jetstream::JetStream;
-use http::{Method, Request, Response};
-use kube::client::Body;
+use http::Method;
 use kube::runtime::controller::Action;
-use kube::runtime::events::Reporter;
-use serde_json::Value;
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+mod common;
+use common::{context, expect, expect_no_more};
 
 fn topic(spec: TopicSpec, finalizer: bool, deleting: bool) -> Arc<Topic> {
     let mut t = Topic::new("orders", spec);
@@ -32,36 +29,6 @@ fn topic(spec: TopicSpec, finalizer: bool, deleting: bool) -> Arc<Topic> {
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
     }
     Arc::new(t)
-}
-
-async fn context(nats: &NatsServer) -> (Arc<Context>, Handle) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
-    let js = JetStream::new(async_nats::connect(nats.url()).await.unwrap());
-    let reporter = Reporter { controller: "ferry-operator".into(), instance: None };
-    (Arc::new(Context { client, js, reporter }), handle)
-}
-
-/// The next call: asserts method and path, answers `reply` (or echoes the body).
-async fn expect(handle: &mut Handle, method: Method, path: &str, reply: Option<Value>) -> Value {
-    let (req, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
-        .await
-        .unwrap_or_else(|_| panic!("no {method} {path} call within 10 s"))
-        .expect("the mock server is open");
-    assert_eq!(req.method(), method, "call to {}", req.uri());
-    assert_eq!(req.uri().path(), path);
-    let bytes = req.into_body().collect_bytes().await.unwrap();
-    let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-    let answer = reply.unwrap_or_else(|| body.clone());
-    send.send_response(Response::builder().body(Body::from(serde_json::to_vec(&answer).unwrap())).unwrap());
-    body
-}
-
-/// Fails if any call is made within a short while (no extra calls).
-async fn expect_no_more(handle: &mut Handle) {
-    if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(300), handle.next_request()).await {
-        panic!("unexpected call {} {}", req.method(), req.uri());
-    }
 }
 
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
