@@ -22,7 +22,11 @@ pub fn inspect(data_dir: &Path) -> Result<String, String> {
     let _ = writeln!(out, "outbox {}: {} topic(s)", dir.display(), names.len());
     for name in names {
         let path = dir.join(&name);
-        let opts = log_options(ferry_api::topic::Persistence::Durable, &Budget::unlimited());
+        let opts = log_options(
+            ferry_api::topic::Persistence::Durable,
+            crate::config::FsyncPolicy::Always,
+            &Budget::unlimited(),
+        );
         let (log, report) = Log::open(&path, opts).map_err(|e| format!("{}: {e}", path.display()))?;
         let stats = log.stats();
         let forwarded = log.cursor(FORWARDED).unwrap_or(0);

@@ -226,7 +226,7 @@ pub async fn run(
 
     let topics: BTreeMap<_, _> =
         resources.topics.iter().map(|(n, t)| (n.clone(), (t.persistence, t.partitions))).collect();
-    let (outbox, reports) = Outbox::open(&config.data_dir, config.outbox_max_bytes, &topics)
+    let (outbox, reports) = Outbox::open(&config.data_dir, config.outbox_max_bytes, config.fsync, &topics)
         .map_err(|e| StartError::Other(format!("opening the outbox: {e}")))?;
     for (topic, report) in &reports {
         if !report.is_clean() {

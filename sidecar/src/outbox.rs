@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use crate::config::FsyncPolicy;
 use ferry_api::topic::Persistence;
 use ferry_log::{Budget, FsyncMode, Log, LogOptions, NewRecord, RecoveryReport};
 
@@ -83,6 +84,7 @@ fn id_hash(id: &str) -> u64 {
 pub struct Outbox {
     dir: PathBuf,
     budget: Budget,
+    fsync: FsyncPolicy,
     logs: RwLock<BTreeMap<String, Arc<TopicLog>>>,
     tracker: Mutex<Tracker>,
 }
@@ -93,12 +95,14 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
-/// Log options for a topic with this persistence.
-pub fn log_options(persistence: Persistence, budget: &Budget) -> LogOptions {
+/// Log options for a topic with this persistence, under the sidecar's
+/// `--fsync` policy (which can only lower it).
+pub fn log_options(persistence: Persistence, policy: FsyncPolicy, budget: &Budget) -> LogOptions {
     LogOptions {
-        fsync: match persistence {
-            Persistence::Durable => FsyncMode::Always,
-            Persistence::BestEffort => FsyncMode::Interval(BEST_EFFORT_SYNC),
+        fsync: match (policy, persistence) {
+            (FsyncPolicy::Never, _) => FsyncMode::Never,
+            (FsyncPolicy::Always, Persistence::Durable) => FsyncMode::Always,
+            _ => FsyncMode::Interval(BEST_EFFORT_SYNC),
         },
         budget: budget.clone(),
         ..LogOptions::default()
@@ -112,6 +116,7 @@ impl Outbox {
     pub fn open(
         data_dir: &Path,
         max_bytes: u64,
+        fsync: FsyncPolicy,
         topics: &BTreeMap<String, (Persistence, u32)>,
     ) -> Result<(Self, Vec<(String, RecoveryReport)>), ferry_log::Error> {
         let dir = data_dir.join("outbox");
@@ -135,6 +140,7 @@ impl Outbox {
         let outbox = Outbox {
             dir,
             budget: Budget::new(max_bytes),
+            fsync,
             logs: RwLock::new(BTreeMap::new()),
             tracker: Mutex::new(Tracker::default()),
         };
@@ -166,7 +172,7 @@ impl Outbox {
         persistence: Persistence,
         partitions: u32,
     ) -> Result<RecoveryReport, ferry_log::Error> {
-        let (log, report) = Log::open(self.dir.join(topic), log_options(persistence, &self.budget))?;
+        let (log, report) = Log::open(self.dir.join(topic), log_options(persistence, self.fsync, &self.budget))?;
         let tl = Arc::new(TopicLog { topic: topic.to_owned(), log, partitions });
         self.logs.write().unwrap_or_else(|e| e.into_inner()).insert(topic.to_owned(), tl);
         Ok(report)
@@ -262,5 +268,21 @@ impl Tracker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod fsync_policy_tests {
+    use super::*;
+
+    #[test]
+    fn the_fsync_policy_only_lowers_a_topics_persistence() {
+        let b = Budget::unlimited();
+        let mode = |p, f| log_options(p, f, &b).fsync;
+        assert_eq!(mode(Persistence::Durable, FsyncPolicy::Always), FsyncMode::Always);
+        assert_eq!(mode(Persistence::BestEffort, FsyncPolicy::Always), FsyncMode::Interval(BEST_EFFORT_SYNC));
+        assert_eq!(mode(Persistence::Durable, FsyncPolicy::Interval), FsyncMode::Interval(BEST_EFFORT_SYNC));
+        assert_eq!(mode(Persistence::Durable, FsyncPolicy::Never), FsyncMode::Never);
+        assert_eq!(mode(Persistence::BestEffort, FsyncPolicy::Never), FsyncMode::Never);
     }
 }

@@ -180,6 +180,24 @@ pub struct SidecarArgs {
     /// How often the `--resources` directory is re-read for changes.
     #[arg(long, env = "FERRY_RESOURCES_POLL", default_value = DEFAULT_RESOURCES_POLL)]
     pub resources_poll: String,
+    /// How far the outbox fsyncs: `always` (each Topic's persistence decides:
+    /// a `Durable` topic is fsynced before a produce is answered), `interval`
+    /// (every topic at most 100 ms behind: a power loss can lose that much),
+    /// `never` (left to the OS).
+    #[arg(long, env = "FERRY_FSYNC", value_enum, default_value = "always")]
+    pub fsync: FsyncPolicy,
+}
+
+/// `--fsync`: the most durability the outbox gives any topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum FsyncPolicy {
+    /// As each Topic's persistence says.
+    #[default]
+    Always,
+    /// Every topic synced on an interval.
+    Interval,
+    /// No fsync by Ferry.
+    Never,
 }
 
 /// Broker connection settings.
@@ -242,6 +260,8 @@ pub struct Config {
     pub resources_poll: Duration,
     /// Request-head read timeout (and keep-alive idle timeout).
     pub header_read_timeout: Duration,
+    /// Outbox fsync policy.
+    pub fsync: FsyncPolicy,
 }
 
 impl BrokerConfig {
@@ -375,6 +395,7 @@ impl Config {
             broker_ack_timeout,
             dedupe_window,
             resources_poll: resources_poll.max(Duration::from_millis(50)),
+            fsync: a.fsync,
             header_read_timeout: header_read_timeout.max(Duration::from_secs(1)),
         })
     }
