@@ -6,17 +6,15 @@
 //! ([`jetstream`]) → status. The CRDs are generated from the `ferry-api`
 //! types ([`crd`]).
 //!
-//! Status of this crate: CRD generation, the pure build step, the JetStream
-//! apply side and the Topic and Subscription reconciles (finalizer, status,
-//! events) are here and tested; `run` wires the controllers with
-//! health and metrics endpoints; leader election and the webhook are not
-//! written yet.
+//! Only the replica holding the Lease ([`leader`]) runs the controllers;
+//! every replica serves the health endpoints ([`run`]).
 
 pub mod build;
 pub mod cli;
 pub mod context;
 pub mod crd;
 pub mod jetstream;
+pub mod leader;
 pub mod metrics;
 pub mod run;
 pub mod subscription;

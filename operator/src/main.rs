@@ -59,8 +59,13 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                ferry_operator::run::run(client, nats, &args).await;
-                ExitCode::SUCCESS
+                match ferry_operator::run::run(client, nats, &args).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("ferry-operator: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
             })
         }
         Cmd::Crd { write: None } => {

@@ -1,11 +1,13 @@
 //! The operator's Prometheus metrics: reconciles by controller and result,
-//! failures by error category, reconcile duration.
+//! failures by error category, reconcile duration, whether this replica
+//! leads.
 
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -36,6 +38,7 @@ pub struct Metrics {
     reconciles: Family<ReconcileLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     duration: Histogram,
+    leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -47,7 +50,9 @@ impl Default for Metrics {
         registry.register("reconciles", "Reconciles by controller and result", reconciles.clone());
         registry.register("reconcile_failures", "Failed reconciles by controller and error category", failures.clone());
         registry.register("reconcile_duration_seconds", "Reconcile duration", duration.clone());
-        Metrics { registry, reconciles, failures, duration }
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica holds the Lease and runs the controllers", leader.clone());
+        Metrics { registry, reconciles, failures, duration, leader }
     }
 }
 
@@ -60,6 +65,11 @@ impl Metrics {
         if let Err(e) = result {
             self.failures.get_or_create(&FailureLabels { controller, category: e.category() }).inc();
         }
+    }
+
+    /// Records whether this replica runs the controllers.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     /// The Prometheus text format.
@@ -80,12 +90,14 @@ mod tests {
         let m = Metrics::default();
         m.observe("topic", &Ok::<(), Error>(()), Instant::now());
         m.observe::<()>("topic", &Err(Error::MissingNamespace), Instant::now());
+        m.set_leader(true);
         let text = m.encode();
         for line in [
             "ferry_operator_reconciles_total{controller=\"topic\",result=\"ok\"} 1",
             "ferry_operator_reconciles_total{controller=\"topic\",result=\"error\"} 1",
             "ferry_operator_reconcile_failures_total{controller=\"topic\",category=\"MissingNamespace\"} 1",
             "ferry_operator_reconcile_duration_seconds_count 2",
+            "ferry_operator_leader 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -81,18 +81,70 @@ async fn serve_admin(addr: std::net::SocketAddr, metrics: Arc<Metrics>, ready: A
     }
 }
 
-/// Runs both controllers until the process is stopped.
-pub async fn run(client: kube::Client, nats: async_nats::Client, args: &crate::cli::RunArgs) {
-    let namespace = args.namespace.clone();
-    let metrics_addr = args.metrics_addr;
+/// This replica's name: `--pod-name`, else the host name.
+fn identity(args: &crate::cli::RunArgs) -> String {
+    args.pod_name
+        .clone()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "ferry-operator".into())
+}
+
+/// Runs the operator until the process is stopped: health endpoints at
+/// once; the controllers once this replica holds the Lease (or at once
+/// without leader election). Errs when the Lease is lost or cannot be
+/// joined, so the process exits and restarts as a candidate.
+pub async fn run(client: kube::Client, nats: async_nats::Client, args: &crate::cli::RunArgs) -> Result<(), String> {
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(serve_admin(metrics_addr, metrics.clone(), ready.clone()));
+    tokio::spawn(serve_admin(args.metrics_addr, metrics.clone(), ready.clone()));
+    let mut leadership = if args.leader_election {
+        let identity = identity(args);
+        let l =
+            crate::leader::join(client.clone(), &args.operator_namespace, &args.lease_name, &identity).await.map_err(
+                |e| format!("joining the election for Lease {}/{}: {e}", args.operator_namespace, args.lease_name),
+            )?;
+        tracing::info!(%identity, lease = %args.lease_name, "waiting to lead");
+        Some(l)
+    } else {
+        None
+    };
+    // A replica that waits for the Lease is ready: it serves the webhook.
+    ready.store(true, AtomicOrdering::Release);
+    if let Some(l) = &mut leadership {
+        l.acquired().await?;
+        tracing::info!("leading: starting the controllers");
+    }
+    metrics.set_leader(true);
     let ctx = Arc::new(Context {
         client: client.clone(),
         js: JetStream::new(nats),
-        reporter: Reporter { controller: "ferry-operator".into(), instance: std::env::var("POD_NAME").ok() },
+        reporter: Reporter { controller: "ferry-operator".into(), instance: args.pod_name.clone() },
     });
+    let controllers = controllers(client, ctx, args.namespace.clone(), metrics.clone());
+    match &mut leadership {
+        None => {
+            controllers.await;
+            Ok(())
+        }
+        Some(l) => {
+            tokio::select! {
+                _ = controllers => {
+                    metrics.set_leader(false);
+                    leadership.take().expect("leading").release().await;
+                    Ok(())
+                }
+                _ = l.lost() => {
+                    metrics.set_leader(false);
+                    Err("lost the Lease: stopping so another replica leads".into())
+                }
+            }
+        }
+    }
+}
+
+/// Both controllers, until a shutdown signal.
+async fn controllers(client: kube::Client, ctx: Arc<Context>, namespace: Option<String>, metrics: Arc<Metrics>) {
     let (topics, subs): (Api<Topic>, Api<Subscription>) = match &namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone())),
@@ -130,6 +182,5 @@ pub async fn run(client: kube::Client, nats: async_nats::Client, args: &crate::c
                 tracing::debug!(error = %e, "subscription reconcile");
             }
         });
-    ready.store(true, AtomicOrdering::Release);
     futures::join!(topic_controller, sub_controller);
 }

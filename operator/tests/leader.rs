@@ -1,0 +1,149 @@
+//! Leader election against a mock API server that keeps one Lease: the
+//! calls the operator makes, and who ends up holding the Lease.
+
+use std::sync::{Arc, Mutex};
+
+use ferry_operator::leader;
+use http::{Method, Response, StatusCode};
+use kube::client::Body;
+use serde_json::{json, Value};
+
+mod common;
+
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/ferry-system/leases/ferry-operator";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ferry-system/leases";
+
+/// What the mock server saw and holds.
+#[derive(Default)]
+struct Server {
+    lease: Option<Value>,
+    calls: Vec<(Method, String, Value)>,
+}
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+fn lease(holder: &str, renewed: &str) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "ferry-operator", "namespace": "ferry-system", "resourceVersion": "1"},
+        "spec": {"holderIdentity": holder, "acquireTime": renewed, "renewTime": renewed,
+                 "leaseDurationSeconds": 15, "leaseTransitions": 4}
+    })
+}
+
+/// Merges a patch into the stored Lease (a null removes the field).
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+/// Answers every call to the Lease like an API server would.
+fn serve(mut handle: common::Handle, server: Arc<Mutex<Server>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+            let mut s = server.lock().unwrap();
+            s.calls.push((method.clone(), path.clone(), body.clone()));
+            let (status, answer) = match (method, path.as_str(), s.lease.clone()) {
+                (Method::GET, LEASE, Some(l)) => (StatusCode::OK, l),
+                (Method::GET, LEASE, None) | (Method::PATCH, LEASE, None) => (
+                    StatusCode::NOT_FOUND,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+                ),
+                (Method::POST, LEASES, None) => {
+                    let mut created = body.clone();
+                    merge(&mut created, &json!({"metadata": {"namespace": "ferry-system", "resourceVersion": "1"}}));
+                    s.lease = Some(created.clone());
+                    (StatusCode::CREATED, created)
+                }
+                (Method::PATCH, LEASE, Some(mut l)) => {
+                    merge(&mut l, &json!({"spec": body["spec"]}));
+                    s.lease = Some(l.clone());
+                    (StatusCode::OK, l)
+                }
+                (m, p, _) => panic!("unexpected call {m} {p}"),
+            };
+            send.send_response(
+                Response::builder().status(status).body(Body::from(serde_json::to_vec(&answer).unwrap())).unwrap(),
+            );
+        }
+    })
+}
+
+fn holder(server: &Mutex<Server>) -> Option<String> {
+    server.lock().unwrap().lease.as_ref().and_then(|l| l["spec"]["holderIdentity"].as_str().map(String::from))
+}
+
+#[tokio::test]
+async fn the_first_replica_creates_the_lease_and_leads() {
+    let (client, handle) = common::mock_client();
+    let server = Arc::new(Mutex::new(Server::default()));
+    let _api = serve(handle, server.clone());
+    let mut l = leader::join(client, "ferry-system", "ferry-operator", "operator-a").await.unwrap();
+    l.acquired().await.unwrap();
+    assert!(l.is_leading());
+    assert_eq!(holder(&server).as_deref(), Some("operator-a"));
+    let calls = server.lock().unwrap().calls.clone();
+    assert!(calls.iter().any(|(m, p, _)| m == Method::POST && p == LEASES), "{calls:?}");
+    assert!(
+        calls.iter().any(|(m, _, b)| m == Method::PATCH && b["spec"]["holderIdentity"] == "operator-a"),
+        "no patch taking the lease: {calls:?}"
+    );
+    // Releasing hands the Lease back: no holder left.
+    l.release().await;
+    assert_eq!(holder(&server), None);
+}
+
+#[tokio::test]
+async fn an_expired_lease_of_another_replica_is_taken_over() {
+    let (client, handle) = common::mock_client();
+    let server = Arc::new(Mutex::new(Server {
+        lease: Some(lease("operator-old", "2020-01-01T00:00:00.000000Z")),
+        ..Default::default()
+    }));
+    let _api = serve(handle, server.clone());
+    let mut l = leader::join(client, "ferry-system", "ferry-operator", "operator-b").await.unwrap();
+    l.acquired().await.unwrap();
+    assert_eq!(holder(&server).as_deref(), Some("operator-b"));
+    let s = server.lock().unwrap();
+    assert!(s.calls.iter().all(|(m, _, _)| m != Method::POST), "an existing Lease is not created again");
+    assert_eq!(s.lease.as_ref().unwrap()["spec"]["leaseTransitions"], 5, "the takeover is counted");
+}
+
+#[tokio::test]
+async fn a_live_lease_of_another_replica_is_left_alone() {
+    let (client, handle) = common::mock_client();
+    let server = Arc::new(Mutex::new(Server { lease: Some(lease("operator-a", &now())), ..Default::default() }));
+    let _api = serve(handle, server.clone());
+    let l = leader::join(client, "ferry-system", "ferry-operator", "operator-b").await.unwrap();
+    // Wait until the candidate has read the Lease twice (its first look and
+    // the watch loop's, after which it would try to lock).
+    loop {
+        let gets = server.lock().unwrap().calls.iter().filter(|(m, _, _)| m == Method::GET).count();
+        if gets >= 2 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    // A write would follow the read at once; absence can only be checked
+    // over a while (as `common::expect_no_more` does).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!l.is_leading());
+    assert_eq!(holder(&server).as_deref(), Some("operator-a"));
+    let calls = server.lock().unwrap().calls.clone();
+    assert!(calls.iter().all(|(m, _, _)| m == Method::GET), "a candidate only reads a live Lease: {calls:?}");
+}
