@@ -10,6 +10,12 @@
 //! tiny size. Data goes to a temporary directory under the target directory
 //! (or under `FERRY_BENCH_DIR`) and is deleted at the end.
 //!
+//! With `FERRY_BENCH_JSON=FILE` each figure is also appended to `FILE` as one
+//! JSON line, the shape `ferry-bench report` renders into `bench/REPORT.md`
+//! (`scripts/bench` sets it): `{"figure", "issue", "source", "label", "value",
+//! "unit", "baseline", "baseline_label", "baseline_unit", "ratio", "goal",
+//! "met", "note", "quick"}`.
+//!
 //! Latencies are percentiles of per-operation times recorded here (nearest
 //! rank), not criterion's mean-based estimates. The log and its baseline run
 //! in alternating rounds so that drift in the shared disk hits both alike.
@@ -138,21 +144,25 @@ fn main() {
         if same_dev { "yes" } else { "NO" }
     );
 
+    let json = JsonOut::from_env(sz.name != FULL.name);
+    if let Some(path) = &json.path {
+        println!("figures also appended to {} (JSON lines)", path.display());
+    }
     let mut summary = Vec::new();
     let mut raw_256k_mbs = None;
     if wanted("single-appender") {
-        summary.push(single_appender(&sz, tmp.path()));
+        summary.push(single_appender(&sz, tmp.path(), &json));
     }
     if wanted("concurrent-256") {
-        let (line, raw) = concurrent(&sz, tmp.path());
+        let (line, raw) = concurrent(&sz, tmp.path(), &json);
         summary.push(line);
         raw_256k_mbs = Some(raw);
     }
     if wanted("batch-1000") {
-        summary.push(batch(&sz, tmp.path(), raw_256k_mbs));
+        summary.push(batch(&sz, tmp.path(), raw_256k_mbs, &json));
     }
     if wanted("reopen") || wanted("read-all") {
-        summary.extend(reopen_and_read(&sz, tmp.path()));
+        summary.extend(reopen_and_read(&sz, tmp.path(), &json));
     }
     criterion_benches(&sz, tmp.path());
 
@@ -328,9 +338,102 @@ fn evict(dir: &Path) {
     }
 }
 
+// ---------------------------------------------------- report figures
+
+/// One figure for the performance report (`ferry-bench report`, issue #9):
+/// the log's figure, its same-run baseline and the goal it is judged by.
+struct Figure {
+    /// Stable id, as `ferry-bench`'s report catalogue names it.
+    id: &'static str,
+    label: String,
+    value: f64,
+    unit: &'static str,
+    /// What the baseline is, its value and unit.
+    baseline: Option<(String, f64, &'static str)>,
+    ratio: Option<f64>,
+    goal: Option<&'static str>,
+    /// `None`: not judged (no goal, or not measured under the goal's conditions).
+    met: Option<bool>,
+    note: String,
+}
+
+/// Where figures go as JSON lines: the file named by `FERRY_BENCH_JSON`, if set.
+struct JsonOut {
+    path: Option<PathBuf>,
+    /// Not the full sizes: the figures are smoke figures.
+    quick: bool,
+}
+
+impl JsonOut {
+    fn from_env(quick: bool) -> JsonOut {
+        let path = std::env::var_os("FERRY_BENCH_JSON").filter(|v| !v.is_empty()).map(PathBuf::from);
+        JsonOut { path, quick }
+    }
+
+    /// Appends one line for `f` (at once, so a later panic keeps it).
+    fn emit(&self, f: Figure) {
+        let Some(path) = &self.path else { return };
+        let (b_label, b_value, b_unit) = match &f.baseline {
+            Some((l, v, u)) => (json_str(l), json_num(*v), json_str(u)),
+            None => ("null".to_owned(), "null".to_owned(), "null".to_owned()),
+        };
+        let line = format!(
+            "{{\"figure\":{},\"issue\":3,\"source\":\"log bench\",\"label\":{},\"value\":{},\"unit\":{},\
+             \"baseline\":{b_value},\"baseline_label\":{b_label},\"baseline_unit\":{b_unit},\"ratio\":{},\"goal\":{},\
+             \"met\":{},\"note\":{},\"quick\":{}}}\n",
+            json_str(f.id),
+            json_str(&f.label),
+            json_num(f.value),
+            json_str(f.unit),
+            f.ratio.map_or("null".to_owned(), json_num),
+            f.goal.map_or("null".to_owned(), json_str),
+            f.met.map_or("null", |m| if m { "true" } else { "false" }),
+            json_str(&f.note),
+            self.quick
+        );
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("opening FERRY_BENCH_JSON {}: {e}", path.display()));
+        file.write_all(line.as_bytes()).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+}
+
+/// A JSON string literal.
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A JSON number (`null` when not finite). Rust prints no exponent, so
+/// `Display` is valid JSON.
+fn json_num(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v}")
+    } else {
+        "null".to_owned()
+    }
+}
+
+fn millis(x: Duration) -> f64 {
+    x.as_secs_f64() * 1e3
+}
+
 // ---------------------------------------------------- 1. single appender
 
-fn single_appender(sz: &Sizes, tmp: &Path) -> String {
+fn single_appender(sz: &Sizes, tmp: &Path, json: &JsonOut) -> String {
     let dir = tmp.join("single");
     let log = open(&dir, FsyncMode::Always);
     let raw_path = tmp.join("single.raw");
@@ -385,6 +488,25 @@ fn single_appender(sz: &Sizes, tmp: &Path) -> String {
         verdict(ratio <= 1.5)
     );
     println!("{line}");
+    json.emit(Figure {
+        id: "log.single_appender_p99",
+        label: format!("single appender, {} B frames, `FsyncMode::Always`: append p99", frame.len()),
+        value: millis(l.p99),
+        unit: "ms",
+        baseline: Some((format!("raw {} B write+fdatasync p99", frame.len()), millis(r.p99), "ms")),
+        ratio: Some(ratio),
+        goal: Some("p99 ≤ 1.5× raw write+fdatasync p99"),
+        met: Some(ratio <= 1.5),
+        note: format!(
+            "p50 {} vs raw {} ({:.2}×); {} appends and {} raw writes in {} alternating rounds",
+            d(l.p50),
+            d(r.p50),
+            l.p50.as_secs_f64() / r.p50.as_secs_f64(),
+            l.n,
+            r.n,
+            sz.rounds
+        ),
+    });
     let _ = fs::remove_dir_all(&dir);
     let _ = fs::remove_file(&raw_path);
     line
@@ -423,7 +545,7 @@ fn run_tasks(rt: &tokio::runtime::Runtime, log: &Arc<Log>, tasks: usize, n: usiz
 }
 
 /// Returns the summary line and the raw 256 KiB write+fdatasync MB/s.
-fn concurrent(sz: &Sizes, tmp: &Path) -> (String, f64) {
+fn concurrent(sz: &Sizes, tmp: &Path, json: &JsonOut) -> (String, f64) {
     // No IO or timer driver: an idle worker then parks on a futex, not by
     // writing to an eventfd, so `syscw` below counts the log's writes only.
     let rt = tokio::runtime::Builder::new_multi_thread().build().expect("tokio runtime");
@@ -494,6 +616,24 @@ fn concurrent(sz: &Sizes, tmp: &Path) -> (String, f64) {
         verdict(ratio >= 0.5)
     );
     println!("{line}");
+    json.emit(Figure {
+        id: "log.concurrent_256",
+        label: format!("{} concurrent appenders, 1 KiB records, `FsyncMode::Always`: payload MB/s", sz.tasks),
+        value: log_mbs,
+        unit: "MB/s",
+        baseline: Some(("raw 256 KiB write+fdatasync".to_owned(), raw_mbs, "MB/s")),
+        ratio: Some(ratio),
+        goal: Some("≥ 0.5× raw 256 KiB write+fdatasync bandwidth"),
+        met: Some(ratio >= 0.5),
+        note: format!(
+            "{:.0} records/s ({:.1} MB/s on disk); per-append p50 {}, p99 {}; mean {:.1} records per group commit",
+            records as f64 / log_t.as_secs_f64(),
+            disk_mbs,
+            d(l.p50),
+            d(l.p99),
+            records as f64 / writes.max(1) as f64
+        ),
+    });
     let _ = fs::remove_dir_all(&dir);
     let _ = fs::remove_file(&raw_path);
     (line, raw_mbs)
@@ -501,7 +641,7 @@ fn concurrent(sz: &Sizes, tmp: &Path) -> (String, f64) {
 
 // ------------------------------------------------------ 3. batch append
 
-fn batch(sz: &Sizes, tmp: &Path, raw_256k_mbs: Option<f64>) -> String {
+fn batch(sz: &Sizes, tmp: &Path, raw_256k_mbs: Option<f64>, json: &JsonOut) -> String {
     let dir = tmp.join("batch");
     let log = open(&dir, FsyncMode::Always);
     let raw_path = tmp.join("batch.raw");
@@ -568,6 +708,22 @@ fn batch(sz: &Sizes, tmp: &Path, raw_256k_mbs: Option<f64>) -> String {
         raw256
     );
     println!("{line}");
+    json.emit(Figure {
+        id: "log.batch_1000",
+        label: "batch append of 1000 × 1 KiB, `FsyncMode::Always`: payload MB/s".to_owned(),
+        value: log_mbs,
+        unit: "MB/s",
+        baseline: Some((format!("raw {} B (same size) write+fdatasync", same.len()), raw_mbs, "MB/s")),
+        ratio: Some(log_mbs / raw_mbs),
+        goal: None,
+        met: None,
+        note: format!(
+            "{:.0} records/s; raw 256 KiB write+fdatasync {:.1} MB/s ({:.2}×)",
+            records as f64 / log_total.as_secs_f64(),
+            raw256,
+            log_mbs / raw256
+        ),
+    });
     let _ = fs::remove_dir_all(&dir);
     let _ = fs::remove_file(&raw_path);
     line
@@ -628,7 +784,7 @@ fn read_raw(paths: &[PathBuf]) -> (Duration, u64) {
     (t.elapsed(), total)
 }
 
-fn reopen_and_read(sz: &Sizes, tmp: &Path) -> Vec<String> {
+fn reopen_and_read(sz: &Sizes, tmp: &Path, json: &JsonOut) -> Vec<String> {
     let dir = tmp.join("big");
     let created = create_big_log(sz, &dir);
     let seg_bytes = dir_bytes(&dir, "log");
@@ -672,6 +828,39 @@ fn reopen_and_read(sz: &Sizes, tmp: &Path) -> Vec<String> {
         d(raw_warm)
     );
     println!("{reopen_line}");
+    // The goal is for 1 GiB; a smaller (quick) log is reported, not judged.
+    let full_size = seg_bytes >= (1u64 << 30) * 9 / 10;
+    json.emit(Figure {
+        id: "log.reopen_1gib",
+        label: format!(
+            "reopen (`Log::open`) of a {:.0} MiB log, {} segment(s), page cache evicted",
+            seg_bytes as f64 / MIB as f64,
+            report.segments
+        ),
+        value: millis(cold),
+        unit: "ms",
+        baseline: Some((
+            format!(
+                "raw cold read of what recovery reads ({} idx files + active segment)",
+                must_read.len().saturating_sub(1)
+            ),
+            millis(raw_cold),
+            "ms",
+        )),
+        ratio: Some(cold.as_secs_f64() / raw_cold.as_secs_f64().max(1e-9)),
+        goal: Some("reopen of a 1 GiB log ≤ 1 s"),
+        met: full_size.then_some(cold.max(warm) <= Duration::from_secs(1)),
+        note: format!(
+            "warm {}; {} records{}",
+            d(warm),
+            report.records,
+            if full_size {
+                String::new()
+            } else {
+                " — smaller than the goal's 1 GiB (quick sizes): not judged".into()
+            }
+        ),
+    });
 
     // Sequential read: cold then warm, log then raw each time.
     let mut lines = vec![reopen_line];
@@ -696,6 +885,17 @@ fn reopen_and_read(sz: &Sizes, tmp: &Path) -> Vec<String> {
             log_mbs / raw_mbs
         );
         println!("{line}");
+        json.emit(Figure {
+            id: if cache == "cold" { "log.read_all_cold" } else { "log.read_all_warm" },
+            label: format!("sequential read of the whole log ({cache} page cache): payload MB/s"),
+            value: log_mbs,
+            unit: "MB/s",
+            baseline: Some((format!("raw sequential read of the segment files ({cache})"), raw_mbs, "MB/s")),
+            ratio: Some(log_mbs / raw_mbs),
+            goal: None,
+            met: None,
+            note: format!("{records} records in {}", d(log_t)),
+        });
         lines.push(line);
     }
     drop(log);

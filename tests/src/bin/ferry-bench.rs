@@ -22,11 +22,21 @@
 //! latency at a fixed rate and sustained throughput, beside raw async-nats
 //! publish → pull consumer → ack on the same server (see `ferry-bench/e2e.rs`).
 //!
+//! With `--json-out FILE` both also append each figure to `FILE` as one JSON
+//! line (`ferry-bench/figures.rs`). `ferry-bench describe` appends the
+//! machine's description, and `ferry-bench report` renders such a file into
+//! the Markdown performance report (`ferry-bench/report.rs`); `scripts/bench`
+//! runs them all.
+//!
 //! Loads go to 127.0.0.1 only, and every loop is bounded in time and count.
 //! Timings are printed, never asserted.
 
+#[path = "ferry-bench/catalogue.rs"]
+mod catalogue;
 #[path = "ferry-bench/e2e.rs"]
 mod e2e;
+#[path = "ferry-bench/figures.rs"]
+mod figures;
 #[path = "ferry-bench/forward.rs"]
 mod forward;
 #[path = "ferry-bench/http.rs"]
@@ -35,6 +45,8 @@ mod http;
 mod load;
 #[path = "ferry-bench/rawjs.rs"]
 mod rawjs;
+#[path = "ferry-bench/report.rs"]
+mod report;
 #[path = "ferry-bench/sink.rs"]
 mod sink;
 #[path = "ferry-bench/stats.rs"]
@@ -52,6 +64,8 @@ use clap::{Args, Parser, Subcommand};
 use ferry_e2e::{free_port, manifests, NatsServer, Process, START_TIMEOUT};
 use hyper::Uri;
 
+use crate::catalogue::Source;
+use crate::figures::{Figure, JsonOut};
 use crate::http::{Admin, Error};
 use crate::load::{closed_loop, open_loop, Target};
 use crate::stats::{mbs, median, ms, verdict};
@@ -94,6 +108,10 @@ enum Cmd {
     /// End to end: produce -> broker -> push to an app -> ack, latency and
     /// throughput, nats and embedded backends, beside raw async-nats.
     E2e(e2e::E2eArgs),
+    /// Appends the run's description (date, commit, machine) to a JSON-lines file.
+    Describe(report::DescribeArgs),
+    /// Renders a run's JSON-lines file into the Markdown performance report.
+    Report(report::ReportArgs),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -140,6 +158,9 @@ struct ProduceArgs {
     /// Smoke run: 1 s phases, 20k forwarded messages, 1 repeat.
     #[arg(long)]
     quick: bool,
+    /// Also append each figure to this file as a JSON line (for `ferry-bench report`).
+    #[arg(long)]
+    json_out: Option<PathBuf>,
 }
 
 /// Resolved settings.
@@ -172,6 +193,8 @@ fn main() -> ExitCode {
             }
         },
         Cmd::E2e(args) => e2e::main(args),
+        Cmd::Describe(args) => report::describe_main(args),
+        Cmd::Report(args) => report::report_main(args),
     }
 }
 
@@ -297,6 +320,8 @@ fn uri(path: &str) -> Uri {
 
 fn produce(s: &Settings) -> Result<(), Error> {
     let a = &s.args;
+    let out = JsonOut::new(a.json_out.clone());
+    let emit = |f: Figure| out.write(&f.quick(a.quick));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut nats = NatsServer::start();
     let resources = manifests(&[("topics.yaml", TOPICS)]);
@@ -384,6 +409,23 @@ fn produce(s: &Settings) -> Result<(), Error> {
         verdict(rate >= 50_000.0)
     ));
     say(&format!("  fig1 detail: {}; max {}; {}", r.counts(), ms(r.lat.max), cpu1));
+    emit(
+        Figure::new("produce.single", Source::Produce, rate, "msg/s")
+            .label(format!(
+                "single-message produce, `ack=local` (fsynced), {} B, closed loop on {} connections",
+                a.payload, a.connections
+            ))
+            .baseline(format!("raw {} B write+fdatasync, one at a time", a.payload), raw1k.per_sec, "/s")
+            .met(rate >= 50_000.0)
+            .note(format!(
+                "p50 {}, p99 {}; {:.3}× raw 256 KiB write+fdatasync bytes/s ({:.1} MB/s); {}; {cpu1}",
+                ms(r.lat.p50),
+                ms(r.lat.p99),
+                rate * a.payload as f64 / (raw256.mbs * 1e6),
+                raw256.mbs,
+                r.counts()
+            )),
+    )?;
     hwm.push(("fig1", sys::status_bytes(pid, "VmHWM")));
     if !isolated {
         drain(&rt, &mut admin, s, "fig1")?;
@@ -422,6 +464,20 @@ fn produce(s: &Settings) -> Result<(), Error> {
         ms(r.lat.max),
         cpu2
     ));
+    emit(
+        Figure::new("produce.batch", Source::Produce, produce_mbs, "MB/s")
+            .label(format!(
+                "NDJSON batch produce, `ack=local` (fsynced), {} × {} B per request, {} connections: payload MB/s",
+                a.batch_size, a.payload, a.batch_connections
+            ))
+            .baseline("raw 256 KiB write+fdatasync", raw256.mbs, "MB/s")
+            .met(ratio >= 0.6)
+            .note(format!(
+                "{rate:.0} msg/s (issue #4's older goal was 300 000 msg/s: {}); {}; {cpu2}",
+                verdict(rate >= 300_000.0),
+                r.counts()
+            )),
+    )?;
     hwm.push(("fig2", sys::status_bytes(pid, "VmHWM")));
     if !isolated {
         drain(&rt, &mut admin, s, "fig2")?;
@@ -466,6 +522,29 @@ fn produce(s: &Settings) -> Result<(), Error> {
         ms(r.pacer_lag.max),
         cpu3
     ));
+    let complete = r.load.requests == r.scheduled;
+    emit(
+        Figure::new("produce.fixed_rate_p99", Source::Produce, l.p99.as_secs_f64() * 1e3, "ms")
+            .label(format!(
+                "single produce, `ack=local`, {} B, at a fixed {} msg/s (open loop, from the scheduled time): p99",
+                a.payload, a.rate
+            ))
+            .baseline(
+                format!("raw {} B write+fdatasync p99 (the larger of just before/after)", a.payload),
+                raw_p99.as_secs_f64() * 1e3,
+                "ms",
+            )
+            .judged(a.rate == 5000, l.p99 <= Duration::from_millis(2) && complete)
+            .note(format!(
+                "p50 {}, max {}; {} of {} requests answered 202; pacer lag p99 {}{}",
+                ms(l.p50),
+                ms(l.max),
+                r.load.requests,
+                r.scheduled,
+                ms(r.pacer_lag.p99),
+                if a.rate == 5000 { "" } else { "; not judged: the goal is for 5 000 msg/s" }
+            )),
+    )?;
     hwm.push(("fig3", sys::status_bytes(pid, "VmHWM")));
     if !isolated {
         drain(&rt, &mut admin, s, "fig3")?;
@@ -530,6 +609,22 @@ fn produce(s: &Settings) -> Result<(), Error> {
     for n in &notes {
         say(&format!("  fig4 {n}"));
     }
+    emit(
+        Figure::new("produce.forwarder", Source::Produce, fwd, "msg/s")
+            .label(format!(
+                "forwarder, outbox → JetStream ({} × {} B per run, outbox filled with the broker down)",
+                s.forward_messages, a.payload
+            ))
+            .baseline(format!("raw async-nats JetStream publish, Nats-Msg-Id, window {}", a.window), raw, "msg/s")
+            .met(ratio >= 0.9)
+            .note(format!(
+                "median of {} interleaved run(s){}: forwarder {}, raw {}",
+                s.repeats,
+                if s.repeats < 5 { " (the goal asks for 5)" } else { "" },
+                rates(&fwd_rates),
+                rates(&raw_rates)
+            )),
+    )?;
 
     // 5. RSS.
     let peak = sys::status_bytes(pid, "VmHWM").ok_or("cannot read the sidecar's VmHWM")?;
@@ -549,10 +644,26 @@ fn produce(s: &Settings) -> Result<(), Error> {
         .map(|(n, b)| format!("after {n} {}", b.map_or("?".into(), |b| format!("{:.1} MiB", mb(b)))))
         .collect();
     say(&format!("  fig5 detail: VmHWM {}", phases.join(", ")));
+    emit(Figure::new("produce.rss_idle", Source::Produce, mb(idle_rss), "MiB").met(mb(idle_rss) <= 15.0).note(
+        format!(
+            "after start-up, before any load (issue #4's older goal was 20 MiB: {})",
+            verdict(mb(idle_rss) <= 20.0)
+        ),
+    ))?;
+    emit(
+        Figure::new("produce.rss_loaded", Source::Produce, mb(peak), "MiB")
+            .met(mb(peak) <= 64.0)
+            .note(format!("VmHWM {}", phases.join(", "))),
+    )?;
 
     sc.process.signal(15);
     let _ = sc.process.wait_exit(Duration::from_secs(30));
     Ok(())
+}
+
+/// `116,400/s, 116,600/s`: the rates of each run.
+fn rates(v: &[f64]) -> String {
+    v.iter().map(|r| format!("{}/s", report::number(*r))).collect::<Vec<_>>().join(", ")
 }
 
 /// Waits until the broker has confirmed everything in the outbox.

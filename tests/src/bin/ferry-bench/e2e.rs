@@ -33,6 +33,8 @@ use clap::Args;
 use ferry_e2e::{free_port, manifests, NatsServer, Process, START_TIMEOUT};
 use hyper::{StatusCode, Uri};
 
+use crate::catalogue::Source;
+use crate::figures::{Figure, JsonOut};
 use crate::http::{open_many, Conn, Error};
 use crate::load::REQUEST_TIMEOUT;
 use crate::rawjs::{self, SyncAlwaysServer, Template};
@@ -124,6 +126,9 @@ pub(crate) struct E2eArgs {
     /// Smoke run: 1 s phases.
     #[arg(long)]
     quick: bool,
+    /// Also append each figure to this file as a JSON line (for `ferry-bench report`).
+    #[arg(long)]
+    json_out: Option<PathBuf>,
 }
 
 struct Settings {
@@ -375,6 +380,10 @@ fn run(s: &Settings) -> Result<(), Error> {
     };
 
     print_figures(s, &nats, &raw, &embedded, sync.as_ref());
+    let out = JsonOut::new(a.json_out.clone());
+    for f in figures(s, &nats, &raw, &embedded, sync.as_ref()) {
+        out.write(&f.quick(a.quick))?;
+    }
     Ok(())
 }
 
@@ -947,4 +956,145 @@ fn print_figures(s: &Settings, nats: &Backend, raw: &RawFigures, embedded: &Back
             }
         }
     }
+}
+
+/// The figures for the report (`--json-out`), as [`print_figures`] prints them.
+fn figures(
+    s: &Settings,
+    nats: &Backend,
+    raw: &RawFigures,
+    embedded: &Backend,
+    sync: Option<&SyncFigures>,
+) -> Vec<Figure> {
+    let a = &s.args;
+    let at_rate = a.rate == 1000;
+    let not_at_rate = if at_rate { "" } else { "; not judged: the goal is for 1 000 msg/s" };
+    let msec = |d: Duration| d.as_secs_f64() * 1e3;
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let raw_path = "raw async-nats publish → durable pull consumer (fetch, ack each), same rate and server";
+    let older = |l: &Latencies, complete: bool| {
+        let within = |d: Duration, limit_ms: u64| verdict(complete && d <= Duration::from_millis(limit_ms));
+        format!("issue #5's older goals p50 ≤ 2 ms: {}, p99 ≤ 10 ms: {}", within(l.p50, 2), within(l.p99, 10))
+    };
+    let mut out = Vec::new();
+
+    let (f, r) = (&nats.fixed, &raw.fixed);
+    let how = format!("{} msg/s open loop, single produce `ack=local`, {} B", a.rate, a.payload);
+    let nats_note =
+        format!("{}; {}; {}{not_at_rate}", lat3(&f.lat), older(&f.lat, f.all_delivered()), fixed_detail("Ferry", f));
+    out.push(
+        Figure::new("e2e.latency_p50", Source::E2e, msec(f.lat.p50), "ms")
+            .label(format!("produce → JetStream → push → 200, nats backend ({how}): p50"))
+            .baseline(format!("{raw_path}: p50"), msec(r.lat.p50), "ms")
+            .judged(at_rate, f.all_delivered() && f.lat.p50 <= Duration::from_millis(1))
+            .note(nats_note.clone()),
+    );
+    out.push(
+        Figure::new("e2e.latency_p99", Source::E2e, msec(f.lat.p99), "ms")
+            .label(format!("produce → JetStream → push → 200, nats backend ({how}): p99"))
+            .baseline(format!("{raw_path}: p99"), msec(r.lat.p99), "ms")
+            .judged(at_rate, f.all_delivered() && f.lat.p99 <= Duration::from_millis(5))
+            .note(format!("raw {}; {}", lat3(&r.lat), fixed_detail("raw", r))),
+    );
+
+    let (t, rt) = (&nats.sustained, &raw.sustained);
+    let window = if a.window == 0 { "no window".to_owned() } else { format!("window {}", a.window) };
+    out.push(
+        Figure::new("e2e.sustained", Source::E2e, t.rate, "msg/s")
+            .label(format!(
+                "sustained throughput to the app, nats backend (NDJSON batches of {} on {} connections, {window}, \
+                 maxInFlight {})",
+                a.batch_size, a.batch_connections, a.max_in_flight
+            ))
+            .baseline(
+                format!(
+                    "raw pipelined publish (Nats-Msg-Id, {} in flight) → pull consumer (fetch {}, ack each), same {window}",
+                    a.publish_window, a.fetch_batch
+                ),
+                rt.rate,
+                "msg/s",
+            )
+            .met(ratio(t.rate, rt.rate) >= 0.5 && t.all_delivered())
+            .note(format!("{}; {}", sustained_detail("Ferry", t), sustained_detail("raw", rt))),
+    );
+    match sync {
+        None => {}
+        Some(y) => out.push(
+            Figure::new("e2e.durable", Source::E2e, t.rate, "msg/s")
+                .label(
+                    "durable throughput, nats backend: messages produced with `ack=local` (fsynced before the 202), \
+                     delivered and acked (the sustained phase above)",
+                )
+                .baseline(
+                    format!(
+                        "JetStream with `sync_interval: always`: raw async-nats publish, Nats-Msg-Id, pipelined ({} in \
+                         flight), {} B",
+                        a.publish_window, a.payload
+                    ),
+                    y.publish_rate,
+                    "msg/s",
+                )
+                .met(ratio(t.rate, y.publish_rate) >= 20.0)
+                .note(format!(
+                    "produce accepted {:.0} msg/s in that phase ({:.1}× the baseline); embedded backend {:.0} msg/s \
+                     ({:.1}×); the raw publish → pull → ack path on the sync-always server {:.0} msg/s; {}",
+                    t.produce_rate,
+                    ratio(t.produce_rate, y.publish_rate),
+                    embedded.sustained.rate,
+                    ratio(embedded.sustained.rate, y.publish_rate),
+                    y.sustained.rate,
+                    y.publish_note
+                )),
+        ),
+    }
+    if let Some(b) = nats.rss_peak {
+        out.push(
+            Figure::new("e2e.rss_loaded", Source::E2e, mib(b), "MiB")
+                .met(mib(b) <= 64.0)
+                .note("VmHWM of the nats backend's sidecar after its latency and throughput phases"),
+        );
+    }
+
+    let (te, e) = (&embedded.sustained, &embedded.fixed);
+    out.push(
+        Figure::new("embedded.sustained", Source::E2e, te.rate, "msg/s")
+            .label("sustained throughput to the app, embedded broker (same load as the nats backend)")
+            .baseline("nats backend, same load, same run", t.rate, "msg/s")
+            .met(ratio(te.rate, t.rate) >= 1.0 && te.all_delivered())
+            .note(format!(
+                "{:.2}× the raw path ({:.0} msg/s); {}",
+                ratio(te.rate, rt.rate),
+                rt.rate,
+                sustained_detail("Ferry embedded", te)
+            )),
+    );
+    let embedded_note = format!(
+        "{}; raw path p50 {}, p99 {}; {}; {}{not_at_rate}",
+        lat3(&e.lat),
+        ms(r.lat.p50),
+        ms(r.lat.p99),
+        older(&e.lat, e.all_delivered()),
+        fixed_detail("Ferry embedded", e)
+    );
+    out.push(
+        Figure::new("embedded.latency_p50", Source::E2e, msec(e.lat.p50), "ms")
+            .label(format!("produce → embedded broker → push → 200 ({how}): p50"))
+            .baseline("nats backend, same load: p50", msec(f.lat.p50), "ms")
+            .judged(at_rate, e.all_delivered() && e.lat.p50 <= Duration::from_millis(1))
+            .note(embedded_note),
+    );
+    out.push(
+        Figure::new("embedded.latency_p99", Source::E2e, msec(e.lat.p99), "ms")
+            .label(format!("produce → embedded broker → push → 200 ({how}): p99"))
+            .baseline("nats backend, same load: p99", msec(f.lat.p99), "ms")
+            .judged(at_rate, e.all_delivered() && e.lat.p99 <= Duration::from_millis(5)),
+    );
+    if let Some(b) = embedded.rss_peak {
+        out.push(
+            Figure::new("embedded.rss_loaded", Source::E2e, mib(b), "MiB")
+                .met(mib(b) <= 64.0)
+                .note("VmHWM of the embedded backend's sidecar after its latency and throughput phases"),
+        );
+    }
+    out
 }
