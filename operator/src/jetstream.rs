@@ -193,7 +193,19 @@ impl JetStream {
                 Err(e) => return Err(classify(&self.client, e)),
             }
         }
-        self.delete_key(&naming::subscription_key(namespace, app, name)).await
+        self.delete_key(&naming::subscription_key(namespace, app, name)).await?;
+        self.delete_key(&naming::dead_letter_count_key(namespace, name)).await
+    }
+
+    /// How many messages the sidecars dead-lettered for a subscription (the
+    /// count they keep in the config bucket; 0 when none was written).
+    pub async fn dead_letter_count(&self, namespace: &str, subscription: &str) -> Result<u64, ApplyError> {
+        let bucket = self.bucket().await?;
+        let value = bucket
+            .get(naming::dead_letter_count_key(namespace, subscription))
+            .await
+            .map_err(|e| classify(&self.client, e))?;
+        Ok(value.and_then(|v| std::str::from_utf8(&v).ok().and_then(|v| v.parse().ok())).unwrap_or(0))
     }
 
     /// Pending (lag), ack pending (in flight) and redelivered of a consumer.

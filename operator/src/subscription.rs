@@ -67,6 +67,7 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
                 status.in_flight = Some(in_flight);
                 status.redelivered = Some(redelivered);
             }
+            status.dead_lettered = ctx.js.dead_letter_count(&ns, &name).await.ok();
         }
         if changed {
             ctx.event(s, EventType::Normal, "Reconciled", "consumer and sidecar config are as the spec says").await;

@@ -13,7 +13,7 @@ use kube::runtime::controller::Action;
 use serde_json::{json, Value};
 
 mod common;
-use common::{context, expect_status as expect};
+use common::{context, expect_no_more, expect_status as expect};
 
 fn subscription() -> Arc<Subscription> {
     let mut spec = SubscriptionSpec::new("orders", "billing");
@@ -29,6 +29,7 @@ fn subscription() -> Arc<Subscription> {
 const TOPIC: &str = "/apis/ferry.dev/v1alpha1/namespaces/shop/topics/orders";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
 const STATUS: &str = "/apis/ferry.dev/v1alpha1/namespaces/shop/subscriptions/invoices/status";
+const OBJECT: &str = "/apis/ferry.dev/v1alpha1/namespaces/shop/subscriptions/invoices";
 
 fn not_found() -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "topics.ferry.dev \"orders\" not found"})
@@ -56,6 +57,8 @@ async fn once_its_topic_exists_a_subscription_gets_its_consumer_and_a_ready_stat
     let (ctx, mut handle) = context(&nats).await;
     ctx.js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
     let s = subscription();
+    // Sidecars have dead-lettered 3 messages of this subscription.
+    ctx.js.bucket().await.unwrap().put("stats.shop.invoices.deadLettered", "3".into()).await.unwrap();
     let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx));
     let topic = serde_json::to_value(Topic::new("orders", TopicSpec::default())).unwrap();
     expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic)).await;
@@ -69,10 +72,45 @@ async fn once_its_topic_exists_a_subscription_gets_its_consumer_and_a_ready_stat
         (st["pending"].as_u64(), st["inFlight"].as_u64(), st["observedGeneration"].as_i64()),
         (Some(0), Some(0), Some(2))
     );
+    assert_eq!(st["deadLettered"].as_u64(), Some(3), "{st}");
     assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::subscription::REFRESH));
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let stream = js.get_stream("FERRY_shop_orders").await.unwrap();
     assert!(stream.consumer_info("invoices").await.is_ok());
     let kv = js.get_key_value("ferry-config").await.unwrap();
     assert!(kv.get("shop.app.billing.invoices").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn deleting_removes_the_consumer_the_config_and_the_count_then_the_finalizer() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    let js = &ctx.js;
+    js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let live = subscription();
+    js.apply_subscription(&ferry_operator::build::subscription("shop", "invoices", &live.spec).unwrap()).await.unwrap();
+    js.bucket().await.unwrap().put("stats.shop.invoices.deadLettered", "1".into()).await.unwrap();
+
+    let mut deleting = (*live).clone();
+    deleting.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    let deleting = Arc::new(deleting);
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(deleting.clone(), ctx.clone()));
+    let ev = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    assert_eq!((ev["type"].as_str(), ev["reason"].as_str()), (Some("Normal"), Some("Deleted")), "{ev}");
+    let mut gone = (*deleting).clone();
+    gone.metadata.finalizers = None;
+    let patch =
+        expect(&mut handle, Method::PATCH, OBJECT, StatusCode::OK, Some(serde_json::to_value(&gone).unwrap())).await;
+    assert!(patch.to_string().contains("finalizers"), "the finalizer is removed: {patch}");
+    assert_eq!(run.await.unwrap().unwrap(), Action::await_change());
+    expect_no_more(&mut handle).await;
+
+    let raw = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = raw.get_stream("FERRY_shop_orders").await.unwrap();
+    assert!(stream.consumer_info("invoices").await.is_err(), "the consumer is deleted");
+    let kv = raw.get_key_value("ferry-config").await.unwrap();
+    assert!(kv.get("shop.app.billing.invoices").await.unwrap().is_none(), "the sidecar config is deleted");
+    assert!(kv.get("stats.shop.invoices.deadLettered").await.unwrap().is_none(), "the count is deleted");
+    assert!(raw.get_stream("FERRY_shop_orders").await.is_ok(), "the Topic's stream stays");
 }

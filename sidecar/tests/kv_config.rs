@@ -54,3 +54,44 @@ async fn a_subscription_the_operator_writes_reaches_a_running_sidecar_and_is_del
     sc.wait_for_line("stopping subscription", START_TIMEOUT);
     assert!(!sc.output().iter().any(|l| l.contains("subscription=audit")), "{:#?}", sc.output());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettered_messages_are_counted_where_the_operator_reads_them() {
+    let nats = NatsServer::start();
+    let op = JetStream::new(async_nats::connect(nats.url()).await.unwrap());
+    for t in ["orders", "orders-dlq"] {
+        op.apply_topic(&build::topic("default", t, &TopicSpec::default()).unwrap()).await.unwrap();
+    }
+    let spec =
+        SubscriptionSpec { dead_letter_topic: Some("orders-dlq".into()), ..SubscriptionSpec::new("orders", "shop") };
+    op.apply_subscription(&build::subscription("default", "billing", &spec).unwrap()).await.unwrap();
+    assert_eq!(op.dead_letter_count("default", "billing").await.unwrap(), 0);
+
+    let app = TestApp::start(|_, _| Reply::status(422)).await;
+    let data = tempfile::tempdir().unwrap();
+    let (api, admin) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
+    cmd.env_remove("RUST_LOG")
+        .args(["--app-id", "shop", "--broker", &nats.url(), "--app-port", &app.port.to_string()])
+        .args(["--api-addr", &format!("127.0.0.1:{api}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
+        .arg("--data-dir")
+        .arg(data.path());
+    let mut sc = Process::spawn("ferry-sidecar", cmd);
+    sc.wait_for_line("starting subscription subscription=billing", START_TIMEOUT);
+    for (n, id) in ["dl-1", "dl-2"].into_iter().enumerate() {
+        let resp = http()
+            .post(format!("http://127.0.0.1:{api}/v1/topics/orders/messages"))
+            .header("ferry-id", id)
+            .body("refused")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+        // The count is written before the sidecar logs the dead letter.
+        sc.wait_for_lines("dead-lettered", n + 1, START_TIMEOUT);
+        assert_eq!(op.dead_letter_count("default", "billing").await.unwrap(), n as u64 + 1);
+    }
+    // Deleting the Subscription removes its count too.
+    op.delete_subscription("default", "billing", "orders", "shop").await.unwrap();
+    assert_eq!(op.dead_letter_count("default", "billing").await.unwrap(), 0);
+}

@@ -77,6 +77,22 @@ impl Process {
         }
     }
 
+    /// Waits until `count` output lines contain `needle`; panics with the
+    /// output so far if they do not come in `timeout`.
+    pub fn wait_for_lines(&mut self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.output().iter().filter(|l| l.contains(needle)).count() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.rx.recv_timeout(left).is_err() {
+                panic!(
+                    "{}: fewer than {count} lines containing {needle:?} within {timeout:?}; output:\n{}",
+                    self.name,
+                    self.output().join("\n")
+                );
+            }
+        }
+    }
+
     /// Every output line so far.
     pub fn output(&self) -> Vec<String> {
         self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()

@@ -137,4 +137,9 @@ pub trait Broker: Send + Sync + 'static {
     async fn publish(&self, msg: OutMessage) -> Result<PendingAck, BrokerError>;
     /// True while connected.
     fn is_connected(&self) -> bool;
+    /// Adds one to the subscription's dead-letter count that the operator
+    /// shows in the Subscription's status. Best effort: a count that cannot
+    /// be written is logged, never retried at the message's expense. The
+    /// embedded broker has no operator to read it, so it keeps none.
+    async fn count_dead_letter(&self, _namespace: &str, _subscription: &str) {}
 }

@@ -137,6 +137,33 @@ impl Broker for NatsBroker {
     fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
+
+    async fn count_dead_letter(&self, namespace: &str, subscription: &str) {
+        let key = ferry_api::naming::dead_letter_count_key(namespace, subscription);
+        if let Err(e) = add_one(&self.js, &key).await {
+            tracing::debug!(key, error = %e, "dead-letter count not written");
+        }
+    }
+}
+
+/// Adds one to a counter in the config bucket (compare-and-set, retried on
+/// a concurrent writer). No bucket (no operator): nothing to count into.
+async fn add_one(js: &jetstream::Context, key: &str) -> Result<(), String> {
+    let kv = js.get_key_value(ferry_api::naming::CONFIG_BUCKET).await.map_err(|e| e.to_string())?;
+    for _ in 0..16 {
+        let entry = kv.entry(key).await.map_err(|e| e.to_string())?;
+        let written = match entry.filter(|e| e.operation == jetstream::kv::Operation::Put) {
+            Some(e) => {
+                let n: u64 = std::str::from_utf8(&e.value).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+                kv.update(key, (n + 1).to_string().into(), e.revision).await.map(|_| ()).map_err(|e| e.to_string())
+            }
+            None => kv.create(key, "1".into()).await.map(|_| ()).map_err(|e| e.to_string()),
+        };
+        if written.is_ok() {
+            return Ok(());
+        }
+    }
+    Err("gave up after 16 concurrent updates".into())
 }
 
 /// A JetStream pull consumer.

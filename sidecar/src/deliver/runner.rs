@@ -573,6 +573,7 @@ impl Ctx {
         }
         let _ = msg.settle.settle(Settlement::Reject).await;
         self.count("dead_lettered");
+        self.deps.broker.count_dead_letter(&self.deps.namespace, &self.name).await;
         tracing::info!(subscription = %self.name, id = %msg.id, attempts, status, dead_letter_topic = %dlq, "dead-lettered");
     }
 
