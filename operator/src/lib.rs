@@ -7,7 +7,8 @@
 //! types ([`crd`]).
 //!
 //! Only the replica holding the Lease ([`leader`]) runs the controllers;
-//! every replica serves the health endpoints ([`run`]).
+//! every replica serves the health endpoints ([`run`]) and the
+//! sidecar-injection [`webhook`].
 
 pub mod build;
 pub mod cli;
@@ -19,3 +20,4 @@ pub mod metrics;
 pub mod run;
 pub mod subscription;
 pub mod topic;
+pub mod webhook;

@@ -81,6 +81,21 @@ async fn serve_admin(addr: std::net::SocketAddr, metrics: Arc<Metrics>, ready: A
     }
 }
 
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 /// This replica's name: `--pod-name`, else the host name.
 fn identity(args: &crate::cli::RunArgs) -> String {
     args.pod_name
@@ -90,14 +105,23 @@ fn identity(args: &crate::cli::RunArgs) -> String {
         .unwrap_or_else(|| "ferry-operator".into())
 }
 
-/// Runs the operator until the process is stopped: health endpoints at
-/// once; the controllers once this replica holds the Lease (or at once
+/// Runs the operator until the process is stopped: health endpoints and
+/// the injection webhook (with `--webhook-addr`) at once; the controllers once this replica holds the Lease (or at once
 /// without leader election). Errs when the Lease is lost or cannot be
 /// joined, so the process exits and restarts as a candidate.
 pub async fn run(client: kube::Client, nats: async_nats::Client, args: &crate::cli::RunArgs) -> Result<(), String> {
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(serve_admin(args.metrics_addr, metrics.clone(), ready.clone()));
+    // Every replica serves the webhook, leader or not.
+    match crate::webhook::from_args(client.clone(), args).await {
+        Ok(Some(hook)) => {
+            tracing::info!(addr = %hook.local_addr(), "serving the sidecar-injection webhook");
+            tokio::spawn(hook.serve(shutdown_signal()));
+        }
+        Ok(None) => tracing::info!("no --webhook-addr: not serving the injection webhook"),
+        Err(e) => return Err(format!("webhook ({}): {e}", e.category())),
+    }
     let mut leadership = if args.leader_election {
         let identity = identity(args);
         let l =

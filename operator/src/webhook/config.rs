@@ -1,0 +1,305 @@
+//! The injected sidecar's defaults, and the per-pod overrides.
+//!
+//! [`InjectConfig`] is read from the YAML file `--inject-config` names (the
+//! Helm chart renders it into a ConfigMap, and its tests parse that with this
+//! very type, so the shape is a contract). A pod may override a few fields
+//! with the `ferry.dev/config` annotation ([`InjectConfig::with_overrides`]).
+
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use serde::{Deserialize, Serialize};
+
+use super::Error;
+
+/// Default sidecar image.
+pub const DEFAULT_IMAGE: &str = "ghcr.io/ferry-dev/ferry-sidecar:0.1.0";
+/// Default broker URL: the chart's optional NATS.
+pub const DEFAULT_BROKER_URL: &str = "nats://nats.ferry-system.svc:4222";
+/// Default port of the app-facing API (bound to 127.0.0.1 in the pod).
+pub const DEFAULT_API_PORT: u16 = 7600;
+/// Default port of the admin endpoints (`/healthz`, `/readyz`, `/metrics`).
+pub const DEFAULT_ADMIN_PORT: u16 = 7601;
+/// Default data directory in the sidecar (the outbox lives there).
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/ferry";
+/// Default data volume size: the emptyDir's `sizeLimit`, or the ephemeral
+/// claim's storage request.
+pub const DEFAULT_DATA_SIZE: &str = "1Gi";
+
+/// The fields of [`InjectConfig`] a pod may set in its `ferry.dev/config`
+/// annotation. The broker, the data directory and the pull policy are the
+/// cluster admin's, so they are not among them.
+pub const OVERRIDABLE: &[&str] = &["image", "fsync", "logFormat", "apiPort", "adminPort", "dataVolume", "resources"];
+
+/// How the injected sidecar is configured. Every field has a default, so an
+/// empty file (or no `--inject-config`) is valid; an unknown field is an
+/// error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct InjectConfig {
+    /// Sidecar image. Default [`DEFAULT_IMAGE`].
+    pub image: String,
+    /// Pull policy of the sidecar image. Default `IfNotPresent`.
+    pub image_pull_policy: PullPolicy,
+    /// Where the sidecar's broker is.
+    pub broker: BrokerConfig,
+    /// How far the outbox fsyncs (`FERRY_FSYNC`). Default `always`.
+    pub fsync: Fsync,
+    /// The sidecar's log format (`FERRY_LOG_FORMAT`). Default `json`.
+    pub log_format: LogFormat,
+    /// Port of the app-facing API on 127.0.0.1; the app containers get
+    /// `FERRY_URL=http://127.0.0.1:{apiPort}`. Default 7600.
+    pub api_port: u16,
+    /// Port of `/healthz`, `/readyz` and `/metrics` on all interfaces; the
+    /// probes use it. Default 7601.
+    pub admin_port: u16,
+    /// Absolute path of the data directory in the sidecar, where the data
+    /// volume is mounted. Default [`DEFAULT_DATA_DIR`].
+    pub data_dir: String,
+    /// The volume behind the data directory.
+    pub data_volume: DataVolume,
+    /// The sidecar container's resources. Default: requests `cpu: 50m`,
+    /// `memory: 32Mi`; limits `memory: 128Mi`.
+    pub resources: ResourceRequirements,
+}
+
+/// The broker the injected sidecars use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// NATS URL(s), comma-separated (`FERRY_BROKER`). Default
+    /// [`DEFAULT_BROKER_URL`].
+    pub url: String,
+    /// Name of a Secret in the pod's namespace with the key `creds` (a NATS
+    /// credentials file); mounted read-only at `/etc/ferry/broker`. Empty
+    /// (the default): no credentials.
+    pub credentials_secret: String,
+}
+
+/// `FERRY_FSYNC`: how far the sidecar's outbox fsyncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    /// Each Topic's persistence decides; a durable topic is fsynced before a
+    /// produce is answered.
+    #[default]
+    Always,
+    /// Every topic at most an interval behind (a power loss loses that much).
+    Interval,
+    /// Left to the OS.
+    Never,
+}
+
+/// `FERRY_LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (what log collectors want).
+    #[default]
+    Json,
+}
+
+/// A container image pull policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum PullPolicy {
+    /// Pull on every start.
+    Always,
+    /// Pull when the node does not have the image.
+    #[default]
+    IfNotPresent,
+    /// Never pull.
+    Never,
+}
+
+/// The data volume, named `ferry-data`. A pod that already has a volume of
+/// that name keeps it (that is how a StatefulSet gives the sidecar a
+/// persistent volume claim).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DataVolume {
+    /// `emptyDir` (the default) or `ephemeral` (a generic ephemeral volume: a
+    /// PVC per pod, deleted with it).
+    #[serde(rename = "type")]
+    pub kind: DataVolumeKind,
+    /// The emptyDir's `sizeLimit` (empty: no limit), or the ephemeral claim's
+    /// storage request (required). Default [`DEFAULT_DATA_SIZE`].
+    pub size_limit: Quantity,
+    /// Storage class of the ephemeral claim; empty (the default): the
+    /// cluster's default class. Ignored for `emptyDir`.
+    pub storage_class_name: String,
+}
+
+/// The kinds of data volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DataVolumeKind {
+    /// Node-local scratch space, gone with the pod.
+    #[default]
+    EmptyDir,
+    /// A PVC per pod, created and deleted with it.
+    Ephemeral,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        let q = |s: &str| Quantity(s.to_owned());
+        InjectConfig {
+            image: DEFAULT_IMAGE.to_owned(),
+            image_pull_policy: PullPolicy::default(),
+            broker: BrokerConfig::default(),
+            fsync: Fsync::default(),
+            log_format: LogFormat::default(),
+            api_port: DEFAULT_API_PORT,
+            admin_port: DEFAULT_ADMIN_PORT,
+            data_dir: DEFAULT_DATA_DIR.to_owned(),
+            data_volume: DataVolume::default(),
+            resources: ResourceRequirements {
+                requests: Some([("cpu".to_owned(), q("50m")), ("memory".to_owned(), q("32Mi"))].into()),
+                limits: Some([("memory".to_owned(), q("128Mi"))].into()),
+                claims: None,
+            },
+        }
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig { url: DEFAULT_BROKER_URL.to_owned(), credentials_secret: String::new() }
+    }
+}
+
+impl Default for DataVolume {
+    fn default() -> Self {
+        DataVolume {
+            kind: DataVolumeKind::default(),
+            size_limit: Quantity(DEFAULT_DATA_SIZE.to_owned()),
+            storage_class_name: String::new(),
+        }
+    }
+}
+
+impl Fsync {
+    /// The value of `FERRY_FSYNC`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fsync::Always => "always",
+            Fsync::Interval => "interval",
+            Fsync::Never => "never",
+        }
+    }
+}
+
+impl LogFormat {
+    /// The value of `FERRY_LOG_FORMAT`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+impl PullPolicy {
+    /// The value of a container's `imagePullPolicy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+impl InjectConfig {
+    /// Parses and checks the YAML of `--inject-config`. An empty document
+    /// is all defaults. The error names the field (`dataVolume.type: ...`)
+    /// and lists every problem.
+    pub fn from_yaml(text: &str) -> Result<Self, String> {
+        if text.trim().is_empty() {
+            return Ok(InjectConfig::default());
+        }
+        // serde_yaml's errors already name the field's path and line.
+        let cfg: InjectConfig = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Reads `--inject-config`; without one, the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, Error> {
+        let Some(path) = path else { return Ok(InjectConfig::default()) };
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile { path: path.to_owned(), source })?;
+        InjectConfig::from_yaml(&text).map_err(|problems| Error::InjectConfig { path: path.to_owned(), problems })
+    }
+
+    /// This configuration with a pod's `ferry.dev/config` annotation merged
+    /// over it. The annotation is a JSON object of [`OVERRIDABLE`] fields,
+    /// applied as a JSON merge patch (RFC 7386): `{"resources": {"limits":
+    /// {"memory": "256Mi"}}}` changes only that limit, `null` removes a
+    /// value. Unknown or non-overridable keys, wrong types and a result that
+    /// fails [`InjectConfig::check`] are errors.
+    pub fn with_overrides(&self, annotation: &str) -> Result<InjectConfig, String> {
+        let overrides: serde_json::Value =
+            serde_json::from_str(annotation).map_err(|e| format!("not valid JSON: {e}"))?;
+        let Some(fields) = overrides.as_object() else {
+            return Err("must be a JSON object".to_owned());
+        };
+        let unknown: Vec<&str> = fields.keys().map(String::as_str).filter(|k| !OVERRIDABLE.contains(k)).collect();
+        if !unknown.is_empty() {
+            return Err(format!(
+                "unknown or non-overridable field(s) {}; a pod may set only {}",
+                unknown.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "),
+                OVERRIDABLE.join(", ")
+            ));
+        }
+        let mut merged = serde_json::to_value(self).expect("an InjectConfig always serializes");
+        json_patch::merge(&mut merged, &overrides);
+        let cfg: InjectConfig = serde_path_to_error::deserialize(merged).map_err(|e| path_error(&e))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: ports set and distinct, an absolute data
+    /// directory, a size for an ephemeral claim. Lists every problem.
+    pub fn check(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.image.trim().is_empty() {
+            problems.push("image: must not be empty".to_owned());
+        }
+        if self.broker.url.trim().is_empty() {
+            problems.push("broker.url: must not be empty".to_owned());
+        }
+        if self.api_port == 0 {
+            problems.push("apiPort: must be 1-65535".to_owned());
+        }
+        if self.admin_port == 0 {
+            problems.push("adminPort: must be 1-65535".to_owned());
+        }
+        if self.api_port == self.admin_port {
+            problems.push(format!("apiPort and adminPort: both are {}; they must differ", self.api_port));
+        }
+        if !self.data_dir.starts_with('/') {
+            problems.push(format!("dataDir: {:?} is not an absolute path", self.data_dir));
+        }
+        if self.data_volume.kind == DataVolumeKind::Ephemeral && self.data_volume.size_limit.0.trim().is_empty() {
+            problems.push("dataVolume.sizeLimit: an ephemeral volume needs a size".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+/// `path.to.field: message`, or the message alone at the top level.
+fn path_error<E: std::fmt::Display>(e: &serde_path_to_error::Error<E>) -> String {
+    let path = e.path().to_string();
+    if path == "." {
+        e.inner().to_string()
+    } else {
+        format!("{path}: {}", e.inner())
+    }
+}
