@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod rbac;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +55,7 @@ pub async fn expect_status(
         .await
         .unwrap_or_else(|_| panic!("no {method} {path} call within 10 s"))
         .expect("the mock server is open");
+    rbac::assert_allowed(req.method(), req.uri());
     assert_eq!((req.method(), req.uri().path()), (&method, path), "call to {}", req.uri());
     let bytes = req.into_body().collect_bytes().await.unwrap();
     let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
