@@ -1038,3 +1038,22 @@ async fn a_webhook_config_created_after_the_operator_started_gets_the_ca_when_it
     assert_eq!(patched_ca_bundles(&patch), [("inject.ferry.dev".to_owned(), ca)]);
     keeper.abort();
 }
+
+#[test]
+fn the_example_deployment_for_a_cluster_gets_its_sidecar() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/k8s/deployment.yaml")).unwrap();
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_yaml::from_str(&text).unwrap();
+    let template = deployment.spec.template;
+    let pod = json!({
+        "kind": "Pod", "apiVersion": "v1",
+        "metadata": serde_json::to_value(template.metadata.unwrap()).unwrap(),
+        "spec": serde_json::to_value(template.spec.unwrap()).unwrap(),
+    });
+    let review = review_of(&review_with(json!({})), pod);
+    let response = respond(&review, &InjectConfig::default());
+    assert_eq!(response["allowed"], true, "{response}");
+    let pod = typed(&patched(&review, &response));
+    let env = env_map(sidecar(&pod).env.as_deref().unwrap_or_default());
+    assert_eq!((env["FERRY_APP_ID"].as_str(), env["FERRY_APP_PORT"].as_str()), ("orders", "3000"));
+}
