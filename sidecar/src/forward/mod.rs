@@ -27,8 +27,13 @@ use crate::outbox::{Outbox, TopicLog, FORWARDED};
 pub const WINDOW: usize = 1024;
 /// Most records read from the log at once.
 pub const READ_BATCH: usize = 256;
-/// How often the confirmed offset is made durable.
-pub const COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// How often the confirmed offset is made durable. A commit costs three
+/// fsyncs (temp file, rename, directory), which make the file system's
+/// journal stall the produce path's fdatasync: at every 100 ms they set
+/// the p99 of produce at 5k msg/s (4.8 ms, against 2.0 ms at every 1 s and
+/// 0.27 ms for a raw fdatasync). A crash re-sends at most this much, which
+/// the broker's duplicate window drops.
+pub const COMMIT_EVERY: Duration = Duration::from_millis(1000);
 /// First retry delay after a failure.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest retry delay.

@@ -680,11 +680,19 @@ fn drain(rt: &tokio::runtime::Runtime, admin: &mut Admin, s: &Settings, after: &
         }
     })?;
     let t = t0.elapsed().as_secs_f64();
+    // The next phase starts on a settled disk: the kernel's write-back of
+    // this phase's data (gigabytes after figure 2) would otherwise land in
+    // the next phase's fsyncs and be measured as the sidecar's latency.
+    let t1 = Instant::now();
+    let synced = Command::new("sync").status().is_ok_and(|st| st.success());
+    let sync_s = t1.elapsed().as_secs_f64();
+    let sync_note = if synced { format!("sync {sync_s:.2} s") } else { "sync failed".to_owned() };
     if left > 0 {
-        say(&format!("  WARNING after {after}: {left} messages still pending after {t:.1} s; going on"));
+        say(&format!("  WARNING after {after}: {left} messages still pending after {t:.1} s; going on ({sync_note})"));
     } else {
         say(&format!(
-            "  after {after}: outbox drained to the broker ({pending0} pending at the end of the phase, {t:.2} s)"
+            "  after {after}: outbox drained to the broker ({pending0} pending at the end of the phase, {t:.2} s; \
+             {sync_note})"
         ));
     }
     Ok(())
