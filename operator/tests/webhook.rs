@@ -1057,3 +1057,39 @@ fn the_example_deployment_for_a_cluster_gets_its_sidecar() {
     let env = env_map(sidecar(&pod).env.as_deref().unwrap_or_default());
     assert_eq!((env["FERRY_APP_ID"].as_str(), env["FERRY_APP_PORT"].as_str()), ("orders", "3000"));
 }
+
+/// The injected container's env, turned into the flags that read those
+/// variables, is accepted by the sidecar's own parser and checks: the
+/// webhook and the sidecar cannot drift apart.
+#[test]
+fn the_injected_env_is_what_the_sidecars_own_flag_parser_accepts() {
+    use clap::CommandFactory;
+    let mut cfg = InjectConfig::default();
+    cfg.broker.credentials_secret = "nats-creds".into();
+    let review = review_with(asking());
+    let pod = typed(&patched(&review, &respond(&review, &cfg)));
+    let env = env_map(sidecar(&pod).env.as_deref().unwrap_or_default());
+    let cmd = ferry_sidecar::config::Cli::command();
+    let mut argv = vec!["ferry-sidecar".to_owned()];
+    for (name, value) in &env {
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_env().and_then(|e| e.to_str()) == Some(*name))
+            .unwrap_or_else(|| panic!("the sidecar has no flag reading {name}"));
+        let value = match value.as_str() {
+            "fieldRef:metadata.namespace" => "shop".to_owned(),
+            "fieldRef:metadata.name" => "orders-7d4b9c8f6-x2x9p".to_owned(),
+            v => v.to_owned(),
+        };
+        argv.push(format!("--{}={value}", arg.get_long().expect("a long flag")));
+    }
+    let cli =
+        <ferry_sidecar::config::Cli as clap::Parser>::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let config = ferry_sidecar::config::Config::from_args(cli.sidecar).unwrap_or_else(|e| panic!("{argv:?}: {e:?}"));
+    assert_eq!((config.app_id.as_str(), config.app_port, config.namespace.as_str()), ("orders", Some(8080), "shop"));
+    assert_eq!(config.pod_name, "orders-7d4b9c8f6-x2x9p");
+    assert_eq!(config.broker.creds.as_deref(), Some(std::path::Path::new("/etc/ferry/broker/creds")));
+    assert!(!config.broker.is_embedded(), "injected sidecars use the cluster's broker");
+    assert_eq!(config.api_addr.port(), cfg.api_port);
+    assert_eq!(config.admin_addr.port(), cfg.admin_port);
+}
