@@ -212,7 +212,13 @@ async fn state_survives_a_broker_restart(mut h: Harness) {
         let got = fetch_n(&c, 3, Duration::from_secs(5)).await;
         got[0].settle.settle(Settlement::Ack).await.unwrap();
         got[2].settle.settle(Settlement::Ack).await.unwrap();
-        // r2 stays unsettled.
+        // r2 stays unsettled. A settle returns once sent; wait until the
+        // broker applied both acks before stopping it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.leased().await.unwrap() != 1 {
+            assert!(Instant::now() < deadline, "the broker never applied the acks");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     h.restart().await;
     // A publish of a seen id is still a duplicate after the restart.

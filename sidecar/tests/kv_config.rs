@@ -13,6 +13,19 @@ use ferry_e2e::app::{Reply, TestApp};
 use ferry_operator::{build, jetstream::JetStream};
 use support::*;
 
+/// A sidecar of app `shop` on `nats`, with no `--resources` (so it follows
+/// the KV bucket); returns it and its API port.
+fn sidecar_of_app_shop(nats: &NatsServer, app: &TestApp, data: &std::path::Path) -> (Process, u16) {
+    let (api, admin) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
+    cmd.env_remove("RUST_LOG")
+        .args(["--app-id", "shop", "--broker", &nats.url(), "--app-port", &app.port.to_string()])
+        .args(["--api-addr", &format!("127.0.0.1:{api}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
+        .arg("--data-dir")
+        .arg(data);
+    (Process::spawn("ferry-sidecar", cmd), api)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_the_operator_writes_reaches_a_running_sidecar_and_is_delivered() {
     let nats = NatsServer::start();
@@ -21,14 +34,7 @@ async fn a_subscription_the_operator_writes_reaches_a_running_sidecar_and_is_del
 
     let app = TestApp::start(|_, _| Reply::status(200)).await;
     let data = tempfile::tempdir().unwrap();
-    let (api, admin) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
-    cmd.env_remove("RUST_LOG")
-        .args(["--app-id", "shop", "--broker", &nats.url(), "--app-port", &app.port.to_string()])
-        .args(["--api-addr", &format!("127.0.0.1:{api}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
-        .arg("--data-dir")
-        .arg(data.path());
-    let mut sc = Process::spawn("ferry-sidecar", cmd);
+    let (mut sc, api) = sidecar_of_app_shop(&nats, &app, data.path());
     sc.wait_for_line("configuration applied", START_TIMEOUT);
 
     // The operator adds a Subscription for this app while the sidecar runs.
@@ -69,14 +75,7 @@ async fn dead_lettered_messages_are_counted_where_the_operator_reads_them() {
 
     let app = TestApp::start(|_, _| Reply::status(422)).await;
     let data = tempfile::tempdir().unwrap();
-    let (api, admin) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
-    cmd.env_remove("RUST_LOG")
-        .args(["--app-id", "shop", "--broker", &nats.url(), "--app-port", &app.port.to_string()])
-        .args(["--api-addr", &format!("127.0.0.1:{api}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
-        .arg("--data-dir")
-        .arg(data.path());
-    let mut sc = Process::spawn("ferry-sidecar", cmd);
+    let (mut sc, api) = sidecar_of_app_shop(&nats, &app, data.path());
     sc.wait_for_line("starting subscription subscription=billing", START_TIMEOUT);
     for (n, id) in ["dl-1", "dl-2"].into_iter().enumerate() {
         let resp = http()
