@@ -113,11 +113,25 @@ pub async fn run(client: kube::Client, nats: async_nats::Client, args: &crate::c
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(serve_admin(args.metrics_addr, metrics.clone(), ready.clone()));
+    // One shutdown signal for every part: listening for SIGTERM replaces its
+    // default action, so each phase below must watch for it.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
     // Every replica serves the webhook, leader or not.
     match crate::webhook::from_args(client.clone(), args).await {
         Ok(Some(hook)) => {
             tracing::info!(addr = %hook.local_addr(), "serving the sidecar-injection webhook");
-            tokio::spawn(hook.serve(shutdown_signal()));
+            tokio::spawn(hook.serve(stopped()));
         }
         Ok(None) => tracing::info!("no --webhook-addr: not serving the injection webhook"),
         Err(e) => return Err(format!("webhook ({}): {e}", e.category())),
@@ -136,7 +150,13 @@ pub async fn run(client: kube::Client, nats: async_nats::Client, args: &crate::c
     // A replica that waits for the Lease is ready: it serves the webhook.
     ready.store(true, AtomicOrdering::Release);
     if let Some(l) = &mut leadership {
-        l.acquired().await?;
+        tokio::select! {
+            r = l.acquired() => r?,
+            () = stopped() => {
+                leadership.take().expect("joined").release().await;
+                return Ok(());
+            }
+        }
         tracing::info!("leading: starting the controllers");
     }
     metrics.set_leader(true);
@@ -145,7 +165,7 @@ pub async fn run(client: kube::Client, nats: async_nats::Client, args: &crate::c
         js: JetStream::new(nats),
         reporter: Reporter { controller: "ferry-operator".into(), instance: args.pod_name.clone() },
     });
-    let controllers = controllers(client, ctx, args.namespace.clone(), metrics.clone());
+    let controllers = controllers(client, ctx, args.namespace.clone(), metrics.clone(), stopped);
     match &mut leadership {
         None => {
             controllers.await;
@@ -167,14 +187,23 @@ pub async fn run(client: kube::Client, nats: async_nats::Client, args: &crate::c
     }
 }
 
-/// Both controllers, until a shutdown signal.
-async fn controllers(client: kube::Client, ctx: Arc<Context>, namespace: Option<String>, metrics: Arc<Metrics>) {
+/// Both controllers, until `stopped()` resolves.
+async fn controllers<S, F>(
+    client: kube::Client,
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    metrics: Arc<Metrics>,
+    stopped: S,
+) where
+    S: Fn() -> F,
+    F: std::future::Future<Output = ()> + Send + Sync + 'static,
+{
     let (topics, subs): (Api<Topic>, Api<Subscription>) = match &namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let topic_controller = Controller::new(topics.clone(), watcher::Config::default())
-        .shutdown_on_signal()
+        .graceful_shutdown_on(stopped())
         .run(instrumented("topic", metrics.clone(), crate::topic::reconcile), error_policy, ctx.clone())
         .for_each(|r| async move {
             if let Err(e) = r {
@@ -199,7 +228,7 @@ async fn controllers(client: kube::Client, ctx: Arc<Context>, namespace: Option<
                 .map(|s| ObjectRef::from_obj(&*s))
                 .collect::<Vec<_>>()
         })
-        .shutdown_on_signal()
+        .graceful_shutdown_on(stopped())
         .run(instrumented("subscription", metrics.clone(), crate::subscription::reconcile), error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {

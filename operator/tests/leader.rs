@@ -18,6 +18,8 @@ const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ferry-system/lease
 struct Server {
     lease: Option<Value>,
     calls: Vec<(Method, String, Value)>,
+    /// Answer every call with 500 (an API server the replica cannot use).
+    failing: bool,
 }
 
 fn now() -> String {
@@ -53,12 +55,15 @@ fn merge(target: &mut Value, patch: &Value) {
 fn serve(mut handle: common::Handle, server: Arc<Mutex<Server>>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Some((req, send)) = handle.next_request().await {
+            common::rbac::assert_allowed(req.method(), req.uri());
             let (method, path) = (req.method().clone(), req.uri().path().to_string());
             let bytes = req.into_body().collect_bytes().await.unwrap();
             let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
             let mut s = server.lock().unwrap();
             s.calls.push((method.clone(), path.clone(), body.clone()));
+            let failure = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500});
             let (status, answer) = match (method, path.as_str(), s.lease.clone()) {
+                _ if s.failing => (StatusCode::INTERNAL_SERVER_ERROR, failure),
                 (Method::GET, LEASE, Some(l)) => (StatusCode::OK, l),
                 (Method::GET, LEASE, None) | (Method::PATCH, LEASE, None) => (
                     StatusCode::NOT_FOUND,
@@ -146,4 +151,40 @@ async fn a_live_lease_of_another_replica_is_left_alone() {
     assert_eq!(holder(&server).as_deref(), Some("operator-a"));
     let calls = server.lock().unwrap().calls.clone();
     assert!(calls.iter().all(|(m, _, _)| m == Method::GET), "a candidate only reads a live Lease: {calls:?}");
+}
+
+/// A leader whose API server stops answering counts itself lost within the
+/// renew deadline, even though the lease manager never reads another holder
+/// (time is paused: the test does not wait the real 10-15 s).
+#[tokio::test(start_paused = true)]
+async fn a_leader_that_cannot_reach_the_api_server_counts_itself_lost() {
+    let (client, handle) = common::mock_client();
+    let server = Arc::new(Mutex::new(Server::default()));
+    let _api = serve(handle, server.clone());
+    let mut l = leader::join(client, "ferry-system", "ferry-operator", "operator-a").await.unwrap();
+    l.acquired().await.unwrap();
+    server.lock().unwrap().failing = true;
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(std::time::Duration::from_secs(120), l.lost())
+        .await
+        .expect("the leader never counted itself lost");
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_secs(leader::LEASE_SECONDS - leader::GRACE_SECONDS),
+        "not before the renew deadline: {waited:?}"
+    );
+    assert!(waited <= std::time::Duration::from_secs(leader::LEASE_SECONDS), "before the Lease expires: {waited:?}");
+}
+
+/// While the API server answers and the Lease is ours, a leader stays.
+#[tokio::test(start_paused = true)]
+async fn a_leader_that_renews_is_not_lost() {
+    let (client, handle) = common::mock_client();
+    let server = Arc::new(Mutex::new(Server::default()));
+    let _api = serve(handle, server.clone());
+    let mut l = leader::join(client, "ferry-system", "ferry-operator", "operator-a").await.unwrap();
+    l.acquired().await.unwrap();
+    let lost = tokio::time::timeout(std::time::Duration::from_secs(60), l.lost()).await;
+    assert!(lost.is_err(), "a renewed Lease is not lost");
+    assert_eq!(holder(&server).as_deref(), Some("operator-a"));
 }
