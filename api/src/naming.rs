@@ -145,10 +145,10 @@ pub fn topic_keys(namespace: &str) -> String {
 
 /// KV key of the count of a subscription's dead-lettered messages. The
 /// sidecars add to it; the operator reports it in the Subscription's status.
-/// It lives outside `{namespace}.>`, so sidecars watching their namespace's
-/// config are not woken by it.
+/// Its first token starts with `_`, which no namespace name can, so it is
+/// never under a `{namespace}.>` that sidecars watch for their config.
 pub fn dead_letter_count_key(namespace: &str, subscription: &str) -> String {
-    format!("stats.{namespace}.{subscription}.deadLettered")
+    format!("_stats.{namespace}.{subscription}.deadLettered")
 }
 
 #[cfg(test)]
@@ -158,7 +158,7 @@ mod tests {
     #[test]
     fn broker_names_follow_the_documented_scheme() {
         assert_eq!(stream_name("default", "orders"), "FERRY_default_orders");
-        assert_eq!(dead_letter_count_key("shop", "invoices"), "stats.shop.invoices.deadLettered");
+        assert_eq!(dead_letter_count_key("shop", "invoices"), "_stats.shop.invoices.deadLettered");
         assert_eq!(topic_subjects("default", "orders"), "ferry.default.orders.>");
         assert_eq!(message_subject("shop", "orders", 3), "ferry.shop.orders.3");
         assert_eq!(consumer_name("billing"), "billing");

@@ -67,7 +67,11 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
                 status.in_flight = Some(in_flight);
                 status.redelivered = Some(redelivered);
             }
-            status.dead_lettered = ctx.js.dead_letter_count(&ns, &name).await.ok();
+            // A failed read keeps the last count rather than dropping the field.
+            status.dead_lettered = match ctx.js.dead_letter_count(&ns, &name).await {
+                Ok(n) => Some(n),
+                Err(_) => s.status.as_ref().and_then(|st| st.dead_lettered),
+            };
         }
         if changed {
             ctx.event(s, EventType::Normal, "Reconciled", "consumer and sidecar config are as the spec says").await;

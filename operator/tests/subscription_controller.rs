@@ -58,7 +58,7 @@ async fn once_its_topic_exists_a_subscription_gets_its_consumer_and_a_ready_stat
     ctx.js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
     let s = subscription();
     // Sidecars have dead-lettered 3 messages of this subscription.
-    ctx.js.bucket().await.unwrap().put("stats.shop.invoices.deadLettered", "3".into()).await.unwrap();
+    ctx.js.bucket().await.unwrap().put("_stats.shop.invoices.deadLettered", "3".into()).await.unwrap();
     let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx));
     let topic = serde_json::to_value(Topic::new("orders", TopicSpec::default())).unwrap();
     expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic)).await;
@@ -89,7 +89,7 @@ async fn deleting_removes_the_consumer_the_config_and_the_count_then_the_finaliz
     js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
     let live = subscription();
     js.apply_subscription(&ferry_operator::build::subscription("shop", "invoices", &live.spec).unwrap()).await.unwrap();
-    js.bucket().await.unwrap().put("stats.shop.invoices.deadLettered", "1".into()).await.unwrap();
+    js.bucket().await.unwrap().put("_stats.shop.invoices.deadLettered", "1".into()).await.unwrap();
 
     let mut deleting = (*live).clone();
     deleting.metadata.deletion_timestamp =
@@ -111,6 +111,6 @@ async fn deleting_removes_the_consumer_the_config_and_the_count_then_the_finaliz
     assert!(stream.consumer_info("invoices").await.is_err(), "the consumer is deleted");
     let kv = raw.get_key_value("ferry-config").await.unwrap();
     assert!(kv.get("shop.app.billing.invoices").await.unwrap().is_none(), "the sidecar config is deleted");
-    assert!(kv.get("stats.shop.invoices.deadLettered").await.unwrap().is_none(), "the count is deleted");
+    assert!(kv.get("_stats.shop.invoices.deadLettered").await.unwrap().is_none(), "the count is deleted");
     assert!(raw.get_stream("FERRY_shop_orders").await.is_ok(), "the Topic's stream stays");
 }

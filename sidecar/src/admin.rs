@@ -49,6 +49,7 @@ pub fn readiness(s: &Sidecar) -> (bool, serde_json::Value) {
         "outbox": outbox,
         "outboxBytes": s.outbox.budget().used(),
         "outboxLimitBytes": s.outbox.budget().limit(),
+        "fsync": s.config.fsync,
     });
     (ready, detail)
 }

@@ -223,6 +223,12 @@ pub async fn run(
     };
     check_resources(&config, &resources)?;
     let _lock = lock_data_dir(&config)?;
+    if config.fsync != config::FsyncPolicy::Always {
+        tracing::warn!(
+            fsync = ?config.fsync,
+            "--fsync lowers durability: an acknowledged (202) message can be lost with the machine's power"
+        );
+    }
 
     let topics: BTreeMap<_, _> =
         resources.topics.iter().map(|(n, t)| (n.clone(), (t.persistence, t.partitions))).collect();

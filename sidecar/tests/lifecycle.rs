@@ -89,6 +89,7 @@ async fn readyz_and_metrics_report_broker_state_and_outbox_depth() {
     assert_eq!(status, 503, "{ready}");
     assert_eq!(ready["ready"], false);
     assert_eq!(ready["broker"]["connected"], false);
+    assert_eq!(ready["fsync"], "always", "the outbox's fsync policy is shown");
     assert_eq!(ready["outbox"]["orders"]["pending"], 4);
     let metrics = c.get(format!("{}/metrics", sc.admin)).send().await.unwrap().text().await.unwrap();
     for line in [

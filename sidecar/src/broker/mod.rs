@@ -138,8 +138,9 @@ pub trait Broker: Send + Sync + 'static {
     /// True while connected.
     fn is_connected(&self) -> bool;
     /// Adds one to the subscription's dead-letter count that the operator
-    /// shows in the Subscription's status. Best effort: a count that cannot
-    /// be written is logged, never retried at the message's expense. The
+    /// shows in the Subscription's status. Best effort, called off the
+    /// delivery path: a count that cannot be written is logged and dropped
+    /// (and an update that timed out but was applied is counted twice). The
     /// embedded broker has no operator to read it, so it keeps none.
     async fn count_dead_letter(&self, _namespace: &str, _subscription: &str) {}
 }

@@ -182,14 +182,16 @@ pub struct SidecarArgs {
     pub resources_poll: String,
     /// How far the outbox fsyncs: `always` (each Topic's persistence decides:
     /// a `Durable` topic is fsynced before a produce is answered), `interval`
-    /// (every topic at most 100 ms behind: a power loss can lose that much),
-    /// `never` (left to the OS).
+    /// (every topic synced every second: a power loss can lose that much of
+    /// acknowledged messages), `never` (left to the OS). Anything but
+    /// `always` is logged at start and shown in `/readyz`.
     #[arg(long, env = "FERRY_FSYNC", value_enum, default_value = "always")]
     pub fsync: FsyncPolicy,
 }
 
 /// `--fsync`: the most durability the outbox gives any topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FsyncPolicy {
     /// As each Topic's persistence says.
     #[default]

@@ -573,7 +573,9 @@ impl Ctx {
         }
         let _ = msg.settle.settle(Settlement::Reject).await;
         self.count("dead_lettered");
-        self.deps.broker.count_dead_letter(&self.deps.namespace, &self.name).await;
+        // Counted off the delivery path: the count must not hold the slot.
+        let (broker, namespace, name) = (self.deps.broker.clone(), self.deps.namespace.clone(), self.name.clone());
+        tokio::spawn(async move { broker.count_dead_letter(&namespace, &name).await });
         tracing::info!(subscription = %self.name, id = %msg.id, attempts, status, dead_letter_topic = %dlq, "dead-lettered");
     }
 
