@@ -168,7 +168,7 @@ pub(crate) const FIGURES: &[Entry] = &[
         id: "e2e.durable",
         issue: 5,
         source: Source::E2e,
-        label: "durable throughput: produced (fsynced, acknowledged) and delivered",
+        label: "durable throughput: messages acknowledged after Ferry's fsync",
         goal: Some("≥ 20× JetStream's own `sync_interval: always` rate"),
     },
     Entry {

@@ -297,6 +297,8 @@ struct Backend {
 struct Durable {
     rate: f64,
     accepted: u64,
+    /// Requests answered 429/503/507 (back-pressure), retried after 10 ms.
+    rejected: u64,
     failed: u64,
     first_error: Option<String>,
 }
@@ -691,11 +693,14 @@ fn ferry_durable_produce(rt: &tokio::runtime::Runtime, s: &Settings, sc: &Sideca
         for mut conn in conns {
             let (batch, uri, n) = (batch.clone(), uri.clone(), a.batch_size as u64);
             tasks.push(tokio::spawn(async move {
-                let (mut accepted, mut failed, mut first_error) = (0u64, 0u64, None);
+                let (mut accepted, mut rejected, mut failed, mut first_error) = (0u64, 0u64, 0u64, None);
                 while Instant::now() < deadline {
                     match post(&mut conn, &uri, "application/x-ndjson", batch.body(Instant::now())).await {
                         Ok(true) => accepted += n,
-                        Ok(false) => tokio::time::sleep(Duration::from_millis(10)).await,
+                        Ok(false) => {
+                            rejected += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
                         Err(e) => {
                             failed += 1;
                             first_error.get_or_insert(e);
@@ -703,13 +708,14 @@ fn ferry_durable_produce(rt: &tokio::runtime::Runtime, s: &Settings, sc: &Sideca
                         }
                     }
                 }
-                (accepted, failed, first_error)
+                (accepted, rejected, failed, first_error)
             }));
         }
-        let mut d = Durable { rate: 0.0, accepted: 0, failed: 0, first_error: None };
+        let mut d = Durable { rate: 0.0, accepted: 0, rejected: 0, failed: 0, first_error: None };
         for t in tasks {
-            let (accepted, failed, e) = t.await.map_err(|e| e.to_string())?;
+            let (accepted, rejected, failed, e) = t.await.map_err(|e| e.to_string())?;
             d.accepted += accepted;
+            d.rejected += rejected;
             d.failed += failed;
             if d.first_error.is_none() {
                 d.first_error = e;
@@ -1014,10 +1020,11 @@ fn print_figures(s: &Settings, nats: &Backend, raw: &RawFigures, embedded: &Back
             ));
             if let Some(d) = d {
                 say(&format!(
-                    "  e2e5 detail: {} messages acknowledged, {} failed requests{}; delivered end to end (e2e3/e2e4, \
-                     each also pushed and acked by the app): nats backend {:.0} msg/s ({:.2}x), embedded {:.0} msg/s \
-                     ({:.2}x)",
+                    "  e2e5 detail: {} messages acknowledged, {} requests refused by back-pressure (429/503/507), \
+                     {} failed{}; delivered end to end (e2e3/e2e4, each also pushed and acked by the app): nats \
+                     backend {:.0} msg/s ({:.2}x), embedded {:.0} msg/s ({:.2}x)",
                     d.accepted,
+                    d.rejected,
                     d.failed,
                     d.first_error.as_ref().map(|e| format!(" (first: {e})")).unwrap_or_default(),
                     t.rate,
@@ -1129,8 +1136,8 @@ fn figures(
                      nats backend {:.0} msg/s ({:.1}× the baseline), embedded {:.0} msg/s ({:.1}×); the raw publish → \
                      pull → ack path on the sync-always server {:.0} msg/s; {}",
                     nats.durable.as_ref().map_or("not measured".to_owned(), |d| format!(
-                        "{} messages acknowledged, {} failed requests",
-                        d.accepted, d.failed
+                        "{} messages acknowledged, {} requests refused by back-pressure (429/503/507), {} failed",
+                        d.accepted, d.rejected, d.failed
                     )),
                     t.rate,
                     ratio(t.rate, y.publish_rate),
