@@ -1093,3 +1093,34 @@ fn the_injected_env_is_what_the_sidecars_own_flag_parser_accepts() {
     assert_eq!(config.api_addr.port(), cfg.api_port);
     assert_eq!(config.admin_addr.port(), cfg.admin_port);
 }
+
+#[tokio::test]
+async fn a_stored_certificate_for_another_service_name_is_replaced() {
+    let other = TlsMaterial::generate(&dns_names("old-webhook", NAMESPACE)).unwrap();
+    let (client, mut handle) = mock_client();
+    let ensure = tokio::spawn(async move { ensure_certificate(client, &cert_args()).await });
+    let mut stored = stored_secret(&other);
+    stored["metadata"]["resourceVersion"] = json!("12");
+    expect(&mut handle, Method::GET, SECRET, Some(stored)).await;
+    let replaced = expect(&mut handle, Method::PUT, SECRET, None).await;
+    assert_eq!(replaced["metadata"]["resourceVersion"], "12", "the write is guarded by what was read");
+    let tls = ensure.await.unwrap().unwrap();
+    assert_ne!(tls.cert_pem, other.cert_pem, "a new certificate");
+    assert_eq!(data(&replaced, "tls.crt"), tls.cert_pem);
+    let host = format!("{SERVICE}.{NAMESPACE}.svc");
+    tls.valid_for(&host, std::time::SystemTime::now()).unwrap();
+    assert!(other.valid_for(&host, std::time::SystemTime::now()).is_err(), "the old one was not for this name");
+    expect_no_more(&mut handle).await;
+}
+
+#[test]
+fn a_generated_certificate_is_valid_for_its_names_and_not_after_it_expires() {
+    let tls = TlsMaterial::generate(&dns_names(SERVICE, NAMESPACE)).unwrap();
+    let now = std::time::SystemTime::now();
+    for name in dns_names(SERVICE, NAMESPACE) {
+        tls.valid_for(&name, now).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    assert!(tls.valid_for("elsewhere.ferry-system.svc", now).is_err());
+    let in_11_years = now + std::time::Duration::from_secs(11 * 365 * 24 * 3600);
+    assert!(tls.valid_for(&format!("{SERVICE}.{NAMESPACE}.svc"), in_11_years).is_err(), "expired by then");
+}

@@ -2,6 +2,11 @@
 //! every replica (and every restart) serves the same one, and its CA kept in
 //! the `caBundle` of the MutatingWebhookConfiguration.
 //!
+//! A stored certificate is used while it is valid for the Service's name for
+//! another 30 days, and replaced otherwise; each replica keeps the CA it
+//! started with in `caBundle`, so replicas of different starts can disagree
+//! for a while after a replacement, until they restart.
+//!
 //! Calls (the chart's RBAC must allow exactly these): Secrets `get`,
 //! `create`, `update` in the operator's namespace; the
 //! MutatingWebhookConfiguration `list`/`watch` (by `metadata.name` field
@@ -21,6 +26,8 @@ use kube::runtime::{watcher, WatchStreamExt};
 use super::tls::{dns_names, TlsMaterial, CA_CRT, TLS_CRT, TLS_KEY};
 use super::Error;
 
+/// A stored certificate that expires within this is replaced.
+const RENEW_BEFORE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 /// How often a lost race for the Secret (another replica wrote it between
 /// our read and our write) is retried before giving up.
 const SECRET_ATTEMPTS: usize = 5;
@@ -71,7 +78,17 @@ pub async fn ensure_certificate(client: kube::Client, args: &CertArgs) -> Result
         let written = match stored {
             Some(secret) => {
                 if let Some(material) = stored_material(&secret, args)? {
-                    return Ok(material);
+                    // Made for another Service name (the chart's names
+                    // changed), or expiring (e.g. left by cert-manager, which
+                    // no longer renews it): replace it.
+                    let host = format!("{}.{}.svc", args.service, args.namespace);
+                    match material.valid_for(&host, std::time::SystemTime::now() + RENEW_BEFORE) {
+                        Ok(()) => return Ok(material),
+                        Err(why) => tracing::warn!(
+                            secret = %args.secret, %host, why,
+                            "the stored webhook certificate will not do; generating a new one"
+                        ),
+                    }
                 }
                 let material = TlsMaterial::generate(&dns_names(&args.service, &args.namespace))?;
                 let mut secret = secret;

@@ -122,6 +122,31 @@ impl TlsMaterial {
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, Error> {
         server_config(self.cert_pem.as_bytes(), self.key_pem.as_bytes())
     }
+
+    /// Checks, as the API server will, that the certificate chains to the
+    /// CA and is valid for `dns_name` at `at`: `Err` says why not (e.g. a
+    /// stored certificate made for another Service, or about to expire).
+    pub fn valid_for(&self, dns_name: &str, at: std::time::SystemTime) -> Result<(), String> {
+        use rustls::client::danger::ServerCertVerifier;
+        let ca_pem = self.ca_pem.as_deref().ok_or("no CA certificate")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(ca.map_err(|e| format!("{CA_CRT}: {e}"))?).map_err(|e| format!("{CA_CRT}: {e}"))?;
+        }
+        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{TLS_CRT}: {e}"))?;
+        let (end_entity, intermediates) = chain.split_first().ok_or(format!("{TLS_CRT}: no certificate"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let name = rustls::pki_types::ServerName::try_from(dns_name.to_owned()).map_err(|e| e.to_string())?;
+        let now = rustls::pki_types::UnixTime::since_unix_epoch(
+            at.duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?,
+        );
+        verifier.verify_server_cert(end_entity, intermediates, &name, &[], now).map(|_| ()).map_err(|e| e.to_string())
+    }
 }
 
 /// See [`TlsMaterial::server_config`].
