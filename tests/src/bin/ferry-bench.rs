@@ -198,14 +198,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn settings(args: ProduceArgs) -> Result<Settings, String> {
-    let sidecar_bin = resolve(&args.sidecar_bin).ok_or_else(|| {
+/// The sidecar binary at `path` (see [`resolve`]), or an error saying how
+/// to build it.
+fn sidecar_bin(path: &Path) -> Result<PathBuf, String> {
+    resolve(path).ok_or_else(|| {
         format!(
             "the sidecar binary {} does not exist: build it with `cargo build --release -p ferry-sidecar` \
              (or pass --sidecar-bin PATH)",
-            args.sidecar_bin.display()
+            path.display()
         )
-    })?;
+    })
+}
+
+fn settings(args: ProduceArgs) -> Result<Settings, String> {
+    let sidecar_bin = sidecar_bin(&args.sidecar_bin)?;
     check_nats_server()?;
     let q = args.quick;
     let duration = Duration::from_secs_f64(args.duration.unwrap_or(if q { 1.0 } else { 10.0 }));

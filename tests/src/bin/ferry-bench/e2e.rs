@@ -38,11 +38,11 @@ use hyper::{StatusCode, Uri};
 use crate::catalogue::Source;
 use crate::figures::{Figure, JsonOut};
 use crate::http::{open_many, Conn, Error};
-use crate::load::REQUEST_TIMEOUT;
+use crate::load::{join_pacer, pacer, REQUEST_TIMEOUT};
 use crate::rawjs::{self, SyncAlwaysServer, Template};
 use crate::sink::{self, NdjsonStamped, Recorder};
 use crate::stats::{ms, verdict, Latencies};
-use crate::{nats_pid, progress, resolve, say, sys, Sidecar};
+use crate::{nats_pid, progress, say, sys, Sidecar};
 
 /// The topic and its stream at the broker.
 const TOPIC: &str = "e2e";
@@ -168,13 +168,7 @@ pub(crate) fn main(args: E2eArgs) -> ExitCode {
 }
 
 fn settings(args: E2eArgs) -> Result<Settings, String> {
-    let sidecar_bin = resolve(&args.sidecar_bin).ok_or_else(|| {
-        format!(
-            "the sidecar binary {} does not exist: build it with `cargo build --release -p ferry-sidecar` \
-             (or pass --sidecar-bin PATH)",
-            args.sidecar_bin.display()
-        )
-    })?;
+    let sidecar_bin = crate::sidecar_bin(&args.sidecar_bin)?;
     crate::check_nats_server()?;
     let q = args.quick;
     let duration = Duration::from_secs_f64(args.duration.unwrap_or(if q { 1.0 } else { 10.0 }));
@@ -480,39 +474,6 @@ fn warm_up(rt: &tokio::runtime::Runtime, s: &Settings, sc: &Sidecar, rec: &Recor
     Ok(())
 }
 
-/// Hands out `rate` instants per second for `duration` on a thread of its
-/// own (std's nanosecond sleep, not tokio's millisecond timer); returns how
-/// late it handed each one out.
-fn pacer(
-    rate: u64,
-    duration: Duration,
-    tx: tokio::sync::mpsc::UnboundedSender<Instant>,
-) -> (u64, std::thread::JoinHandle<Vec<Duration>>) {
-    let total = (rate as f64 * duration.as_secs_f64()).round() as u64;
-    let start = Instant::now() + Duration::from_millis(10);
-    let handle = std::thread::spawn(move || {
-        let mut lags = Vec::with_capacity(total as usize);
-        for i in 0..total {
-            let due = start + Duration::from_nanos(i * 1_000_000_000 / rate.max(1));
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            lags.push(due.elapsed());
-            if tx.send(due).is_err() {
-                break;
-            }
-        }
-        lags
-    });
-    (total, handle)
-}
-
-async fn join_pacer(h: std::thread::JoinHandle<Vec<Duration>>) -> Result<Latencies, Error> {
-    let lags = tokio::task::spawn_blocking(move || h.join()).await?.map_err(|_| "the pacer thread panicked")?;
-    Ok(Latencies::of(lags))
-}
-
 #[derive(Default)]
 struct Worker {
     accepted: u64,
@@ -601,7 +562,7 @@ fn ferry_fixed(
                 w
             }));
         }
-        let (scheduled, pacer) = pacer(a.rate, s.duration, tx);
+        let (scheduled, _, pacer) = pacer(a.rate, s.duration, tx);
         let lag = join_pacer(pacer).await?;
         let mut ws = Vec::new();
         for t in tasks {
@@ -639,7 +600,7 @@ fn raw_fixed(
         let consumer = rawjs::setup(js, template).await?;
         let consuming = rawjs::consume(consumer, a.fetch_batch, rec.clone());
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
-        let (scheduled, pacer) = pacer(a.rate, s.duration, tx);
+        let (scheduled, _, pacer) = pacer(a.rate, s.duration, tx);
         let published = rawjs::publish_paced(js, rx, a.payload).await?;
         let lag = join_pacer(pacer).await?;
         let cpu = cpu.report();
@@ -693,36 +654,36 @@ fn ferry_durable_produce(rt: &tokio::runtime::Runtime, s: &Settings, sc: &Sideca
         for mut conn in conns {
             let (batch, uri, n) = (batch.clone(), uri.clone(), a.batch_size as u64);
             tasks.push(tokio::spawn(async move {
-                let (mut accepted, mut rejected, mut failed, mut first_error) = (0u64, 0u64, 0u64, None);
+                let mut w = Worker::default();
                 while Instant::now() < deadline {
                     match post(&mut conn, &uri, "application/x-ndjson", batch.body(Instant::now())).await {
-                        Ok(true) => accepted += n,
+                        Ok(true) => w.accepted += n,
                         Ok(false) => {
-                            rejected += 1;
+                            w.rejected += 1;
                             tokio::time::sleep(Duration::from_millis(10)).await;
                         }
                         Err(e) => {
-                            failed += 1;
-                            first_error.get_or_insert(e);
+                            w.failed(e);
                             break;
                         }
                     }
                 }
-                (accepted, rejected, failed, first_error)
+                w
             }));
         }
-        let mut d = Durable { rate: 0.0, accepted: 0, rejected: 0, failed: 0, first_error: None };
+        let mut ws = Vec::with_capacity(tasks.len());
         for t in tasks {
-            let (accepted, rejected, failed, e) = t.await.map_err(|e| e.to_string())?;
-            d.accepted += accepted;
-            d.rejected += rejected;
-            d.failed += failed;
-            if d.first_error.is_none() {
-                d.first_error = e;
-            }
+            ws.push(t.await.map_err(|e| e.to_string())?);
         }
-        d.rate = d.accepted as f64 / t0.elapsed().as_secs_f64();
-        Ok::<_, Error>(d)
+        let w = Worker::merge(ws);
+        let rate = w.accepted as f64 / t0.elapsed().as_secs_f64();
+        Ok::<_, Error>(Durable {
+            rate,
+            accepted: w.accepted,
+            rejected: w.rejected,
+            failed: w.errors,
+            first_error: w.first_error,
+        })
     })
 }
 

@@ -196,7 +196,6 @@ pub(crate) struct OpenResult {
 /// spread over `conns` connections; latency runs from the scheduled time.
 pub(crate) async fn open_loop(t: &Target, conns: usize, rate: u64, duration: Duration) -> Result<OpenResult, Error> {
     let connections = open_many(t.addr, conns).await?;
-    let total = (rate as f64 * duration.as_secs_f64()).round() as u64;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let mut tasks = Vec::with_capacity(conns);
@@ -226,10 +225,28 @@ pub(crate) async fn open_loop(t: &Target, conns: usize, rate: u64, duration: Dur
             out
         }));
     }
-    // The schedule runs on its own thread with std's sleep (nanosecond timer),
-    // not tokio's millisecond timer wheel.
+    let (total, start, pacer) = pacer(rate, duration, tx);
+    let pacer_lag = join_pacer(pacer).await?;
+    let mut outs = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        outs.push(task.await?);
+    }
+    let load = merge(outs, t.msgs_per_req, start.elapsed());
+    Ok(OpenResult { load, scheduled: total, pacer_lag })
+}
+
+/// Hands out `rate` instants per second for `duration` on a thread of its
+/// own (std's nanosecond sleep, not tokio's millisecond timer wheel);
+/// returns how many it will hand out, the first one's time, and the thread,
+/// which yields how late it handed each one out.
+pub(crate) fn pacer(
+    rate: u64,
+    duration: Duration,
+    tx: tokio::sync::mpsc::UnboundedSender<Instant>,
+) -> (u64, Instant, std::thread::JoinHandle<Vec<Duration>>) {
+    let total = (rate as f64 * duration.as_secs_f64()).round() as u64;
     let start = Instant::now() + Duration::from_millis(10);
-    let pacer = std::thread::spawn(move || {
+    let handle = std::thread::spawn(move || {
         let mut lags = Vec::with_capacity(total as usize);
         for i in 0..total {
             let due = start + Duration::from_nanos(i * 1_000_000_000 / rate.max(1));
@@ -244,11 +261,11 @@ pub(crate) async fn open_loop(t: &Target, conns: usize, rate: u64, duration: Dur
         }
         lags
     });
-    let lags = tokio::task::spawn_blocking(move || pacer.join()).await?.map_err(|_| "the pacer thread panicked")?;
-    let mut outs = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        outs.push(task.await?);
-    }
-    let load = merge(outs, t.msgs_per_req, start.elapsed());
-    Ok(OpenResult { load, scheduled: total, pacer_lag: Latencies::of(lags) })
+    (total, start, handle)
+}
+
+/// Waits (off the runtime's workers) for the pacer thread: its lags.
+pub(crate) async fn join_pacer(h: std::thread::JoinHandle<Vec<Duration>>) -> Result<Latencies, Error> {
+    let lags = tokio::task::spawn_blocking(move || h.join()).await?.map_err(|_| "the pacer thread panicked")?;
+    Ok(Latencies::of(lags))
 }
