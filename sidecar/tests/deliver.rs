@@ -30,15 +30,7 @@ async fn start(nats: &NatsServer, res: &tempfile::TempDir, data: &tempfile::Temp
 }
 
 async fn produce(sc: &Sidecar, id: &str, key: Option<&str>, body: &str) {
-    let mut req = http()
-        .post(sc.url("/v1/topics/orders/messages?ack=broker"))
-        .header("ferry-id", id)
-        .header("content-type", "text/plain");
-    if let Some(k) = key {
-        req = req.header("ferry-key", k);
-    }
-    let resp = req.body(body.to_owned()).send().await.unwrap();
-    assert_eq!(resp.status().as_u16(), 201, "producing {id}");
+    produce_to(sc, "orders", id, key, body).await;
 }
 
 /// Consumer state from the broker: (pending, ack pending).

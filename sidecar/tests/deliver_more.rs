@@ -66,18 +66,6 @@ fn start(nats: &NatsServer, res: &Path, data: &Path, app: Option<&TestApp>, extr
     sc
 }
 
-async fn produce_to(sc: &Sidecar, topic: &str, id: &str, key: Option<&str>, body: &str) {
-    let mut req = http()
-        .post(sc.url(&format!("/v1/topics/{topic}/messages?ack=broker")))
-        .header("ferry-id", id)
-        .header("content-type", "text/plain");
-    if let Some(k) = key {
-        req = req.header("ferry-key", k);
-    }
-    let resp = req.body(body.to_owned()).send().await.unwrap();
-    assert_eq!(resp.status().as_u16(), 201, "producing {id}");
-}
-
 async fn produce(sc: &Sidecar, id: &str, key: Option<&str>) {
     produce_to(sc, "orders", id, key, &format!("body of {id}")).await;
 }

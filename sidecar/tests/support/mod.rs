@@ -94,6 +94,19 @@ impl Sidecar {
     }
 }
 
+/// Produces one text message to `topic` with `?ack=broker`, asserting 201.
+pub async fn produce_to(sc: &Sidecar, topic: &str, id: &str, key: Option<&str>, body: &str) {
+    let mut req = http()
+        .post(sc.url(&format!("/v1/topics/{topic}/messages?ack=broker")))
+        .header("ferry-id", id)
+        .header("content-type", "text/plain");
+    if let Some(k) = key {
+        req = req.header("ferry-key", k);
+    }
+    let resp = req.body(body.to_owned()).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 201, "producing {id}");
+}
+
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client")
 }
