@@ -133,6 +133,17 @@ fn assert_crash_keeps_exactly(fs: &MemFs, opts: &LogOptions, acked: &Acked) {
     }
 }
 
+/// `log` holds exactly `acked`, a power loss keeps exactly that, and a
+/// clean reopen (nothing to repair; `why` says why that is expected) finds it.
+fn assert_kept_and_reopens_clean(fs: &MemFs, log: Log, acked: &Acked, why: &str) {
+    assert_exactly(&log, acked);
+    assert_crash_keeps_exactly(fs, &always(), acked);
+    drop(log);
+    let (log, report) = open(fs, always());
+    assert!(report.is_clean(), "{why} {report:?}");
+    assert_exactly(&log, acked);
+}
+
 fn seg_path(base: u64) -> PathBuf {
     Path::new(DIR).join(segment_name(base))
 }
@@ -160,12 +171,7 @@ fn a_write_failing_with_enospc_changes_nothing_and_the_log_stays_usable() {
     // The same log takes the same append once the disk has room again,
     // at the offsets the failed one did not use.
     assert_eq!(append(&log, &mut acked, vec![rec(5, 100), rec(6, 100)]), 5..7);
-    assert_exactly(&log, &acked);
-    assert_crash_keeps_exactly(&fs, &always(), &acked);
-    drop(log);
-    let (log, report) = open(&fs, always());
-    assert!(report.is_clean(), "{report:?}");
-    assert_exactly(&log, &acked);
+    assert_kept_and_reopens_clean(&fs, log, &acked, "");
 }
 
 #[test]
@@ -193,12 +199,7 @@ fn a_write_cut_short_by_a_full_disk_is_rolled_back_and_appends_resume_once_space
 
     fs.set_capacity(None);
     assert_eq!(append(&log, &mut acked, vec![rec(3, 500)]), 3..4);
-    assert_exactly(&log, &acked);
-    assert_crash_keeps_exactly(&fs, &always(), &acked);
-    drop(log);
-    let (log, report) = open(&fs, always());
-    assert!(report.is_clean(), "{report:?}");
-    assert_exactly(&log, &acked);
+    assert_kept_and_reopens_clean(&fs, log, &acked, "");
 }
 
 #[test]
@@ -229,12 +230,7 @@ fn running_out_of_space_while_starting_a_new_segment_fails_the_append_and_change
     fs.set_capacity(None);
     assert_eq!(append(&log, &mut acked, vec![rec(i, 200)]), i..i + 1);
     assert_eq!(log.stats().segments, 2, "the retried append starts the next segment");
-    assert_exactly(&log, &acked);
-    assert_crash_keeps_exactly(&fs, &always(), &acked);
-    drop(log);
-    let (log, report) = open(&fs, always());
-    assert!(report.is_clean(), "the full segment's index was written on the retry: {report:?}");
-    assert_exactly(&log, &acked);
+    assert_kept_and_reopens_clean(&fs, log, &acked, "the full segment's index was written on the retry");
 }
 
 #[test]
@@ -278,12 +274,7 @@ fn an_append_failing_just_after_a_rollover_leaves_an_empty_segment_that_reads_an
     assert_eq!(append(&log, &mut acked, vec![rec(n, 200)]), n..n + 1);
     let batch = log.read(0, 10, 1 << 20).expect("read");
     assert_eq!(batch.records.iter().map(|r| r.offset).collect::<Vec<_>>(), [n]);
-    assert_exactly(&log, &acked);
-    assert_crash_keeps_exactly(&fs, &always(), &acked);
-    drop(log);
-    let (log, report) = open(&fs, always());
-    assert!(report.is_clean(), "{report:?}");
-    assert_exactly(&log, &acked);
+    assert_kept_and_reopens_clean(&fs, log, &acked, "");
 }
 
 #[test]
@@ -596,10 +587,5 @@ fn a_group_write_failing_in_an_empty_segment_before_a_rollover_does_not_start_a_
     let names: Vec<String> = files(&fs).into_keys().collect();
     assert_eq!(names, [segment_name(0)]);
     assert_eq!(log.stats().segments, 1);
-    assert_exactly(&log, &acked);
-    assert_crash_keeps_exactly(&fs, &always(), &acked);
-    drop(log);
-    let (log, report) = open(&fs, always());
-    assert!(report.is_clean(), "{report:?}");
-    assert_exactly(&log, &acked);
+    assert_kept_and_reopens_clean(&fs, log, &acked, "");
 }
