@@ -7,10 +7,7 @@ use support::*;
 #[tokio::test]
 async fn a_produced_message_lands_in_its_stream_with_subject_headers_and_payload() {
     let nats = NatsServer::start();
-    let res = manifests(&[("topics.yaml", TOPICS)]);
-    let data = tempfile::tempdir().unwrap();
-    let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
-    sc.wait_configured();
+    let (sc, _res, _data) = configured_with_topics(&nats);
     let resp = http()
         .post(sc.url("/v1/topics/orders/messages?ack=broker"))
         .header("content-type", "text/plain")
@@ -50,10 +47,7 @@ async fn post(sc: &Sidecar, path: &str, content_type: &str, body: &'static str) 
 #[tokio::test]
 async fn batches_in_all_three_formats_are_stored_whole_and_in_order() {
     let nats = NatsServer::start();
-    let res = manifests(&[("topics.yaml", TOPICS)]);
-    let data = tempfile::tempdir().unwrap();
-    let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
-    sc.wait_configured();
+    let (sc, _res, _data) = configured_with_topics(&nats);
     let path = "/v1/topics/audit/messages:batch?ack=broker";
     let (status, body) =
         post(&sc, path, "application/json", r#"[{"id":"j1","data":{"n":1}},{"id":"j2","data":{"n":2}}]"#).await;
@@ -85,10 +79,7 @@ async fn batches_in_all_three_formats_are_stored_whole_and_in_order() {
 #[tokio::test]
 async fn cloudevents_in_binary_and_structured_mode_keep_their_attributes() {
     let nats = NatsServer::start();
-    let res = manifests(&[("topics.yaml", TOPICS)]);
-    let data = tempfile::tempdir().unwrap();
-    let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
-    sc.wait_configured();
+    let (sc, _res, _data) = configured_with_topics(&nats);
     let resp = http()
         .post(sc.url("/v1/topics/audit/messages?ack=broker"))
         .header("ce-specversion", "1.0")
@@ -137,10 +128,7 @@ async fn cloudevents_in_binary_and_structured_mode_keep_their_attributes() {
 #[tokio::test]
 async fn the_same_id_produced_twice_is_stored_once_in_the_stream() {
     let nats = NatsServer::start();
-    let res = manifests(&[("topics.yaml", TOPICS)]);
-    let data = tempfile::tempdir().unwrap();
-    let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
-    sc.wait_configured();
+    let (sc, _res, _data) = configured_with_topics(&nats);
     let mut seqs = Vec::new();
     for _ in 0..2 {
         let resp = http()

@@ -94,6 +94,16 @@ impl Sidecar {
     }
 }
 
+/// A sidecar on `nats` with the test [`TOPICS`], started and configured;
+/// the manifest and data directories live as long as the returned guards.
+pub fn configured_with_topics(nats: &NatsServer) -> (Sidecar, tempfile::TempDir, tempfile::TempDir) {
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    sc.wait_configured();
+    (sc, res, data)
+}
+
 /// Produces one text message to `topic` with `?ack=broker`, asserting 201.
 pub async fn produce_to(sc: &Sidecar, topic: &str, id: &str, key: Option<&str>, body: &str) {
     let mut req = http()
