@@ -151,6 +151,19 @@ fn invalid_flags_are_all_reported_and_exit_64_before_binding() {
     assert!(!err.to_lowercase().contains("in use"), "it tried to bind:\n{err}");
 }
 
+/// Runs a sidecar of app `shop` (broker unreachable, ports any) on these
+/// manifests and data dir until it exits.
+fn run_to_exit(resources: &std::path::Path, data_dir: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
+        .args(["--app-id", "shop", "--broker", "nats://127.0.0.1:1"])
+        .args(["--api-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--resources"])
+        .arg(resources)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn an_invalid_manifest_exits_64_naming_file_and_field() {
     let res = manifests(&[
@@ -158,23 +171,7 @@ fn an_invalid_manifest_exits_64_naming_file_and_field() {
         ("subs.yaml", "apiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {name: billing}\nspec: {topic: orders, app: shop, maxInFlight: lots}\n"),
     ]);
     let data = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
-        .args([
-            "--app-id",
-            "shop",
-            "--broker",
-            "nats://127.0.0.1:1",
-            "--api-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--resources",
-        ])
-        .arg(res.path())
-        .arg("--data-dir")
-        .arg(data.path())
-        .output()
-        .unwrap();
+    let out = run_to_exit(res.path(), data.path());
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("subs.yaml (document 1): spec.maxInFlight: invalid type"), "{err}");
@@ -186,23 +183,7 @@ fn a_second_sidecar_on_the_same_data_dir_is_refused() {
     let res = manifests(&[("topics.yaml", TOPICS)]);
     let data = tempfile::tempdir().unwrap();
     let _first = Launch::new("nats://127.0.0.1:1".into(), res.path(), data.path()).start();
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
-        .args([
-            "--app-id",
-            "shop",
-            "--broker",
-            "nats://127.0.0.1:1",
-            "--api-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--resources",
-        ])
-        .arg(res.path())
-        .arg("--data-dir")
-        .arg(data.path())
-        .output()
-        .unwrap();
+    let out = run_to_exit(res.path(), data.path());
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("in use by another ferry-sidecar"),
