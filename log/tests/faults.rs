@@ -133,6 +133,17 @@ fn assert_crash_keeps_exactly(fs: &MemFs, opts: &LogOptions, acked: &Acked) {
     }
 }
 
+/// A log on a fresh [`MemFs`] (fsync always) holding records 0..3 of 100 B.
+fn three_records() -> (MemFs, Log, Acked) {
+    let fs = MemFs::new();
+    let (log, _) = open(&fs, always());
+    let mut acked = Acked::new();
+    for i in 0..3 {
+        append(&log, &mut acked, vec![rec(i, 100)]);
+    }
+    (fs, log, acked)
+}
+
 /// `log` holds exactly `acked`, a power loss keeps exactly that, and a
 /// clean reopen (nothing to repair; `why` says why that is expected) finds it.
 fn assert_kept_and_reopens_clean(fs: &MemFs, log: Log, acked: &Acked, why: &str) {
@@ -176,12 +187,7 @@ fn a_write_failing_with_enospc_changes_nothing_and_the_log_stays_usable() {
 
 #[test]
 fn a_write_cut_short_by_a_full_disk_is_rolled_back_and_appends_resume_once_space_returns() {
-    let fs = MemFs::new();
-    let (log, _) = open(&fs, always());
-    let mut acked = Acked::new();
-    for i in 0..3 {
-        append(&log, &mut acked, vec![rec(i, 100)]);
-    }
+    let (fs, log, mut acked) = three_records();
     let before = files(&fs);
     let stats = log.stats();
 
@@ -279,12 +285,7 @@ fn an_append_failing_just_after_a_rollover_leaves_an_empty_segment_that_reads_an
 
 #[test]
 fn a_failed_fsync_is_rolled_back_so_its_records_never_appear_and_the_log_stays_usable() {
-    let fs = MemFs::new();
-    let (log, _) = open(&fs, always());
-    let mut acked = Acked::new();
-    for i in 0..3 {
-        append(&log, &mut acked, vec![rec(i, 100)]);
-    }
+    let (fs, log, mut acked) = three_records();
     let before = files(&fs);
 
     fs.inject(Fault::Sync(io::ErrorKind::Other));
@@ -309,12 +310,7 @@ fn a_failed_fsync_is_rolled_back_so_its_records_never_appear_and_the_log_stays_u
 
 #[test]
 fn when_the_rollback_of_a_failed_fsync_fails_too_the_log_refuses_appends_until_reopened() {
-    let fs = MemFs::new();
-    let (log, _) = open(&fs, always());
-    let mut acked = Acked::new();
-    for i in 0..3 {
-        append(&log, &mut acked, vec![rec(i, 100)]);
-    }
+    let (fs, log, acked) = three_records();
 
     // The append's sync fails, then the sync of its rollback.
     fs.inject(Fault::Sync(io::ErrorKind::Other));
@@ -380,12 +376,7 @@ fn with_interval_fsync_a_failed_sync_poisons_the_log_and_a_reopen_recovers_it() 
 #[test]
 fn an_eio_on_write_fails_the_append_with_io_and_changes_nothing() {
     let eio = io::Error::from_raw_os_error(libc::EIO).kind();
-    let fs = MemFs::new();
-    let (log, _) = open(&fs, always());
-    let mut acked = Acked::new();
-    for i in 0..3 {
-        append(&log, &mut acked, vec![rec(i, 100)]);
-    }
+    let (fs, log, mut acked) = three_records();
     let before = files(&fs);
 
     fs.inject(Fault::Write(eio));
