@@ -639,6 +639,12 @@ async fn gate(reserved: &AtomicU64, rec: &Recorder, n: u64, window: u64, deadlin
     }
 }
 
+/// DESIGN §5's durable goal: no failed request, and at least 20× JetStream's
+/// own `sync_interval: always` publish rate.
+fn durable_met(d: Option<&Durable>, sync: &SyncFigures) -> bool {
+    d.is_some_and(|d| d.failed == 0 && ratio(d.rate, sync.publish_rate) >= 20.0)
+}
+
 /// Ferry's acknowledged produce rate: NDJSON batches (`ack=local`: each
 /// answered 202 after its fsync) as fast as they are answered, to a topic
 /// without a subscription, for the phase's duration.
@@ -977,7 +983,7 @@ fn print_figures(s: &Settings, nats: &Backend, raw: &RawFigures, embedded: &Back
                 a.payload,
                 y.publish_rate,
                 r5,
-                verdict(r5 >= 20.0 && d.is_some_and(|d| d.failed == 0))
+                verdict(durable_met(d, y))
             ));
             if let Some(d) = d {
                 say(&format!(
@@ -1088,10 +1094,7 @@ fn figures(
                     y.publish_rate,
                     "msg/s",
                 )
-                .met(
-                    nats.durable.as_ref().is_some_and(|d| d.failed == 0)
-                        && ratio(nats.durable.as_ref().map_or(0.0, |d| d.rate), y.publish_rate) >= 20.0,
-                )
+                .met(durable_met(nats.durable.as_ref(), y))
                 .note(format!(
                     "{}; the stricter reading, delivered end to end and acked by the app (the sustained phase): \
                      nats backend {:.0} msg/s ({:.1}× the baseline), embedded {:.0} msg/s ({:.1}×); the raw publish → \
