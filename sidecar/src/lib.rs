@@ -69,6 +69,18 @@ impl StartError {
     }
 }
 
+/// An error and its sources, `outer: inner: …`, for logs and answers.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// The process entry point: parses flags, runs the sidecar or a command.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -261,10 +273,7 @@ pub async fn run(
     let api_addr = api_listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
     let admin_addr = admin_listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
 
-    let client = reqwest::Client::builder()
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| StartError::Other(format!("building the push client: {e}")))?;
+    let client = deliver::push::client();
     let delivery = deliver::Delivery::new(deliver::Deps {
         namespace: config.namespace.clone(),
         app_id: config.app_id.clone(),

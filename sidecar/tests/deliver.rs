@@ -91,8 +91,33 @@ async fn a_2xx_answer_acks_and_the_push_carries_the_cloudevent_and_ferry_headers
         r.header("traceparent")
     );
     assert!(!r.delivery_id().is_empty());
+    assert_eq!(r.header("authorization"), None, "no FERRY_APP_TOKEN, no credentials");
     wait_settled(&nats, "billing").await;
     assert_eq!(app.received().len(), 1, "acked: never delivered again");
+}
+
+#[tokio::test]
+async fn with_an_app_token_every_push_carries_it_as_a_bearer_token() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription("billing", ""));
+    let data = tempfile::tempdir().unwrap();
+    // The app answers 200 with a body: the sidecar reads it, and the next
+    // push still reaches the app.
+    let app = TestApp::start(|_, _| Reply::status(200).with_body("thanks")).await;
+    let mut sc = Launch::new(nats.url(), res.path(), data.path())
+        .arg("--app-port")
+        .arg(&app.port.to_string())
+        .arg("--app-token")
+        .arg("app-s3cret")
+        .start();
+    sc.wait_configured();
+    produce(&sc, "t-1", None, "one").await;
+    produce(&sc, "t-2", None, "two").await;
+    let got = app.wait_for(2, WAIT).await;
+    for r in &got {
+        assert_eq!(r.header("authorization"), Some("Bearer app-s3cret"), "{}", r.id());
+    }
+    wait_settled(&nats, "billing").await;
 }
 
 #[tokio::test]

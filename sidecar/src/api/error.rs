@@ -142,17 +142,8 @@ impl From<ferry_log::Error> for ApiError {
             E::NoSpace { .. } => ApiError::DiskFull,
             E::TooLarge { max, .. } => ApiError::TooLarge { what: "message batch", limit: max },
             E::Invalid(why) => ApiError::BadRequest(why.to_owned()),
-            other => {
-                // Walk the source chain so the answer says what failed.
-                let mut text = other.to_string();
-                let mut source = std::error::Error::source(&other);
-                while let Some(s) = source {
-                    text.push_str(": ");
-                    text.push_str(&s.to_string());
-                    source = s.source();
-                }
-                ApiError::Unavailable(text)
-            }
+            // The source chain, so the answer says what failed.
+            other => ApiError::Unavailable(crate::error_chain(&other)),
         }
     }
 }

@@ -51,7 +51,7 @@ pub struct Deps {
     /// Deliveries awaiting callbacks.
     pub callbacks: Arc<Callbacks>,
     /// HTTP client for pushes (pooled keep-alive connections to the app).
-    pub client: reqwest::Client,
+    pub client: push::Client,
 }
 
 /// The set of running subscriptions, kept equal to the resources.

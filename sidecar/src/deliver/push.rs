@@ -1,10 +1,16 @@
 //! Pushing a message to the app as a binary-mode CloudEvent, and reading
 //! its answer per the table of DESIGN.md §3.2.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use base64::Engine;
+use bytes::Bytes;
 use ferry_api::naming::headers;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Map, Value};
 
 use crate::broker::Fetched;
@@ -57,13 +63,33 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
+/// The client pushes go through: pooled keep-alive HTTP/1.1 connections to
+/// the app (hyper's own pool, `TCP_NODELAY` on). A plain hyper client, not
+/// reqwest: a push is one request to one fixed loopback URL, and reqwest's
+/// per-request URL parsing, redirect and retry layers cost a fifth of the
+/// sidecar's CPU at full delivery load.
+pub type Client = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+
+/// Idle keep-alive connections to the app are closed after this long.
+pub const POOL_IDLE: Duration = Duration::from_secs(30);
+/// Most bytes of an answer read (an error body's start goes to the
+/// dead-letter headers; a bulk push's per-message results are small).
+pub const MAX_ANSWER_BYTES: usize = 4 << 20;
+
+/// A new push client.
+pub fn client() -> Client {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).build(http)
+}
+
 /// Where and how to push.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// `http://127.0.0.1:{port}{path}`.
-    pub url: String,
-    /// Bearer token for the app, if any.
-    pub token: Option<String>,
+    /// `http://127.0.0.1:{port}{path}`, or why that is no URL.
+    pub uri: Result<Uri, String>,
+    /// `Authorization` value for the app (`Bearer …`), if any.
+    pub authorization: Option<HeaderValue>,
     /// Subscription name (header).
     pub subscription: String,
     /// Namespace and topic, for the default `ce-source`.
@@ -72,14 +98,34 @@ pub struct Target {
     pub timeout: Duration,
 }
 
+impl Target {
+    /// The target for a subscription's `path` on the app's port.
+    pub fn new(
+        app_port: u16,
+        path: &str,
+        token: Option<&str>,
+        subscription: &str,
+        source: String,
+        timeout: Duration,
+    ) -> Self {
+        let url = format!("http://127.0.0.1:{app_port}{path}");
+        let uri = url.parse::<Uri>().map_err(|e| format!("push URL {url:?}: {e}"));
+        let authorization = token.and_then(|t| HeaderValue::try_from(format!("Bearer {t}")).ok()).map(|mut v| {
+            v.set_sensitive(true);
+            v
+        });
+        Target { uri, authorization, subscription: subscription.to_owned(), source, timeout }
+    }
+}
+
 /// A W3C `traceparent`: the stored one, else a new trace.
 fn traceparent(m: &Fetched) -> String {
     if let Some(t) = m.header("traceparent") {
         return t.to_owned();
     }
-    let trace = uuid::Uuid::new_v4().simple().to_string();
-    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
-    format!("00-{trace}-{span}-01")
+    let trace = uuid::Uuid::new_v4().simple();
+    let span = uuid::Uuid::new_v4().simple();
+    format!("00-{trace}-{:.16}-01", span.to_string())
 }
 
 /// The RFC 3339 time of a millisecond timestamp.
@@ -89,74 +135,127 @@ fn rfc3339(ms: u64) -> String {
 
 /// CloudEvent attributes of a message: stored `ce-*` headers, completed with
 /// defaults for plain messages (`ce-id` is always the message id).
-pub fn attributes(m: &Fetched, source: &str) -> Vec<(String, String)> {
-    let mut attrs: Vec<(String, String)> = m
+pub fn attributes<'m>(m: &'m Fetched, source: &'m str) -> Vec<(&'m str, Cow<'m, str>)> {
+    let mut attrs: Vec<(&'m str, Cow<'m, str>)> = m
         .headers
         .iter()
         .filter(|(n, _)| n.starts_with("ce-") && n != "ce-id")
-        .map(|(n, v)| (n.clone(), v.clone()))
+        .map(|(n, v)| (n.as_str(), Cow::Borrowed(v.as_str())))
         .collect();
-    attrs.push(("ce-id".into(), m.id.clone()));
-    let mut default = |name: &str, value: String| {
-        if !attrs.iter().any(|(n, _)| n == name) {
-            attrs.push((name.to_owned(), value));
+    attrs.push(("ce-id", Cow::Borrowed(&m.id)));
+    let mut default = |name: &'static str, value: Cow<'m, str>| {
+        if !attrs.iter().any(|(n, _)| *n == name) {
+            attrs.push((name, value));
         }
     };
-    default("ce-specversion", "1.0".into());
-    default("ce-source", source.to_owned());
-    default("ce-type", "dev.ferry.message".into());
-    default("ce-time", rfc3339(m.published_ms));
+    default("ce-specversion", Cow::Borrowed("1.0"));
+    default("ce-source", Cow::Borrowed(source));
+    default("ce-type", Cow::Borrowed("dev.ferry.message"));
+    if !attrs.iter().any(|(n, _)| *n == "ce-time") {
+        attrs.push(("ce-time", Cow::Owned(rfc3339(m.published_ms))));
+    }
     attrs
 }
 
+/// Adds a header, skipping a stored one whose name or value HTTP cannot carry.
+fn add(map: &mut HeaderMap, name: &str, value: &str) {
+    if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+        map.append(n, v);
+    }
+}
+
 /// Pushes one message. Never fails: transport errors become `Retry`.
-pub async fn push(client: &reqwest::Client, t: &Target, m: &Fetched, delivery_id: &str, attempt: u32) -> Outcome {
-    let mut req = client.post(&t.url).timeout(t.timeout);
+pub async fn push(client: &Client, t: &Target, m: &Fetched, delivery_id: &str, attempt: u32) -> Outcome {
+    let mut map = HeaderMap::with_capacity(16);
     for (name, value) in attributes(m, &t.source) {
-        req = req.header(name, value);
+        add(&mut map, name, &value);
     }
     if let Some(ct) = m.header("content-type") {
-        req = req.header("content-type", ct);
+        add(&mut map, "content-type", ct);
     }
     // Ferry's own headers a message carries (a dead letter's origin,
     // attempts and last error; the key) go to the app as they are.
-    for (name, value) in m.headers.iter().filter(|(n, _)| n.to_ascii_lowercase().starts_with("ferry-")) {
-        req = req.header(name.as_str(), value.as_str());
+    for (name, value) in m.headers.iter().filter(|(n, _)| n.len() > 6 && n[..6].eq_ignore_ascii_case("ferry-")) {
+        add(&mut map, name, value);
     }
-    req = req
-        .header("traceparent", traceparent(m))
-        .header(headers::DELIVERY_ID, delivery_id)
-        .header(headers::ATTEMPT, attempt.to_string())
-        .header(headers::SUBSCRIPTION, &t.subscription);
-    if let Some(token) = &t.token {
-        req = req.bearer_auth(token);
+    add(&mut map, "traceparent", &traceparent(m));
+    add(&mut map, headers::DELIVERY_ID, delivery_id);
+    add(&mut map, headers::ATTEMPT, &attempt.to_string());
+    add(&mut map, headers::SUBSCRIPTION, &t.subscription);
+    match exchange(client, t, map, Full::new(m.payload.clone()), false).await {
+        Ok(a) => classify(a.status, a.retry_after.as_deref(), &String::from_utf8_lossy(&a.body)),
+        Err(transport) => transport,
     }
-    send(req.body(m.payload.clone())).await
+}
+
+/// The app's answer to one push.
+struct Answer {
+    status: u16,
+    retry_after: Option<String>,
+    body: Bytes,
+}
+
+/// POSTs to the target and reads the answer, all within the target's
+/// timeout. `Err` is the outcome of a transport failure. The answer's body
+/// is read (up to [`MAX_ANSWER_BYTES`]) even when unused, so the connection
+/// goes back to the pool.
+async fn exchange(
+    client: &Client,
+    t: &Target,
+    mut map: HeaderMap,
+    body: Full<Bytes>,
+    whole_body: bool,
+) -> Result<Answer, Outcome> {
+    let uri = t.uri.clone().map_err(|e| Outcome::Retry { after: None, status: "error".into(), error: e })?;
+    if let Some(auth) = &t.authorization {
+        map.insert(http::header::AUTHORIZATION, auth.clone());
+    }
+    let mut req = Request::new(body);
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = map;
+    let exchange = async {
+        let resp = client.request(req).await.map_err(|e| {
+            let status = if e.is_connect() { "refused" } else { "error" };
+            Outcome::Retry { after: None, status: status.into(), error: crate::error_chain(&e) }
+        })?;
+        let status = resp.status().as_u16();
+        let retry_after =
+            resp.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let limit = if whole_body || !(200..300).contains(&status) { MAX_ANSWER_BYTES } else { 64 << 10 };
+        let body = match Limited::new(resp.into_body(), limit).collect().await {
+            Ok(b) => b.to_bytes(),
+            // A body cut short or too long: the status still says what happened.
+            Err(_) => Bytes::new(),
+        };
+        Ok(Answer { status, retry_after, body })
+    };
+    match tokio::time::timeout(t.timeout, exchange).await {
+        Ok(answer) => answer,
+        Err(_) => Err(Outcome::Retry {
+            after: None,
+            status: "timeout".into(),
+            error: format!("no answer within the processing timeout of {:?}", t.timeout),
+        }),
+    }
 }
 
 /// Pushes several messages as one `application/cloudevents-batch+json`
 /// request. The app answers with a status for all, or 200 with a body
 /// `[{"id": "...", "status": 200}, ...]` giving one per message (a message
 /// missing from the list is acknowledged).
-pub async fn push_batch(client: &reqwest::Client, t: &Target, batch: &[(&Fetched, String, u32)]) -> Vec<Outcome> {
+pub async fn push_batch(client: &Client, t: &Target, batch: &[(&Fetched, String, u32)]) -> Vec<Outcome> {
     let events: Vec<Value> =
         batch.iter().map(|(m, delivery_id, attempt)| structured(m, &t.source, delivery_id, *attempt)).collect();
-    let mut req = client
-        .post(&t.url)
-        .timeout(t.timeout)
-        .header("content-type", "application/cloudevents-batch+json")
-        .header(headers::SUBSCRIPTION, &t.subscription);
-    if let Some(token) = &t.token {
-        req = req.bearer_auth(token);
-    }
-    let req = req.body(Value::Array(events).to_string());
-    match req.send().await {
-        Err(e) => vec![transport(e); batch.len()],
-        Ok(resp) => {
-            let status = resp.status().as_u16();
-            let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
-            let body = resp.text().await.unwrap_or_default();
-            let whole = classify(status, retry_after.as_deref(), &body);
+    let mut map = HeaderMap::with_capacity(4);
+    add(&mut map, "content-type", "application/cloudevents-batch+json");
+    add(&mut map, headers::SUBSCRIPTION, &t.subscription);
+    let body = Full::new(Bytes::from(Value::Array(events).to_string()));
+    match exchange(client, t, map, body, true).await {
+        Err(transport) => vec![transport; batch.len()],
+        Ok(a) => {
+            let body = String::from_utf8_lossy(&a.body);
+            let whole = classify(a.status, a.retry_after.as_deref(), &body);
             if whole != Outcome::Ack {
                 return vec![whole; batch.len()];
             }
@@ -178,7 +277,7 @@ pub async fn push_batch(client: &reqwest::Client, t: &Target, batch: &[(&Fetched
 pub fn structured(m: &Fetched, source: &str, delivery_id: &str, attempt: u32) -> Value {
     let mut ev = Map::new();
     for (name, value) in attributes(m, source) {
-        ev.insert(name.trim_start_matches("ce-").to_owned(), Value::String(value));
+        ev.insert(name.trim_start_matches("ce-").to_owned(), Value::String(value.into_owned()));
     }
     let ct = m.header("content-type").map(str::to_owned);
     let json_data = ct.as_deref().is_some_and(|c| c.starts_with("application/json") || c.contains("+json"));
@@ -209,29 +308,6 @@ pub fn structured(m: &Fetched, source: &str, delivery_id: &str, attempt: u32) ->
         v["ferrykey"] = json!(key);
     }
     v
-}
-
-fn transport(e: reqwest::Error) -> Outcome {
-    let status = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "refused"
-    } else {
-        "error"
-    };
-    Outcome::Retry { after: None, status: status.into(), error: e.to_string() }
-}
-
-async fn send(req: reqwest::RequestBuilder) -> Outcome {
-    match req.send().await {
-        Err(e) => transport(e),
-        Ok(resp) => {
-            let status = resp.status().as_u16();
-            let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
-            let body = if (200..300).contains(&status) { String::new() } else { resp.text().await.unwrap_or_default() };
-            classify(status, retry_after.as_deref(), &body)
-        }
-    }
 }
 
 #[cfg(test)]

@@ -83,13 +83,14 @@ impl Ctx {
     /// A context; opens the subscription's dedupe store.
     pub fn new(deps: &Deps, name: &str, spec: SubscriptionSpec, dlq_partitions: u32) -> Result<Ctx, ferry_log::Error> {
         let dedupe = Arc::new(Dedupe::open(&deps.data_dir.join("dedupe").join(name), deps.dedupe_window)?);
-        let target = Target {
-            url: format!("http://127.0.0.1:{}{}", deps.app_port.unwrap_or(0), spec.path),
-            token: deps.app_token.clone(),
-            subscription: name.to_owned(),
-            source: format!("/ferry/{}/{}", deps.namespace, spec.topic),
-            timeout: spec.processing_timeout.get(),
-        };
+        let target = Target::new(
+            deps.app_port.unwrap_or(0),
+            &spec.path,
+            deps.app_token.as_deref(),
+            name,
+            format!("/ferry/{}/{}", deps.namespace, spec.topic),
+            spec.processing_timeout.get(),
+        );
         let in_flight = if spec.ordering == Ordering::Strict { 1 } else { spec.max_in_flight as usize };
         let (stop_tx, stop) = watch::channel(false);
         Ok(Ctx {
