@@ -10,6 +10,11 @@
 //! bytes are in the page cache); a power loss can forget the last 100 ms of
 //! acks, in which case the app may see those messages once more.
 //!
+//! Acks are recorded in batches: [`Dedupe::insert`] hands its id to one
+//! task per store that appends whatever has queued up meanwhile as one
+//! append, so a burst of acks costs one trip to the log's writer thread, not
+//! one each; every insert still returns only once its id is written.
+//!
 //! In memory an id is kept as a 128-bit hash of it (std's `DefaultHasher`
 //! twice; the map is rebuilt from the ids on disk at start, so the hash need
 //! not be stable across versions): about 33 bytes an entry against about 80
@@ -20,8 +25,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
 
 use ferry_log::{now_ms, Budget, FsyncMode, Log, LogOptions, NewRecord};
 
@@ -30,12 +37,33 @@ const WINDOW_CURSOR: &str = "window";
 /// How long acknowledged ids are written before being synced.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Most ids written in one append.
+const MAX_BATCH: usize = 4096;
+
+/// An id to write, and who waits for it to be written.
+type Queued = (NewRecord, oneshot::Sender<Result<(), String>>);
+
 /// Acked ids of one subscription.
 pub struct Dedupe {
-    log: Log,
+    log: Arc<Log>,
     window_ms: u64,
     /// Id hash → when it was acked (ms).
     seen: Mutex<HashMap<u128, u64>>,
+    /// To the task that writes ids in batches.
+    queue: mpsc::UnboundedSender<Queued>,
+}
+
+/// Writes queued ids, each time all that queued up while the last batch was
+/// being written. Ends when the store is dropped.
+async fn write_batches(log: Arc<Log>, mut queue: mpsc::UnboundedReceiver<Queued>) {
+    let mut batch = Vec::new();
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (records, waiting): (Vec<NewRecord>, Vec<_>) = batch.drain(..).unzip();
+        let written = log.append(&records).await.map(|_| ()).map_err(|e| crate::error_chain(&e));
+        for w in waiting {
+            let _ = w.send(written.clone());
+        }
+    }
 }
 
 /// The 128-bit in-memory key of an id.
@@ -52,7 +80,8 @@ impl std::fmt::Debug for Dedupe {
 }
 
 impl Dedupe {
-    /// Opens the store, loading the ids acknowledged within `window`.
+    /// Opens the store, loading the ids acknowledged within `window`. Must
+    /// be called within a tokio runtime (it starts the store's writing task).
     pub fn open(dir: &Path, window: Duration) -> Result<Self, ferry_log::Error> {
         let opts = LogOptions {
             fsync: FsyncMode::Interval(SYNC_INTERVAL),
@@ -74,7 +103,10 @@ impl Dedupe {
             }
             from = batch.next;
         }
-        Ok(Dedupe { log, window_ms, seen: Mutex::new(seen) })
+        let log = Arc::new(log);
+        let (queue, queued) = mpsc::unbounded_channel();
+        tokio::spawn(write_batches(log.clone(), queued));
+        Ok(Dedupe { log, window_ms, seen: Mutex::new(seen), queue })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u128, u64>> {
@@ -87,11 +119,13 @@ impl Dedupe {
         self.lock().get(&key(id)).is_some_and(|t| *t >= oldest)
     }
 
-    /// Remembers that the app acknowledged `id`.
-    pub async fn insert(&self, id: &str) -> Result<(), ferry_log::Error> {
+    /// Remembers that the app acknowledged `id`; returns once it is written.
+    pub async fn insert(&self, id: &str) -> Result<(), String> {
         let rec = NewRecord::new(id, bytes::Bytes::new());
         let ts = rec.timestamp_ms;
-        self.log.append(std::slice::from_ref(&rec)).await?;
+        let (done, written) = oneshot::channel();
+        self.queue.send((rec, done)).map_err(|_| "the dedupe store is closed".to_owned())?;
+        written.await.map_err(|_| "the dedupe store is closed".to_owned())??;
         self.lock().insert(key(id), ts);
         Ok(())
     }
