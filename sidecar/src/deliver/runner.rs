@@ -24,6 +24,8 @@ use super::push::{self, Outcome, Target};
 use super::Deps;
 use crate::broker::{BrokerError, Consumer, Fetched, OutMessage, Settlement};
 use crate::metrics::{DeliveryLabels, SubscriptionLabels};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// Longest a fetch waits for the first message.
 pub const FETCH_WAIT: Duration = Duration::from_secs(1);
@@ -72,6 +74,10 @@ pub struct Ctx {
     keys: Mutex<HashMap<String, VecDeque<(Fetched, OwnedSemaphorePermit)>>>,
     stop_tx: watch::Sender<bool>,
     stop: watch::Receiver<bool>,
+    /// This subscription's series of the hot metrics, looked up once.
+    attempts: Counter,
+    in_flight: Gauge,
+    acked: Counter,
 }
 
 enum Next {
@@ -93,6 +99,14 @@ impl Ctx {
         );
         let in_flight = if spec.ordering == Ordering::Strict { 1 } else { spec.max_in_flight as usize };
         let (stop_tx, stop) = watch::channel(false);
+        let labels = SubscriptionLabels { subscription: name.to_owned() };
+        let metrics = &deps.metrics;
+        let attempts = metrics.push_attempts.get_or_create(&labels).clone();
+        let in_flight_gauge = metrics.in_flight.get_or_create(&labels).clone();
+        let acked = metrics
+            .deliveries
+            .get_or_create(&DeliveryLabels { subscription: name.to_owned(), result: "acked" })
+            .clone();
         Ok(Ctx {
             name: name.to_owned(),
             deps: deps.clone(),
@@ -105,15 +119,14 @@ impl Ctx {
             stop_tx,
             stop,
             spec,
+            attempts,
+            in_flight: in_flight_gauge,
+            acked,
         })
     }
 
     fn stopped(&self) -> bool {
         *self.stop.borrow()
-    }
-
-    fn labels(&self) -> SubscriptionLabels {
-        SubscriptionLabels { subscription: self.name.clone() }
     }
 
     fn count(&self, result: &'static str) {
@@ -360,9 +373,8 @@ impl Ctx {
                 return;
             }
             let delivery_id = uuid::Uuid::now_v7().to_string();
-            self.deps.metrics.push_attempts.get_or_create(&self.labels()).inc();
-            let in_flight = self.deps.metrics.in_flight.get_or_create(&self.labels()).clone();
-            in_flight.inc();
+            self.attempts.inc();
+            self.in_flight.inc();
             let started = Instant::now();
             // Registered before the push: an app may call back before its
             // 202 answer reaches us.
@@ -377,7 +389,7 @@ impl Ctx {
                     (Some(other), None)
                 }
             };
-            in_flight.dec();
+            self.in_flight.dec();
             let Some(outcome) = outcome else {
                 // Stopping while the app holds it: hand it back.
                 let _ = msg.settle.settle(Settlement::Release).await;
@@ -497,7 +509,7 @@ impl Ctx {
                     tracing::warn!(subscription = %self.name, error = %e, "could not record an ack for dedupe");
                 }
                 let _ = msg.settle.settle(Settlement::Ack).await;
-                self.count("acked");
+                self.acked.inc();
                 Next::Done
             }
             Outcome::Reject { status, error } => {
@@ -594,7 +606,7 @@ impl Ctx {
         let batch: Vec<(&Fetched, String, u32)> =
             fresh.iter().map(|m| (m, uuid::Uuid::now_v7().to_string(), m.delivered)).collect();
         let mut callbacks: Vec<_> = batch.iter().map(|(_, id, _)| Some(self.deps.callbacks.register(id))).collect();
-        self.deps.metrics.push_attempts.get_or_create(&self.labels()).inc_by(batch.len() as u64);
+        self.attempts.inc_by(batch.len() as u64);
         let started = Instant::now();
         let outcomes = push::push_batch(&self.deps.client, &self.target, &batch).await;
         self.deps.metrics.push_duration.observe(started.elapsed().as_secs_f64());
