@@ -69,6 +69,17 @@ impl StartError {
     }
 }
 
+/// A 128-bit hash of a message id, for maps of recently seen ids (std's
+/// `DefaultHasher` twice, so two independent halves): 16 bytes an entry
+/// against about 80 for the id as a `String`. Not stable across versions:
+/// such maps are rebuilt from the ids on disk at start. Two ids among n
+/// share a hash with odds about n²/2¹²⁹.
+pub(crate) fn id_hash(id: &str) -> u128 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    (u128::from(h.hash_one(id)) << 64) | u128::from(h.hash_one((0x9e37_79b9_u32, id)))
+}
+
 /// An error and its sources, `outer: inner: …`, for logs and answers.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();

@@ -9,10 +9,14 @@
 //!   publishes are queued in call order and confirmed after the fsync.
 //! * A consumer keeps an ack floor (every sequence below it is settled),
 //!   the settled sequences above it, and the delivery count of each
-//!   delivered one. That state is written atomically to
-//!   `{dir}/consumers/{stream}/{consumer}.json` before an ack, term or nak
-//!   is answered, so after a crash nothing acked is delivered again and
-//!   everything unacked is delivered again at once, counts kept.
+//!   delivered one. That state is appended whole, as one record, to a
+//!   `ferry-log` journal under `{dir}/consumers/{stream}/{consumer}/`
+//!   (fsynced; the last record is the state) before a fetch returns and
+//!   before an ack, term or nak is answered, so after a crash nothing acked
+//!   is delivered again and everything unacked is delivered again at once,
+//!   counts kept. One append and one `fdatasync` a write (concurrent
+//!   writers share one), where a file replaced by rename cost three syncs;
+//!   older records are let go every [`COMPACT_EVERY`] writes.
 //!
 //! Documented limits against JetStream: retention limits (`maxAge`,
 //! `maxBytes`, `maxMessages`) are not enforced (messages are kept until
@@ -38,8 +42,21 @@ use super::{Broker, BrokerError, Consumer, Fetched, OutMessage, PendingAck, PubA
 
 /// Header keeping a message's subject.
 pub const SUBJECT_HEADER: &str = "ferry-subject";
+/// A consumer journal's records before the older ones may be deleted.
+pub const COMPACT_EVERY: u64 = 1024;
+/// Segment size of a consumer journal (also the largest state it holds).
+const JOURNAL_SEGMENT_BYTES: u64 = 16 << 20;
+/// The journal cursor at the newest state (older segments can go).
+const LATEST: &str = "latest";
 
 type AckFuture = Shared<futures::future::BoxFuture<'static, Result<u64, String>>>;
+
+/// A recently published id: the publish under way (a re-send waits for
+/// it), then just its sequence, so the window costs about 50 bytes an id.
+enum Sent {
+    Pending(AckFuture),
+    Stored(u64),
+}
 
 /// The embedded broker.
 pub struct EmbeddedBroker {
@@ -95,8 +112,8 @@ struct Stream {
     prefix: String,
     log: Log,
     window: Mutex<Duration>,
-    /// Recent ids → their (possibly still pending) sequence, and when seen.
-    ids: Mutex<HashMap<String, (AckFuture, u64)>>,
+    /// Recent ids (by [`crate::id_hash`]) → their sequence, and when seen.
+    ids: Mutex<HashMap<u128, (Sent, u64)>>,
     consumers: Mutex<BTreeMap<String, Arc<ConsumerState>>>,
     dir: PathBuf,
 }
@@ -166,7 +183,7 @@ impl Stream {
             for r in batch.records {
                 if r.timestamp_ms >= oldest {
                     let seq = r.offset + 1;
-                    ids.insert(r.id, (async move { Ok(seq) }.boxed().shared(), r.timestamp_ms));
+                    ids.insert(crate::id_hash(&r.id), (Sent::Stored(seq), r.timestamp_ms));
                 }
             }
             from = batch.next;
@@ -178,43 +195,60 @@ impl Stream {
         self.log.next_offset()
     }
 
-    fn publish(&self, msg: OutMessage) -> Result<PendingAck, BrokerError> {
+    fn publish(self: &Arc<Self>, msg: OutMessage) -> Result<PendingAck, BrokerError> {
         let window = *self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let window_ms = window.as_millis() as u64;
         let now = now_ms();
+        let key = crate::id_hash(&msg.id);
         let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
-        // A cached publish that failed (e.g. ENOSPC) stored nothing: it does
-        // not make a re-send a duplicate.
-        let failed = ids.get(&msg.id).is_some_and(|(fut, _)| matches!(fut.peek(), Some(Err(_))));
-        if failed {
-            ids.remove(&msg.id);
-        }
-        if let Some((fut, seen)) = ids.get(&msg.id) {
-            if now.saturating_sub(*seen) <= window.as_millis() as u64 {
-                let fut = fut.clone();
-                let stream = self.name.clone();
-                return Ok(async move {
-                    let sequence = fut.await.map_err(BrokerError::Unavailable)?;
-                    Ok(PubAck { stream, sequence, duplicate: true })
+        let earlier = match ids.get(&key) {
+            // A cached publish that failed (e.g. ENOSPC) stored nothing: it
+            // does not make a re-send a duplicate.
+            Some((Sent::Pending(fut), _)) if matches!(fut.peek(), Some(Err(_))) => None,
+            Some((sent, seen)) if now.saturating_sub(*seen) <= window_ms => Some(match sent {
+                Sent::Pending(fut) => fut.clone(),
+                Sent::Stored(seq) => {
+                    let seq = *seq;
+                    async move { Ok(seq) }.boxed().shared()
                 }
-                .boxed());
+            }),
+            _ => None,
+        };
+        if let Some(fut) = earlier {
+            let stream = self.name.clone();
+            return Ok(async move {
+                let sequence = fut.await.map_err(BrokerError::Unavailable)?;
+                Ok(PubAck { stream, sequence, duplicate: true })
             }
+            .boxed());
         }
         let mut headers = msg.headers;
         headers.push((SUBJECT_HEADER.to_owned(), msg.subject));
-        let record = NewRecord { timestamp_ms: now, id: msg.id.clone(), key: None, headers, payload: msg.payload };
+        let record = NewRecord { timestamp_ms: now, id: msg.id, key: None, headers, payload: msg.payload };
         let ticket = self.log.submit(std::slice::from_ref(&record)).map_err(unavailable)?;
         let fut: AckFuture =
             async move { ticket.await.map(|r| r.start + 1).map_err(|e| e.to_string()) }.boxed().shared();
-        ids.insert(msg.id, (fut.clone(), now));
+        ids.insert(key, (Sent::Pending(fut.clone()), now));
         // Forget ids past the window now and then, so the map stays bounded.
         if ids.len() > 10_000 && ids.len().is_power_of_two() {
-            ids.retain(|_, (_, seen)| now.saturating_sub(*seen) <= window.as_millis() as u64);
+            ids.retain(|_, (_, seen)| now.saturating_sub(*seen) <= window_ms);
         }
         drop(ids);
-        let stream = self.name.clone();
+        let me = self.clone();
         Ok(async move {
-            let sequence = fut.await.map_err(BrokerError::Unavailable)?;
-            Ok(PubAck { stream, sequence, duplicate: false })
+            let stored = fut.clone().await;
+            if let Ok(seq) = stored {
+                // Keep just the sequence (unless a later publish of the id
+                // has taken the entry over since).
+                let mut ids = me.ids.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((sent, _)) = ids.get_mut(&key) {
+                    if matches!(sent, Sent::Pending(f) if f.ptr_eq(&fut)) {
+                        *sent = Sent::Stored(seq);
+                    }
+                }
+            }
+            let sequence = stored.map_err(BrokerError::Unavailable)?;
+            Ok(PubAck { stream: me.name.clone(), sequence, duplicate: false })
         }
         .boxed())
     }
@@ -295,7 +329,8 @@ struct Live {
 
 struct ConsumerState {
     stream: Arc<Stream>,
-    path: PathBuf,
+    /// Snapshots, one a record; the last one is the state.
+    journal: Arc<Log>,
     live: Mutex<Live>,
     wake: Notify,
     write: tokio::sync::Mutex<()>,
@@ -304,26 +339,44 @@ struct ConsumerState {
 
 impl ConsumerState {
     fn open(stream: Arc<Stream>, plan: &ConsumerPlan) -> Result<Self, BrokerError> {
+        Self::open_with(stream, plan, JOURNAL_SEGMENT_BYTES)
+    }
+
+    fn open_with(stream: Arc<Stream>, plan: &ConsumerPlan, segment_bytes: u64) -> Result<Self, BrokerError> {
         std::fs::create_dir_all(&stream.dir).map_err(unavailable)?;
-        let path = stream.dir.join(format!("{}.json", plan.name));
-        let snap = match std::fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| BrokerError::Refused(format!("{}: {e}", path.display())))?
-            }
-            Err(_) => {
-                let start = match plan.start {
-                    StartPosition::Earliest => stream.log.stats().start_offset + 1,
-                    StartPosition::Latest => stream.last_seq() + 1,
-                };
-                Snapshot { floor: start, next: start, ..Snapshot::default() }
-            }
+        let opts = LogOptions {
+            fsync: FsyncMode::Always,
+            segment_bytes,
+            budget: Budget::unlimited(),
+            ..LogOptions::default()
+        };
+        let dir = stream.dir.join(&plan.name);
+        let (journal, report) = Log::open(&dir, opts).map_err(unavailable)?;
+        if !report.is_clean() {
+            tracing::warn!(consumer = %plan.name, ?report, "embedded broker repaired a consumer journal");
+        }
+        let refused = |e: serde_json::Error| BrokerError::Refused(format!("{}: {e}", dir.display()));
+        // A state file of an earlier version, taken over once.
+        let legacy = stream.dir.join(format!("{}.json", plan.name));
+        let snap = if journal.next_offset() > journal.stats().start_offset {
+            let batch = journal.read(journal.next_offset() - 1, 1, usize::MAX).map_err(unavailable)?;
+            let last = batch.records.last().ok_or_else(|| unavailable("consumer journal: no last record"))?;
+            serde_json::from_slice(&last.payload).map_err(refused)?
+        } else if let Ok(bytes) = std::fs::read(&legacy) {
+            serde_json::from_slice(&bytes).map_err(refused)?
+        } else {
+            let start = match plan.start {
+                StartPosition::Earliest => stream.log.stats().start_offset + 1,
+                StartPosition::Latest => stream.last_seq() + 1,
+            };
+            Snapshot { floor: start, next: start, ..Snapshot::default() }
         };
         // After a restart every delivered, unsettled message is due at once.
         let now = Instant::now();
         let due = snap.delivered.keys().map(|s| (*s, now)).collect();
         let c = ConsumerState {
             stream,
-            path,
+            journal: Arc::new(journal),
             live: Mutex::new(Live {
                 snap,
                 due,
@@ -335,7 +388,17 @@ impl ConsumerState {
             write: tokio::sync::Mutex::new(()),
             persisted: AtomicU64::new(0),
         };
-        c.write_snapshot()?;
+        // The start position is fixed now, durably (a Latest consumer must
+        // not move on after a crash). Waited for in place, as opening the
+        // journal itself is: one fsync when a consumer first appears.
+        let bytes = c.encode()?.0;
+        let written = c.journal.submit(&[NewRecord::new(LATEST, bytes)]).map_err(unavailable)?;
+        futures::executor::block_on(written).map_err(unavailable)?;
+        match std::fs::remove_file(&legacy) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(unavailable(e)),
+        }
         Ok(c)
     }
 
@@ -349,16 +412,10 @@ impl ConsumerState {
         l.max_ack_pending = plan.max_ack_pending.max(1) as usize;
     }
 
-    fn write_snapshot(&self) -> Result<(), BrokerError> {
-        let (bytes, generation) = {
-            let l = self.lock();
-            (serde_json::to_vec(&l.snap).map_err(unavailable)?, l.generation)
-        };
-        let dir = self.path.parent().expect("consumer files live in a directory");
-        let name = self.path.file_name().and_then(|n| n.to_str()).expect("a UTF-8 file name");
-        ferry_log::fs::write_atomic(&ferry_log::StdFs, dir, name, &bytes).map_err(unavailable)?;
-        self.persisted.fetch_max(generation, AtOrd::AcqRel);
-        Ok(())
+    /// The state as of now, and its generation.
+    fn encode(&self) -> Result<(bytes::Bytes, u64), BrokerError> {
+        let l = self.lock();
+        Ok((serde_json::to_vec(&l.snap).map_err(unavailable)?.into(), l.generation))
     }
 
     /// Returns once the state as of now is on disk. Concurrent callers share
@@ -369,8 +426,19 @@ impl ConsumerState {
         if self.persisted.load(AtOrd::Acquire) >= wanted {
             return Ok(());
         }
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.write_snapshot()).await.map_err(unavailable)?
+        let (bytes, generation) = self.encode()?;
+        let at = self.journal.append(&[NewRecord::new(LATEST, bytes)]).await.map_err(unavailable)?.start;
+        self.persisted.fetch_max(generation, AtOrd::AcqRel);
+        if at > 0 && at % COMPACT_EVERY == 0 {
+            // Off the delivery path: a cursor commit costs three syncs.
+            let journal = self.journal.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = journal.commit(LATEST, at) {
+                    tracing::warn!(dir = %journal.dir().display(), error = %e, "could not compact a consumer journal");
+                }
+            });
+        }
+        Ok(())
     }
 
     fn settle_now(&self, seq: u64, how: Settlement) {
@@ -517,5 +585,68 @@ impl Consumer for EmbeddedConsumer {
                 _ = tokio::time::sleep_until(until.into()) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_api::{consumer_plan, stream_plan, SubscriptionSpec, TopicSpec};
+
+    async fn stream_and_plan(broker: &EmbeddedBroker) -> (Arc<Stream>, ConsumerPlan) {
+        broker.ensure_stream(&stream_plan("t", "orders", &TopicSpec::default())).await.unwrap();
+        let mut spec = SubscriptionSpec::new("orders", "app");
+        spec.start_position = StartPosition::Earliest;
+        let plan = consumer_plan("t", "group", &spec, None);
+        (broker.stream(&plan.stream).unwrap(), plan)
+    }
+
+    fn journal_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum()
+    }
+
+    #[tokio::test]
+    async fn the_consumer_journal_lets_old_states_go_and_reopens_at_the_newest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let broker = Arc::new(EmbeddedBroker::open(tmp.path()).unwrap());
+        let (stream, plan) = stream_and_plan(&broker).await;
+        let journal_dir = stream.dir.join(&plan.name);
+        {
+            let c = Arc::new(ConsumerState::open_with(stream.clone(), &plan, 8 << 10).unwrap());
+            // Each state write is one record of about 60 bytes: 3 × 1024
+            // writes fill about 22 segments of 8 KiB.
+            for i in 0..3 * COMPACT_EVERY {
+                c.lock().snap.floor = i + 1;
+                c.lock().generation += 1;
+                c.persist().await.unwrap();
+            }
+            // Compactions run on the blocking pool, each holding the
+            // journal: wait until they are done and have deleted segments.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Arc::strong_count(&c.journal) > 1 || c.journal.stats().start_offset < 2 * COMPACT_EVERY {
+                assert!(Instant::now() < deadline, "older segments were never deleted: {:?}", c.journal.stats());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(journal_bytes(&journal_dir) < 120 << 10, "{} bytes kept", journal_bytes(&journal_dir));
+        }
+        let c = ConsumerState::open_with(stream, &plan, 8 << 10).unwrap();
+        assert_eq!(c.lock().snap.floor, 3 * COMPACT_EVERY, "the newest state, not an older one");
+    }
+
+    #[tokio::test]
+    async fn a_state_file_of_an_earlier_version_is_taken_over_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let broker = Arc::new(EmbeddedBroker::open(tmp.path()).unwrap());
+        let (stream, plan) = stream_and_plan(&broker).await;
+        std::fs::create_dir_all(&stream.dir).unwrap();
+        let legacy = stream.dir.join(format!("{}.json", plan.name));
+        let old = Snapshot { floor: 7, next: 9, settled: BTreeSet::new(), delivered: BTreeMap::from([(8, 2)]) };
+        std::fs::write(&legacy, serde_json::to_vec(&old).unwrap()).unwrap();
+        let c = ConsumerState::open(stream.clone(), &plan).unwrap();
+        assert_eq!(c.lock().snap, old);
+        assert!(!legacy.exists(), "taken over into the journal");
+        drop(c);
+        let c = ConsumerState::open(stream, &plan).unwrap();
+        assert_eq!(c.lock().snap, old, "read back from the journal");
     }
 }

@@ -66,12 +66,7 @@ async fn write_batches(log: Arc<Log>, mut queue: mpsc::UnboundedReceiver<Queued>
     }
 }
 
-/// The 128-bit in-memory key of an id.
-fn key(id: &str) -> u128 {
-    use std::hash::{BuildHasher, BuildHasherDefault};
-    let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
-    (u128::from(h.hash_one(id)) << 64) | u128::from(h.hash_one((0x9e37_79b9_u32, id)))
-}
+use crate::id_hash as key;
 
 impl std::fmt::Debug for Dedupe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
