@@ -29,6 +29,8 @@ use crate::segment::{encode_index, index_name, segment_path, IndexEntry};
 /// Longest the writer waits for the appenders of its last commit to come
 /// back before committing with fewer (see `run`).
 const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
+/// The smallest last group that makes the writer wait for more.
+const GATHER_AFTER: usize = 4;
 
 pub(crate) struct Request {
     pub buf: Vec<u8>,
@@ -130,8 +132,10 @@ impl Writer {
                     // Appenders answered by the last commit are about to send
                     // their next record: when fewer than last time have
                     // arrived, wait a moment for the rest rather than spend
-                    // a whole fdatasync on a handful. Never with one appender.
-                    if next.is_none() && self.last_group > 1 && requests < self.last_group {
+                    // a whole fdatasync on a handful. Only after a group of
+                    // several: groups of one or two are independent arrivals
+                    // (a fixed request rate), which the wait would only delay.
+                    if next.is_none() && self.last_group >= GATHER_AFTER && requests < self.last_group {
                         let left = waited_until.saturating_duration_since(Instant::now());
                         next = rx.recv_timeout(left).ok();
                     }
