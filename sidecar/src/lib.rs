@@ -69,16 +69,37 @@ impl StartError {
     }
 }
 
-/// A 128-bit hash of a message id, for maps of recently seen ids (std's
-/// `DefaultHasher` twice, so two independent halves): 16 bytes an entry
-/// against about 80 for the id as a `String`. Not stable across versions:
-/// such maps are rebuilt from the ids on disk at start. Two ids among n
-/// share a hash with odds about n²/2¹²⁹.
-pub(crate) fn id_hash(id: &str) -> u128 {
-    use std::hash::{BuildHasher, BuildHasherDefault};
-    let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
-    (u128::from(h.hash_one(id)) << 64) | u128::from(h.hash_one((0x9e37_79b9_u32, id)))
+/// A message id as a map key: a 128-bit hash of it (std's SipHash twice,
+/// so two independent halves, keyed at random once per process): 16 bytes
+/// an entry against about 80 for the id as a `String`. Maps of recent ids
+/// are rebuilt from the ids on disk at start, so the hash need not be
+/// stable across restarts. Two ids among n share a key with odds about
+/// n²/2¹²⁹.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IdKey(u128);
+
+impl IdKey {
+    /// The key of `id`.
+    pub(crate) fn of(id: &str) -> IdKey {
+        use std::hash::BuildHasher;
+        static KEYS: std::sync::LazyLock<std::collections::hash_map::RandomState> =
+            std::sync::LazyLock::new(Default::default);
+        IdKey((u128::from(KEYS.hash_one(id)) << 64) | u128::from(KEYS.hash_one((0x9e37_79b9_u32, id))))
+    }
 }
+
+/// A key is already a keyed hash: maps use its low half as it is, not
+/// hashed again.
+impl std::hash::Hash for IdKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0 as u64);
+    }
+}
+
+impl nohash_hasher::IsEnabled for IdKey {}
+
+/// A map keyed by message id.
+pub(crate) type IdMap<V> = std::collections::HashMap<IdKey, V, nohash_hasher::BuildNoHashHasher<IdKey>>;
 
 /// An error and its sources, `outer: inner: …`, for logs and answers.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::config::FsyncPolicy;
+use crate::{IdKey, IdMap};
 use ferry_api::topic::Persistence;
 use ferry_log::{Budget, FsyncMode, Log, LogOptions, NewRecord, RecoveryReport};
 
@@ -57,13 +58,11 @@ pub struct MessageStatus {
     pub state: MessageState,
 }
 
-/// Recent message ids, compactly: keyed by a 64-bit hash of the id (a
-/// collision between two recent ids, odds about n²/2⁶⁵, would answer one's
-/// status for the other), names shared.
+/// Recent message ids, compactly: keyed by [`IdKey`], names shared.
 #[derive(Default)]
 struct Tracker {
-    by_id: HashMap<u64, Tracked>,
-    order: VecDeque<u64>,
+    by_id: IdMap<Tracked>,
+    order: VecDeque<IdKey>,
     names: HashMap<String, Arc<str>>,
 }
 
@@ -73,11 +72,6 @@ struct Tracked {
     offset: u64,
     /// Stream and sequence once forwarded.
     forwarded: Option<(Arc<str>, u64)>,
-}
-
-fn id_hash(id: &str) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault};
-    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id)
 }
 
 /// The outbox.
@@ -212,7 +206,7 @@ impl Outbox {
     pub fn confirmed(&self, topic: &str, id: &str, offset: u64, stream: &str, sequence: u64) {
         let mut t = self.lock_tracker();
         let (topic, stream) = (t.name(topic), t.name(stream));
-        t.insert(id_hash(id), Tracked { topic, offset, forwarded: Some((stream, sequence)) });
+        t.insert(IdKey::of(id), Tracked { topic, offset, forwarded: Some((stream, sequence)) });
     }
 
     /// Remembers a pending message found in the log after a restart.
@@ -225,7 +219,7 @@ impl Outbox {
     /// What is known of a message id (recent ones only).
     pub fn status(&self, id: &str) -> Option<MessageStatus> {
         let t = self.lock_tracker();
-        let tracked = t.by_id.get(&id_hash(id))?;
+        let tracked = t.by_id.get(&IdKey::of(id))?;
         Some(MessageStatus {
             topic: tracked.topic.to_string(),
             offset: tracked.offset,
@@ -252,14 +246,14 @@ impl Tracker {
     /// the same id) is already known: the forwarder can confirm a record
     /// before its appender gets here.
     fn note_pending(&mut self, id: &str, topic: &Arc<str>, offset: u64) {
-        let key = id_hash(id);
+        let key = IdKey::of(id);
         let known = self.by_id.get(&key).is_some_and(|s| s.topic == *topic && s.offset >= offset);
         if !known {
             self.insert(key, Tracked { topic: topic.clone(), offset, forwarded: None });
         }
     }
 
-    fn insert(&mut self, key: u64, tracked: Tracked) {
+    fn insert(&mut self, key: IdKey, tracked: Tracked) {
         if self.by_id.insert(key, tracked).is_none() {
             self.order.push_back(key);
             while self.order.len() > TRACKED_IDS {

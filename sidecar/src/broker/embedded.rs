@@ -24,7 +24,7 @@
 //! consumers are not removed after inactivity; memory storage is stored on
 //! disk like file storage.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering as AtOrd};
 use std::sync::{Arc, Mutex};
@@ -37,6 +37,8 @@ use ferry_log::{now_ms, Budget, FsyncMode, Log, LogOptions, NewRecord};
 use futures::future::{FutureExt, Shared};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
+
+use crate::{IdKey, IdMap};
 
 use super::{Broker, BrokerError, Consumer, Fetched, OutMessage, PendingAck, PubAck, Settle, Settlement};
 
@@ -112,8 +114,8 @@ struct Stream {
     prefix: String,
     log: Log,
     window: Mutex<Duration>,
-    /// Recent ids (by [`crate::id_hash`]) → their sequence, and when seen.
-    ids: Mutex<HashMap<u128, (Sent, u64)>>,
+    /// Recent ids → their sequence, and when seen.
+    ids: Mutex<IdMap<(Sent, u64)>>,
     consumers: Mutex<BTreeMap<String, Arc<ConsumerState>>>,
     dir: PathBuf,
 }
@@ -164,7 +166,7 @@ impl Stream {
             prefix,
             log,
             window: Mutex::new(plan.duplicate_window),
-            ids: Mutex::new(HashMap::new()),
+            ids: Mutex::new(IdMap::default()),
             consumers: Mutex::new(BTreeMap::new()),
             dir: base.join("consumers").join(&plan.name),
         };
@@ -183,7 +185,7 @@ impl Stream {
             for r in batch.records {
                 if r.timestamp_ms >= oldest {
                     let seq = r.offset + 1;
-                    ids.insert(crate::id_hash(&r.id), (Sent::Stored(seq), r.timestamp_ms));
+                    ids.insert(IdKey::of(&r.id), (Sent::Stored(seq), r.timestamp_ms));
                 }
             }
             from = batch.next;
@@ -199,7 +201,7 @@ impl Stream {
         let window = *self.window.lock().unwrap_or_else(|e| e.into_inner());
         let window_ms = window.as_millis() as u64;
         let now = now_ms();
-        let key = crate::id_hash(&msg.id);
+        let key = IdKey::of(&msg.id);
         let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
         let earlier = match ids.get(&key) {
             // A cached publish that failed (e.g. ENOSPC) stored nothing: it

@@ -23,7 +23,6 @@
 //! a hash with odds about n²/2¹²⁹ (2 in 10²⁵ for that window); then the
 //! second would be taken for a duplicate.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,7 +47,7 @@ pub struct Dedupe {
     log: Arc<Log>,
     window_ms: u64,
     /// Id hash → when it was acked (ms).
-    seen: Mutex<HashMap<u128, u64>>,
+    seen: Mutex<IdMap<u64>>,
     /// To the task that writes ids in batches.
     queue: mpsc::UnboundedSender<Queued>,
 }
@@ -66,7 +65,7 @@ async fn write_batches(log: Arc<Log>, mut queue: mpsc::UnboundedReceiver<Queued>
     }
 }
 
-use crate::id_hash as key;
+use crate::{IdKey, IdMap};
 
 impl std::fmt::Debug for Dedupe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,13 +86,13 @@ impl Dedupe {
         let (log, _report) = Log::open(dir, opts)?;
         let window_ms = window.as_millis() as u64;
         let oldest = now_ms().saturating_sub(window_ms);
-        let mut seen = HashMap::new();
+        let mut seen = IdMap::default();
         let mut from = log.cursor(WINDOW_CURSOR).unwrap_or(0);
         while from < log.next_offset() {
             let batch = log.read(from, 4096, 4 << 20)?;
             for r in batch.records {
                 if r.timestamp_ms >= oldest {
-                    seen.insert(key(&r.id), r.timestamp_ms);
+                    seen.insert(IdKey::of(&r.id), r.timestamp_ms);
                 }
             }
             from = batch.next;
@@ -104,14 +103,14 @@ impl Dedupe {
         Ok(Dedupe { log, window_ms, seen: Mutex::new(seen), queue })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u128, u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdMap<u64>> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// True when the app acknowledged `id` within the window.
     pub fn contains(&self, id: &str) -> bool {
         let oldest = now_ms().saturating_sub(self.window_ms);
-        self.lock().get(&key(id)).is_some_and(|t| *t >= oldest)
+        self.lock().get(&IdKey::of(id)).is_some_and(|t| *t >= oldest)
     }
 
     /// Remembers that the app acknowledged `id`; returns once it is written.
@@ -121,7 +120,7 @@ impl Dedupe {
         let (done, written) = oneshot::channel();
         self.queue.send((rec, done)).map_err(|_| "the dedupe store is closed".to_owned())?;
         written.await.map_err(|_| "the dedupe store is closed".to_owned())??;
-        self.lock().insert(key(id), ts);
+        self.lock().insert(IdKey::of(id), ts);
         Ok(())
     }
 
@@ -181,9 +180,10 @@ mod tests {
     #[test]
     fn ids_that_differ_in_one_byte_have_different_keys() {
         let ids: Vec<String> = (0..10_000).map(|i| format!("order-{i:05}")).collect();
-        let keys: std::collections::HashSet<u128> = ids.iter().map(|i| key(i)).collect();
+        let keys: std::collections::HashSet<u128> = ids.iter().map(|i| IdKey::of(i).0).collect();
         assert_eq!(keys.len(), ids.len());
-        assert_eq!(key("order-00001"), key("order-00001"), "stable");
-        assert_ne!(key("a") >> 64, key("a") & u128::from(u64::MAX), "two independent halves");
+        assert_eq!(IdKey::of("order-00001"), IdKey::of("order-00001"), "stable within the process");
+        let a = IdKey::of("a").0;
+        assert_ne!(a >> 64, a & u128::from(u64::MAX), "two independent halves");
     }
 }
