@@ -24,7 +24,22 @@ fn manifests_with(subs: &str) -> tempfile::TempDir {
 }
 
 async fn start(nats: &NatsServer, res: &tempfile::TempDir, data: &tempfile::TempDir, app: &TestApp) -> Sidecar {
-    let mut sc = Launch::new(nats.url(), res.path(), data.path()).arg("--app-port").arg(&app.port.to_string()).start();
+    start_with(nats, res, data, app, &[]).await
+}
+
+/// A configured sidecar pushing to `app`, with more flags.
+async fn start_with(
+    nats: &NatsServer,
+    res: &tempfile::TempDir,
+    data: &tempfile::TempDir,
+    app: &TestApp,
+    args: &[&str],
+) -> Sidecar {
+    let mut launch = Launch::new(nats.url(), res.path(), data.path()).arg("--app-port").arg(&app.port.to_string());
+    for a in args {
+        launch = launch.arg(a);
+    }
+    let mut sc = launch.start();
     sc.wait_configured();
     sc
 }
@@ -104,13 +119,7 @@ async fn with_an_app_token_every_push_carries_it_as_a_bearer_token() {
     // The app answers 200 with a body: the sidecar reads it, and the next
     // push still reaches the app.
     let app = TestApp::start(|_, _| Reply::status(200).with_body("thanks")).await;
-    let mut sc = Launch::new(nats.url(), res.path(), data.path())
-        .arg("--app-port")
-        .arg(&app.port.to_string())
-        .arg("--app-token")
-        .arg("app-s3cret")
-        .start();
-    sc.wait_configured();
+    let sc = start_with(&nats, &res, &data, &app, &["--app-token", "app-s3cret"]).await;
     produce(&sc, "t-1", None, "one").await;
     produce(&sc, "t-2", None, "two").await;
     let got = app.wait_for(2, WAIT).await;
