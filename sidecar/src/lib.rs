@@ -76,7 +76,7 @@ impl StartError {
 /// stable across restarts. Two ids among n share a key with odds about
 /// n²/2¹²⁹.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct IdKey(u128);
+pub(crate) struct IdKey(u64, u64); // two u64s, not a u128: 8-byte aligned entries
 
 impl IdKey {
     /// The key of `id`.
@@ -84,7 +84,7 @@ impl IdKey {
         use std::hash::BuildHasher;
         static KEYS: std::sync::LazyLock<std::collections::hash_map::RandomState> =
             std::sync::LazyLock::new(Default::default);
-        IdKey((u128::from(KEYS.hash_one(id)) << 64) | u128::from(KEYS.hash_one((0x9e37_79b9_u32, id))))
+        IdKey(KEYS.hash_one(id), KEYS.hash_one((0x9e37_79b9_u32, id)))
     }
 }
 
@@ -92,7 +92,7 @@ impl IdKey {
 /// hashed again.
 impl std::hash::Hash for IdKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(self.0 as u64);
+        state.write_u64(self.0);
     }
 }
 

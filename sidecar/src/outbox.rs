@@ -58,20 +58,25 @@ pub struct MessageStatus {
     pub state: MessageState,
 }
 
-/// Recent message ids, compactly: keyed by [`IdKey`], names shared.
+/// Recent message ids, compactly: keyed by [`IdKey`], 40 bytes an entry
+/// (names are numbers into a table kept once).
 #[derive(Default)]
 struct Tracker {
     by_id: IdMap<Tracked>,
     order: VecDeque<IdKey>,
-    names: HashMap<String, Arc<str>>,
+    /// Topic and stream names; a name's number is its place + 1.
+    names: Vec<Arc<str>>,
+    numbers: HashMap<Arc<str>, u32>,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 struct Tracked {
-    topic: Arc<str>,
     offset: u64,
-    /// Stream and sequence once forwarded.
-    forwarded: Option<(Arc<str>, u64)>,
+    /// The broker's sequence once forwarded.
+    sequence: u64,
+    topic: u32,
+    /// The stream's name number once forwarded, else 0.
+    stream: u32,
 }
 
 /// The outbox.
@@ -191,9 +196,9 @@ impl Outbox {
     pub async fn append(&self, tl: &TopicLog, records: &[NewRecord]) -> Result<std::ops::Range<u64>, ferry_log::Error> {
         let range = tl.log.append(records).await?;
         let mut t = self.lock_tracker();
-        let topic = t.name(&tl.topic);
+        let topic = t.number(&tl.topic);
         for (rec, offset) in records.iter().zip(range.clone()) {
-            t.note_pending(&rec.id, &topic, offset);
+            t.note_pending(&rec.id, topic, offset);
         }
         Ok(range)
     }
@@ -205,15 +210,15 @@ impl Outbox {
     /// Records that the broker confirmed a message.
     pub fn confirmed(&self, topic: &str, id: &str, offset: u64, stream: &str, sequence: u64) {
         let mut t = self.lock_tracker();
-        let (topic, stream) = (t.name(topic), t.name(stream));
-        t.insert(IdKey::of(id), Tracked { topic, offset, forwarded: Some((stream, sequence)) });
+        let (topic, stream) = (t.number(topic), t.number(stream));
+        t.insert(IdKey::of(id), Tracked { offset, sequence, topic, stream });
     }
 
     /// Remembers a pending message found in the log after a restart.
     pub fn pending_seen(&self, topic: &str, id: &str, offset: u64) {
         let mut t = self.lock_tracker();
-        let topic = t.name(topic);
-        t.note_pending(id, &topic, offset);
+        let topic = t.number(topic);
+        t.note_pending(id, topic, offset);
     }
 
     /// What is known of a message id (recent ones only).
@@ -221,35 +226,42 @@ impl Outbox {
         let t = self.lock_tracker();
         let tracked = t.by_id.get(&IdKey::of(id))?;
         Some(MessageStatus {
-            topic: tracked.topic.to_string(),
+            topic: t.name(tracked.topic).to_owned(),
             offset: tracked.offset,
-            state: match &tracked.forwarded {
-                None => MessageState::Pending,
-                Some((stream, sequence)) => MessageState::Forwarded { stream: stream.to_string(), sequence: *sequence },
+            state: match tracked.stream {
+                0 => MessageState::Pending,
+                n => MessageState::Forwarded { stream: t.name(n).to_owned(), sequence: tracked.sequence },
             },
         })
     }
 }
 
 impl Tracker {
-    /// The shared copy of a topic or stream name.
-    fn name(&mut self, name: &str) -> Arc<str> {
-        if let Some(n) = self.names.get(name) {
-            return n.clone();
+    /// The number of a topic or stream name (from 1).
+    fn number(&mut self, name: &str) -> u32 {
+        if let Some(n) = self.numbers.get(name) {
+            return *n;
         }
-        let n: Arc<str> = Arc::from(name);
-        self.names.insert(name.to_owned(), n.clone());
+        let shared: Arc<str> = Arc::from(name);
+        self.names.push(shared.clone());
+        let n = self.names.len() as u32;
+        self.numbers.insert(shared, n);
         n
+    }
+
+    /// The name with this number.
+    fn name(&self, number: u32) -> &str {
+        &self.names[number as usize - 1]
     }
 
     /// Records a pending message unless this record (or a later produce of
     /// the same id) is already known: the forwarder can confirm a record
     /// before its appender gets here.
-    fn note_pending(&mut self, id: &str, topic: &Arc<str>, offset: u64) {
+    fn note_pending(&mut self, id: &str, topic: u32, offset: u64) {
         let key = IdKey::of(id);
-        let known = self.by_id.get(&key).is_some_and(|s| s.topic == *topic && s.offset >= offset);
+        let known = self.by_id.get(&key).is_some_and(|s| s.topic == topic && s.offset >= offset);
         if !known {
-            self.insert(key, Tracked { topic: topic.clone(), offset, forwarded: None });
+            self.insert(key, Tracked { offset, sequence: 0, topic, stream: 0 });
         }
     }
 

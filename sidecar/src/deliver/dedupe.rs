@@ -180,10 +180,13 @@ mod tests {
     #[test]
     fn ids_that_differ_in_one_byte_have_different_keys() {
         let ids: Vec<String> = (0..10_000).map(|i| format!("order-{i:05}")).collect();
-        let keys: std::collections::HashSet<u128> = ids.iter().map(|i| IdKey::of(i).0).collect();
+        let keys: std::collections::HashSet<(u64, u64)> =
+            ids.iter().map(|i| (IdKey::of(i).0, IdKey::of(i).1)).collect();
         assert_eq!(keys.len(), ids.len());
+        let lows: std::collections::HashSet<u64> = ids.iter().map(|i| IdKey::of(i).0).collect();
+        assert_eq!(lows.len(), ids.len(), "the half maps index by is spread too");
         assert_eq!(IdKey::of("order-00001"), IdKey::of("order-00001"), "stable within the process");
-        let a = IdKey::of("a").0;
-        assert_ne!(a >> 64, a & u128::from(u64::MAX), "two independent halves");
+        let a = IdKey::of("a");
+        assert_ne!(a.0, a.1, "two independent halves");
     }
 }
