@@ -282,6 +282,22 @@ impl Tracker {
 }
 
 #[cfg(test)]
+mod fsync_policy_tests {
+    use super::*;
+
+    #[test]
+    fn the_fsync_policy_only_lowers_a_topics_persistence() {
+        let b = Budget::unlimited();
+        let mode = |p, f| log_options(p, f, &b).fsync;
+        assert_eq!(mode(Persistence::Durable, FsyncPolicy::Always), FsyncMode::Always);
+        assert_eq!(mode(Persistence::BestEffort, FsyncPolicy::Always), FsyncMode::Interval(BEST_EFFORT_SYNC));
+        assert_eq!(mode(Persistence::Durable, FsyncPolicy::Interval), FsyncMode::Interval(BEST_EFFORT_SYNC));
+        assert_eq!(mode(Persistence::Durable, FsyncPolicy::Never), FsyncMode::Never);
+        assert_eq!(mode(Persistence::BestEffort, FsyncPolicy::Never), FsyncMode::Never);
+    }
+}
+
+#[cfg(test)]
 mod tracker_tests {
     use super::*;
 
