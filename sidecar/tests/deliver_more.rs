@@ -545,6 +545,46 @@ async fn bulk_push_sends_cloudevent_batches_and_dead_letters_only_the_message_th
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_push_whose_per_message_results_are_cut_off_is_tried_again_whole() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription(
+        "bulk",
+        "orders",
+        &["batch: {maxMessages: 10, maxWait: 100ms}", "backoff: {initial: 50ms, max: 100ms}"],
+    ));
+    let data = tempfile::tempdir().unwrap();
+    // A first attempt's answer is a 200 whose results are longer than the
+    // sidecar reads (4 MiB): they cannot be known, so nothing may count as
+    // acknowledged. Later attempts get a plain 200.
+    let app = TestApp::start(|r, _| {
+        let events: Vec<Value> = serde_json::from_slice(&r.body).unwrap_or_default();
+        if events.iter().any(|e| e["ferryattempt"] == 1) {
+            return Reply::status(200).with_body(&" ".repeat(5 << 20));
+        }
+        Reply::status(200).with_body("[]")
+    })
+    .await;
+    let sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
+    for id in ["c-1", "c-2", "c-3"] {
+        produce_to(&sc, "orders", id, None, "x").await;
+    }
+    let got = app
+        .wait_until(Duration::from_secs(30), |rs| {
+            let again: Vec<Value> = rs
+                .iter()
+                .flat_map(|r| serde_json::from_slice::<Vec<Value>>(&r.body).unwrap_or_default())
+                .filter(|e| e["ferryattempt"].as_u64() >= Some(2))
+                .collect();
+            ["c-1", "c-2", "c-3"].iter().all(|id| again.iter().any(|e| e["id"] == *id))
+        })
+        .await;
+    assert!(got.len() >= 2, "pushed again after the cut-off answer");
+    wait_settled(&nats, "bulk").await;
+    assert!(dead_letters(&nats).await.is_empty());
+    assert_eq!(metric(&sc, &deliveries("bulk", "acked")).await, Some(3.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_push_waits_up_to_max_wait_to_fill_a_batch_and_never_pushes_a_lone_binary_event() {
     const CE_BATCH: &str = "application/cloudevents-batch+json";
     const N: usize = 5;

@@ -175,7 +175,9 @@ pub async fn push(client: &Client, t: &Target, m: &Fetched, delivery_id: &str, a
     }
     // Ferry's own headers a message carries (a dead letter's origin,
     // attempts and last error; the key) go to the app as they are.
-    for (name, value) in m.headers.iter().filter(|(n, _)| n.len() > 6 && n[..6].eq_ignore_ascii_case("ferry-")) {
+    for (name, value) in
+        m.headers.iter().filter(|(n, _)| n.as_bytes().get(..6).is_some_and(|p| p.eq_ignore_ascii_case(b"ferry-")))
+    {
         add(&mut map, name, value);
     }
     add(&mut map, "traceparent", &traceparent(m));
@@ -198,7 +200,9 @@ struct Answer {
 /// POSTs to the target and reads the answer, all within the target's
 /// timeout. `Err` is the outcome of a transport failure. The answer's body
 /// is read (up to [`MAX_ANSWER_BYTES`]) even when unused, so the connection
-/// goes back to the pool.
+/// goes back to the pool; a body that fails or runs late after a status
+/// only costs the connection, except for a bulk push (`whole_body`), whose
+/// per-message results it carries.
 async fn exchange(
     client: &Client,
     t: &Target,
@@ -214,30 +218,39 @@ async fn exchange(
     *req.method_mut() = Method::POST;
     *req.uri_mut() = uri;
     *req.headers_mut() = map;
-    let exchange = async {
-        let resp = client.request(req).await.map_err(|e| {
+    let deadline = tokio::time::Instant::now() + t.timeout;
+    let resp = match tokio::time::timeout_at(deadline, client.request(req)).await {
+        Err(_) => {
+            return Err(Outcome::Retry {
+                after: None,
+                status: "timeout".into(),
+                error: format!("no answer within the processing timeout of {:?}", t.timeout),
+            })
+        }
+        Ok(Err(e)) => {
             let status = if e.is_connect() { "refused" } else { "error" };
-            Outcome::Retry { after: None, status: status.into(), error: crate::error_chain(&e) }
-        })?;
-        let status = resp.status().as_u16();
-        let retry_after =
-            resp.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let limit = if whole_body || !(200..300).contains(&status) { MAX_ANSWER_BYTES } else { 64 << 10 };
-        let body = match Limited::new(resp.into_body(), limit).collect().await {
-            Ok(b) => b.to_bytes(),
-            // A body cut short or too long: the status still says what happened.
-            Err(_) => Bytes::new(),
-        };
-        Ok(Answer { status, retry_after, body })
+            return Err(Outcome::Retry { after: None, status: status.into(), error: crate::error_chain(&e) });
+        }
+        Ok(Ok(resp)) => resp,
     };
-    match tokio::time::timeout(t.timeout, exchange).await {
-        Ok(answer) => answer,
-        Err(_) => Err(Outcome::Retry {
-            after: None,
-            status: "timeout".into(),
-            error: format!("no answer within the processing timeout of {:?}", t.timeout),
-        }),
-    }
+    let status = resp.status().as_u16();
+    let retry_after = resp.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let limit = if whole_body || !(200..300).contains(&status) { MAX_ANSWER_BYTES } else { 64 << 10 };
+    let body = match tokio::time::timeout_at(deadline, Limited::new(resp.into_body(), limit).collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        // A bulk push's 2xx needs its per-message results: without them,
+        // nothing is known to be processed, so all of it is tried again.
+        _ if whole_body && (200..300).contains(&status) => {
+            return Err(Outcome::Retry {
+                after: None,
+                status: status.to_string(),
+                error: "the answer's per-message results were cut short, too long or too slow".into(),
+            })
+        }
+        // Otherwise the status says what happened (a 2xx was processed).
+        _ => Bytes::new(),
+    };
+    Ok(Answer { status, retry_after, body })
 }
 
 /// Pushes several messages as one `application/cloudevents-batch+json`
