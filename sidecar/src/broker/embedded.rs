@@ -314,10 +314,56 @@ struct Snapshot {
     floor: u64,
     /// The next sequence never delivered.
     next: u64,
-    /// Settled sequences at or above `floor`.
+    /// Settled sequences at or above `floor` (on disk as runs).
+    #[serde(with = "runs")]
     settled: BTreeSet<u64>,
     /// Delivery counts of delivered, unsettled sequences.
     delivered: BTreeMap<u64, u32>,
+}
+
+/// `settled` on disk as runs of consecutive sequences, `[first, last]`:
+/// a message stuck at the floor while everything after it is acked costs
+/// one run, not a number per ack, so a state stays small (at most about one
+/// run per unsettled message). Plain numbers (an earlier version's) are read
+/// too.
+mod runs {
+    use std::collections::BTreeSet;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(set: &BTreeSet<u64>, s: S) -> Result<S::Ok, S::Error> {
+        let mut runs: Vec<[u64; 2]> = Vec::new();
+        for &seq in set {
+            match runs.last_mut() {
+                Some(run) if run[1] + 1 == seq => run[1] = seq,
+                _ => runs.push([seq, seq]),
+            }
+        }
+        runs.serialize(s)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Item {
+        Run([u64; 2]),
+        One(u64),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeSet<u64>, D::Error> {
+        let mut set = BTreeSet::new();
+        for item in Vec::<Item>::deserialize(d)? {
+            match item {
+                Item::One(seq) => {
+                    set.insert(seq);
+                }
+                Item::Run([first, last]) if first <= last => set.extend(first..=last),
+                Item::Run([first, last]) => {
+                    return Err(serde::de::Error::custom(format!("settled run [{first}, {last}] runs backwards")))
+                }
+            }
+        }
+        Ok(set)
+    }
 }
 
 struct Live {
@@ -354,6 +400,8 @@ impl ConsumerState {
         };
         let dir = stream.dir.join(&plan.name);
         let (journal, report) = Log::open(&dir, opts).map_err(unavailable)?;
+        // The journal's own directory entry must outlive a power loss too.
+        ferry_log::Fs::sync_dir(&ferry_log::StdFs, &stream.dir).map_err(unavailable)?;
         if !report.is_clean() {
             tracing::warn!(consumer = %plan.name, ?report, "embedded broker repaired a consumer journal");
         }
@@ -633,6 +681,35 @@ mod tests {
         }
         let c = ConsumerState::open_with(stream, &plan, 8 << 10).unwrap();
         assert_eq!(c.lock().snap.floor, 3 * COMPACT_EVERY, "the newest state, not an older one");
+    }
+
+    #[test]
+    fn settled_sequences_are_written_as_runs_and_read_in_either_form() {
+        let snap = Snapshot {
+            floor: 1,
+            next: 9,
+            settled: BTreeSet::from([2, 3, 4, 6, 8]),
+            delivered: BTreeMap::from([(1, 3), (5, 1), (7, 1)]),
+        };
+        let json = serde_json::to_string(&snap).unwrap();
+        assert!(json.contains(r#""settled":[[2,4],[6,6],[8,8]]"#), "{json}");
+        assert_eq!(serde_json::from_str::<Snapshot>(&json).unwrap(), snap);
+        let earlier = r#"{"floor":1,"next":9,"settled":[2,3,4,6,8],"delivered":{"1":3,"5":1,"7":1}}"#;
+        assert_eq!(serde_json::from_str::<Snapshot>(earlier).unwrap(), snap, "an earlier version's form");
+        assert!(serde_json::from_str::<Snapshot>(r#"{"floor":1,"next":9,"settled":[[4,2]],"delivered":{}}"#).is_err());
+    }
+
+    #[test]
+    fn a_message_stuck_at_the_floor_keeps_the_state_small() {
+        // One message retried for an hour while a million after it are acked.
+        let snap = Snapshot {
+            floor: 1,
+            next: 1_000_002,
+            settled: (2..=1_000_001).collect(),
+            delivered: BTreeMap::from([(1, 7)]),
+        };
+        let bytes = serde_json::to_vec(&snap).unwrap();
+        assert!(bytes.len() < 100, "{} bytes", bytes.len());
     }
 
     #[tokio::test]
