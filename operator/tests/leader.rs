@@ -89,16 +89,22 @@ fn serve(mut handle: common::Handle, server: Arc<Mutex<Server>>) -> tokio::task:
     })
 }
 
+/// A replica named `identity` joining the election, with `server` as its
+/// API server.
+async fn join_as(server: &Arc<Mutex<Server>>, identity: &str) -> leader::Leadership {
+    let (client, handle) = common::mock_client();
+    serve(handle, server.clone());
+    leader::join(client, "ferry-system", "ferry-operator", identity).await.unwrap()
+}
+
 fn holder(server: &Mutex<Server>) -> Option<String> {
     server.lock().unwrap().lease.as_ref().and_then(|l| l["spec"]["holderIdentity"].as_str().map(String::from))
 }
 
 #[tokio::test]
 async fn the_first_replica_creates_the_lease_and_leads() {
-    let (client, handle) = common::mock_client();
     let server = Arc::new(Mutex::new(Server::default()));
-    let _api = serve(handle, server.clone());
-    let mut l = leader::join(client, "ferry-system", "ferry-operator", "operator-a").await.unwrap();
+    let mut l = join_as(&server, "operator-a").await;
     l.acquired().await.unwrap();
     assert!(l.is_leading());
     assert_eq!(holder(&server).as_deref(), Some("operator-a"));
@@ -115,13 +121,11 @@ async fn the_first_replica_creates_the_lease_and_leads() {
 
 #[tokio::test]
 async fn an_expired_lease_of_another_replica_is_taken_over() {
-    let (client, handle) = common::mock_client();
     let server = Arc::new(Mutex::new(Server {
         lease: Some(lease("operator-old", "2020-01-01T00:00:00.000000Z")),
         ..Default::default()
     }));
-    let _api = serve(handle, server.clone());
-    let mut l = leader::join(client, "ferry-system", "ferry-operator", "operator-b").await.unwrap();
+    let mut l = join_as(&server, "operator-b").await;
     l.acquired().await.unwrap();
     assert_eq!(holder(&server).as_deref(), Some("operator-b"));
     let s = server.lock().unwrap();
@@ -131,10 +135,8 @@ async fn an_expired_lease_of_another_replica_is_taken_over() {
 
 #[tokio::test]
 async fn a_live_lease_of_another_replica_is_left_alone() {
-    let (client, handle) = common::mock_client();
     let server = Arc::new(Mutex::new(Server { lease: Some(lease("operator-a", &now())), ..Default::default() }));
-    let _api = serve(handle, server.clone());
-    let l = leader::join(client, "ferry-system", "ferry-operator", "operator-b").await.unwrap();
+    let l = join_as(&server, "operator-b").await;
     // Wait until the candidate has read the Lease twice (its first look and
     // the watch loop's, after which it would try to lock).
     loop {
@@ -158,10 +160,8 @@ async fn a_live_lease_of_another_replica_is_left_alone() {
 /// (time is paused: the test does not wait the real 10-15 s).
 #[tokio::test(start_paused = true)]
 async fn a_leader_that_cannot_reach_the_api_server_counts_itself_lost() {
-    let (client, handle) = common::mock_client();
     let server = Arc::new(Mutex::new(Server::default()));
-    let _api = serve(handle, server.clone());
-    let mut l = leader::join(client, "ferry-system", "ferry-operator", "operator-a").await.unwrap();
+    let mut l = join_as(&server, "operator-a").await;
     l.acquired().await.unwrap();
     server.lock().unwrap().failing = true;
     let started = tokio::time::Instant::now();
@@ -179,10 +179,8 @@ async fn a_leader_that_cannot_reach_the_api_server_counts_itself_lost() {
 /// While the API server answers and the Lease is ours, a leader stays.
 #[tokio::test(start_paused = true)]
 async fn a_leader_that_renews_is_not_lost() {
-    let (client, handle) = common::mock_client();
     let server = Arc::new(Mutex::new(Server::default()));
-    let _api = serve(handle, server.clone());
-    let mut l = leader::join(client, "ferry-system", "ferry-operator", "operator-a").await.unwrap();
+    let mut l = join_as(&server, "operator-a").await;
     l.acquired().await.unwrap();
     let lost = tokio::time::timeout(std::time::Duration::from_secs(60), l.lost()).await;
     assert!(lost.is_err(), "a renewed Lease is not lost");

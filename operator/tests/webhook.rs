@@ -900,6 +900,18 @@ fn patched_ca_bundles(patch: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `keep_ca_bundle` with `ca` against the one webhook config `existing`
+/// (which lacks it): it lists, patches `ca` into every webhook, then watches.
+async fn assert_ca_patched_into(existing: Value, ca: String) {
+    let (client, mut handle) = mock_client();
+    let keeper = tokio::spawn(keep_ca_bundle(client, "ferry-sidecar-injector".into(), ca.clone()));
+    expect(&mut handle, Method::GET, CONFIGS, Some(config_list(vec![existing]))).await;
+    let patch = expect(&mut handle, Method::PATCH, CONFIG, Some(webhook_config(Some(&ca)))).await;
+    assert_eq!(patched_ca_bundles(&patch), [("inject.ferry.dev".to_owned(), ca)]);
+    expect_watch(&mut handle).await;
+    keeper.abort();
+}
+
 /// The next call is the watcher's WATCH of the webhook configuration; it is
 /// left unanswered.
 async fn expect_watch(handle: &mut Handle) {
@@ -928,14 +940,7 @@ async fn an_absent_secret_is_created_and_its_ca_patched_into_the_webhook_config(
     assert_eq!(data(&created, "ca.crt"), tls.ca_pem.clone().unwrap());
     expect_no_more(&mut handle).await;
 
-    let (client, mut handle) = mock_client();
-    let ca = tls.ca_pem.clone().unwrap();
-    let keeper = tokio::spawn(keep_ca_bundle(client, "ferry-sidecar-injector".into(), ca.clone()));
-    expect(&mut handle, Method::GET, CONFIGS, Some(config_list(vec![webhook_config(None)]))).await;
-    let patch = expect(&mut handle, Method::PATCH, CONFIG, Some(webhook_config(Some(&ca)))).await;
-    assert_eq!(patched_ca_bundles(&patch), [("inject.ferry.dev".to_owned(), ca)]);
-    expect_watch(&mut handle).await;
-    keeper.abort();
+    assert_ca_patched_into(webhook_config(None), tls.ca_pem.clone().unwrap()).await;
 }
 
 #[tokio::test]
@@ -949,15 +954,8 @@ async fn a_stored_secret_is_used_and_nothing_is_created() {
     expect_no_more(&mut handle).await;
 
     // The stored CA goes into a caBundle that has another one.
-    let (client, mut handle) = mock_client();
-    let ca = stored.ca_pem.clone().unwrap();
-    let keeper = tokio::spawn(keep_ca_bundle(client, "ferry-sidecar-injector".into(), ca.clone()));
     let stale = webhook_config(Some("-----BEGIN CERTIFICATE-----\nold\n-----END CERTIFICATE-----\n"));
-    expect(&mut handle, Method::GET, CONFIGS, Some(config_list(vec![stale]))).await;
-    let patch = expect(&mut handle, Method::PATCH, CONFIG, Some(webhook_config(Some(&ca)))).await;
-    assert_eq!(patched_ca_bundles(&patch), [("inject.ferry.dev".to_owned(), ca)]);
-    expect_watch(&mut handle).await;
-    keeper.abort();
+    assert_ca_patched_into(stale, stored.ca_pem.clone().unwrap()).await;
 }
 
 #[tokio::test]
