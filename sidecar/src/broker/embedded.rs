@@ -55,6 +55,7 @@ type AckFuture = Shared<futures::future::BoxFuture<'static, Result<u64, String>>
 
 /// A recently published id: the publish under way (a re-send waits for
 /// it), then just its sequence, so the window costs about 50 bytes an id.
+#[derive(Clone)]
 enum Sent {
     Pending(AckFuture),
     Stored(u64),
@@ -207,19 +208,16 @@ impl Stream {
             // A cached publish that failed (e.g. ENOSPC) stored nothing: it
             // does not make a re-send a duplicate.
             Some((Sent::Pending(fut), _)) if matches!(fut.peek(), Some(Err(_))) => None,
-            Some((sent, seen)) if now.saturating_sub(*seen) <= window_ms => Some(match sent {
-                Sent::Pending(fut) => fut.clone(),
-                Sent::Stored(seq) => {
-                    let seq = *seq;
-                    async move { Ok(seq) }.boxed().shared()
-                }
-            }),
+            Some((sent, seen)) if now.saturating_sub(*seen) <= window_ms => Some(sent.clone()),
             _ => None,
         };
-        if let Some(fut) = earlier {
+        if let Some(sent) = earlier {
             let stream = self.name.clone();
             return Ok(async move {
-                let sequence = fut.await.map_err(BrokerError::Unavailable)?;
+                let sequence = match sent {
+                    Sent::Pending(fut) => fut.await.map_err(BrokerError::Unavailable)?,
+                    Sent::Stored(seq) => seq,
+                };
                 Ok(PubAck { stream, sequence, duplicate: true })
             }
             .boxed());
