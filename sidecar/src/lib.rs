@@ -21,6 +21,7 @@ pub mod forward;
 pub mod inspect;
 pub mod metrics;
 pub mod outbox;
+mod recent;
 pub mod serve;
 pub mod state;
 pub mod telemetry;

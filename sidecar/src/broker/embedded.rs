@@ -38,7 +38,7 @@ use futures::future::{FutureExt, Shared};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::{IdKey, IdMap};
+use crate::IdKey;
 
 use super::{Broker, BrokerError, Consumer, Fetched, OutMessage, PendingAck, PubAck, Settle, Settlement};
 
@@ -51,15 +51,10 @@ const JOURNAL_SEGMENT_BYTES: u64 = 16 << 20;
 /// The journal cursor at the newest state (older segments can go).
 const LATEST: &str = "latest";
 
-type AckFuture = Shared<futures::future::BoxFuture<'static, Result<u64, String>>>;
+mod window;
+use window::{IdWindow, Sent};
 
-/// A recently published id: the publish under way (a re-send waits for
-/// it), then just its sequence, so the window costs about 50 bytes an id.
-#[derive(Clone)]
-enum Sent {
-    Pending(AckFuture),
-    Stored(u64),
-}
+type AckFuture = Shared<futures::future::BoxFuture<'static, Result<u64, String>>>;
 
 /// The embedded broker.
 pub struct EmbeddedBroker {
@@ -115,8 +110,8 @@ struct Stream {
     prefix: String,
     log: Log,
     window: Mutex<Duration>,
-    /// Recent ids → their sequence, and when seen.
-    ids: Mutex<IdMap<(Sent, u64)>>,
+    /// The ids of the duplicate window.
+    ids: Mutex<IdWindow>,
     consumers: Mutex<BTreeMap<String, Arc<ConsumerState>>>,
     dir: PathBuf,
 }
@@ -167,7 +162,7 @@ impl Stream {
             prefix,
             log,
             window: Mutex::new(plan.duplicate_window),
-            ids: Mutex::new(IdMap::default()),
+            ids: Mutex::new(IdWindow::default()),
             consumers: Mutex::new(BTreeMap::new()),
             dir: base.join("consumers").join(&plan.name),
         };
@@ -186,7 +181,7 @@ impl Stream {
             for r in batch.records {
                 if r.timestamp_ms >= oldest {
                     let seq = r.offset + 1;
-                    ids.insert(IdKey::of(&r.id), (Sent::Stored(seq), r.timestamp_ms));
+                    ids.insert(IdKey::of(&r.id), seq, r.timestamp_ms);
                 }
             }
             from = batch.next;
@@ -198,20 +193,24 @@ impl Stream {
         self.log.next_offset()
     }
 
+    /// Whether the record at `seq` is `id`'s, published at `oldest_ms` or
+    /// later (a duplicate-window hit is checked against the log: its
+    /// table holds hashes). A record that cannot be read is no hit.
+    fn holds(&self, seq: u64, id: &str, oldest_ms: u64) -> bool {
+        let Some(offset) = seq.checked_sub(1) else { return false };
+        self.log.read(offset, 1, usize::MAX).is_ok_and(|b| {
+            b.records.first().is_some_and(|r| r.offset == offset && r.id == id && r.timestamp_ms >= oldest_ms)
+        })
+    }
+
     fn publish(self: &Arc<Self>, msg: OutMessage) -> Result<PendingAck, BrokerError> {
         let window = *self.window.lock().unwrap_or_else(|e| e.into_inner());
-        let window_ms = window.as_millis() as u64;
         let now = now_ms();
+        let oldest = now.saturating_sub(window.as_millis() as u64);
         let key = IdKey::of(&msg.id);
         let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
-        let earlier = match ids.get(&key) {
-            // A cached publish that failed (e.g. ENOSPC) stored nothing: it
-            // does not make a re-send a duplicate.
-            Some((Sent::Pending(fut), _)) if matches!(fut.peek(), Some(Err(_))) => None,
-            Some((sent, seen)) if now.saturating_sub(*seen) <= window_ms => Some(sent.clone()),
-            _ => None,
-        };
-        if let Some(sent) = earlier {
+        ids.forget_before(oldest);
+        if let Some(sent) = ids.find(key, |seq| self.holds(seq, &msg.id, oldest)) {
             let stream = self.name.clone();
             return Ok(async move {
                 let sequence = match sent {
@@ -228,25 +227,12 @@ impl Stream {
         let ticket = self.log.submit(std::slice::from_ref(&record)).map_err(unavailable)?;
         let fut: AckFuture =
             async move { ticket.await.map(|r| r.start + 1).map_err(|e| e.to_string()) }.boxed().shared();
-        ids.insert(key, (Sent::Pending(fut.clone()), now));
-        // Forget ids past the window now and then, so the map stays bounded.
-        if ids.len() > 10_000 && ids.len().is_power_of_two() {
-            ids.retain(|_, (_, seen)| now.saturating_sub(*seen) <= window_ms);
-        }
+        ids.begin(key, fut.clone(), now);
         drop(ids);
         let me = self.clone();
         Ok(async move {
             let stored = fut.clone().await;
-            if let Ok(seq) = stored {
-                // Keep just the sequence (unless a later publish of the id
-                // has taken the entry over since).
-                let mut ids = me.ids.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some((sent, _)) = ids.get_mut(&key) {
-                    if matches!(sent, Sent::Pending(f) if f.ptr_eq(&fut)) {
-                        *sent = Sent::Stored(seq);
-                    }
-                }
-            }
+            me.ids.lock().unwrap_or_else(|e| e.into_inner()).end(key, &fut, stored.as_ref().ok().copied(), now);
             let sequence = stored.map_err(BrokerError::Unavailable)?;
             Ok(PubAck { stream: me.name.clone(), sequence, duplicate: false })
         }

@@ -15,9 +15,10 @@
 //! append, so a burst of acks costs one trip to the log's writer thread, not
 //! one each; every insert still returns only once its id is written.
 //!
-//! In memory an id is kept as its [`IdKey`] (a 128-bit hash; the map is
-//! rebuilt from the ids on disk at start): about 28 bytes an entry with the
-//! table's slack, against about 80 for the id as a String. The window bounds
+//! In memory an id is kept as its [`IdKey`] (a 128-bit hash; the tables
+//! are rebuilt from the ids on disk at start) with its ack time, in
+//! [`Recent`]'s bounded tables: about 24–48 bytes an entry with the tables'
+//! slack, against about 80 for the id as a String. The window bounds
 //! memory, not the rate: a 10-minute window at 20k acks/s holds 12M ids,
 //! about 340 MB. Two ids share a key with odds about n²/2¹²⁹ (2 in 10²⁵ for
 //! that window); then the second would be taken for a duplicate.
@@ -46,7 +47,7 @@ pub struct Dedupe {
     log: Arc<Log>,
     window_ms: u64,
     /// Id hash → when it was acked (ms).
-    seen: Mutex<IdMap<u64>>,
+    seen: Mutex<Recent<IdKey, u64>>,
     /// To the task that writes ids in batches.
     queue: mpsc::UnboundedSender<Queued>,
 }
@@ -64,7 +65,8 @@ async fn write_batches(log: Arc<Log>, mut queue: mpsc::UnboundedReceiver<Queued>
     }
 }
 
-use crate::{IdKey, IdMap};
+use crate::recent::Recent;
+use crate::IdKey;
 
 impl std::fmt::Debug for Dedupe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,13 +87,13 @@ impl Dedupe {
         let (log, _report) = Log::open(dir, opts)?;
         let window_ms = window.as_millis() as u64;
         let oldest = now_ms().saturating_sub(window_ms);
-        let mut seen = IdMap::default();
+        let mut seen = Recent::default();
         let mut from = log.cursor(WINDOW_CURSOR).unwrap_or(0);
         while from < log.next_offset() {
             let batch = log.read(from, 4096, 4 << 20)?;
             for r in batch.records {
                 if r.timestamp_ms >= oldest {
-                    seen.insert(IdKey::of(&r.id), r.timestamp_ms);
+                    seen.insert(IdKey::of(&r.id), r.timestamp_ms, r.timestamp_ms);
                 }
             }
             from = batch.next;
@@ -102,14 +104,14 @@ impl Dedupe {
         Ok(Dedupe { log, window_ms, seen: Mutex::new(seen), queue })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, IdMap<u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recent<IdKey, u64>> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// True when the app acknowledged `id` within the window.
     pub fn contains(&self, id: &str) -> bool {
         let oldest = now_ms().saturating_sub(self.window_ms);
-        self.lock().get(&IdKey::of(id)).is_some_and(|t| *t >= oldest)
+        self.lock().find(&IdKey::of(id), |t| *t >= oldest).is_some()
     }
 
     /// Remembers that the app acknowledged `id`; returns once it is written.
@@ -119,14 +121,14 @@ impl Dedupe {
         let (done, written) = oneshot::channel();
         self.queue.send((rec, done)).map_err(|_| "the dedupe store is closed".to_owned())?;
         written.await.map_err(|_| "the dedupe store is closed".to_owned())??;
-        self.lock().insert(IdKey::of(id), ts);
+        self.lock().insert(IdKey::of(id), ts, ts);
         Ok(())
     }
 
     /// Forgets ids older than the window, in memory and on disk.
     pub fn prune(&self) -> Result<(), ferry_log::Error> {
         let oldest = now_ms().saturating_sub(self.window_ms);
-        self.lock().retain(|_, t| *t >= oldest);
+        self.lock().forget_before(oldest);
         // The first record still inside the window becomes the cursor, so
         // whole segments before it are deleted.
         let mut from = self.log.cursor(WINDOW_CURSOR).unwrap_or(0);
@@ -141,7 +143,8 @@ impl Dedupe {
         self.log.commit(WINDOW_CURSOR, from)
     }
 
-    /// Ids currently remembered.
+    /// Ids currently remembered (some just past the window until their
+    /// table goes whole).
     pub fn len(&self) -> usize {
         self.lock().len()
     }
