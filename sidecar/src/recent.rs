@@ -1,14 +1,18 @@
 //! Windows of recent ids (a broker's duplicate window, a subscription's
-//! acked ids): kept in tables of at most [`SLICE`] entries, oldest first.
+//! acked ids): kept in tables of at most [`SLICE`] entries, each spanning
+//! at most an eighth of the window ([`span_of`]), oldest first.
 //!
 //! One table for the whole window doubles in a single resize when it fills,
 //! holding the old and the new table for the moment of the copy: at
 //! 250 000 ids of 24 bytes that is ~20 MB at once. Here no table grows past
 //! one slice, and forgetting drops whole tables once their newest entry is
-//! older than the window (no sweep over every entry, no tombstones).
+//! older than the window (no sweep over every entry, no tombstones). So an
+//! entry may outlive the window by a table's span: callers that need the
+//! window exact compare times on a hit.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
+use std::time::Duration;
 
 use nohash_hasher::{BuildNoHashHasher, IsEnabled};
 
@@ -16,30 +20,45 @@ use nohash_hasher::{BuildNoHashHasher, IsEnabled};
 /// buckets takes 7/8 of that before it would grow.
 pub(crate) const SLICE: usize = 114_688;
 
+/// The longest time one table spans for a window: an eighth of it, at
+/// least a second (so a window's ids sit in about nine tables at most,
+/// besides those that filled up).
+pub(crate) fn span_of(window: Duration) -> u64 {
+    (window.as_millis() as u64 / 8).max(1000)
+}
+
 /// Recent keys (already hashes: they index the tables as they are), each
 /// with a value, and when it was added.
 pub(crate) struct Recent<K, V> {
     slices: VecDeque<Slice<K, V>>,
+    /// Longest time a table spans (ms).
+    span_ms: u64,
 }
 
 struct Slice<K, V> {
     map: HashMap<K, V, BuildNoHashHasher<K>>,
-    /// When its newest entry was added (ms since the epoch).
+    /// When its first and its newest entry were added (ms since the epoch).
+    first_ms: u64,
     newest_ms: u64,
 }
 
-impl<K, V> Default for Recent<K, V> {
-    fn default() -> Self {
-        Recent { slices: VecDeque::new() }
-    }
-}
-
 impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
+    /// An empty window whose tables span at most `span_ms` each.
+    pub(crate) fn new(span_ms: u64) -> Self {
+        Recent { slices: VecDeque::new(), span_ms }
+    }
+
+    /// Changes the span of the tables started from now on.
+    pub(crate) fn set_span(&mut self, span_ms: u64) {
+        self.span_ms = span_ms;
+    }
+
     /// Adds `key` (added at `at_ms`); a repeat within one table replaces
     /// the value, across tables the newest is found first.
     pub(crate) fn insert(&mut self, key: K, value: V, at_ms: u64) {
-        if self.slices.back().is_none_or(|s| s.map.len() >= SLICE) {
-            self.slices.push_back(Slice { map: HashMap::default(), newest_ms: 0 });
+        let span_ms = self.span_ms;
+        if self.slices.back().is_none_or(|s| s.map.len() >= SLICE || at_ms >= s.first_ms.saturating_add(span_ms)) {
+            self.slices.push_back(Slice { map: HashMap::default(), first_ms: at_ms, newest_ms: at_ms });
         }
         let slice = self.slices.back_mut().expect("a slice was just ensured");
         slice.map.insert(key, value);
@@ -76,16 +95,38 @@ mod tests {
 
     #[test]
     fn the_newest_accepted_value_is_found() {
-        let mut r: Recent<u64, u64> = Recent::default();
+        let mut r: Recent<u64, u64> = Recent::new(1000);
         r.insert(1, 10, 5);
         assert_eq!(r.find(&1, |_| true), Some(&10));
         assert_eq!(r.find(&1, |v| *v > 10), None, "a value the caller rejects is no hit");
         assert_eq!(r.find(&2, |_| true), None);
+        // The same key again, in a later table: the newer value comes first,
+        // the older one is still there for a caller that rejects the newer.
+        r.insert(1, 20, 2000);
+        assert_eq!(r.tables(), 2);
+        assert_eq!(r.find(&1, |_| true), Some(&20));
+        assert_eq!(r.find(&1, |v| *v < 20), Some(&10));
+    }
+
+    #[test]
+    fn at_a_low_rate_tables_close_by_time_and_old_ones_go() {
+        // One id a second for an hour, with a 10-minute window: the ids
+        // kept stay about one window's worth, not a table's 114 688.
+        let window_ms = 600_000;
+        let mut r: Recent<u64, u64> = Recent::new(span_of(Duration::from_millis(window_ms)));
+        for t in 0..3600u64 {
+            let now = t * 1000;
+            r.forget_before(now.saturating_sub(window_ms));
+            r.insert(t, t, now);
+        }
+        assert!(r.len() <= 600 + 75 + 1, "{} ids kept for a window of 600", r.len());
+        assert!(r.len() >= 600, "an id inside the window was forgotten: {} kept", r.len());
+        assert_eq!(r.find(&(3600 - 600), |_| true), Some(&(3600 - 600)));
     }
 
     #[test]
     fn tables_hold_a_slice_each_and_go_whole_once_past_the_window() {
-        let mut r: Recent<u64, u64> = Recent::default();
+        let mut r: Recent<u64, u64> = Recent::new(u64::MAX);
         let n = 2 * SLICE as u64 + 10;
         for i in 0..n {
             r.insert(i.wrapping_mul(0x9e37_79b9_7f4a_7c15), i, i / 1000);

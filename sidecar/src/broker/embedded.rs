@@ -162,7 +162,7 @@ impl Stream {
             prefix,
             log,
             window: Mutex::new(plan.duplicate_window),
-            ids: Mutex::new(IdWindow::default()),
+            ids: Mutex::new(IdWindow::new(plan.duplicate_window)),
             consumers: Mutex::new(BTreeMap::new()),
             dir: base.join("consumers").join(&plan.name),
         };
@@ -195,7 +195,9 @@ impl Stream {
 
     /// Whether the record at `seq` is `id`'s, published at `oldest_ms` or
     /// later (a duplicate-window hit is checked against the log: its
-    /// table holds hashes). A record that cannot be read is no hit.
+    /// tables hold 64-bit hashes). A record that cannot be read is no hit.
+    /// Only hits read (re-sends: after a restart, at most the forwarder's
+    /// window of them), one record each, from the page cache as a rule.
     fn holds(&self, seq: u64, id: &str, oldest_ms: u64) -> bool {
         let Some(offset) = seq.checked_sub(1) else { return false };
         self.log.read(offset, 1, usize::MAX).is_ok_and(|b| {
@@ -245,6 +247,7 @@ impl Broker for EmbeddedBroker {
     async fn ensure_stream(&self, plan: &StreamPlan) -> Result<(), BrokerError> {
         if let Some(s) = self.lock().get(&plan.name) {
             *s.window.lock().unwrap_or_else(|e| e.into_inner()) = plan.duplicate_window;
+            s.ids.lock().unwrap_or_else(|e| e.into_inner()).set_window(plan.duplicate_window);
             return SavedStream::save(&self.dir, plan);
         }
         let dir = self.dir.clone();

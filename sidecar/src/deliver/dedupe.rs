@@ -17,7 +17,7 @@
 //!
 //! In memory an id is kept as its [`IdKey`] (a 128-bit hash; the tables
 //! are rebuilt from the ids on disk at start) with its ack time, in
-//! [`Recent`]'s bounded tables: about 24–48 bytes an entry with the tables'
+//! [`Recent`]'s bounded tables: about 29–57 bytes an entry with the tables'
 //! slack, against about 80 for the id as a String. The window bounds
 //! memory, not the rate: a 10-minute window at 20k acks/s holds 12M ids,
 //! about 340 MB. Two ids share a key with odds about n²/2¹²⁹ (2 in 10²⁵ for
@@ -65,7 +65,7 @@ async fn write_batches(log: Arc<Log>, mut queue: mpsc::UnboundedReceiver<Queued>
     }
 }
 
-use crate::recent::Recent;
+use crate::recent::{span_of, Recent};
 use crate::IdKey;
 
 impl std::fmt::Debug for Dedupe {
@@ -87,7 +87,7 @@ impl Dedupe {
         let (log, _report) = Log::open(dir, opts)?;
         let window_ms = window.as_millis() as u64;
         let oldest = now_ms().saturating_sub(window_ms);
-        let mut seen = Recent::default();
+        let mut seen = Recent::new(span_of(window));
         let mut from = log.cursor(WINDOW_CURSOR).unwrap_or(0);
         while from < log.next_offset() {
             let batch = log.read(from, 4096, 4 << 20)?;
@@ -143,8 +143,8 @@ impl Dedupe {
         self.log.commit(WINDOW_CURSOR, from)
     }
 
-    /// Ids currently remembered (some just past the window until their
-    /// table goes whole).
+    /// Ids currently remembered (some up to an eighth of the window past
+    /// it, until their table goes whole).
     pub fn len(&self) -> usize {
         self.lock().len()
     }

@@ -5,11 +5,16 @@
 //! bytes an id) in [`Recent`]'s bounded tables. A hit is only a candidate:
 //! the caller checks it against the stream's record at that sequence (same
 //! id, stored within the window), so a hash collision never turns a new
-//! message into a "duplicate", and tables that straddle the window's start
-//! are exact too.
+//! message into a "duplicate", and the ids of a table that straddles the
+//! window's start count only while inside it. Two ids in one table with the
+//! same 64 bits (odds about n²/2⁶⁵: 2 in 10⁷ for 3M ids) keep only the
+//! newer: a re-send of the older one within the window is then stored
+//! twice, a duplicate the consumer-side dedupe still catches, never a loss.
+
+use std::time::Duration;
 
 use super::AckFuture;
-use crate::recent::Recent;
+use crate::recent::{span_of, Recent};
 use crate::{IdKey, IdMap};
 
 /// Publishes under way before ended ones are looked for.
@@ -25,21 +30,41 @@ pub(super) enum Sent {
 }
 
 /// The ids of one stream's duplicate window.
-#[derive(Default)]
 pub(super) struct IdWindow {
     /// Publishes under way, and when each was published.
     pending: IdMap<(AckFuture, u64)>,
+    /// Publishes under way at which the next sweep of `pending` runs.
+    sweep_at: usize,
     /// Stored ids: the low half of their key → sequence.
     stored: Recent<u64, u64>,
+    /// The window's start at the last [`IdWindow::forget_before`] (ms).
+    oldest_ms: u64,
 }
 
 impl IdWindow {
-    /// The earlier publish of `key`: one under way (unless it failed: that
-    /// stored nothing), else a stored sequence that `holds(seq)` confirms
-    /// (the record at `seq` has this id and is within the window).
+    /// An empty window of `window`.
+    pub(super) fn new(window: Duration) -> Self {
+        IdWindow {
+            pending: IdMap::default(),
+            sweep_at: PENDING_SWEEP,
+            stored: Recent::new(span_of(window)),
+            oldest_ms: 0,
+        }
+    }
+
+    /// The stream's window changed.
+    pub(super) fn set_window(&mut self, window: Duration) {
+        self.stored.set_span(span_of(window));
+    }
+
+    /// The earlier publish of `key` within the window: one under way
+    /// (unless it failed: that stored nothing), else a stored sequence that
+    /// `holds(seq)` confirms (the record at `seq` has this id and is within
+    /// the window: the tables hold 64-bit hashes, and may hold ids a
+    /// little past the window).
     pub(super) fn find(&self, key: IdKey, holds: impl Fn(u64) -> bool) -> Option<Sent> {
-        if let Some((fut, _)) = self.pending.get(&key) {
-            if !matches!(fut.peek(), Some(Err(_))) {
+        if let Some((fut, seen)) = self.pending.get(&key) {
+            if *seen >= self.oldest_ms && !matches!(fut.peek(), Some(Err(_))) {
                 return Some(Sent::Pending(fut.clone()));
             }
         }
@@ -49,23 +74,30 @@ impl IdWindow {
     /// A publish of `key`, published at `seen_ms`, is under way.
     pub(super) fn begin(&mut self, key: IdKey, fut: AckFuture, seen_ms: u64) {
         self.pending.insert(key, (fut, seen_ms));
-        // A publish whose caller let go of it never reports its end: move
-        // those that ended now and then.
-        if self.pending.len() >= PENDING_SWEEP && self.pending.len().is_power_of_two() {
-            let mut ended = Vec::new();
-            self.pending.retain(|key, (fut, seen)| match fut.peek() {
-                None => true,
-                Some(stored) => {
-                    ended.push((*key, stored.as_ref().ok().copied(), *seen));
-                    false
-                }
-            });
-            for (key, seq, seen) in ended {
-                if let Some(seq) = seq {
-                    self.insert(key, seq, seen);
-                }
+        if self.pending.len() >= self.sweep_at {
+            self.sweep();
+        }
+    }
+
+    /// A publish whose caller let go of it never reports its end (and is
+    /// never polled to it): moves the ended ones to the stored ids and
+    /// drops those past the window, whatever became of them.
+    fn sweep(&mut self) {
+        let oldest = self.oldest_ms;
+        let mut ended = Vec::new();
+        self.pending.retain(|key, (fut, seen)| match fut.peek() {
+            None => *seen >= oldest,
+            Some(stored) => {
+                ended.push((*key, stored.as_ref().ok().copied(), *seen));
+                false
+            }
+        });
+        for (key, seq, seen) in ended {
+            if let Some(seq) = seq {
+                self.insert(key, seq, seen);
             }
         }
+        self.sweep_at = (2 * self.pending.len()).max(PENDING_SWEEP);
     }
 
     /// The publish `fut` of `key` ended: stored as `stored` (published at
@@ -85,9 +117,10 @@ impl IdWindow {
         self.stored.insert(key.0, seq, seen_ms);
     }
 
-    /// Forgets the stored ids published before `oldest_ms` (some a little
-    /// later: [`IdWindow::find`]'s check is exact).
+    /// The window now starts at `oldest_ms`: forgets the tables of stored
+    /// ids published before it.
     pub(super) fn forget_before(&mut self, oldest_ms: u64) {
+        self.oldest_ms = oldest_ms;
         self.stored.forget_before(oldest_ms);
     }
 }
@@ -104,7 +137,7 @@ mod tests {
 
     #[test]
     fn a_stored_id_is_found_only_where_the_check_confirms_it() {
-        let mut w = IdWindow::default();
+        let mut w = IdWindow::new(Duration::from_secs(120));
         let a = IdKey::of("a");
         w.insert(a, 7, 1_000);
         assert!(matches!(w.find(a, |seq| seq == 7), Some(Sent::Stored(7))));
@@ -115,7 +148,7 @@ mod tests {
 
     #[test]
     fn a_pending_publish_is_found_until_it_ends_and_a_failed_one_is_not() {
-        let mut w = IdWindow::default();
+        let mut w = IdWindow::new(Duration::from_secs(120));
         let a = IdKey::of("a");
         let fut = ready(Ok(3));
         w.begin(a, fut.clone(), 4);
@@ -137,7 +170,7 @@ mod tests {
 
     #[test]
     fn publishes_whose_end_was_never_reported_are_moved_in_a_sweep() {
-        let mut w = IdWindow::default();
+        let mut w = IdWindow::new(Duration::from_secs(120));
         for i in 0..PENDING_SWEEP as u64 {
             let fut = ready(if i % 2 == 0 { Ok(i + 1) } else { Err("failed".into()) });
             let _ = futures::executor::block_on(fut.clone());
@@ -147,5 +180,24 @@ mod tests {
         assert_eq!(w.stored.len(), PENDING_SWEEP / 2, "the stored ones moved to the tables");
         assert!(matches!(w.find(IdKey::of("2"), |s| s == 3), Some(Sent::Stored(3))));
         assert!(w.find(IdKey::of("1"), |_| true).is_none());
+    }
+
+    #[test]
+    fn publishes_never_polled_to_their_end_stop_counting_and_go_once_past_the_window() {
+        let mut w = IdWindow::new(Duration::from_secs(1));
+        // Futures nobody polls: `peek` never has a result for them.
+        let unpolled = || -> AckFuture { futures::future::pending::<Result<u64, String>>().boxed().shared() };
+        w.forget_before(0);
+        w.begin(IdKey::of("x"), unpolled(), 1_000);
+        assert!(matches!(w.find(IdKey::of("x"), |_| false), Some(Sent::Pending(_))));
+        w.forget_before(1_001);
+        assert!(w.find(IdKey::of("x"), |_| true).is_none(), "a publish past the window is no duplicate");
+        // A sweep drops them; those inside the window stay.
+        for i in 1..PENDING_SWEEP as u64 {
+            w.begin(IdKey::of(&i.to_string()), unpolled(), if i < 100 { 1_000 } else { 2_000 });
+        }
+        assert_eq!(w.pending.len(), PENDING_SWEEP - 100, "only the ones inside the window are left");
+        assert!(w.sweep_at > w.pending.len(), "the next sweep waits for more");
+        assert!(matches!(w.find(IdKey::of("100"), |_| false), Some(Sent::Pending(_))));
     }
 }
