@@ -109,8 +109,7 @@ struct Stream {
     /// Subject prefix (`ferry.{ns}.{topic}.`).
     prefix: String,
     log: Log,
-    window: Mutex<Duration>,
-    /// The ids of the duplicate window.
+    /// The duplicate window and its ids.
     ids: Mutex<IdWindow>,
     consumers: Mutex<BTreeMap<String, Arc<ConsumerState>>>,
     dir: PathBuf,
@@ -161,7 +160,6 @@ impl Stream {
             name: plan.name.clone(),
             prefix,
             log,
-            window: Mutex::new(plan.duplicate_window),
             ids: Mutex::new(IdWindow::new(plan.duplicate_window)),
             consumers: Mutex::new(BTreeMap::new()),
             dir: base.join("consumers").join(&plan.name),
@@ -206,12 +204,10 @@ impl Stream {
     }
 
     fn publish(self: &Arc<Self>, msg: OutMessage) -> Result<PendingAck, BrokerError> {
-        let window = *self.window.lock().unwrap_or_else(|e| e.into_inner());
         let now = now_ms();
-        let oldest = now.saturating_sub(window.as_millis() as u64);
         let key = IdKey::of(&msg.id);
         let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
-        ids.forget_before(oldest);
+        let oldest = ids.advance_to(now);
         if let Some(sent) = ids.find(key, |seq| self.holds(seq, &msg.id, oldest)) {
             let stream = self.name.clone();
             return Ok(async move {
@@ -246,7 +242,6 @@ impl Stream {
 impl Broker for EmbeddedBroker {
     async fn ensure_stream(&self, plan: &StreamPlan) -> Result<(), BrokerError> {
         if let Some(s) = self.lock().get(&plan.name) {
-            *s.window.lock().unwrap_or_else(|e| e.into_inner()) = plan.duplicate_window;
             s.ids.lock().unwrap_or_else(|e| e.into_inner()).set_window(plan.duplicate_window);
             return SavedStream::save(&self.dir, plan);
         }

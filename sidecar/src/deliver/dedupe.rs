@@ -20,7 +20,7 @@
 //! [`Recent`]'s bounded tables: about 29–57 bytes an entry with the tables'
 //! slack, against about 80 for the id as a String. The window bounds
 //! memory, not the rate: a 10-minute window at 20k acks/s holds 12M ids,
-//! about 340 MB. Two ids share a key with odds about n²/2¹²⁹ (2 in 10²⁵ for
+//! about 350–680 MB. Two ids share a key with odds about n²/2¹²⁹ (2 in 10²⁵ for
 //! that window); then the second would be taken for a duplicate.
 
 use std::path::Path;

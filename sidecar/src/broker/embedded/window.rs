@@ -29,15 +29,17 @@ pub(super) enum Sent {
     Stored(u64),
 }
 
-/// The ids of one stream's duplicate window.
+/// One stream's duplicate window and its ids.
 pub(super) struct IdWindow {
+    /// How long an id counts.
+    window: Duration,
     /// Publishes under way, and when each was published.
     pending: IdMap<(AckFuture, u64)>,
     /// Publishes under way at which the next sweep of `pending` runs.
     sweep_at: usize,
     /// Stored ids: the low half of their key → sequence.
     stored: Recent<u64, u64>,
-    /// The window's start at the last [`IdWindow::forget_before`] (ms).
+    /// The window's start at the last [`IdWindow::advance_to`] (ms).
     oldest_ms: u64,
 }
 
@@ -45,6 +47,7 @@ impl IdWindow {
     /// An empty window of `window`.
     pub(super) fn new(window: Duration) -> Self {
         IdWindow {
+            window,
             pending: IdMap::default(),
             sweep_at: PENDING_SWEEP,
             stored: Recent::new(span_of(window)),
@@ -54,6 +57,7 @@ impl IdWindow {
 
     /// The stream's window changed.
     pub(super) fn set_window(&mut self, window: Duration) {
+        self.window = window;
         self.stored.set_span(span_of(window));
     }
 
@@ -117,11 +121,12 @@ impl IdWindow {
         self.stored.insert(key.0, seq, seen_ms);
     }
 
-    /// The window now starts at `oldest_ms`: forgets the tables of stored
-    /// ids published before it.
-    pub(super) fn forget_before(&mut self, oldest_ms: u64) {
-        self.oldest_ms = oldest_ms;
-        self.stored.forget_before(oldest_ms);
+    /// The window now ends at `now_ms`: forgets the tables of stored ids
+    /// published before its start, which it returns.
+    pub(super) fn advance_to(&mut self, now_ms: u64) -> u64 {
+        self.oldest_ms = now_ms.saturating_sub(self.window.as_millis() as u64);
+        self.stored.forget_before(self.oldest_ms);
+        self.oldest_ms
     }
 }
 
@@ -187,10 +192,10 @@ mod tests {
         let mut w = IdWindow::new(Duration::from_secs(1));
         // Futures nobody polls: `peek` never has a result for them.
         let unpolled = || -> AckFuture { futures::future::pending::<Result<u64, String>>().boxed().shared() };
-        w.forget_before(0);
+        w.advance_to(1_000);
         w.begin(IdKey::of("x"), unpolled(), 1_000);
         assert!(matches!(w.find(IdKey::of("x"), |_| false), Some(Sent::Pending(_))));
-        w.forget_before(1_001);
+        assert_eq!(w.advance_to(2_001), 1_001);
         assert!(w.find(IdKey::of("x"), |_| true).is_none(), "a publish past the window is no duplicate");
         // A sweep drops them; those inside the window stay.
         for i in 1..PENDING_SWEEP as u64 {
