@@ -27,15 +27,20 @@
 //!    for a different acknowledged record. Gaps appear only where a damaged
 //!    record was skipped.
 //! 2. A record is visible to readers only after its group was written (and,
-//!    with `Always`, synced); an append is answered only after that.
+//!    with `Always`, synced, unless [`LogOptions::readable_before_sync`]);
+//!    an append is answered only after that. [`Log::durable_offset`] says
+//!    what is on disk.
 //! 3. A failed write or sync is rolled back (file truncated to its last good
 //!    length) before the callers hear of it, so the file ends in acknowledged
-//!    records. If the rollback fails the log refuses further appends
-//!    ([`Error::Poisoned`]) until reopened.
+//!    records. If the rollback fails, or readers may already have seen the
+//!    records (a failed sync with `readable_before_sync`), the log refuses
+//!    further appends ([`Error::Poisoned`]) until reopened.
 //! 4. Sealed segments were synced whole before their index was written;
 //!    only the active (last) segment can have a torn tail.
 //! 5. A segment is deleted only when every named cursor is at or past its
 //!    end and it is not the active segment; with no cursor nothing is deleted.
+//! 6. Opening a log syncs its active segment, so a tail a killed process
+//!    wrote but never synced is durable before anything builds on it.
 //!
 //! # On disk
 //! ```text

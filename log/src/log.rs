@@ -28,6 +28,9 @@ pub(crate) struct Shared {
     state: RwLock<State>,
     cursors: Mutex<BTreeMap<String, u64>>,
     end: watch::Sender<u64>,
+    /// One past the last record known durable (trails `end` while a sync
+    /// runs, and in the `Interval`/`Never` modes).
+    durable: watch::Sender<u64>,
     pub poisoned: AtomicBool,
 }
 
@@ -54,6 +57,20 @@ impl Shared {
             seg.len = len;
         }
         self.end.send_replace(next_offset);
+    }
+
+    /// Records below `next_offset` are durable.
+    pub(crate) fn mark_durable(&self, next_offset: u64) {
+        self.durable.send_if_modified(|d| {
+            let moved = next_offset > *d;
+            *d = (*d).max(next_offset);
+            moved
+        });
+    }
+
+    /// One past the last readable record.
+    pub(crate) fn end(&self) -> u64 {
+        *self.end.borrow()
     }
 }
 
@@ -124,6 +141,9 @@ impl Log {
         opts.budget.add(bytes);
         let next = recovered.segments.last().map_or(0, Segment::end_offset);
         let (end, _) = watch::channel(next);
+        // The writer syncs what the last process may have left unsynced
+        // before it runs (see `Writer::new`).
+        let (durable, _) = watch::channel(next);
         let shared = Arc::new(Shared {
             fs,
             dir,
@@ -131,6 +151,7 @@ impl Log {
             state: RwLock::new(State { segments: recovered.segments }),
             cursors: Mutex::new(cursors),
             end,
+            durable,
             poisoned: AtomicBool::new(false),
         });
         let writer = Writer::new(shared.clone())?;
@@ -278,6 +299,19 @@ impl Log {
     /// is [`Log::next_offset`].
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.end.subscribe()
+    }
+
+    /// One past the last record known to be on disk. Equal to
+    /// [`Log::next_offset`] with [`crate::FsyncMode::Always`], except while a
+    /// sync runs with [`LogOptions::readable_before_sync`]; trails it in the
+    /// `Interval`/`Never` modes until their sync.
+    pub fn durable_offset(&self) -> u64 {
+        *self.shared.durable.borrow()
+    }
+
+    /// A receiver that changes whenever [`Log::durable_offset`] moves.
+    pub fn subscribe_durable(&self) -> watch::Receiver<u64> {
+        self.shared.durable.subscribe()
     }
 
     /// The value of a named cursor, if set.

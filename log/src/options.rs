@@ -38,6 +38,15 @@ pub struct LogOptions {
     pub group_bytes: usize,
     /// Byte budget, possibly shared with other logs. Default unlimited.
     pub budget: Budget,
+    /// With [`FsyncMode::Always`]: records become readable (and
+    /// [`crate::Log::subscribe`] fires) once written, before their
+    /// `fdatasync`, so a reader's work overlaps the sync. Appenders are
+    /// still answered after it, and [`crate::Log::durable_offset`] says how
+    /// far the disk has caught up: a reader must not make anything depend
+    /// durably on a record past it. A failed `fdatasync` then poisons the log
+    /// (readers may have seen the records, so their offsets are never handed
+    /// out again). Default false: readable once durable.
+    pub readable_before_sync: bool,
 }
 
 impl Default for LogOptions {
@@ -47,6 +56,7 @@ impl Default for LogOptions {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             group_bytes: DEFAULT_GROUP_BYTES,
             budget: Budget::unlimited(),
+            readable_before_sync: false,
         }
     }
 }

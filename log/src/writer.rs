@@ -77,7 +77,13 @@ impl Writer {
             (seg.base, seg.len, seg.end_offset())
         };
         let path = segment_path(&shared.dir, base);
-        let file = shared.fs.open_append(&path).map_err(|e| Error::io("opening", &path, e))?;
+        let mut file = shared.fs.open_append(&path).map_err(|e| Error::io("opening", &path, e))?;
+        // What a killed process wrote but never synced survives in the page
+        // cache and is read back as the log's tail: sync it before anything
+        // is built on it (e.g. a re-sent publish answered as a duplicate).
+        if next_offset > base {
+            file.sync_data().map_err(|e| Error::io("syncing", &path, e))?;
+        }
         Ok(Writer {
             shared,
             file,
@@ -219,11 +225,16 @@ impl Writer {
             return;
         }
         let always = self.shared.opts.fsync == FsyncMode::Always;
+        let written = self.buf.len() as u64;
         let mut result = self.file.write_all(&self.buf);
+        // Readers may start on these records while the sync runs.
+        let published = result.is_ok() && always && self.shared.opts.readable_before_sync;
+        if published {
+            self.shared.publish(self.len + written, &mut self.staged_entries, self.next_offset);
+        }
         if result.is_ok() && always {
             result = self.file.sync_data();
         }
-        let written = self.buf.len() as u64;
         match result {
             Ok(()) => {
                 self.len += written;
@@ -232,9 +243,23 @@ impl Writer {
                 } else if self.first_unsynced.is_none() {
                     self.first_unsynced = Some(Instant::now());
                 }
-                self.shared.publish(self.len, &mut self.staged_entries, self.next_offset);
+                if !published {
+                    self.shared.publish(self.len, &mut self.staged_entries, self.next_offset);
+                }
+                if always {
+                    self.shared.mark_durable(self.next_offset);
+                }
                 for p in self.pending.drain(..) {
                     answer(p.reply, Ok(p.range));
+                }
+            }
+            Err(e) if published => {
+                // Readers may have seen these records: their offsets must
+                // not be handed out again, so no rollback and no more appends.
+                self.len += written;
+                self.poison("fdatasync failed for records already readable", &e);
+                for p in self.pending.drain(..) {
+                    answer(p.reply, Err(Error::io("syncing", &self.path, io::Error::new(e.kind(), e.to_string()))));
                 }
             }
             Err(e) => {
@@ -270,6 +295,7 @@ impl Writer {
         match self.file.sync_data() {
             Ok(()) => {
                 self.durable_len = self.len;
+                self.shared.mark_durable(self.shared.end());
                 Ok(())
             }
             Err(e) => {

@@ -580,3 +580,92 @@ fn a_group_write_failing_in_an_empty_segment_before_a_rollover_does_not_start_a_
     assert_eq!(log.stats().segments, 1);
     assert_kept_and_reopens_clean(&fs, log, &acked, "");
 }
+
+fn readable_early() -> LogOptions {
+    LogOptions { readable_before_sync: true, ..always() }
+}
+
+#[test]
+fn with_readable_before_sync_records_are_readable_while_their_sync_runs_and_durable_offset_trails() {
+    for early in [false, true] {
+        let fs = MemFs::new();
+        let (gated, gate) = gate_fs(fs.clone());
+        let opts = LogOptions { readable_before_sync: early, ..always() };
+        let (log, _) = open_on(Arc::new(gated), opts.clone());
+        let mut acked = Acked::new();
+        append(&log, &mut acked, vec![rec(0, 100), rec(1, 100)]);
+        assert_eq!((log.next_offset(), log.durable_offset()), (2, 2));
+        let mut end = log.subscribe();
+        end.borrow_and_update();
+
+        let held = vec![rec(2, 100)];
+        std::thread::scope(|s| {
+            gate.arm();
+            let append = s.spawn(|| log.append_blocking(&held));
+            gate.wait_entered();
+            // The writer is inside the sync: nothing is acknowledged yet.
+            assert_eq!(log.durable_offset(), 2, "early {early}");
+            if early {
+                assert_eq!(log.next_offset(), 3);
+                assert!(end.has_changed().unwrap(), "subscribers hear of the record before its sync");
+                let got = log.read(2, 10, 1 << 20).unwrap();
+                assert_eq!(got.records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["id-0002"]);
+            } else {
+                assert_eq!(log.next_offset(), 2, "readable only once durable");
+                assert!(!end.has_changed().unwrap());
+            }
+            // A power loss now keeps exactly the acknowledged records.
+            assert_crash_keeps_exactly(&fs, &opts, &acked);
+            gate.open();
+            assert_eq!(append.join().unwrap().expect("the sync succeeds"), 2..3);
+        });
+        acked.insert(2, held[0].clone());
+        assert_eq!((log.next_offset(), log.durable_offset()), (3, 3));
+        assert_exactly(&log, &acked);
+        assert_crash_keeps_exactly(&fs, &opts, &acked);
+    }
+}
+
+#[test]
+fn with_readable_before_sync_a_failed_fsync_poisons_the_log_instead_of_reusing_offsets_readers_saw() {
+    let fs = MemFs::new();
+    let (log, _) = open(&fs, readable_early());
+    let mut acked = Acked::new();
+    append(&log, &mut acked, vec![rec(0, 100), rec(1, 100)]);
+
+    fs.inject(Fault::Sync(io::ErrorKind::Other));
+    let err = log.append_blocking(&[rec(2, 100)]).expect_err("the sync fails");
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    // Readers may have seen offset 2: it is neither taken back nor handed
+    // out again, and the disk is not said to have it.
+    assert_eq!((log.next_offset(), log.durable_offset()), (3, 2));
+    let err = log.append_blocking(&[rec(3, 100)]).expect_err("poisoned");
+    assert!(matches!(err, Error::Poisoned), "{err:?}");
+    // A power loss keeps the acknowledged records, whatever else it keeps.
+    for seed in SEEDS {
+        let (crashed, report) = open(&fs.crash(seed), readable_early());
+        assert!(report.corrupt.is_empty(), "{report:?}");
+        let got = read_all(&crashed);
+        assert!(got.len() >= 2, "{} survived", got.len());
+        for r in got.iter().take(2) {
+            assert_eq!((&r.id, &r.payload), (&acked[&r.offset].id, &acked[&r.offset].payload));
+        }
+    }
+}
+
+#[test]
+fn reopening_syncs_a_tail_the_last_process_wrote_but_never_synced() {
+    let opts = LogOptions { fsync: FsyncMode::Never, ..always() };
+    let fs = MemFs::new();
+    let (log, _) = open(&fs, opts.clone());
+    let mut acked = Acked::new();
+    append(&log, &mut acked, vec![rec(0, 100), rec(1, 100)]);
+    // The process is killed: its writer never syncs (a drop would).
+    std::mem::forget(log);
+    let (reopened, _) = open(&fs, always());
+    assert_exactly(&reopened, &acked);
+    assert_eq!(reopened.durable_offset(), 2);
+    // The restarted process may build on that tail (a re-sent publish is
+    // answered as a duplicate of it), so a power loss must not take it.
+    assert_crash_keeps_exactly(&fs, &always(), &acked);
+}
