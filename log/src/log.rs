@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
@@ -66,6 +66,12 @@ impl Shared {
             *d = (*d).max(next_offset);
             moved
         });
+    }
+
+    /// Marks the log poisoned and wakes whoever waits for durability.
+    pub(crate) fn poison(&self) {
+        self.poisoned.store(true, Ordering::Release);
+        self.durable.send_modify(|_| {});
     }
 
     /// One past the last readable record.
@@ -309,9 +315,21 @@ impl Log {
         *self.shared.durable.borrow()
     }
 
-    /// A receiver that changes whenever [`Log::durable_offset`] moves.
-    pub fn subscribe_durable(&self) -> watch::Receiver<u64> {
-        self.shared.durable.subscribe()
+    /// Returns once every record below `offset` is on disk
+    /// ([`Log::durable_offset`] ≥ `offset`), or [`Error::Poisoned`] if the
+    /// log failed before it got there.
+    pub async fn wait_durable(&self, offset: u64) -> Result<()> {
+        let mut durable = self.shared.durable.subscribe();
+        loop {
+            if *durable.borrow_and_update() >= offset {
+                return Ok(());
+            }
+            if self.shared.poisoned.load(Ordering::Acquire) {
+                return Err(Error::Poisoned);
+            }
+            // The sender lives as long as `self`.
+            let _ = durable.changed().await;
+        }
     }
 
     /// The value of a named cursor, if set.

@@ -172,7 +172,7 @@ impl Writer {
 
     fn poison(&self, why: &str, e: &io::Error) {
         tracing::error!(path = %self.path.display(), error = %e, "{why}; the log refuses appends until reopened");
-        self.shared.poisoned.store(true, Ordering::Release);
+        self.shared.poison();
     }
 
     /// Gives a request its offsets and stages its bytes.

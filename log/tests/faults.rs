@@ -587,6 +587,7 @@ fn readable_early() -> LogOptions {
 
 #[test]
 fn with_readable_before_sync_records_are_readable_while_their_sync_runs_and_durable_offset_trails() {
+    let rt = runtime();
     for early in [false, true] {
         let fs = MemFs::new();
         let (gated, gate) = gate_fs(fs.clone());
@@ -605,6 +606,8 @@ fn with_readable_before_sync_records_are_readable_while_their_sync_runs_and_dura
             gate.wait_entered();
             // The writer is inside the sync: nothing is acknowledged yet.
             assert_eq!(log.durable_offset(), 2, "early {early}");
+            let mut durable = submit(log.wait_durable(3));
+            rt.block_on(log.wait_durable(2)).expect("already durable");
             if early {
                 assert_eq!(log.next_offset(), 3);
                 assert!(end.has_changed().unwrap(), "subscribers hear of the record before its sync");
@@ -618,6 +621,7 @@ fn with_readable_before_sync_records_are_readable_while_their_sync_runs_and_dura
             assert_crash_keeps_exactly(&fs, &opts, &acked);
             gate.open();
             assert_eq!(append.join().unwrap().expect("the sync succeeds"), 2..3);
+            rt.block_on(durable.as_mut()).expect("durable once synced");
         });
         acked.insert(2, held[0].clone());
         assert_eq!((log.next_offset(), log.durable_offset()), (3, 3));
@@ -633,9 +637,13 @@ fn with_readable_before_sync_a_failed_fsync_poisons_the_log_instead_of_reusing_o
     let mut acked = Acked::new();
     append(&log, &mut acked, vec![rec(0, 100), rec(1, 100)]);
 
+    let rt = runtime();
+    let mut durable = submit(log.wait_durable(3));
     fs.inject(Fault::Sync(io::ErrorKind::Other));
     let err = log.append_blocking(&[rec(2, 100)]).expect_err("the sync fails");
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    let err = rt.block_on(durable.as_mut()).expect_err("offset 2 never becomes durable");
+    assert!(matches!(err, Error::Poisoned), "{err:?}");
     // Readers may have seen offset 2: it is neither taken back nor handed
     // out again, and the disk is not said to have it.
     assert_eq!((log.next_offset(), log.durable_offset()), (3, 2));

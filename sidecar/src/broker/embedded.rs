@@ -7,16 +7,20 @@
 //! * Publishing dedupes on the message id within the stream's duplicate
 //!   window (ids are reloaded from the log at start), and is pipelined:
 //!   publishes are queued in call order and confirmed after the fsync.
+//!   Consumers may take a message while its fsync runs (the two overlap on
+//!   the delivery path); nothing is settled before it is done.
 //! * A consumer keeps an ack floor (every sequence below it is settled),
 //!   the settled sequences above it, and the delivery count of each
 //!   delivered one. That state is appended whole, as one record, to a
 //!   `ferry-log` journal under `{dir}/consumers/{stream}/{consumer}/`
-//!   (fsynced; the last record is the state) before a fetch returns and
-//!   before an ack, term or nak is answered, so after a crash nothing acked
-//!   is delivered again and everything unacked is delivered again at once,
-//!   counts kept. One append and one `fdatasync` a write (concurrent
-//!   writers share one), where a file replaced by rename cost three syncs;
-//!   older records are let go every [`COMPACT_EVERY`] writes.
+//!   (fsynced; the last record is the state) before an ack, term or nak is
+//!   answered, and while a fetch's messages go to the app, so after a crash
+//!   nothing acked is delivered again and everything unacked is delivered
+//!   again at once, counts kept (but for a delivery whose count a crash
+//!   caught in flight, as JetStream would). One append and one `fdatasync`
+//!   a write (concurrent writers share one), where a file replaced by rename
+//!   cost three syncs; older records are let go every [`COMPACT_EVERY`]
+//!   writes.
 //!
 //! Documented limits against JetStream: retention limits (`maxAge`,
 //! `maxBytes`, `maxMessages`) are not enforced (messages are kept until
@@ -150,8 +154,20 @@ impl EmbeddedBroker {
 
 impl Stream {
     fn open(base: &Path, plan: &StreamPlan) -> Result<Stream, BrokerError> {
-        let opts = LogOptions { fsync: FsyncMode::Always, budget: Budget::unlimited(), ..LogOptions::default() };
-        let (log, report) = Log::open(base.join("streams").join(&plan.name), opts).map_err(unavailable)?;
+        Self::open_on(Arc::new(ferry_log::StdFs), base, plan)
+    }
+
+    /// [`Stream::open`] with its log on `fs` (a test's `MemFs`).
+    fn open_on(fs: Arc<dyn ferry_log::Fs>, base: &Path, plan: &StreamPlan) -> Result<Stream, BrokerError> {
+        // Consumers start on a message while its sync runs; publishers are
+        // confirmed after it, and acks wait for it (`ConsumerState::persist`).
+        let opts = LogOptions {
+            fsync: FsyncMode::Always,
+            budget: Budget::unlimited(),
+            readable_before_sync: true,
+            ..LogOptions::default()
+        };
+        let (log, report) = Log::open_with(fs, base.join("streams").join(&plan.name), opts).map_err(unavailable)?;
         if !report.is_clean() {
             tracing::warn!(stream = %plan.name, ?report, "embedded broker repaired its stream log");
         }
@@ -280,7 +296,7 @@ impl Broker for EmbeddedBroker {
             .find(|s| msg.subject.starts_with(&s.prefix))
             .cloned()
             .ok_or_else(|| BrokerError::NoStream(msg.subject.clone()))?;
-        // Waiting fetches wake on the log's end moving, once it is durable.
+        // Waiting fetches wake on the log's end moving, once it is written.
         stream.publish(msg)
     }
 
@@ -444,21 +460,31 @@ impl ConsumerState {
         l.max_ack_pending = plan.max_ack_pending.max(1) as usize;
     }
 
-    /// The state as of now, and its generation.
-    fn encode(&self) -> Result<(bytes::Bytes, u64), BrokerError> {
+    /// The state as of now, its generation, and the highest sequence it
+    /// says is settled.
+    fn encode(&self) -> Result<(bytes::Bytes, u64, u64), BrokerError> {
         let l = self.lock();
-        Ok((serde_json::to_vec(&l.snap).map_err(unavailable)?.into(), l.generation))
+        let settled = l.snap.settled.last().copied().unwrap_or(0).max(l.snap.floor.saturating_sub(1));
+        Ok((serde_json::to_vec(&l.snap).map_err(unavailable)?.into(), l.generation, settled))
     }
 
     /// Returns once the state as of now is on disk. Concurrent callers share
     /// one write: whoever gets the lock writes the newest state for all.
+    ///
+    /// A state never says a sequence is settled before the stream has that
+    /// message on disk (a consumer may take it while its sync runs): after a
+    /// power loss the stream could give that sequence to another message,
+    /// which would then count as acked. Delivered and `next` may run ahead:
+    /// after a restart a lost sequence is delivered again at once.
     async fn persist(self: &Arc<Self>) -> Result<(), BrokerError> {
         let wanted = self.lock().generation;
         let _guard = self.write.lock().await;
         if self.persisted.load(AtOrd::Acquire) >= wanted {
             return Ok(());
         }
-        let (bytes, generation) = self.encode()?;
+        let (bytes, generation, settled) = self.encode()?;
+        // Sequence s is offset s - 1: durable once the durable offset is ≥ s.
+        self.stream.log.wait_durable(settled).await.map_err(unavailable)?;
         let at = self.journal.append(&[NewRecord::new(LATEST, bytes)]).await.map_err(unavailable)?.start;
         self.persisted.fetch_max(generation, AtOrd::AcqRel);
         if at > 0 && at % COMPACT_EVERY == 0 {
@@ -580,8 +606,17 @@ impl Consumer for EmbeddedConsumer {
             let mut end = me.stream.log.subscribe();
             let picked = me.take(max.max(1));
             if !picked.is_empty() {
-                // Delivery counts must survive a crash before the app sees them.
-                me.persist().await?;
+                // The delivery counts go to disk while the app gets the
+                // messages, as JetStream keeps them: a crash in between may
+                // lose this delivery's count (the message is delivered again
+                // with the count it had), never a message. An ack waits for
+                // this write (it shares the write lock, and writes later state).
+                let persist = me.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = persist.persist().await {
+                        tracing::warn!(error = %e, "embedded broker: could not save a consumer's delivery counts");
+                    }
+                });
                 let mut out = Vec::with_capacity(picked.len());
                 for (seq, delivered) in picked {
                     let batch = me.stream.log.read(seq - 1, 1, 1).map_err(unavailable)?;
@@ -633,6 +668,54 @@ mod tests {
         (broker.stream(&plan.stream).unwrap(), plan)
     }
 
+    fn message(id: &str) -> OutMessage {
+        OutMessage {
+            subject: "ferry.t.orders.x".into(),
+            id: id.into(),
+            headers: Vec::new(),
+            payload: bytes::Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ack_is_saved_only_once_its_message_is_on_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fs = ferry_log::memfs::MemFs::new();
+        let plan = stream_plan("t", "orders", &TopicSpec::default());
+        let mut spec = SubscriptionSpec::new("orders", "app");
+        spec.start_position = StartPosition::Earliest;
+        let cplan = consumer_plan("t", "group", &spec, None);
+        let crashed = {
+            let stream = Arc::new(Stream::open_on(Arc::new(fs.clone()), tmp.path(), &plan).unwrap());
+            let c = Arc::new(ConsumerState::open(stream.clone(), &cplan).unwrap());
+            // The stream's sync fails: the publish is refused, but the
+            // consumer may take the message, written, while the sync ran.
+            fs.inject(ferry_log::memfs::Fault::Sync(std::io::ErrorKind::Other));
+            assert!(stream.publish(message("lost")).unwrap().await.is_err());
+            let got = EmbeddedConsumer(c.clone()).fetch(1, Duration::from_secs(5)).await.unwrap();
+            assert_eq!(got.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["lost"]);
+            let err = got[0].settle.settle(Settlement::Ack).await.expect_err("its message is not on disk");
+            assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+            drop(got);
+            // The fetch's own state write runs on its own task: let it end.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Arc::strong_count(&c) > 1 {
+                assert!(Instant::now() < deadline, "the fetch's state write never ended");
+                tokio::task::yield_now().await;
+            }
+            // The power goes now: the unsynced message with it.
+            fs.crash(0)
+        };
+        // The forwarder's re-send (or another message) gets its sequence.
+        // The consumer's journal, on disk, must not call that sequence acked.
+        let stream = Arc::new(Stream::open_on(Arc::new(crashed), tmp.path(), &plan).unwrap());
+        let sent = stream.publish(message("next")).unwrap().await.unwrap();
+        assert_eq!((sent.sequence, sent.duplicate), (1, false));
+        let c = Arc::new(ConsumerState::open(stream, &cplan).unwrap());
+        let got = EmbeddedConsumer(c).fetch(1, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got.iter().map(|m| (m.id.as_str(), m.sequence)).collect::<Vec<_>>(), [("next", 1)]);
+    }
+
     fn journal_bytes(dir: &Path) -> u64 {
         std::fs::read_dir(dir).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum()
     }
@@ -648,7 +731,9 @@ mod tests {
             // Each state write is one record of about 60 bytes: 3 × 1024
             // writes fill about 22 segments of 8 KiB.
             for i in 0..3 * COMPACT_EVERY {
-                c.lock().snap.floor = i + 1;
+                // (`next`, not the floor: a settled sequence waits for the
+                // stream to have it on disk, and this stream is empty.)
+                c.lock().snap.next = i + 1;
                 c.lock().generation += 1;
                 c.persist().await.unwrap();
             }
@@ -662,7 +747,7 @@ mod tests {
             assert!(journal_bytes(&journal_dir) < 120 << 10, "{} bytes kept", journal_bytes(&journal_dir));
         }
         let c = ConsumerState::open_with(stream, &plan, 8 << 10).unwrap();
-        assert_eq!(c.lock().snap.floor, 3 * COMPACT_EVERY, "the newest state, not an older one");
+        assert_eq!(c.lock().snap.next, 3 * COMPACT_EVERY, "the newest state, not an older one");
     }
 
     #[test]
