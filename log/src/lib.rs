@@ -33,8 +33,10 @@
 //! 3. A failed write or sync is rolled back (file truncated to its last good
 //!    length) before the callers hear of it, so the file ends in acknowledged
 //!    records. If the rollback fails, or readers may already have seen the
-//!    records (a failed sync with `readable_before_sync`), the log refuses
-//!    further appends ([`Error::Poisoned`]) until reopened.
+//!    records (a failed sync with `readable_before_sync`: then the rollback
+//!    is done at close), the log refuses further appends and syncs
+//!    ([`Error::Poisoned`]) and its durable offset stays where it was, until
+//!    reopened.
 //! 4. Sealed segments were synced whole before their index was written;
 //!    only the active (last) segment can have a torn tail.
 //! 5. A segment is deleted only when every named cursor is at or past its

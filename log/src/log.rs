@@ -309,7 +309,8 @@ impl Log {
 
     /// One past the last record known to be on disk. Equal to
     /// [`Log::next_offset`] with [`crate::FsyncMode::Always`], except while a
-    /// sync runs with [`LogOptions::readable_before_sync`]; trails it in the
+    /// sync runs with [`LogOptions::readable_before_sync`] (and for good if
+    /// that sync failed: the log is poisoned); trails it in the
     /// `Interval`/`Never` modes until their sync.
     pub fn durable_offset(&self) -> u64 {
         *self.shared.durable.borrow()

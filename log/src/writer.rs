@@ -3,7 +3,8 @@
 //! Appenders encode their records (in their own task, in parallel) and send
 //! the bytes here. The thread takes every request waiting in the queue, gives
 //! them offsets, writes them with one `write`, runs one `fdatasync`, then
-//! publishes the new records to readers and answers every appender. A
+//! publishes the new records to readers (with `readable_before_sync`: before
+//! the `fdatasync`) and answers every appender. A
 //! dedicated thread instead of a leader elected among callers keeps async
 //! callers from ever blocking a runtime thread on `fdatasync`.
 
@@ -67,6 +68,9 @@ pub(crate) struct Writer {
     first_unsynced: Option<Instant>,
     /// Append requests in the last commit.
     last_group: usize,
+    /// Bytes past `len` were written and shown to readers, but their sync
+    /// failed (with `readable_before_sync`): cut off at close.
+    unacked_tail: bool,
 }
 
 impl Writer {
@@ -97,6 +101,7 @@ impl Writer {
             pending: Vec::new(),
             first_unsynced: None,
             last_group: 0,
+            unacked_tail: false,
         })
     }
 
@@ -164,6 +169,12 @@ impl Writer {
         // Closing: make everything written durable.
         self.flush();
         let _ = self.sync_unsynced();
+        if self.unacked_tail {
+            // Records whose sync failed after readers saw them: nobody reads
+            // any more, so cut them off (best effort), lest a reopen take
+            // them for durable.
+            let _ = self.file.set_len(self.len).and_then(|()| self.file.sync_data());
+        }
     }
 
     fn poisoned(&self) -> bool {
@@ -255,8 +266,9 @@ impl Writer {
             }
             Err(e) if published => {
                 // Readers may have seen these records: their offsets must
-                // not be handed out again, so no rollback and no more appends.
-                self.len += written;
+                // not be handed out again, so no more appends, and the
+                // rollback waits for the close (`unacked_tail`).
+                self.unacked_tail = true;
                 self.poison("fdatasync failed for records already readable", &e);
                 for p in self.pending.drain(..) {
                     answer(p.reply, Err(Error::io("syncing", &self.path, io::Error::new(e.kind(), e.to_string()))));
@@ -289,6 +301,11 @@ impl Writer {
     /// Syncs bytes written in `Interval`/`Never` mode.
     fn sync_unsynced(&mut self) -> Result<()> {
         self.first_unsynced = None;
+        if self.poisoned() {
+            // After a failed sync a retry may succeed without the bytes on
+            // disk (the kernel marked them clean): nothing is durable now.
+            return Err(Error::Poisoned);
+        }
         if self.durable_len == self.len {
             return Ok(());
         }
@@ -300,7 +317,8 @@ impl Writer {
             }
             Err(e) => {
                 // These bytes were already acknowledged (the documented risk
-                // of these modes); whether they reached the disk is unknown.
+                // of the `Interval`/`Never` modes); whether they reached the
+                // disk is unknown.
                 self.poison("fdatasync failed for acknowledged records", &e);
                 Err(Error::io("syncing", &self.path, e))
             }

@@ -501,7 +501,7 @@ fn submit<F: Future>(append: F) -> Pin<Box<F>> {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().build().expect("runtime")
+    tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime")
 }
 
 #[test]
@@ -642,13 +642,18 @@ fn with_readable_before_sync_a_failed_fsync_poisons_the_log_instead_of_reusing_o
     fs.inject(Fault::Sync(io::ErrorKind::Other));
     let err = log.append_blocking(&[rec(2, 100)]).expect_err("the sync fails");
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
-    let err = rt.block_on(durable.as_mut()).expect_err("offset 2 never becomes durable");
+    let waited = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), durable.as_mut()).await });
+    let err = waited.expect("the poison wakes whoever waits").expect_err("offset 2 never becomes durable");
     assert!(matches!(err, Error::Poisoned), "{err:?}");
     // Readers may have seen offset 2: it is neither taken back nor handed
     // out again, and the disk is not said to have it.
     assert_eq!((log.next_offset(), log.durable_offset()), (3, 2));
     let err = log.append_blocking(&[rec(3, 100)]).expect_err("poisoned");
     assert!(matches!(err, Error::Poisoned), "{err:?}");
+    // A later sync does not declare it durable either (a retry after a
+    // failed fdatasync can succeed without the bytes on disk).
+    assert!(matches!(log.sync_blocking(), Err(Error::Poisoned)));
+    assert_eq!(log.durable_offset(), 2);
     // A power loss keeps the acknowledged records, whatever else it keeps.
     for seed in SEEDS {
         let (crashed, report) = open(&fs.crash(seed), readable_early());
@@ -659,6 +664,11 @@ fn with_readable_before_sync_a_failed_fsync_poisons_the_log_instead_of_reusing_o
             assert_eq!((&r.id, &r.payload), (&acked[&r.offset].id, &acked[&r.offset].payload));
         }
     }
+    // Closing cuts the unacknowledged record off: a reopen does not take it
+    // for durable, and gives its offset to the next append.
+    drop(durable);
+    drop(log);
+    assert_reopens_exactly(&fs, readable_early(), &acked);
 }
 
 #[test]

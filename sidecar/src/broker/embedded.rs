@@ -406,7 +406,7 @@ impl ConsumerState {
         let refused = |e: serde_json::Error| BrokerError::Refused(format!("{}: {e}", dir.display()));
         // A state file of an earlier version, taken over once.
         let legacy = stream.dir.join(format!("{}.json", plan.name));
-        let snap = if journal.next_offset() > journal.stats().start_offset {
+        let mut snap: Snapshot = if journal.next_offset() > journal.stats().start_offset {
             let batch = journal.read(journal.next_offset() - 1, 1, usize::MAX).map_err(unavailable)?;
             let last = batch.records.last().ok_or_else(|| unavailable("consumer journal: no last record"))?;
             serde_json::from_slice(&last.payload).map_err(refused)?
@@ -415,10 +415,24 @@ impl ConsumerState {
         } else {
             let start = match plan.start {
                 StartPosition::Earliest => stream.log.stats().start_offset + 1,
-                StartPosition::Latest => stream.last_seq() + 1,
+                // Past what is on disk only: a message still syncing is
+                // the new consumer's, and could be lost and sent again.
+                StartPosition::Latest => stream.log.durable_offset() + 1,
             };
             Snapshot { floor: start, next: start, ..Snapshot::default() }
         };
+        // A power loss can take messages this consumer was given while
+        // their sync ran (never acked: acks wait for the disk). Their
+        // sequences go to the messages published next (the forwarder's
+        // re-sends first), which are new to this consumer.
+        let end = stream.last_seq() + 1;
+        if snap.next > end {
+            tracing::warn!(consumer = %plan.name, next = snap.next, end, "the stream lost messages this consumer was given (a power loss while they synced); their sequences will be delivered afresh");
+            snap.next = end;
+            snap.floor = snap.floor.min(end);
+            snap.delivered.retain(|seq, _| *seq < end);
+            snap.settled.retain(|seq| *seq < end);
+        }
         // After a restart every delivered, unsettled message is due at once.
         let now = Instant::now();
         let due = snap.delivered.keys().map(|s| (*s, now)).collect();
@@ -622,7 +636,11 @@ impl Consumer for EmbeddedConsumer {
                     let batch = me.stream.log.read(seq - 1, 1, 1).map_err(unavailable)?;
                     let Some(r) = batch.records.into_iter().find(|r| r.offset == seq - 1) else {
                         // Gone (damaged and skipped by the log): settle it.
-                        me.settle_now(seq, Settlement::Reject);
+                        // (Never past the log's end: `open` keeps the state
+                        // within it, and a running stream does not shrink.)
+                        if seq <= me.stream.last_seq() {
+                            me.settle_now(seq, Settlement::Reject);
+                        }
                         continue;
                     };
                     let subject =
@@ -694,26 +712,52 @@ mod tests {
             assert!(stream.publish(message("lost")).unwrap().await.is_err());
             let got = EmbeddedConsumer(c.clone()).fetch(1, Duration::from_secs(5)).await.unwrap();
             assert_eq!(got.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["lost"]);
-            let err = got[0].settle.settle(Settlement::Ack).await.expect_err("its message is not on disk");
-            assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
-            drop(got);
-            // The fetch's own state write runs on its own task: let it end.
+            // The fetch's state write (a delivery, nothing settled) runs on
+            // its own task and needs nothing synced: it goes through.
             let deadline = Instant::now() + Duration::from_secs(10);
-            while Arc::strong_count(&c) > 1 {
+            while c.persisted.load(AtOrd::Acquire) < c.lock().generation {
                 assert!(Instant::now() < deadline, "the fetch's state write never ended");
                 tokio::task::yield_now().await;
             }
+            let err = got[0].settle.settle(Settlement::Ack).await.expect_err("its message is not on disk");
+            assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+            drop(got);
+            // A consumer that starts at the latest message now starts at
+            // the first not on disk, which is that one.
+            let mut latest = spec.clone();
+            latest.start_position = StartPosition::Latest;
+            ConsumerState::open(stream.clone(), &consumer_plan("t", "latest", &latest, None)).unwrap();
             // The power goes now: the unsynced message with it.
             fs.crash(0)
         };
-        // The forwarder's re-send (or another message) gets its sequence.
-        // The consumer's journal, on disk, must not call that sequence acked.
         let stream = Arc::new(Stream::open_on(Arc::new(crashed), tmp.path(), &plan).unwrap());
+        assert_eq!(stream.last_seq(), 0, "the power loss took the message");
+        let c = EmbeddedConsumer(Arc::new(ConsumerState::open(stream.clone(), &cplan).unwrap()));
+        // The consumer was given sequence 1, which the stream no longer has:
+        // a fetch now finds nothing, and must not settle that sequence.
+        assert!(c.fetch(1, Duration::ZERO).await.unwrap().is_empty());
+        // The forwarder's re-send (or another message) gets sequence 1. The
+        // consumer's journal must not call it acked, nor skip it.
         let sent = stream.publish(message("next")).unwrap().await.unwrap();
         assert_eq!((sent.sequence, sent.duplicate), (1, false));
-        let c = Arc::new(ConsumerState::open(stream, &cplan).unwrap());
-        let got = EmbeddedConsumer(c).fetch(1, Duration::from_secs(5)).await.unwrap();
-        assert_eq!(got.iter().map(|m| (m.id.as_str(), m.sequence)).collect::<Vec<_>>(), [("next", 1)]);
+        for (c, name) in [(c, "group"), (latest_consumer(&stream, &spec), "latest")] {
+            let got = c.fetch(1, Duration::from_secs(5)).await.unwrap();
+            let got: Vec<_> = got.iter().map(|m| (m.id.as_str(), m.sequence, m.delivered)).collect();
+            assert_eq!(got, [("next", 1, 1)], "consumer {name}");
+        }
+    }
+
+    fn latest_consumer(stream: &Arc<Stream>, spec: &SubscriptionSpec) -> EmbeddedConsumer {
+        let mut latest = spec.clone();
+        latest.start_position = StartPosition::Latest;
+        let plan = consumer_plan("t", "latest", &latest, None);
+        EmbeddedConsumer(Arc::new(ConsumerState::open(stream.clone(), &plan).unwrap()))
+    }
+
+    /// Puts `n` messages in the stream (a consumer's state stays within it).
+    async fn fill(stream: &Stream, n: u64) {
+        let records: Vec<NewRecord> = (0..n).map(|i| NewRecord::new(format!("m{i}"), "{}")).collect();
+        stream.log.append(&records).await.unwrap();
     }
 
     fn journal_bytes(dir: &Path) -> u64 {
@@ -726,14 +770,13 @@ mod tests {
         let broker = Arc::new(EmbeddedBroker::open(tmp.path()).unwrap());
         let (stream, plan) = stream_and_plan(&broker).await;
         let journal_dir = stream.dir.join(&plan.name);
+        fill(&stream, 3 * COMPACT_EVERY).await;
         {
             let c = Arc::new(ConsumerState::open_with(stream.clone(), &plan, 8 << 10).unwrap());
             // Each state write is one record of about 60 bytes: 3 × 1024
             // writes fill about 22 segments of 8 KiB.
             for i in 0..3 * COMPACT_EVERY {
-                // (`next`, not the floor: a settled sequence waits for the
-                // stream to have it on disk, and this stream is empty.)
-                c.lock().snap.next = i + 1;
+                c.lock().snap.floor = i + 1;
                 c.lock().generation += 1;
                 c.persist().await.unwrap();
             }
@@ -747,7 +790,7 @@ mod tests {
             assert!(journal_bytes(&journal_dir) < 120 << 10, "{} bytes kept", journal_bytes(&journal_dir));
         }
         let c = ConsumerState::open_with(stream, &plan, 8 << 10).unwrap();
-        assert_eq!(c.lock().snap.next, 3 * COMPACT_EVERY, "the newest state, not an older one");
+        assert_eq!(c.lock().snap.floor, 3 * COMPACT_EVERY, "the newest state, not an older one");
     }
 
     #[test]
@@ -784,6 +827,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let broker = Arc::new(EmbeddedBroker::open(tmp.path()).unwrap());
         let (stream, plan) = stream_and_plan(&broker).await;
+        fill(&stream, 8).await;
         std::fs::create_dir_all(&stream.dir).unwrap();
         let legacy = stream.dir.join(format!("{}.json", plan.name));
         let old = Snapshot { floor: 7, next: 9, settled: BTreeSet::new(), delivered: BTreeMap::from([(8, 2)]) };
