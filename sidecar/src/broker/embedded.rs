@@ -26,7 +26,10 @@
 //! `maxBytes`, `maxMessages`) are not enforced (messages are kept until
 //! every consumer acked them and the log's segments can go); per-pod
 //! consumers are not removed after inactivity; memory storage is stored on
-//! disk like file storage.
+//! disk like file storage. A failed `fdatasync` of a stream (an I/O error
+//! of the disk) refuses that stream's publishes and acks until the sidecar
+//! restarts, as a database stops on one: consumers may have seen the
+//! message, so its sequence cannot be rolled back and handed out again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
