@@ -316,6 +316,12 @@ impl Log {
         *self.shared.durable.borrow()
     }
 
+    /// True once a failure made the log refuse appends until reopened
+    /// ([`Error::Poisoned`]).
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
+    }
+
     /// Returns once every record below `offset` is on disk
     /// ([`Log::durable_offset`] ≥ `offset`), or [`Error::Poisoned`] if the
     /// log failed before it got there.

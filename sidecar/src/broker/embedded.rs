@@ -303,8 +303,10 @@ impl Broker for EmbeddedBroker {
         stream.publish(msg)
     }
 
+    /// False once a stream's disk failed (a poisoned stream log refuses
+    /// publishes until the sidecar restarts), so `/readyz` says so.
     fn is_connected(&self) -> bool {
-        true
+        !self.lock().values().any(|s| s.log.is_poisoned())
     }
 }
 
@@ -709,10 +711,23 @@ mod tests {
         let crashed = {
             let stream = Arc::new(Stream::open_on(Arc::new(fs.clone()), tmp.path(), &plan).unwrap());
             let c = Arc::new(ConsumerState::open(stream.clone(), &cplan).unwrap());
+            let broker = EmbeddedBroker {
+                dir: tmp.path().to_path_buf(),
+                streams: Mutex::new(BTreeMap::from([(plan.name.clone(), stream.clone())])),
+            };
+            assert!(broker.is_connected());
             // The stream's sync fails: the publish is refused, but the
             // consumer may take the message, written, while the sync ran.
             fs.inject(ferry_log::memfs::Fault::Sync(std::io::ErrorKind::Other));
             assert!(stream.publish(message("lost")).unwrap().await.is_err());
+            // The stream refuses publishes from now on, and readiness says so.
+            assert!(!broker.is_connected(), "a stream whose disk failed is not a working broker");
+            let refused = match broker.publish(message("after")).await {
+                Ok(pending) => pending.await.err(),
+                Err(e) => Some(e),
+            };
+            let refused = refused.expect("a poisoned stream refuses publishes");
+            assert!(matches!(refused, BrokerError::Unavailable(_)), "{refused:?}");
             let got = EmbeddedConsumer(c.clone()).fetch(1, Duration::from_secs(5)).await.unwrap();
             assert_eq!(got.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["lost"]);
             // The fetch's state write (a delivery, nothing settled) runs on
