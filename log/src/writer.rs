@@ -71,6 +71,9 @@ pub(crate) struct Writer {
     /// Bytes past `len` were written and shown to readers, but their sync
     /// failed (with `readable_before_sync`): cut off at close.
     unacked_tail: bool,
+    /// An `fdatasync` failed: no later sync may count as making anything
+    /// durable.
+    sync_failed: bool,
 }
 
 impl Writer {
@@ -102,6 +105,7 @@ impl Writer {
             first_unsynced: None,
             last_group: 0,
             unacked_tail: false,
+            sync_failed: false,
         })
     }
 
@@ -198,6 +202,13 @@ impl Writer {
         }
         if self.must_roll(n) {
             self.flush();
+            if self.poisoned() {
+                // The flush failed for good: nothing more goes on this log
+                // (its end may hold records that are neither durable nor
+                // taken back).
+                budget.release(n);
+                return answer(req.reply, Err(Error::Poisoned));
+            }
             // A failed flush cut its records off again: if that left the
             // segment empty, there is nothing to seal (sealing it would
             // start a second segment at the same base offset).
@@ -269,6 +280,7 @@ impl Writer {
                 // not be handed out again, so no more appends, and the
                 // rollback waits for the close (`unacked_tail`).
                 self.unacked_tail = true;
+                self.sync_failed = true;
                 self.poison("fdatasync failed for records already readable", &e);
                 for p in self.pending.drain(..) {
                     answer(p.reply, Err(Error::io("syncing", &self.path, io::Error::new(e.kind(), e.to_string()))));
@@ -301,7 +313,7 @@ impl Writer {
     /// Syncs bytes written in `Interval`/`Never` mode.
     fn sync_unsynced(&mut self) -> Result<()> {
         self.first_unsynced = None;
-        if self.poisoned() {
+        if self.sync_failed {
             // After a failed sync a retry may succeed without the bytes on
             // disk (the kernel marked them clean): nothing is durable now.
             return Err(Error::Poisoned);
@@ -319,6 +331,7 @@ impl Writer {
                 // These bytes were already acknowledged (the documented risk
                 // of the `Interval`/`Never` modes); whether they reached the
                 // disk is unknown.
+                self.sync_failed = true;
                 self.poison("fdatasync failed for acknowledged records", &e);
                 Err(Error::io("syncing", &self.path, e))
             }

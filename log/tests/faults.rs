@@ -404,6 +404,8 @@ struct GateFs {
 #[derive(Debug)]
 struct Gate {
     armed: AtomicBool,
+    /// The next `sync_data` to start fails (one already held is not hit).
+    fail_sync: AtomicBool,
     entered: Mutex<Sender<()>>,
     release: Mutex<Receiver<()>>,
 }
@@ -433,6 +435,7 @@ fn gate_fs(inner: MemFs) -> (GateFs, GateControl) {
     let (release, release_rx) = mpsc::channel();
     let gate = Arc::new(Gate {
         armed: AtomicBool::new(false),
+        fail_sync: AtomicBool::new(false),
         entered: Mutex::new(entered_tx),
         release: Mutex::new(release_rx),
     });
@@ -450,6 +453,9 @@ impl AppendFile for GatedFile {
         self.inner.write_all(buf)
     }
     fn sync_data(&mut self) -> io::Result<()> {
+        if self.gate.fail_sync.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::other("injected sync failure"));
+        }
         if self.gate.armed.swap(false, Ordering::SeqCst) {
             self.gate.entered.lock().unwrap().send(()).unwrap();
             self.gate.release.lock().unwrap().recv().unwrap();
@@ -686,4 +692,42 @@ fn reopening_syncs_a_tail_the_last_process_wrote_but_never_synced() {
     // The restarted process may build on that tail (a re-sent publish is
     // answered as a duplicate of it), so a power loss must not take it.
     assert_crash_keeps_exactly(&fs, &always(), &acked);
+}
+
+#[test]
+fn with_readable_before_sync_an_append_behind_a_failed_sync_in_its_group_is_refused_not_written() {
+    let rt = runtime();
+    let fs = MemFs::new();
+    let (gated, gate) = gate_fs(fs.clone());
+    let (log, _) = open_on(Arc::new(gated), readable_early());
+    let mut acked = Acked::new();
+    append(&log, &mut acked, vec![rec(0, 100)]);
+    // Held in the sync of one append while two more queue up as one group:
+    // `fits` fits the segment, `next` does not after it, so staging `next`
+    // flushes `fits` first, and that sync fails.
+    let held = vec![rec(1, 100)];
+    let fits = vec![rec(2, 600)];
+    let next = vec![rec(3, 600)];
+    std::thread::scope(|s| {
+        gate.arm();
+        let held_append = s.spawn(|| log.append_blocking(&held));
+        gate.wait_entered();
+        let fits_fut = submit(log.append(&fits));
+        let next_fut = submit(log.append(&next));
+        gate.gate.fail_sync.store(true, Ordering::SeqCst);
+        gate.open();
+        assert_eq!(held_append.join().unwrap().expect("its sync succeeds"), 1..2);
+        acked.insert(1, held[0].clone());
+        let err = rt.block_on(fits_fut).expect_err("its sync failed");
+        assert!(matches!(err, Error::Io { .. }), "{err:?}");
+        // The log is poisoned by then: `next` is neither written behind the
+        // failed records nor acknowledged.
+        let err = rt.block_on(next_fut).expect_err("behind a failed sync");
+        assert!(matches!(err, Error::Poisoned), "{err:?}");
+    });
+    assert_eq!(log.durable_offset(), 2, "nothing past the acknowledged records is called durable");
+    assert!(matches!(log.sync_blocking(), Err(Error::Poisoned)));
+    assert_eq!(log.durable_offset(), 2);
+    drop(log);
+    assert_reopens_exactly(&fs, readable_early(), &acked);
 }
