@@ -331,7 +331,7 @@ impl Log {
             if *durable.borrow_and_update() >= offset {
                 return Ok(());
             }
-            if self.shared.poisoned.load(Ordering::Acquire) {
+            if self.is_poisoned() {
                 return Err(Error::Poisoned);
             }
             // The sender lives as long as `self`.

@@ -742,9 +742,7 @@ mod tests {
             drop(got);
             // A consumer that starts at the latest message now starts at
             // the first not on disk, which is that one.
-            let mut latest = spec.clone();
-            latest.start_position = StartPosition::Latest;
-            ConsumerState::open(stream.clone(), &consumer_plan("t", "latest", &latest, None)).unwrap();
+            latest_consumer(&stream, &spec);
             // The power goes now: the unsynced message with it.
             fs.crash(0)
         };
