@@ -731,3 +731,68 @@ fn with_readable_before_sync_an_append_behind_a_failed_sync_in_its_group_is_refu
     drop(log);
     assert_reopens_exactly(&fs, readable_early(), &acked);
 }
+
+#[test]
+fn an_append_taken_while_the_previous_group_syncs_is_answered_only_after_its_own_sync() {
+    let rt = runtime();
+    let fs = MemFs::new();
+    let (gated, gate) = gate_fs(fs.clone());
+    let (log, _) = open_on(Arc::new(gated), always());
+    let mut acked = Acked::new();
+    let first = vec![rec(0, 100)];
+    let second = vec![rec(1, 100)];
+    std::thread::scope(|s| {
+        // Hold the sync of `first`; `second` arrives meanwhile and, once
+        // `first` lands, becomes the next group, whose sync is held too.
+        gate.arm();
+        let held = s.spawn(|| log.append_blocking(&first));
+        gate.wait_entered();
+        let mut second_fut = submit(log.append(&second));
+        gate.arm();
+        gate.open();
+        assert_eq!(held.join().unwrap().expect("the first group's sync succeeds"), 0..1);
+        acked.insert(0, first[0].clone());
+        gate.wait_entered();
+        // `second` is written and its sync is running: not answered, not
+        // called durable, and a power loss now keeps exactly `first`.
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(second_fut.as_mut().poll(&mut cx).is_pending(), "answered before its own sync returned");
+        assert_eq!(log.durable_offset(), 1);
+        assert_eq!(log.next_offset(), 1, "readable only once durable");
+        assert_crash_keeps_exactly(&fs, &always(), &acked);
+        gate.open();
+        assert_eq!(rt.block_on(second_fut).expect("its sync succeeds"), 1..2);
+        acked.insert(1, second[0].clone());
+    });
+    assert_eq!(log.durable_offset(), 2);
+    assert_kept_and_reopens_clean(&fs, log, &acked, "");
+}
+
+#[test]
+fn dropping_the_log_while_a_sync_runs_makes_the_appends_queued_behind_it_durable_and_answers_them() {
+    let rt = runtime();
+    let fs = MemFs::new();
+    let (gated, gate) = gate_fs(fs.clone());
+    let (log, _) = open_on(Arc::new(gated), always());
+    let mut acked = Acked::new();
+    let first = vec![rec(0, 100)];
+    let queued: Vec<Vec<NewRecord>> = (1..4).map(|i| vec![rec(i, 100)]).collect();
+    gate.arm();
+    let first_fut = log.submit(&first).expect("queued");
+    gate.wait_entered();
+    let futs: Vec<_> = queued.iter().map(|records| log.submit(records).expect("queued")).collect();
+    // The handle goes away with the first sync still held and three appends
+    // behind it: the close waits for them.
+    let closing = std::thread::spawn(move || drop(log));
+    gate.open();
+    closing.join().unwrap();
+    assert_eq!(rt.block_on(first_fut).expect("synced"), 0..1);
+    acked.insert(0, first[0].clone());
+    for (i, fut) in futs.into_iter().enumerate() {
+        let range = rt.block_on(fut).expect("written and synced by the close");
+        assert_eq!(range, (i as u64 + 1)..(i as u64 + 2));
+        acked.insert(range.start, queued[i][0].clone());
+    }
+    assert_crash_keeps_exactly(&fs, &always(), &acked);
+    assert_reopens_exactly(&fs, always(), &acked);
+}
