@@ -430,6 +430,15 @@ impl GateControl {
     }
 }
 
+/// A log on a fresh [`MemFs`] behind the gate: the filesystem (to inject
+/// faults and crash), the log, and the gate's control.
+fn open_gated(opts: LogOptions) -> (MemFs, Log, GateControl) {
+    let fs = MemFs::new();
+    let (gated, gate) = gate_fs(fs.clone());
+    let (log, _) = open_on(Arc::new(gated), opts);
+    (fs, log, gate)
+}
+
 fn gate_fs(inner: MemFs) -> (GateFs, GateControl) {
     let (entered_tx, entered) = mpsc::channel();
     let (release, release_rx) = mpsc::channel();
@@ -513,9 +522,7 @@ fn runtime() -> tokio::runtime::Runtime {
 #[test]
 fn every_append_of_a_group_whose_write_fails_gets_the_error_and_none_of_its_records_appear() {
     let rt = runtime();
-    let fs = MemFs::new();
-    let (gated, gate) = gate_fs(fs.clone());
-    let (log, _) = open_on(Arc::new(gated), always());
+    let (fs, log, gate) = open_gated(always());
     let mut acked = Acked::new();
     append(&log, &mut acked, vec![rec(0, 100)]);
 
@@ -550,9 +557,7 @@ fn every_append_of_a_group_whose_write_fails_gets_the_error_and_none_of_its_reco
 #[test]
 fn a_group_write_failing_in_an_empty_segment_before_a_rollover_does_not_start_a_second_segment_at_the_same_offset() {
     let rt = runtime();
-    let fs = MemFs::new();
-    let (gated, gate) = gate_fs(fs.clone());
-    let (log, _) = open_on(Arc::new(gated), always());
+    let (fs, log, gate) = open_gated(always());
     let mut acked = Acked::new();
 
     // The first append's sync fails, so the segment is empty again. Queued
@@ -595,10 +600,8 @@ fn readable_early() -> LogOptions {
 fn with_readable_before_sync_records_are_readable_while_their_sync_runs_and_durable_offset_trails() {
     let rt = runtime();
     for early in [false, true] {
-        let fs = MemFs::new();
-        let (gated, gate) = gate_fs(fs.clone());
         let opts = LogOptions { readable_before_sync: early, ..always() };
-        let (log, _) = open_on(Arc::new(gated), opts.clone());
+        let (fs, log, gate) = open_gated(opts.clone());
         let mut acked = Acked::new();
         append(&log, &mut acked, vec![rec(0, 100), rec(1, 100)]);
         assert_eq!((log.next_offset(), log.durable_offset()), (2, 2));
@@ -697,9 +700,7 @@ fn reopening_syncs_a_tail_the_last_process_wrote_but_never_synced() {
 #[test]
 fn with_readable_before_sync_an_append_behind_a_failed_sync_in_its_group_is_refused_not_written() {
     let rt = runtime();
-    let fs = MemFs::new();
-    let (gated, gate) = gate_fs(fs.clone());
-    let (log, _) = open_on(Arc::new(gated), readable_early());
+    let (fs, log, gate) = open_gated(readable_early());
     let mut acked = Acked::new();
     append(&log, &mut acked, vec![rec(0, 100)]);
     // Held in the sync of one append while two more queue up as one group:
@@ -735,9 +736,7 @@ fn with_readable_before_sync_an_append_behind_a_failed_sync_in_its_group_is_refu
 #[test]
 fn an_append_taken_while_the_previous_group_syncs_is_answered_only_after_its_own_sync() {
     let rt = runtime();
-    let fs = MemFs::new();
-    let (gated, gate) = gate_fs(fs.clone());
-    let (log, _) = open_on(Arc::new(gated), always());
+    let (fs, log, gate) = open_gated(always());
     let mut acked = Acked::new();
     let first = vec![rec(0, 100)];
     let second = vec![rec(1, 100)];
@@ -771,9 +770,7 @@ fn an_append_taken_while_the_previous_group_syncs_is_answered_only_after_its_own
 #[test]
 fn dropping_the_log_while_a_sync_runs_makes_the_appends_queued_behind_it_durable_and_answers_them() {
     let rt = runtime();
-    let fs = MemFs::new();
-    let (gated, gate) = gate_fs(fs.clone());
-    let (log, _) = open_on(Arc::new(gated), always());
+    let (fs, log, gate) = open_gated(always());
     let mut acked = Acked::new();
     let first = vec![rec(0, 100)];
     let queued: Vec<Vec<NewRecord>> = (1..4).map(|i| vec![rec(i, 100)]).collect();
