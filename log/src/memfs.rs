@@ -192,6 +192,12 @@ impl AppendFile for MemFile {
         Ok(())
     }
 
+    /// Not modelled: appends grow the file as before (the real
+    /// filesystem's zero tail is covered by tests on disk).
+    fn preallocate(&mut self, _upto: u64) -> io::Result<u64> {
+        Ok(lock(&self.data).live.len() as u64)
+    }
+
     fn sync_data(&mut self) -> io::Result<()> {
         let mut s = lock(&self.fs.state);
         s.syncs += 1;

@@ -4,8 +4,10 @@
 //! base and recorded data length match; otherwise the segment is scanned and
 //! the index rewritten. The last (active) segment is always scanned record by
 //! record: a torn tail is truncated, a damaged record with valid records
-//! after it is reported and skipped. So reopening reads the index files and
-//! one segment, never the whole log.
+//! after it is reported and skipped, and zeros after the last record are
+//! space the writer preallocated (see `LogOptions::preallocate_bytes`): cut
+//! off without a report. So reopening reads the index files and one
+//! segment, never the whole log.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -74,7 +76,8 @@ impl RecoveryReport {
 #[derive(Debug, Default)]
 pub(crate) struct Scan {
     pub entries: Vec<IndexEntry>,
-    /// Where readable data ends (the start of a torn tail, or the file end).
+    /// Where readable data ends (the start of a torn tail or of
+    /// preallocated zeros, or the file end).
     pub valid_end: u64,
     pub corrupt: Vec<Corruption>,
     pub torn: bool,
@@ -86,14 +89,17 @@ pub(crate) fn scan(data: &[u8], base: u64) -> Scan {
     let mut out = Scan::default();
     let mut pos = SEGMENT_HEADER.min(data.len());
     let mut last: Option<u64> = None;
-    while pos < data.len() {
+    // No frame starts in the zeros at the end (a frame's length field is
+    // never zero): searches past damage stop before them.
+    let nonzero_end = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    while pos < nonzero_end {
         match valid_frame_at(data, pos, base, last) {
             Some((len, offset)) => {
                 out.entries.push(IndexEntry { rel: (offset - base) as u32, pos: pos as u32 });
                 last = Some(offset);
                 pos += len;
             }
-            None => match skip_one(data, pos, base, last).or_else(|| resync(data, pos + 1, base, last)) {
+            None => match skip_one(data, pos, base, last).or_else(|| resync(data, pos + 1, nonzero_end, base, last)) {
                 Some(next) => {
                     out.corrupt.push(Corruption {
                         segment: base,
@@ -142,10 +148,11 @@ fn skip_one(data: &[u8], pos: usize, base: u64, last: Option<u64>) -> Option<usi
     (next < data.len() && valid_frame_at(data, next, base, last).is_some()).then_some(next)
 }
 
-/// The next position after damage where a valid, in-sequence frame starts.
-fn resync(data: &[u8], from: usize, base: u64, last: Option<u64>) -> Option<usize> {
+/// The next position after damage, and before `before`, where a valid,
+/// in-sequence frame starts.
+fn resync(data: &[u8], from: usize, before: usize, base: u64, last: Option<u64>) -> Option<usize> {
     let floor = last.map_or(base, |l| l + 1);
-    let end = data.len().checked_sub(FRAME_HEADER + MIN_BODY)?;
+    let end = data.len().checked_sub(FRAME_HEADER + MIN_BODY)?.min(before.checked_sub(1)?);
     (from..=end).find(|&q| {
         let off = u64::from_le_bytes(data[q + 8..q + 16].try_into().expect("8 bytes"));
         // Cheap filters first: the offset must plausibly follow the last good one.
@@ -288,11 +295,13 @@ fn recover_active(fs: &dyn Fs, dir: &Path, base: u64, report: &mut RecoveryRepor
     if scan.valid_end < data.len() as u64 {
         let mut file = fs.open_append(&path).map_err(|e| Error::io("opening", &path, e))?;
         file.set_len(scan.valid_end).and_then(|()| file.sync_data()).map_err(|e| Error::io("truncating", &path, e))?;
-        report.truncated.push(Truncation {
-            segment: base,
-            at: scan.valid_end,
-            bytes: data.len() as u64 - scan.valid_end,
-        });
+        if scan.torn {
+            report.truncated.push(Truncation {
+                segment: base,
+                at: scan.valid_end,
+                bytes: data.len() as u64 - scan.valid_end,
+            });
+        }
     }
     let file = fs.open_read(&path).map_err(|e| Error::io("opening", &path, e))?;
     Ok(Segment { base, file, index: scan.entries, len: scan.valid_end })

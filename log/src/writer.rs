@@ -60,6 +60,8 @@ pub(crate) struct Writer {
     len: u64,
     /// Bytes of the active segment known durable.
     durable_len: u64,
+    /// Size of the active segment's file: past `len`, preallocated zeros.
+    reserved: u64,
     next_offset: u64,
     /// Staged frames not yet written.
     buf: Vec<u8>,
@@ -98,6 +100,7 @@ impl Writer {
             base,
             len,
             durable_len: len,
+            reserved: len,
             next_offset,
             buf: Vec::new(),
             staged_entries: Vec::new(),
@@ -170,9 +173,12 @@ impl Writer {
                 }
             }
         }
-        // Closing: make everything written durable.
+        // Closing: make everything written durable, and give back the
+        // preallocated space (best effort: recovery knows it for what it is).
         self.flush();
-        let _ = self.sync_unsynced();
+        if self.sync_unsynced().is_ok() {
+            let _ = self.trim_reserve();
+        }
         if self.unacked_tail {
             // Records whose sync failed after readers saw them: nobody reads
             // any more, so cut them off (best effort), lest a reopen take
@@ -248,6 +254,7 @@ impl Writer {
         }
         let always = self.shared.opts.fsync == FsyncMode::Always;
         let written = self.buf.len() as u64;
+        self.reserve(written);
         let mut result = self.file.write_all(&self.buf);
         // Readers may start on these records while the sync runs.
         let published = result.is_ok() && always && self.shared.opts.readable_before_sync;
@@ -289,6 +296,7 @@ impl Writer {
             Err(e) => {
                 // Nothing of this group was acknowledged: cut it off again
                 // so the file ends with acknowledged records only.
+                self.reserved = self.len;
                 let rolled_back =
                     self.file.set_len(self.len).and_then(|()| if always { self.file.sync_data() } else { Ok(()) });
                 if let Err(e2) = rolled_back {
@@ -308,6 +316,36 @@ impl Writer {
             }
         }
         self.buf.clear();
+    }
+
+    /// Makes sure the file has room for `n` more bytes without growing: if
+    /// not, reserves `preallocate_bytes` more (within the segment size).
+    fn reserve(&mut self, n: u64) {
+        let ahead = self.shared.opts.preallocate_bytes;
+        let needed = self.len + n;
+        if ahead == 0 || needed <= self.reserved {
+            return;
+        }
+        let upto = (needed + ahead).min(self.shared.opts.segment_bytes.max(needed));
+        match self.file.preallocate(upto) {
+            Ok(size) => self.reserved = size.max(self.len),
+            // The append grows the file as it would without a reserve.
+            Err(e) => tracing::debug!(path = %self.path.display(), error = %e, "could not preallocate"),
+        }
+    }
+
+    /// Cuts the preallocated zeros off the active segment, durably, so a
+    /// sealed segment's file ends with its last record.
+    fn trim_reserve(&mut self) -> Result<()> {
+        if self.reserved <= self.len {
+            return Ok(());
+        }
+        self.file
+            .set_len(self.len)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| Error::io("trimming the preallocated space of", &self.path, e))?;
+        self.reserved = self.len;
+        Ok(())
     }
 
     /// Syncs bytes written in `Interval`/`Never` mode.
@@ -344,6 +382,7 @@ impl Writer {
             return Err(Error::Poisoned);
         }
         self.sync_unsynced()?;
+        self.trim_reserve()?;
         let dir = self.shared.dir.clone();
         let index = encode_index(self.base, self.len, &self.shared.state().segments.last().expect("active").index);
         if let Err(e) = write_atomic(&*self.shared.fs, &dir, &index_name(self.base), &index) {
@@ -357,6 +396,7 @@ impl Writer {
         self.base = seg.base;
         self.len = seg.len;
         self.durable_len = seg.len;
+        self.reserved = seg.len;
         self.file = file;
         self.path = path;
         self.shared.state_mut().segments.push(seg);

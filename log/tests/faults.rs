@@ -461,6 +461,9 @@ impl AppendFile for GatedFile {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         self.inner.write_all(buf)
     }
+    fn preallocate(&mut self, upto: u64) -> io::Result<u64> {
+        self.inner.preallocate(upto)
+    }
     fn sync_data(&mut self) -> io::Result<()> {
         if self.gate.fail_sync.swap(false, Ordering::SeqCst) {
             return Err(io::Error::other("injected sync failure"));
