@@ -37,6 +37,20 @@ fn crash_image(from: &Path, to: &Path) {
     }
 }
 
+/// A crash image of a log (default options) after `n` acknowledged
+/// appends: the image's dir, its one segment file, and the bytes of data.
+fn crashed_after(n: u64) -> (tempfile::TempDir, PathBuf, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(dir.path(), LogOptions::default()).unwrap();
+    for i in 0..n {
+        log.append_blocking(&[rec(i)]).unwrap();
+    }
+    crash_image(dir.path(), image.path());
+    let [segment] = segment_files(image.path()).try_into().unwrap();
+    (image, segment, log.stats().bytes)
+}
+
 fn read_ids(log: &Log) -> Vec<String> {
     let mut ids = Vec::new();
     let mut from = log.stats().start_offset;
@@ -81,15 +95,7 @@ fn with_preallocation_off_the_file_holds_just_the_data() {
 
 #[test]
 fn a_crash_image_with_preallocated_zeros_reopens_clean_with_every_acknowledged_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = tempfile::tempdir().unwrap();
-    let (log, _) = Log::open(dir.path(), LogOptions::default()).unwrap();
-    for i in 0..25 {
-        log.append_blocking(&[rec(i)]).unwrap();
-    }
-    let data = log.stats().bytes;
-    crash_image(dir.path(), image.path());
-    let [segment] = segment_files(image.path()).try_into().unwrap();
+    let (image, segment, data) = crashed_after(25);
     let bytes = fs::read(&segment).unwrap();
     assert!(bytes.len() as u64 > data, "the image must hold the reserve");
     assert!(bytes[data as usize..].iter().all(|&b| b == 0));
@@ -108,15 +114,8 @@ fn a_crash_image_with_preallocated_zeros_reopens_clean_with_every_acknowledged_r
 
 #[test]
 fn damage_between_the_last_record_and_the_preallocated_zeros_is_still_a_torn_tail() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = tempfile::tempdir().unwrap();
-    let (log, _) = Log::open(dir.path(), LogOptions::default()).unwrap();
-    for i in 0..5 {
-        log.append_blocking(&[rec(i)]).unwrap();
-    }
-    let data = log.stats().bytes as usize;
-    crash_image(dir.path(), image.path());
-    let [segment] = segment_files(image.path()).try_into().unwrap();
+    let (image, segment, data) = crashed_after(5);
+    let data = data as usize;
     let mut bytes = fs::read(&segment).unwrap();
     // Half a record that was being written when the process died.
     bytes[data..data + 100].fill(0x5c);
