@@ -46,9 +46,11 @@
 //! 7. The active segment's file may run past its last record into zeros the
 //!    writer preallocated ([`LogOptions::preallocate_bytes`]), so that an
 //!    append's `fdatasync` need not commit a new file size. Sealed segments
-//!    and closed logs end with their last record; recovery cuts the zeros
-//!    off (no frame starts with a zero length), reporting only non-zero
-//!    bytes there as a torn tail.
+//!    and closed logs end with their last record, also when a
+//!    preallocation failed part way (a full disk: the segment then grows
+//!    append by append, and its seal cuts off what the failed call added);
+//!    recovery cuts the zeros off (no frame starts with a zero length),
+//!    reporting only non-zero bytes there as a torn tail.
 //!
 //! # On disk
 //! ```text

@@ -60,7 +60,8 @@ pub(crate) struct Writer {
     len: u64,
     /// Bytes of the active segment known durable.
     durable_len: u64,
-    /// Size of the active segment's file: past `len`, preallocated zeros.
+    /// Size of the active segment's file: past `len`, preallocated zeros
+    /// (`u64::MAX`: unknown, after a failed preallocation).
     reserved: u64,
     next_offset: u64,
     /// Staged frames not yet written.
@@ -329,8 +330,15 @@ impl Writer {
         let upto = (needed + ahead).min(self.shared.opts.segment_bytes.max(needed));
         match self.file.preallocate(upto) {
             Ok(size) => self.reserved = size.max(self.len),
-            // The append grows the file as it would without a reserve.
-            Err(e) => tracing::debug!(path = %self.path.display(), error = %e, "could not preallocate"),
+            Err(e) => {
+                // The append grows the file as it would without a reserve.
+                // The call may have grown the file part way (a full disk),
+                // to a size we do not know: no more tries in this segment
+                // (one failing syscall an append), and the seal or close
+                // trims whatever is past `len`.
+                tracing::debug!(path = %self.path.display(), error = %e, "could not preallocate");
+                self.reserved = u64::MAX;
+            }
         }
     }
 

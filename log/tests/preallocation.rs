@@ -4,9 +4,12 @@
 //! reserve they are — while damage before them is still a torn tail.
 
 use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use ferry_log::{Log, LogOptions, NewRecord, DEFAULT_PREALLOCATE_BYTES};
+use ferry_log::fs::{AppendFile, ReadAt};
+use ferry_log::{Fs, Log, LogOptions, NewRecord, StdFs, DEFAULT_PREALLOCATE_BYTES};
 
 /// A record whose frame ends with a non-zero byte (its payload).
 fn rec(i: u64) -> NewRecord {
@@ -150,4 +153,84 @@ fn a_sealed_segment_ends_with_its_last_record_not_with_reserved_zeros() {
     let (reopened, report) = Log::open(image.path(), opts()).unwrap();
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(read_ids(&reopened).len(), 200);
+}
+
+/// The real filesystem, but a preallocation grows the file only half way
+/// to what was asked and then fails, as `fallocate` can on a full disk.
+#[derive(Debug)]
+struct HalfFullFs;
+
+#[derive(Debug)]
+struct HalfFullFile(Box<dyn AppendFile>);
+
+impl AppendFile for HalfFullFile {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all(buf)
+    }
+    fn preallocate(&mut self, upto: u64) -> io::Result<u64> {
+        let now = self.0.preallocate(0)?;
+        self.0.preallocate(now + (upto.saturating_sub(now)) / 2)?;
+        Err(io::Error::new(io::ErrorKind::StorageFull, "no space left part way"))
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+impl Fs for HalfFullFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        StdFs.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        StdFs.list(dir)
+    }
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        StdFs.read(path)
+    }
+    fn len(&self, path: &Path) -> io::Result<u64> {
+        StdFs.len(path)
+    }
+    fn open_read(&self, path: &Path) -> io::Result<Arc<dyn ReadAt>> {
+        StdFs.open_read(path)
+    }
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        Ok(Box::new(HalfFullFile(StdFs.open_append(path)?)))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        StdFs.rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        StdFs.remove(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        StdFs.sync_dir(dir)
+    }
+}
+
+#[test]
+fn a_preallocation_that_fails_part_way_still_leaves_sealed_segments_ending_with_their_last_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = tempfile::tempdir().unwrap();
+    let opts = || LogOptions { segment_bytes: 16 << 10, preallocate_bytes: 4 << 10, ..LogOptions::default() };
+    let (log, _) = Log::open_with(Arc::new(HalfFullFs), dir.path(), opts()).unwrap();
+    for i in 0..200 {
+        log.append_blocking(&[rec(i)]).unwrap();
+    }
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 3, "the segments should roll: {files:?}");
+    for sealed in &files[..files.len() - 1] {
+        let bytes = fs::read(sealed).unwrap();
+        assert_ne!(bytes.last(), Some(&0), "{} ends with zeros of a failed preallocation", sealed.display());
+    }
+    crash_image(dir.path(), image.path());
+    let (reopened, report) = Log::open(image.path(), opts()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(read_ids(&reopened).len(), 200);
+    drop(reopened);
+    drop(log);
+    let active = segment_files(dir.path()).pop().unwrap();
+    assert_ne!(fs::read(&active).unwrap().last(), Some(&0), "closing trims the active segment too");
 }
