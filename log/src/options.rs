@@ -52,8 +52,10 @@ pub struct LogOptions {
     /// Disk space reserved ahead of the active segment's end, whenever the
     /// end reaches the reserved space (`fallocate` on Linux), so that an
     /// append overwrites reserved space instead of growing the file and
-    /// its `fdatasync` has no file size to commit. Measured on ext4: single
-    /// produce +40-45%, a small append's sync ~190 µs → ~130 µs. The
+    /// its `fdatasync` has no file size to commit. Measured on ext4: a
+    /// small append's sync ~190 µs → ~130 µs (p50, A/B in three sittings);
+    /// single produce +40-45% in one sitting, unchanged in another where
+    /// the sidecar was CPU-bound (issue #4's note). The
     /// reserve is given back when the segment is sealed and when the log
     /// is closed; after a crash, recovery takes the zeros past the last
     /// record for the reserve they are, not for damage. Default
