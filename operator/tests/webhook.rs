@@ -275,6 +275,9 @@ fn an_annotated_pod_gets_the_native_sidecar_its_volume_its_env_and_ferry_url_in_
         ("FERRY_ADMIN_ADDR", "0.0.0.0:7601"),
         ("FERRY_FSYNC", "always"),
         ("FERRY_LOG_FORMAT", "json"),
+        // Three quarters of the 1Gi volume: the outbox is full before the
+        // emptyDir is (past its sizeLimit the kubelet evicts the pod).
+        ("FERRY_OUTBOX_MAX_BYTES", "805306368"),
     ]
     .into_iter()
     .map(|(k, v)| (k, v.to_owned()))
@@ -421,6 +424,11 @@ fn config_overrides_are_merged_over_the_defaults() {
     let spec = pod.spec.as_ref().unwrap();
     let data = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == "ferry-data").unwrap();
     assert_eq!(data.empty_dir.as_ref().unwrap().size_limit.as_ref().unwrap().0, "5Gi");
+    assert_eq!(
+        env["FERRY_OUTBOX_MAX_BYTES"].parse::<u64>().unwrap(),
+        (5u64 << 30) / 4 * 3,
+        "follows the overridden size"
+    );
     let url = env_map(spec.containers[0].env.as_deref().unwrap())["FERRY_URL"].clone();
     assert_eq!(url, "http://127.0.0.1:9600");
 }
@@ -475,6 +483,26 @@ fn a_pod_that_brings_its_own_ferry_data_volume_keeps_it() {
     assert_eq!(data.len(), 1);
     assert!(data[0].persistent_volume_claim.is_some());
     assert_eq!(spec.security_context.as_ref().unwrap().fs_group, Some(2000), "the pod's own fsGroup is kept");
+    let env = env_map(sidecar(&pod).env.as_ref().unwrap());
+    assert!(!env.contains_key("FERRY_OUTBOX_MAX_BYTES"), "its size is not the config's: the sidecar's default");
+}
+
+#[test]
+fn the_outbox_limit_is_a_share_of_the_data_volume_and_a_bad_size_is_refused() {
+    let review = review_with(asking());
+    for (size, outbox) in [("1.5Gi", Some(1_207_959_552)), ("100M", Some(75_000_000)), ("", None)] {
+        let mut cfg = InjectConfig::default();
+        cfg.data_volume.size_limit.0 = size.into();
+        let pod = typed(&patched(&review, &respond(&review, &cfg)));
+        let env = env_map(sidecar(&pod).env.as_ref().unwrap());
+        assert_eq!(env.get("FERRY_OUTBOX_MAX_BYTES").map(|v| v.parse::<u64>().unwrap()), outbox, "{size:?}");
+    }
+    for bad in ["lots", "-1Gi", "1Gb"] {
+        let e = InjectConfig::from_yaml(&format!("dataVolume:\n  sizeLimit: \"{bad}\"\n")).unwrap_err();
+        assert!(e.contains("dataVolume.sizeLimit") && e.contains(bad), "{bad}: {e}");
+        let e = refusal(with(asking(), ANNOTATION_CONFIG, &format!(r#"{{"dataVolume":{{"sizeLimit":"{bad}"}}}}"#)));
+        assert!(e.contains("dataVolume.sizeLimit"), "{bad}: {e}");
+    }
 }
 
 #[test]

@@ -27,6 +27,14 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/ferry";
 /// claim's storage request.
 pub const DEFAULT_DATA_SIZE: &str = "1Gi";
 
+/// Share of a sized data volume (percent) the outbox may fill: the
+/// injected `FERRY_OUTBOX_MAX_BYTES`. The rest is for the sidecar's other
+/// files (the dedupe stores of acked ids, segment indexes, the space a log
+/// preallocates ahead). An emptyDir used past its `sizeLimit` gets the pod
+/// evicted and the volume deleted, outbox and all; below it, a full outbox
+/// answers produce calls 507/429 and loses nothing.
+pub const OUTBOX_SHARE_PERCENT: u64 = 75;
+
 /// The fields of [`InjectConfig`] a pod may set in its `ferry.dev/config`
 /// annotation. The broker, the data directory and the pull policy are the
 /// cluster admin's, so they are not among them.
@@ -130,6 +138,30 @@ pub struct DataVolume {
     /// Storage class of the ephemeral claim; empty (the default): the
     /// cluster's default class. Ignored for `emptyDir`.
     pub storage_class_name: String,
+}
+
+impl DataVolume {
+    /// The volume's size in bytes (`None`: no limit), or why `sizeLimit` is
+    /// not one.
+    pub fn size_bytes(&self) -> Result<Option<u64>, String> {
+        let q = self.size_limit.0.trim();
+        if q.is_empty() {
+            return Ok(None);
+        }
+        let bad = |why: &str| format!("dataVolume.sizeLimit: {q:?} {why}");
+        let parsed = kube_quantity::ParsedQuantity::try_from(q).map_err(|e| bad(&format!("is not a quantity: {e}")))?;
+        match parsed.to_bytes_f64() {
+            Some(b) if b >= 1.0 && b < u64::MAX as f64 => Ok(Some(b as u64)),
+            _ => Err(bad("is not a size in bytes")),
+        }
+    }
+
+    /// The outbox's byte limit on this volume: [`OUTBOX_SHARE_PERCENT`] of
+    /// its size; `None` without a (valid) size.
+    pub fn outbox_bytes(&self) -> Option<u64> {
+        let size = self.size_bytes().ok().flatten()?;
+        Some(size / 100 * OUTBOX_SHARE_PERCENT + size % 100 * OUTBOX_SHARE_PERCENT / 100)
+    }
 }
 
 /// The kinds of data volume.
@@ -262,7 +294,8 @@ impl InjectConfig {
     }
 
     /// Checks what serde cannot: ports set and distinct, an absolute data
-    /// directory, a size for an ephemeral claim. Lists every problem.
+    /// directory, a size for an ephemeral claim, a size that is a quantity.
+    /// Lists every problem.
     pub fn check(&self) -> Result<(), String> {
         let mut problems = Vec::new();
         if self.image.trim().is_empty() {
@@ -285,6 +318,9 @@ impl InjectConfig {
         }
         if self.data_volume.kind == DataVolumeKind::Ephemeral && self.data_volume.size_limit.0.trim().is_empty() {
             problems.push("dataVolume.sizeLimit: an ephemeral volume needs a size".to_owned());
+        }
+        if let Err(e) = self.data_volume.size_bytes() {
+            problems.push(e);
         }
         if problems.is_empty() {
             Ok(())

@@ -227,7 +227,8 @@ impl Wanted {
     /// The JSONPatch that adds the sidecar to a pod with this `spec`.
     fn patch(&self, spec: &PodSpec) -> json_patch::Patch {
         let mut ops = Vec::new();
-        let sidecar = to_json(&self.sidecar());
+        let own_data_volume = spec.volumes.iter().flatten().any(|v| v.name == DATA_VOLUME);
+        let sidecar = to_json(&self.sidecar(own_data_volume));
         // First among the init containers: the ones after it (and the app)
         // start once its startup probe passes.
         match &spec.init_containers {
@@ -330,7 +331,10 @@ impl Wanted {
     }
 
     /// The native sidecar: an init container with `restartPolicy: Always`.
-    fn sidecar(&self) -> Container {
+    /// Unless the pod brings its own data volume (`own_data_volume`: its
+    /// size is not ours to know), the outbox is limited to a share of the
+    /// injected volume's size, so that it fills up before the volume does.
+    fn sidecar(&self, own_data_volume: bool) -> Container {
         let cfg = &self.cfg;
         let mut env = vec![
             self::env("FERRY_APP_ID", self.app_id.clone()),
@@ -344,6 +348,9 @@ impl Wanted {
             self::env("FERRY_FSYNC", cfg.fsync.as_str().to_owned()),
             self::env("FERRY_LOG_FORMAT", cfg.log_format.as_str().to_owned()),
         ];
+        if let Some(bytes) = cfg.data_volume.outbox_bytes().filter(|_| !own_data_volume) {
+            env.push(self::env("FERRY_OUTBOX_MAX_BYTES", bytes.to_string()));
+        }
         let mut mounts = vec![VolumeMount {
             name: DATA_VOLUME.to_owned(),
             mount_path: cfg.data_dir.clone(),
