@@ -99,17 +99,17 @@ impl std::fmt::Debug for Outbox {
 }
 
 /// Log options for a topic with this persistence, under the sidecar's
-/// `--fsync` policy (which can only lower it).
+/// `--fsync` policy (which can only lower it). Segment space is
+/// preallocated only where every append is synced: elsewhere a sync is
+/// rare and the reserve would only take disk.
 pub fn log_options(persistence: Persistence, policy: FsyncPolicy, budget: &Budget) -> LogOptions {
-    LogOptions {
-        fsync: match (policy, persistence) {
-            (FsyncPolicy::Never, _) => FsyncMode::Never,
-            (FsyncPolicy::Always, Persistence::Durable) => FsyncMode::Always,
-            _ => FsyncMode::Interval(BEST_EFFORT_SYNC),
-        },
-        budget: budget.clone(),
-        ..LogOptions::default()
-    }
+    let fsync = match (policy, persistence) {
+        (FsyncPolicy::Never, _) => FsyncMode::Never,
+        (FsyncPolicy::Always, Persistence::Durable) => FsyncMode::Always,
+        _ => FsyncMode::Interval(BEST_EFFORT_SYNC),
+    };
+    let preallocate_bytes = if fsync == FsyncMode::Always { ferry_log::DEFAULT_PREALLOCATE_BYTES } else { 0 };
+    LogOptions { fsync, preallocate_bytes, budget: budget.clone(), ..LogOptions::default() }
 }
 
 impl Outbox {
@@ -294,6 +294,16 @@ mod fsync_policy_tests {
         assert_eq!(mode(Persistence::Durable, FsyncPolicy::Interval), FsyncMode::Interval(BEST_EFFORT_SYNC));
         assert_eq!(mode(Persistence::Durable, FsyncPolicy::Never), FsyncMode::Never);
         assert_eq!(mode(Persistence::BestEffort, FsyncPolicy::Never), FsyncMode::Never);
+    }
+
+    #[test]
+    fn only_a_log_synced_on_every_append_preallocates() {
+        let b = Budget::unlimited();
+        let reserve = |p, f| log_options(p, f, &b).preallocate_bytes;
+        assert_eq!(reserve(Persistence::Durable, FsyncPolicy::Always), ferry_log::DEFAULT_PREALLOCATE_BYTES);
+        assert_eq!(reserve(Persistence::BestEffort, FsyncPolicy::Always), 0);
+        assert_eq!(reserve(Persistence::Durable, FsyncPolicy::Interval), 0);
+        assert_eq!(reserve(Persistence::Durable, FsyncPolicy::Never), 0);
     }
 }
 

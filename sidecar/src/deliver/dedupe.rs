@@ -81,6 +81,9 @@ impl Dedupe {
         let opts = LogOptions {
             fsync: FsyncMode::Interval(SYNC_INTERVAL),
             segment_bytes: 4 << 20,
+            // Synced ten times a second at most: a reserve would only take
+            // disk (4 MiB a subscription).
+            preallocate_bytes: 0,
             budget: Budget::unlimited(),
             ..LogOptions::default()
         };
@@ -177,6 +180,20 @@ mod tests {
         d.prune().unwrap();
         let d2 = Dedupe::open(dir.path(), Duration::from_secs(600)).unwrap();
         assert!(d.len() <= 1 && d2.len() <= 1);
+    }
+
+    #[tokio::test]
+    async fn the_store_takes_only_the_disk_its_ids_need() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dedupe::open(dir.path(), Duration::from_secs(600)).unwrap();
+        d.insert("a").await.unwrap();
+        let on_disk: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum();
+        assert!(on_disk < 4096, "no segment space reserved ahead: {on_disk} bytes");
     }
 
     #[test]
