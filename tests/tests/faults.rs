@@ -613,7 +613,17 @@ async fn disk_full_run(embedded: bool) {
         ("subs.yaml", &subscription("sink", "events", &["processingTimeout: 5s"])),
     ]);
     let mnt = tempfile::tempdir().unwrap();
-    let _mount = TmpfsMount::new(mnt.path(), if long() { "64m" } else { "16m" });
+    // Every message stays on this disk in the active segments (64 MiB each,
+    // only deleted once they roll): the outbox's and, embedded, the
+    // stream's too, beside the logs' preallocated reserves. The long run's
+    // ~50-70k messages need room for that and still leave the filler space
+    // to take, each cycle.
+    let size = match (long(), embedded) {
+        (false, _) => "16m",
+        (true, false) => "64m",
+        (true, true) => "192m",
+    };
+    let _mount = TmpfsMount::new(mnt.path(), size);
     let data = mnt.path().join("data");
     let app = TestApp::start_without_history(|_| Reply::status(200)).await;
     let mut sc = SidecarSpec::new(&broker, res.path(), &data).app_port(app.port).start();
