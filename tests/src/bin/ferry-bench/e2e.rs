@@ -133,6 +133,11 @@ pub(crate) struct E2eArgs {
     /// Leave out figure 5 (the second nats-server with `sync_interval: always`).
     #[arg(long)]
     skip_sync_always: bool,
+    /// Diagnosis, for A/B runs of two sidecar builds: only the nats
+    /// backend's and the raw path's throughput phases (figure e2e3), each
+    /// with the CPU its processes used; no figures written.
+    #[arg(long)]
+    throughput_only: bool,
     /// Smoke run: 1 s phases.
     #[arg(long)]
     quick: bool,
@@ -347,6 +352,9 @@ fn run(s: &Settings) -> Result<(), Error> {
     progress(&format!("nats backend: starting {} (data dir {})", s.sidecar_bin.display(), data.path().display()));
     let mut sc = start_sidecar(s, &nats_server.url(), resources.path(), data.path(), app)?;
     let npid = nats_pid(&nats_server);
+    if a.throughput_only {
+        return throughput_only(&rt, s, &nats_server, &mut sc, &rec);
+    }
     let (nats, raw, template) = {
         let pid = sc.process.pid();
         warm_up(&rt, s, &sc, &rec)?;
@@ -404,6 +412,35 @@ fn run(s: &Settings) -> Result<(), Error> {
     for f in figures(s, &nats, &raw, &embedded, sync.as_ref()) {
         out.write(&f.quick(a.quick))?;
     }
+    Ok(())
+}
+
+/// `--throughput-only`: figure e2e3 alone, each side's rate with the
+/// CPU it took per message.
+fn throughput_only(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    nats_server: &NatsServer,
+    sc: &mut Sidecar,
+    rec: &Arc<Recorder>,
+) -> Result<(), Error> {
+    let pid = sc.process.pid();
+    let npid = nats_pid(nats_server);
+    warm_up(rt, s, sc, rec)?;
+    let meter = sys::CpuMeter::start(pid, npid);
+    let ferry = ferry_sustained(rt, s, sc, rec, meter)?;
+    let js = rt.block_on(crate::forward::connect(&nats_server.url()))?;
+    let template = rt.block_on(Template::of(&js, STREAM))?;
+    let raw = raw_sustained(rt, s, &js, &template, rec, Some(sys::CpuMeter::start(pid, npid)))?;
+    stop(sc);
+    println!(
+        "throughput-only: ferry {:.0} msg/s ({}) | raw {:.0} msg/s ({}) | ratio {:.3}",
+        ferry.rate,
+        ferry.cpu,
+        raw.rate,
+        raw.cpu,
+        ferry.rate / raw.rate
+    );
     Ok(())
 }
 
