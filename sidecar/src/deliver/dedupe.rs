@@ -57,6 +57,15 @@ pub struct Dedupe {
 async fn write_batches(log: Arc<Log>, mut queue: mpsc::UnboundedReceiver<Queued>) {
     let mut batch = Vec::new();
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Let the pushes answered in this scheduler round join the batch:
+        // one write and one wake-up of the log's writer thread for them all.
+        tokio::task::yield_now().await;
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(q) => batch.push(q),
+                Err(_) => break,
+            }
+        }
         let (records, waiting): (Vec<NewRecord>, Vec<_>) = batch.drain(..).unzip();
         let written = log.append(&records).await.map(|_| ()).map_err(|e| crate::error_chain(&e));
         for w in waiting {
