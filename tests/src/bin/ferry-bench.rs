@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use ferry_e2e::{free_port, manifests, NatsServer, Process, START_TIMEOUT};
-use hyper::Uri;
+use hyper::{StatusCode, Uri};
 
 use crate::catalogue::Source;
 use crate::figures::{Figure, JsonOut};
@@ -155,6 +155,12 @@ struct ProduceArgs {
     /// produce path without the forwarder and nats-server sharing the CPU.
     #[arg(long)]
     broker_down_for_produce: bool,
+    /// Diagnosis: before figure 1, the same closed loop to a topic the
+    /// sidecar does not know, answered 404 without touching the log: what
+    /// HTTP alone costs on these cores (the sidecar's server and the load
+    /// generator), the ceiling figure 1 could reach.
+    #[arg(long)]
+    http_floor: bool,
     /// Smoke run: 1 s phases, 20k forwarded messages, 1 repeat.
     #[arg(long)]
     quick: bool,
@@ -375,6 +381,7 @@ fn produce(s: &Settings) -> Result<(), Error> {
         content_type: "application/octet-stream",
         body: Bytes::from(vec![0x42u8; a.payload]),
         msgs_per_req: 1,
+        accepted: StatusCode::ACCEPTED,
     };
     let batch = |topic: &str| Target {
         addr: sc.api,
@@ -382,6 +389,7 @@ fn produce(s: &Settings) -> Result<(), Error> {
         content_type: "application/x-ndjson",
         body: ndjson_batch(a.batch_size, a.payload),
         msgs_per_req: a.batch_size as u64,
+        accepted: StatusCode::ACCEPTED,
     };
     let mut hwm = Vec::new();
     let isolated = a.broker_down_for_produce;
@@ -389,6 +397,23 @@ fn produce(s: &Settings) -> Result<(), Error> {
         nats.stop();
         wait_disconnected(&rt, &mut admin)?;
         say("  --broker-down-for-produce: the broker is stopped for figures 1-3 (no forwarding meanwhile)");
+    }
+
+    if a.http_floor {
+        let floor =
+            Target { uri: uri("/v1/topics/no-such-topic/messages"), accepted: StatusCode::NOT_FOUND, ..single.clone() };
+        progress(&format!("HTTP floor: 404s on {} connections for {:?}", a.connections, s.duration));
+        let cpu = sys::CpuMeter::start(pid, nats_pid(&nats));
+        let r = rt.block_on(closed_loop(&floor, a.connections, s.duration, 100_000_000))?;
+        say(&format!(
+            "http floor (the same requests to an unknown topic, answered 404 without the log): {:.0} req/s, p50 {}, \
+             p99 {}; {}; {}",
+            r.msgs_per_sec(),
+            ms(r.lat.p50),
+            ms(r.lat.p99),
+            r.counts(),
+            cpu.report()
+        ));
     }
 
     // 1. Single-message produce, closed loop.

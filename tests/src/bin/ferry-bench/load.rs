@@ -29,6 +29,8 @@ pub(crate) struct Target {
     pub(crate) body: Bytes,
     /// Messages each accepted request stores.
     pub(crate) msgs_per_req: u64,
+    /// The answer that counts as accepted (202; 404 for `--http-floor`).
+    pub(crate) accepted: StatusCode,
 }
 
 /// How one request went.
@@ -43,7 +45,7 @@ enum Sent {
 async fn send_one(conn: &mut Conn, t: &Target) -> Sent {
     let t0 = Instant::now();
     match tokio::time::timeout(REQUEST_TIMEOUT, conn.post(&t.uri, t.content_type, t.body.clone())).await {
-        Ok(Ok(a)) if a.status == StatusCode::ACCEPTED => Sent::Ok(t0.elapsed()),
+        Ok(Ok(a)) if a.status == t.accepted => Sent::Ok(t0.elapsed()),
         Ok(Ok(a))
             if a.status == StatusCode::TOO_MANY_REQUESTS
                 || a.status == StatusCode::SERVICE_UNAVAILABLE
