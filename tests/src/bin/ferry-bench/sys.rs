@@ -154,3 +154,34 @@ pub(crate) fn raw_small(dir: &Path, size: usize, time: Duration, max_ops: usize)
     std::fs::remove_file(&path)?;
     Ok(RawSmall { per_sec: lats.len() as f64 / elapsed.as_secs_f64().max(1e-9), lat: Latencies::of(lats) })
 }
+
+/// Raw `write` + `fdatasync` of `size` bytes at a fixed `rate` for
+/// `duration`, one at a time on one thread, each due at a time handed out by
+/// the same pacer thread the open-loop load uses: the disk and the machine
+/// under the fixed-rate figure's schedule, without Ferry.
+pub(crate) struct RawOpen {
+    /// From each write's scheduled time to the end of its `fdatasync`.
+    pub(crate) lat: Latencies,
+    /// How late the pacer handed each one out (the machine's wake-up lag).
+    pub(crate) pacer_lag: Latencies,
+}
+
+pub(crate) fn raw_open_loop(dir: &Path, size: usize, rate: u64, duration: Duration) -> std::io::Result<RawOpen> {
+    let path = dir.join("ferry-bench-raw-open.bin");
+    let mut f = raw_file(&path)?;
+    let buf = vec![0x3cu8; size];
+    f.write_all(&buf)?; // warm-up
+    f.sync_data()?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let (total, _start, pacer) = crate::load::pacer(rate, duration, tx);
+    let mut lats = Vec::with_capacity(total as usize);
+    while let Some(due) = rx.blocking_recv() {
+        f.write_all(&buf)?;
+        f.sync_data()?;
+        lats.push(due.elapsed());
+    }
+    let lags = pacer.join().map_err(|_| std::io::Error::other("the pacer thread panicked"))?;
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(RawOpen { lat: Latencies::of(lats), pacer_lag: Latencies::of(lags) })
+}
