@@ -161,17 +161,28 @@ struct ProduceArgs {
     /// generator), the ceiling figure 1 could reach.
     #[arg(long)]
     http_floor: bool,
-    /// Diagnosis: run figure 3 (the fixed-rate p99) alone, with its raw disk
-    /// baselines, and stop; about 15 s, so sidecar builds can be compared in
-    /// many interleaved runs.
-    #[arg(long)]
-    fixed_rate_only: bool,
+    /// Diagnosis: run only this figure of 1-3 (with the raw disk baselines)
+    /// and stop, about 15-20 s, so sidecar builds can be compared in many
+    /// interleaved runs.
+    #[arg(long, value_enum)]
+    only: Option<Only>,
     /// Smoke run: 1 s phases, 20k forwarded messages, 1 repeat.
     #[arg(long)]
     quick: bool,
     /// Also append each figure to this file as a JSON line (for `ferry-bench report`).
     #[arg(long)]
     json_out: Option<PathBuf>,
+}
+
+/// The figure `--only` runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum Only {
+    /// Figure 1, single produce.
+    Single,
+    /// Figure 2, batch produce.
+    Batch,
+    /// Figure 3, the fixed-rate p99.
+    FixedRate,
 }
 
 /// Resolved settings.
@@ -421,8 +432,9 @@ fn produce(s: &Settings) -> Result<(), Error> {
         ));
     }
 
+    let runs = |f: Only| a.only.is_none_or(|o| o == f);
     // 1. Single-message produce, closed loop.
-    if !a.fixed_rate_only {
+    if runs(Only::Single) {
         progress(&format!("figure 1: single produce on {} connections for {:?}", a.connections, s.duration));
         let cpu = sys::CpuMeter::start(pid, nats_pid(&nats));
         let r = rt.block_on(closed_loop(&single, a.connections, s.duration, 100_000_000))?;
@@ -467,7 +479,8 @@ fn produce(s: &Settings) -> Result<(), Error> {
         if !isolated {
             drain(&rt, &mut admin, s, "fig1")?;
         }
-
+    }
+    if runs(Only::Batch) {
         // 2. Batch produce, closed loop.
         progress(&format!("figure 2: batch produce on {} connections for {:?}", a.batch_connections, s.duration));
         let cpu = sys::CpuMeter::start(pid, nats_pid(&nats));
@@ -522,22 +535,23 @@ fn produce(s: &Settings) -> Result<(), Error> {
     }
 
     // 3. Fixed rate, open loop.
-    progress(&format!("figure 3: {} msg/s for {:?}", a.rate, s.duration));
-    // The baseline: raw write+fdatasync on the same schedule (same rate, the
-    // same pacer, latency from the scheduled time), right before and right
-    // after the run (the disk and the machine drift); the ratio uses the
-    // larger p99. On some VMs an fdatasync stalls the other vCPU for many
-    // milliseconds, which this baseline shows as its own pacer lag.
-    let fresh = s.raw_time / 2;
-    let before = sys::raw_open_loop(data.path(), a.payload, a.rate, fresh)?;
-    let cpu = sys::CpuMeter::start(pid, nats_pid(&nats));
-    let r = rt.block_on(open_loop(&single, a.connections, a.rate, s.duration))?;
-    let cpu3 = cpu.report();
-    let after = sys::raw_open_loop(data.path(), a.payload, a.rate, fresh)?;
-    let raw_p99 = before.lat.p99.max(after.lat.p99);
-    let raw_lag_p99 = before.pacer_lag.p99.max(after.pacer_lag.p99);
-    let l = r.load.lat;
-    say(&format!(
+    if runs(Only::FixedRate) {
+        progress(&format!("figure 3: {} msg/s for {:?}", a.rate, s.duration));
+        // The baseline: raw write+fdatasync on the same schedule (same rate, the
+        // same pacer, latency from the scheduled time), right before and right
+        // after the run (the disk and the machine drift); the ratio uses the
+        // larger p99. On some VMs an fdatasync stalls the other vCPU for many
+        // milliseconds, which this baseline shows as its own pacer lag.
+        let fresh = s.raw_time / 2;
+        let before = sys::raw_open_loop(data.path(), a.payload, a.rate, fresh)?;
+        let cpu = sys::CpuMeter::start(pid, nats_pid(&nats));
+        let r = rt.block_on(open_loop(&single, a.connections, a.rate, s.duration))?;
+        let cpu3 = cpu.report();
+        let after = sys::raw_open_loop(data.path(), a.payload, a.rate, fresh)?;
+        let raw_p99 = before.lat.p99.max(after.lat.p99);
+        let raw_lag_p99 = before.pacer_lag.p99.max(after.pacer_lag.p99);
+        let l = r.load.lat;
+        say(&format!(
         "fig3 fixed rate ({} msg/s open loop, single produce ack=local, {} B, {:.0} s): p50 {}, p99 {}, max {} \
          ({} of {} answered 202) | baseline raw {} B write+fdatasync one at a time at the same {}/s open loop, from the \
          scheduled time: p50 {}, p99 {} just before the run; p50 {}, p99 {} just after | ratio {:.2}x the larger \
@@ -559,50 +573,51 @@ fn produce(s: &Settings) -> Result<(), Error> {
         l.p99.as_secs_f64() / raw_p99.as_secs_f64().max(1e-9),
         verdict(l.p99 <= Duration::from_millis(2) && r.load.requests == r.scheduled)
     ));
-    say(&format!(
-        "  fig3 detail: {}; latency from the scheduled send time; pacer lag (client-side, included) p50 {}, \
+        say(&format!(
+            "  fig3 detail: {}; latency from the scheduled send time; pacer lag (client-side, included) p50 {}, \
          p99 {}, max {}; the raw baseline's pacer lag p99 {} before, {} after; {}",
-        r.load.counts(),
-        ms(r.pacer_lag.p50),
-        ms(r.pacer_lag.p99),
-        ms(r.pacer_lag.max),
-        ms(before.pacer_lag.p99),
-        ms(after.pacer_lag.p99),
-        cpu3
-    ));
-    let complete = r.load.requests == r.scheduled;
-    emit(
-        Figure::new("produce.fixed_rate_p99", Source::Produce, l.p99.as_secs_f64() * 1e3, "ms")
-            .label(format!(
-                "single produce, `ack=local`, {} B, at a fixed {} msg/s (open loop, from the scheduled time): p99",
-                a.payload, a.rate
-            ))
-            .baseline(
-                format!(
-                    "raw {} B write+fdatasync, one at a time, at the same rate and schedule, from the scheduled \
+            r.load.counts(),
+            ms(r.pacer_lag.p50),
+            ms(r.pacer_lag.p99),
+            ms(r.pacer_lag.max),
+            ms(before.pacer_lag.p99),
+            ms(after.pacer_lag.p99),
+            cpu3
+        ));
+        let complete = r.load.requests == r.scheduled;
+        emit(
+            Figure::new("produce.fixed_rate_p99", Source::Produce, l.p99.as_secs_f64() * 1e3, "ms")
+                .label(format!(
+                    "single produce, `ack=local`, {} B, at a fixed {} msg/s (open loop, from the scheduled time): p99",
+                    a.payload, a.rate
+                ))
+                .baseline(
+                    format!(
+                        "raw {} B write+fdatasync, one at a time, at the same rate and schedule, from the scheduled \
                      time: p99 (the larger of just before/after)",
-                    a.payload
-                ),
-                raw_p99.as_secs_f64() * 1e3,
-                "ms",
-            )
-            .judged(a.rate == 5000, l.p99 <= Duration::from_millis(2) && complete)
-            .note(format!(
-                "p50 {}, max {}; {} of {} requests answered 202; pacer lag p99 {} (the raw baseline's {}){}",
-                ms(l.p50),
-                ms(l.max),
-                r.load.requests,
-                r.scheduled,
-                ms(r.pacer_lag.p99),
-                ms(raw_lag_p99),
-                if a.rate == 5000 { "" } else { "; not judged: the goal is for 5 000 msg/s" }
-            )),
-    )?;
-    hwm.push(("fig3", sys::status_bytes(pid, "VmHWM")));
-    if !isolated {
-        drain(&rt, &mut admin, s, "fig3")?;
+                        a.payload
+                    ),
+                    raw_p99.as_secs_f64() * 1e3,
+                    "ms",
+                )
+                .judged(a.rate == 5000, l.p99 <= Duration::from_millis(2) && complete)
+                .note(format!(
+                    "p50 {}, max {}; {} of {} requests answered 202; pacer lag p99 {} (the raw baseline's {}){}",
+                    ms(l.p50),
+                    ms(l.max),
+                    r.load.requests,
+                    r.scheduled,
+                    ms(r.pacer_lag.p99),
+                    ms(raw_lag_p99),
+                    if a.rate == 5000 { "" } else { "; not judged: the goal is for 5 000 msg/s" }
+                )),
+        )?;
+        hwm.push(("fig3", sys::status_bytes(pid, "VmHWM")));
+        if !isolated {
+            drain(&rt, &mut admin, s, "fig3")?;
+        }
     }
-    if a.fixed_rate_only {
+    if a.only.is_some() {
         return Ok(());
     }
 
