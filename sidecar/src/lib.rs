@@ -70,8 +70,10 @@ impl StartError {
     }
 }
 
-/// A message id as a map key: a 128-bit hash of it (std's SipHash twice,
-/// so two independent halves, keyed at random once per process): 16 bytes
+/// A message id as a map key: a 128-bit hash of it, std's SipHash keyed at
+/// random once per process, of the id and of the id and one more byte
+/// (0xff, never part of UTF-8 text, so no id's second input is another
+/// id's first): two independent halves from one pass over the id. 16 bytes
 /// an entry against about 80 for the id as a `String`. Maps of recent ids
 /// are rebuilt from the ids on disk at start, so the hash need not be
 /// stable across restarts. Two ids among n share a key with odds about
@@ -82,10 +84,14 @@ pub(crate) struct IdKey(u64, u64); // two u64s, not a u128: 8-byte aligned entri
 impl IdKey {
     /// The key of `id`.
     pub(crate) fn of(id: &str) -> IdKey {
-        use std::hash::BuildHasher;
+        use std::hash::{BuildHasher, Hasher};
         static KEYS: std::sync::LazyLock<std::collections::hash_map::RandomState> =
             std::sync::LazyLock::new(Default::default);
-        IdKey(KEYS.hash_one(id), KEYS.hash_one((0x9e37_79b9_u32, id)))
+        let mut h = KEYS.build_hasher();
+        h.write(id.as_bytes());
+        let first = h.clone().finish();
+        h.write_u8(0xff);
+        IdKey(first, h.finish())
     }
 }
 

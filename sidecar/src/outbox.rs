@@ -199,10 +199,11 @@ impl Outbox {
     /// Appends records to a topic's log (one durable write) and tracks their ids.
     pub async fn append(&self, tl: &TopicLog, records: &[NewRecord]) -> Result<std::ops::Range<u64>, ferry_log::Error> {
         let range = tl.log.append(records).await?;
+        let keys: Vec<IdKey> = records.iter().map(|r| IdKey::of(&r.id)).collect(); // outside the lock
         let mut t = self.lock_tracker();
         let topic = t.number(&tl.topic);
-        for (rec, offset) in records.iter().zip(range.clone()) {
-            t.note_pending(&rec.id, topic, offset);
+        for (key, offset) in keys.into_iter().zip(range.clone()) {
+            t.note_pending(key, topic, offset);
         }
         Ok(range)
     }
@@ -213,16 +214,18 @@ impl Outbox {
 
     /// Records that the broker confirmed a message.
     pub fn confirmed(&self, topic: &str, id: &str, offset: u64, stream: &str, sequence: u64) {
+        let key = IdKey::of(id);
         let mut t = self.lock_tracker();
         let (topic, stream) = (t.number(topic), t.number(stream));
-        t.insert(IdKey::of(id), Tracked { offset, sequence, topic, stream });
+        t.insert(key, Tracked { offset, sequence, topic, stream });
     }
 
     /// Remembers a pending message found in the log after a restart.
     pub fn pending_seen(&self, topic: &str, id: &str, offset: u64) {
+        let key = IdKey::of(id);
         let mut t = self.lock_tracker();
         let topic = t.number(topic);
-        t.note_pending(id, topic, offset);
+        t.note_pending(key, topic, offset);
     }
 
     /// What is known of a message id (recent ones only).
@@ -261,8 +264,7 @@ impl Tracker {
     /// Records a pending message unless this record (or a later produce of
     /// the same id) is already known: the forwarder can confirm a record
     /// before its appender gets here.
-    fn note_pending(&mut self, id: &str, topic: u32, offset: u64) {
-        let key = IdKey::of(id);
+    fn note_pending(&mut self, key: IdKey, topic: u32, offset: u64) {
         let known = self.get(&key).is_some_and(|s| s.topic == topic && s.offset >= offset);
         if !known {
             self.insert(key, Tracked { offset, sequence: 0, topic, stream: 0 });
@@ -317,7 +319,7 @@ mod tracker_tests {
         let topic = t.number("orders");
         let n = 3 * TRACKED_GENERATION as u64;
         for i in 0..n {
-            t.note_pending(&format!("m-{i}"), topic, i);
+            t.note_pending(IdKey::of(&format!("m-{i}")), topic, i);
         }
         // Two generations kept: the last 2 × TRACKED_GENERATION ids.
         let known = |t: &Tracker, i: u64| t.get(&IdKey::of(&format!("m-{i}"))).map(|s| s.offset);
@@ -332,7 +334,7 @@ mod tracker_tests {
         let old = n - 2 * TRACKED_GENERATION as u64;
         let stream = t.number("FERRY_default_orders");
         t.insert(IdKey::of(&format!("m-{old}")), Tracked { offset: old, sequence: 7, topic, stream });
-        t.note_pending(&format!("m-{old}"), topic, old);
+        t.note_pending(IdKey::of(&format!("m-{old}")), topic, old);
         let s = *t.get(&IdKey::of(&format!("m-{old}"))).unwrap();
         assert_eq!((t.name(s.stream), s.sequence), ("FERRY_default_orders", 7));
     }

@@ -54,6 +54,12 @@ async fn batches_in_all_three_formats_are_stored_whole_and_in_order() {
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["count"], 2);
     assert_eq!(body["messages"][1]["id"], "j2");
+    let m = &body["messages"][1];
+    assert_eq!(
+        (m["offset"].as_u64(), m["status"].as_str(), m["stream"].as_str(), m["sequence"].as_u64()),
+        (Some(1), Some("forwarded"), Some("FERRY_default_audit"), Some(2)),
+        "{body}"
+    );
     let (status, _) = post(
         &sc,
         path,
@@ -71,9 +77,17 @@ async fn batches_in_all_three_formats_are_stored_whole_and_in_order() {
     let ids: Vec<String> = msgs.iter().map(|m| header(m, "Nats-Msg-Id").unwrap()).collect();
     assert_eq!(ids, ["j1", "j2", "n1", "n2", "c1"]);
     assert_eq!(&msgs[0].payload[..], br#"{"n":1}"#);
+    assert_eq!(&msgs[2].payload[..], br#""x""#);
     assert_eq!(&msgs[3].payload[..], &[0, 1]);
     assert_eq!(header(&msgs[3], "content-type").as_deref(), Some("application/octet-stream"));
     assert_eq!(header(&msgs[4], "ce-source").as_deref(), Some("/s"));
+
+    // With ack=local the answer says where each message is in the outbox.
+    let (status, body) =
+        post(&sc, "/v1/topics/audit/messages:batch", "application/x-ndjson", "{\"id\":\"l1\",\"data\":1}\n").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!((body["topic"].as_str(), body["count"].as_u64()), (Some("audit"), Some(1)), "{body}");
+    assert_eq!((body["messages"][0]["id"].as_str(), body["messages"][0]["offset"].as_u64()), (Some("l1"), Some(5)));
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use self::error::ApiError;
@@ -150,16 +150,12 @@ async fn produce_one(
         let id = record.id.clone();
         let range = s.outbox.append(&tl, std::slice::from_ref(&record)).await?;
         s.metrics.produce_messages.get_or_create(&crate::metrics::TopicLabels { topic: topic.clone() }).inc();
-        let mut answer = json!({ "id": id, "topic": topic, "offset": range.start });
-        let status = match mode {
-            AckMode::Local => {
-                answer["status"] = "pending".into();
-                StatusCode::ACCEPTED
-            }
+        let answer = Produced::new(&id, range.start).topic(&topic);
+        let (status, answer) = match mode {
+            AckMode::Local => (StatusCode::ACCEPTED, answer.pending()),
             AckMode::Broker => {
                 wait_confirmed(&s, &topic, range.end).await?;
-                forwarded_fields(&s, &id, &mut answer);
-                StatusCode::CREATED
+                (StatusCode::CREATED, answer.forwarded(&s))
             }
         };
         Ok::<_, ApiError>((status, Json(answer)).into_response())
@@ -189,19 +185,15 @@ async fn produce_batch(
             .produce_messages
             .get_or_create(&crate::metrics::TopicLabels { topic: topic.clone() })
             .inc_by(records.len() as u64);
-        let mut messages: Vec<serde_json::Value> =
-            records.iter().zip(range.clone()).map(|(r, offset)| json!({ "id": r.id, "offset": offset })).collect();
-        let status = match mode {
-            AckMode::Local => StatusCode::ACCEPTED,
+        let messages = records.iter().zip(range.clone()).map(|(r, offset)| Produced::new(&r.id, offset));
+        let (status, messages): (_, Vec<Produced<'_>>) = match mode {
+            AckMode::Local => (StatusCode::ACCEPTED, messages.collect()),
             AckMode::Broker => {
                 wait_confirmed(&s, &topic, range.end).await?;
-                for (m, r) in messages.iter_mut().zip(&records) {
-                    forwarded_fields(&s, &r.id, m);
-                }
-                StatusCode::CREATED
+                (StatusCode::CREATED, messages.map(|m| m.forwarded(&s)).collect())
             }
         };
-        let answer = json!({ "topic": topic, "count": records.len(), "messages": messages });
+        let answer = BatchAnswer { topic: &topic, count: records.len(), messages };
         Ok::<_, ApiError>((status, Json(answer)).into_response())
     }
     .await;
@@ -222,14 +214,51 @@ async fn wait_confirmed(s: &Sidecar, topic: &str, end: u64) -> Result<(), ApiErr
     }
 }
 
-fn forwarded_fields(s: &Sidecar, id: &str, answer: &mut serde_json::Value) {
-    answer["status"] = "forwarded".into();
-    if let Some(st) = s.outbox.status(id) {
-        if let MessageState::Forwarded { stream, sequence } = st.state {
-            answer["stream"] = stream.into();
-            answer["sequence"] = sequence.into();
-        }
+/// A produced message in an answer: where it is in the outbox, and with
+/// `ack=broker` where the broker stored it.
+#[derive(Serialize)]
+struct Produced<'a> {
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sequence: Option<u64>,
+}
+
+impl<'a> Produced<'a> {
+    fn new(id: &'a str, offset: u64) -> Self {
+        Produced { id, topic: None, offset, status: None, stream: None, sequence: None }
     }
+
+    fn topic(self, topic: &'a str) -> Self {
+        Produced { topic: Some(topic), ..self }
+    }
+
+    fn pending(self) -> Self {
+        Produced { status: Some("pending"), ..self }
+    }
+
+    /// Confirmed by the broker: its stream and sequence, when still known.
+    fn forwarded(self, s: &Sidecar) -> Self {
+        let (stream, sequence) = match s.outbox.status(self.id).map(|st| st.state) {
+            Some(MessageState::Forwarded { stream, sequence }) => (Some(stream), Some(sequence)),
+            _ => (None, None),
+        };
+        Produced { status: Some("forwarded"), stream, sequence, ..self }
+    }
+}
+
+/// The answer to a batch produce.
+#[derive(Serialize)]
+struct BatchAnswer<'a> {
+    topic: &'a str,
+    count: usize,
+    messages: Vec<Produced<'a>>,
 }
 
 async fn message_status(

@@ -228,14 +228,16 @@ fn is_json(ct: &str) -> bool {
     ct == "application/json" || ct.ends_with("+json") || ct == "text/json"
 }
 
-/// One entry of a JSON-array or NDJSON batch.
+/// One entry of a JSON-array or NDJSON batch, parsed from the request body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct Entry {
+struct Entry<'a> {
     id: Option<String>,
     key: Option<String>,
-    /// Kept as the client wrote it: stored byte for byte, never re-encoded.
-    data: Option<Box<serde_json::value::RawValue>>,
+    /// Kept as the client wrote it: stored byte for byte, never re-encoded,
+    /// and not copied: the payload is this part of the request body.
+    #[serde(borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
     #[serde(rename = "data_base64")]
     data_base64: Option<String>,
     content_type: Option<String>,
@@ -243,7 +245,8 @@ struct Entry {
     headers: BTreeMap<String, String>,
 }
 
-fn entry(e: Entry, limits: Limits) -> Result<NewRecord, ApiError> {
+/// The record of `e`, an entry parsed from `body`.
+fn entry(e: Entry<'_>, body: &Bytes, limits: Limits) -> Result<NewRecord, ApiError> {
     let mut hdrs = Vec::new();
     for (name, value) in e.headers {
         let lower = name.to_ascii_lowercase();
@@ -260,7 +263,7 @@ fn entry(e: Entry, limits: Limits) -> Result<NewRecord, ApiError> {
     }
     let (payload, default_ct) = match (e.data, e.data_base64) {
         (Some(_), Some(_)) => return Err(bad("an entry has data or data_base64, not both")),
-        (Some(raw), None) => (Bytes::copy_from_slice(raw.get().as_bytes()), "application/json"),
+        (Some(raw), None) => (body.slice_ref(raw.get().as_bytes()), "application/json"),
         (None, Some(b64)) => (
             Bytes::from(
                 base64::engine::general_purpose::STANDARD
@@ -276,7 +279,7 @@ fn entry(e: Entry, limits: Limits) -> Result<NewRecord, ApiError> {
 }
 
 /// The messages of a batch request, all or nothing.
-pub fn batch(h: &HeaderMap, body: &[u8], limits: Limits) -> Result<Vec<NewRecord>, ApiError> {
+pub fn batch(h: &HeaderMap, body: &Bytes, limits: Limits) -> Result<Vec<NewRecord>, ApiError> {
     let media = media_type(h).unwrap_or_default();
     let records: Vec<NewRecord> = match media.as_str() {
         CE_BATCH => {
@@ -288,18 +291,18 @@ pub fn batch(h: &HeaderMap, body: &[u8], limits: Limits) -> Result<Vec<NewRecord
                 .map(|(i, v)| structured(v, limits).map_err(|e| at(i, e)))
                 .collect::<Result<_, _>>()?
         }
-        "application/json" => match serde_json::from_slice::<Vec<Entry>>(body) {
+        "application/json" => match serde_json::from_slice::<Vec<Entry<'_>>>(body) {
             Ok(entries) => entries
                 .into_iter()
                 .enumerate()
-                .map(|(i, e)| entry(e, limits).map_err(|e| at(i, e)))
+                .map(|(i, e)| entry(e, body, limits).map_err(|e| at(i, e)))
                 .collect::<Result<_, _>>()?,
             // Parsed again, slowly, only to say which entry is wrong.
             Err(whole) => {
                 let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
                     .map_err(|_| bad(format!("a batch is a JSON array of entries: {whole}")))?;
                 for (i, item) in items.iter().enumerate() {
-                    parse_entry(item.get(), limits).map_err(|e| at(i, e))?;
+                    parse_entry(item.get(), body, limits).map_err(|e| at(i, e))?;
                 }
                 return Err(bad(format!("a batch is a JSON array of entries: {whole}")));
             }
@@ -309,7 +312,7 @@ pub fn batch(h: &HeaderMap, body: &[u8], limits: Limits) -> Result<Vec<NewRecord
             text.lines()
                 .filter(|l| !l.trim().is_empty())
                 .enumerate()
-                .map(|(i, line)| parse_entry(line, limits).map_err(|e| at(i, e)))
+                .map(|(i, line)| parse_entry(line, body, limits).map_err(|e| at(i, e)))
                 .collect::<Result<_, _>>()?
         }
         other => {
@@ -327,9 +330,10 @@ pub fn batch(h: &HeaderMap, body: &[u8], limits: Limits) -> Result<Vec<NewRecord
     Ok(records)
 }
 
-fn parse_entry(text: &str, limits: Limits) -> Result<NewRecord, ApiError> {
-    let e: Entry = serde_json::from_str(text).map_err(|e| bad(format!("invalid entry: {e}")))?;
-    entry(e, limits)
+/// One entry, `text`, a part of `body`.
+fn parse_entry(text: &str, body: &Bytes, limits: Limits) -> Result<NewRecord, ApiError> {
+    let e: Entry<'_> = serde_json::from_str(text).map_err(|e| bad(format!("invalid entry: {e}")))?;
+    entry(e, body, limits)
 }
 
 /// Prefixes a batch error with the entry's position.
@@ -411,24 +415,29 @@ mod tests {
     #[test]
     fn batches_parse_in_all_three_formats_and_fail_whole() {
         let json = r#"[{"id":"a","data":{"x":1}},{"key":"k","data_base64":"AA==","contentType":"application/x"}]"#;
-        let r = batch(&hdrs(&[("content-type", "application/json")]), json.as_bytes(), L).unwrap();
+        let r = batch(&hdrs(&[("content-type", "application/json")]), &Bytes::from(json.to_owned()), L).unwrap();
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].id, "a");
+        assert_eq!(&r[0].payload[..], br#"{"x":1}"#, "data is stored as the client wrote it");
+        assert_eq!(&r[1].payload[..], [0u8], "data_base64 is decoded");
         assert_eq!(r[1].key.as_deref(), Some("k"));
         assert_eq!(r[1].headers, [("content-type".to_owned(), "application/x".to_owned())]);
         let nd = "{\"id\":\"a\",\"data\":1}\n\n{\"id\":\"b\",\"data\":2}\n";
-        assert_eq!(batch(&hdrs(&[("content-type", "application/x-ndjson")]), nd.as_bytes(), L).unwrap().len(), 2);
+        let r = batch(&hdrs(&[("content-type", "application/x-ndjson")]), &Bytes::from(nd.to_owned()), L).unwrap();
+        assert_eq!(r.iter().map(|r| &r.payload[..]).collect::<Vec<_>>(), [b"1", b"2"]);
         let ce = r#"[{"specversion":"1.0","id":"c1","source":"/s","type":"t"},{"specversion":"1.0","id":"c2","source":"/s","type":"t"}]"#;
-        let r = batch(&hdrs(&[("content-type", "application/cloudevents-batch+json")]), ce.as_bytes(), L).unwrap();
+        let r = batch(&hdrs(&[("content-type", "application/cloudevents-batch+json")]), &Bytes::from(ce.to_owned()), L)
+            .unwrap();
         assert_eq!(r.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["c1", "c2"]);
         let one_bad = r#"[{"id":"a"},{"id":"b","colour":"red"}]"#;
-        let err = batch(&hdrs(&[("content-type", "application/json")]), one_bad.as_bytes(), L).unwrap_err();
+        let err =
+            batch(&hdrs(&[("content-type", "application/json")]), &Bytes::from(one_bad.to_owned()), L).unwrap_err();
         assert!(matches!(&err, ApiError::BadRequest(m) if m.starts_with("message 1:")), "{err:?}");
         assert!(matches!(
-            batch(&hdrs(&[("content-type", "text/plain")]), b"x", L),
+            batch(&hdrs(&[("content-type", "text/plain")]), &Bytes::from_static(b"x"), L),
             Err(ApiError::UnsupportedMediaType(_))
         ));
-        assert!(batch(&hdrs(&[("content-type", "application/json")]), b"[]", L).is_err());
+        assert!(batch(&hdrs(&[("content-type", "application/json")]), &Bytes::from_static(b"[]"), L).is_err());
     }
 
     #[test]

@@ -213,6 +213,8 @@ mod tests {
         assert_eq!(keys.len(), ids.len());
         let lows: std::collections::HashSet<u64> = ids.iter().map(|i| IdKey::of(i).0).collect();
         assert_eq!(lows.len(), ids.len(), "the half maps index by is spread too");
+        let highs: std::collections::HashSet<u64> = ids.iter().map(|i| IdKey::of(i).1).collect();
+        assert_eq!(highs.len(), ids.len(), "and so is the other half");
         assert_eq!(IdKey::of("order-00001"), IdKey::of("order-00001"), "stable within the process");
         let a = IdKey::of("a");
         assert_ne!(a.0, a.1, "two independent halves");
