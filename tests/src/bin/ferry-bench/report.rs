@@ -12,7 +12,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use serde_json::{json, Map, Value};
@@ -368,7 +368,9 @@ missed; **not judged** is a figure measured, but not under its goal's conditions
 the goal's); **not measured** is a goal whose figure the run did not produce (the note says why). MB and \
 MB/s are 10^6 bytes, MiB 2^20 (the RSS goals' \"MB\" are read as MiB). A figure close to its goal can \
 land on either side from one run to the next on a shared 2-core VM; per-phase detail (CPU per process, \
-counts, drains) is in the benchmarks' text output beside the JSON-lines file.";
+counts, drains) is in the benchmarks' text output beside the JSON-lines file. The **vCPU stalls** row \
+is the machine's, not Ferry's: on some VMs a disk flush stops the other vCPU for milliseconds, and every \
+latency tail of the run (Ferry's and the same-schedule raw baselines') carries those stalls.";
 
 /// The report's Markdown.
 pub(crate) fn render(input: &Input) -> String {
@@ -458,6 +460,7 @@ fn render_run(w: &mut String, input: &Input) {
             ("command", format!("`{}`", s("command"))),
             ("machine", format!("{cpus} CPUs ({}), {} memory, Linux {}", s("cpu_model"), s("memory"), s("kernel"))),
             ("load average before the run (1, 5, 15 min)", s("load")),
+            ("vCPU stalls (a thread spinning on the clock)", s("stalls")),
             ("data dir", format!("`{}` on {}", s("data_dir"), s("filesystem"))),
             ("toolchain", format!("{}; {}", s("rustc"), s("nats_server"))),
         ];
@@ -511,11 +514,24 @@ pub(crate) fn describe(command: &str, data_dir: &Path) -> Value {
         "load": std::fs::read_to_string("/proc/loadavg")
             .map_or("?".to_owned(), |s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
         "data_dir": data_dir.display().to_string(),
+        "stalls": stalls(data_dir),
         "filesystem": filesystem(data_dir),
         "rustc": first_line(Command::new(rustc).arg("--version")).unwrap_or_else(|| "rustc ?".to_owned()),
         "nats_server": first_line(Command::new(ferry_e2e::nats_server_binary()).arg("--version"))
             .unwrap_or_else(|| "nats-server ?".to_owned()),
     })
+}
+
+/// What [`sys::stall_probe`] saw, 1 s alone and 1 s beside an fdatasync loop.
+fn stalls(data_dir: &Path) -> String {
+    let probe =
+        std::fs::create_dir_all(data_dir).and_then(|()| crate::sys::stall_probe(data_dir, Duration::from_secs(1)));
+    match probe {
+        Ok((idle, syncing)) => {
+            format!("alone: {idle}; while another thread runs 1 KiB write+fdatasync in the data dir: {syncing}")
+        }
+        Err(e) => format!("not measured: {e}"),
+    }
 }
 
 /// A command's standard output, if it succeeded.

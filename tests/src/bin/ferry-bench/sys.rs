@@ -185,3 +185,78 @@ pub(crate) fn raw_open_loop(dir: &Path, size: usize, rate: u64, duration: Durati
     std::fs::remove_file(&path)?;
     Ok(RawOpen { lat: Latencies::of(lats), pacer_lag: Latencies::of(lags) })
 }
+
+/// Time a thread lost to the machine while it spun on the clock: gaps
+/// between two readings longer than [`GAP`], which a running thread only
+/// sees when its vCPU did not run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Gaps {
+    pub(crate) spun: Duration,
+    pub(crate) lost: Duration,
+    pub(crate) count: usize,
+    pub(crate) longest: Duration,
+}
+
+const GAP: Duration = Duration::from_micros(500);
+
+fn spin_gaps(time: Duration) -> Gaps {
+    let t0 = Instant::now();
+    let mut last = t0;
+    let (mut lost, mut count, mut longest) = (Duration::ZERO, 0, Duration::ZERO);
+    while last - t0 < time {
+        let now = Instant::now();
+        let gap = now - last;
+        if gap > GAP {
+            lost += gap;
+            count += 1;
+            longest = longest.max(gap);
+        }
+        last = now;
+    }
+    Gaps { spun: last - t0, lost, count, longest }
+}
+
+impl std::fmt::Display for Gaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} ms of {:.0} ms lost in {} gaps over 0.5 ms (longest {:.1} ms)",
+            self.lost.as_secs_f64() * 1e3,
+            self.spun.as_secs_f64() * 1e3,
+            self.count,
+            self.longest.as_secs_f64() * 1e3
+        )
+    }
+}
+
+/// A thread spinning on the clock for `time`, first alone, then while
+/// another thread runs 1 KiB write+fdatasync in `dir`: on some VMs a disk
+/// flush stops the other vCPU for many milliseconds, which every latency
+/// figure of the run then carries.
+pub(crate) fn stall_probe(dir: &Path, time: Duration) -> std::io::Result<(Gaps, Gaps)> {
+    let idle = spin_gaps(time);
+    let path = dir.join("ferry-bench-stall-probe.bin");
+    let mut f = raw_file(&path)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let syncer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> std::io::Result<u64> {
+            let buf = [0x11u8; 1024];
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f.write_all(&buf)?;
+                f.sync_data()?;
+                n += 1;
+            }
+            Ok(n)
+        })
+    };
+    let syncing = spin_gaps(time);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let synced = syncer.join().map_err(|_| std::io::Error::other("the fdatasync thread panicked"))??;
+    std::fs::remove_file(&path)?;
+    if synced == 0 {
+        return Err(std::io::Error::other("the fdatasync thread did not complete one write"));
+    }
+    Ok((idle, syncing))
+}
