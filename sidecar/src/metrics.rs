@@ -70,6 +70,8 @@ pub struct Metrics {
     pub push_duration: Histogram,
     /// Deliveries pushed or awaiting a callback.
     pub in_flight: Family<SubscriptionLabels, Gauge>,
+    /// Messages per fetch from the broker, for pushed subscriptions.
+    pub fetch_messages: Histogram,
 }
 
 fn latency() -> Histogram {
@@ -95,6 +97,7 @@ impl Metrics {
             push_attempts: Family::default(),
             push_duration: latency(),
             in_flight: Family::default(),
+            fetch_messages: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             registry: Registry::default(),
         };
         registry.register("produce_requests", "Produce requests by topic and status code", m.produce_requests.clone());
@@ -116,6 +119,11 @@ impl Metrics {
         registry.register("broker_connected", "1 while connected to the broker", m.broker_connected.clone());
         registry.register("deliveries", "Deliveries by subscription and result", m.deliveries.clone());
         registry.register("push_attempts", "Pushes to the app, every attempt", m.push_attempts.clone());
+        registry.register(
+            "fetch_messages",
+            "Messages per fetch from the broker (pushed subscriptions; empty fetches count 0)",
+            m.fetch_messages.clone(),
+        );
         registry.register("push_duration_seconds", "Push latency until the app answered", m.push_duration.clone());
         registry.register("deliveries_in_flight", "Deliveries pushed or awaiting a callback", m.in_flight.clone());
         Metrics { registry, ..m }

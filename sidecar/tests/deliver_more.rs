@@ -667,6 +667,8 @@ async fn metrics_count_deliveries_by_subscription_and_result() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(metric(&sc, "ferry_push_attempts_total{subscription=\"billing\"}").await, Some(5.0));
+    // Each message came in one fetch (none was redelivered).
+    assert_eq!(metric(&sc, "ferry_fetch_messages_sum").await, Some(5.0));
     assert_eq!(metric(&sc, &deliveries("billing", "retried")).await, None);
     assert_eq!(dead_letters(&nats).await.len(), 2);
 }

@@ -193,23 +193,24 @@ impl Ctx {
             };
             let Some(first) = first else { continue };
             let mut permits = vec![first];
-            let want =
-                if self.spec.batch.max_messages > 1 { self.spec.batch.max_messages as usize } else { usize::MAX };
+            let batched = self.spec.batch.max_messages > 1;
+            let want = if batched { self.spec.batch.max_messages as usize } else { usize::MAX };
             while permits.len() < want {
                 match self.permits.clone().try_acquire_owned() {
                     Ok(p) => permits.push(p),
                     Err(_) => break,
                 }
             }
-            let wait = if self.spec.batch.max_messages > 1 { self.spec.batch.max_wait.get() } else { FETCH_WAIT };
+            let wait = if batched { self.spec.batch.max_wait.get() } else { FETCH_WAIT };
             let fetched = tokio::select! {
                 r = async { self.consumer().await?.fetch(permits.len(), wait).await } => r,
                 _ = stop.changed() => break,
             };
             let messages = match fetched {
                 Ok(mut m) => {
+                    self.deps.metrics.fetch_messages.observe(m.len() as f64);
                     backoff = Duration::from_millis(100);
-                    if self.spec.batch.max_messages > 1 && !m.is_empty() {
+                    if batched && !m.is_empty() {
                         // A partial batch stays open up to maxWait from its first message.
                         let until = tokio::time::Instant::now() + wait;
                         while m.len() < permits.len() {
@@ -222,7 +223,10 @@ impl Ctx {
                                 _ = stop.changed() => break,
                             };
                             match more {
-                                Ok(more) => m.extend(more),
+                                Ok(more) => {
+                                    self.deps.metrics.fetch_messages.observe(more.len() as f64);
+                                    m.extend(more)
+                                }
                                 Err(_) => break,
                             }
                         }
@@ -241,7 +245,7 @@ impl Ctx {
                 }
             };
             let mut permits = permits.into_iter();
-            if self.spec.batch.max_messages > 1 && !messages.is_empty() {
+            if batched && !messages.is_empty() {
                 let held: Vec<_> = permits.by_ref().take(messages.len()).collect();
                 let ctx = self.clone();
                 tasks.spawn(async move {
