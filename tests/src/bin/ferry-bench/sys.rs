@@ -101,6 +101,17 @@ fn raw_file(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
+/// A new raw file `name` in `dir`, after one warm-up write+fdatasync of the
+/// buffer of `size` bytes of `fill` it returns for the measured writes.
+fn warmed(dir: &Path, name: &str, fill: u8, size: usize) -> std::io::Result<(std::path::PathBuf, File, Vec<u8>)> {
+    let path = dir.join(name);
+    let mut f = raw_file(&path)?;
+    let buf = vec![fill; size];
+    f.write_all(&buf)?;
+    f.sync_data()?;
+    Ok((path, f, buf))
+}
+
 /// Sequential 256 KiB `write` + `fdatasync` (std's `sync_data`) into a new
 /// file in `dir`, for `time` or `max_chunks`, whichever comes first.
 pub(crate) struct RawSeq {
@@ -111,11 +122,7 @@ pub(crate) struct RawSeq {
 
 pub(crate) fn raw_256k(dir: &Path, time: Duration, max_chunks: u64) -> std::io::Result<RawSeq> {
     const CHUNK: usize = 256 << 10;
-    let path = dir.join("ferry-bench-raw-256k.bin");
-    let mut f = raw_file(&path)?;
-    let chunk = vec![0xa5u8; CHUNK];
-    f.write_all(&chunk)?; // warm-up
-    f.sync_data()?;
+    let (path, mut f, chunk) = warmed(dir, "ferry-bench-raw-256k.bin", 0xa5, CHUNK)?;
     let t0 = Instant::now();
     let mut chunks = 0u64;
     while chunks < max_chunks && t0.elapsed() < time {
@@ -136,11 +143,7 @@ pub(crate) struct RawSmall {
 }
 
 pub(crate) fn raw_small(dir: &Path, size: usize, time: Duration, max_ops: usize) -> std::io::Result<RawSmall> {
-    let path = dir.join("ferry-bench-raw-small.bin");
-    let mut f = raw_file(&path)?;
-    let buf = vec![0x5au8; size];
-    f.write_all(&buf)?; // warm-up
-    f.sync_data()?;
+    let (path, mut f, buf) = warmed(dir, "ferry-bench-raw-small.bin", 0x5a, size)?;
     let mut lats = Vec::with_capacity(max_ops.min(1 << 20));
     let t0 = Instant::now();
     while lats.len() < max_ops && t0.elapsed() < time {
@@ -167,11 +170,7 @@ pub(crate) struct RawOpen {
 }
 
 pub(crate) fn raw_open_loop(dir: &Path, size: usize, rate: u64, duration: Duration) -> std::io::Result<RawOpen> {
-    let path = dir.join("ferry-bench-raw-open.bin");
-    let mut f = raw_file(&path)?;
-    let buf = vec![0x3cu8; size];
-    f.write_all(&buf)?; // warm-up
-    f.sync_data()?;
+    let (path, mut f, buf) = warmed(dir, "ferry-bench-raw-open.bin", 0x3c, size)?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let (total, _start, pacer) = crate::load::pacer(rate, duration, tx);
     let mut lats = Vec::with_capacity(total as usize);
