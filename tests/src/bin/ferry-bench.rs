@@ -349,15 +349,14 @@ fn uri(path: &str) -> Uri {
 fn produce(s: &Settings) -> Result<(), Error> {
     let a = &s.args;
     let out = JsonOut::new(a.json_out.clone());
-    let emit = |f: Figure| out.write(&f.quick(a.quick));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let mut nats = NatsServer::start();
+    let nats = NatsServer::start();
     let resources = manifests(&[("topics.yaml", TOPICS)]);
     let data = tempfile::tempdir()?;
     progress(&format!("starting {} (data dir {})", s.sidecar_bin.display(), data.path().display()));
     let mut sc = start_sidecar(s, &nats.url(), resources.path(), data.path());
     let pid = sc.process.pid();
-    let mut admin = Admin::new(sc.admin);
+    let admin = Admin::new(sc.admin);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     say(&format!(
         "ferry-bench produce: sidecar {} (pid {pid}), nats-server {}, {cpus} CPUs, data dir {}, {:.0} s phases, \
@@ -389,7 +388,6 @@ fn produce(s: &Settings) -> Result<(), Error> {
         ms(raw1k.lat.p50),
         ms(raw1k.lat.p99)
     ));
-    let raw_msgs_per_sec = raw256.mbs * 1e6 / a.payload as f64;
 
     let single = Target {
         addr: sc.api,
@@ -399,28 +397,108 @@ fn produce(s: &Settings) -> Result<(), Error> {
         msgs_per_req: 1,
         accepted: StatusCode::ACCEPTED,
     };
-    let batch = |topic: &str| Target {
-        addr: sc.api,
-        uri: uri(&format!("/v1/topics/{topic}/messages:batch")),
-        content_type: "application/x-ndjson",
-        body: ndjson_batch(a.batch_size, a.payload),
-        msgs_per_req: a.batch_size as u64,
-        accepted: StatusCode::ACCEPTED,
-    };
-    let mut hwm = Vec::new();
     let isolated = a.broker_down_for_produce;
+    let mut run = ProduceRun {
+        s,
+        rt,
+        out,
+        nats,
+        pid,
+        admin,
+        data: data.path(),
+        api: sc.api,
+        raw256,
+        raw1k,
+        single,
+        hwm: Vec::new(),
+        isolated,
+    };
     if isolated {
-        nats.stop();
-        wait_disconnected(&rt, &mut admin)?;
+        run.nats.stop();
+        wait_disconnected(&run.rt, &mut run.admin)?;
         say("  --broker-down-for-produce: the broker is stopped for figures 1-3 (no forwarding meanwhile)");
     }
-
     if a.http_floor {
-        let floor =
-            Target { uri: uri("/v1/topics/no-such-topic/messages"), accepted: StatusCode::NOT_FOUND, ..single.clone() };
+        run.http_floor()?;
+    }
+    let runs = |f: Only| a.only.is_none_or(|o| o == f);
+    if runs(Only::Single) {
+        run.single()?;
+    }
+    if runs(Only::Batch) {
+        run.batch_produce()?;
+    }
+    if runs(Only::FixedRate) {
+        run.fixed_rate()?;
+    }
+    if a.only.is_none() {
+        run.forwarder()?;
+        run.rss(idle_rss)?;
+    }
+    sc.process.signal(15);
+    let _ = sc.process.wait_exit(Duration::from_secs(30));
+    Ok(())
+}
+
+/// What the produce figures share: the settings, the runtime, the sidecar
+/// and broker under test, the raw disk baselines and the JSON-lines output.
+struct ProduceRun<'a> {
+    s: &'a Settings,
+    rt: tokio::runtime::Runtime,
+    out: JsonOut,
+    nats: NatsServer,
+    pid: u32,
+    admin: Admin,
+    data: &'a Path,
+    api: std::net::SocketAddr,
+    raw256: sys::RawSeq,
+    raw1k: sys::RawSmall,
+    single: Target,
+    /// The sidecar's VmHWM after each phase.
+    hwm: Vec<(&'static str, Option<u64>)>,
+    /// The broker is down for figures 1-3 (`--broker-down-for-produce`).
+    isolated: bool,
+}
+
+impl ProduceRun<'_> {
+    fn emit(&self, f: Figure) -> std::io::Result<()> {
+        self.out.write(&f.quick(self.s.args.quick))
+    }
+
+    /// Batches of NDJSON entries to `topic`.
+    fn batch(&self, topic: &str) -> Target {
+        let a = &self.s.args;
+        Target {
+            addr: self.api,
+            uri: uri(&format!("/v1/topics/{topic}/messages:batch")),
+            content_type: "application/x-ndjson",
+            body: ndjson_batch(a.batch_size, a.payload),
+            msgs_per_req: a.batch_size as u64,
+            accepted: StatusCode::ACCEPTED,
+        }
+    }
+
+    /// After a phase: the peak RSS so far, then (broker up) the outbox drained.
+    fn end_phase(&mut self, name: &'static str) -> Result<(), Error> {
+        self.hwm.push((name, sys::status_bytes(self.pid, "VmHWM")));
+        if !self.isolated {
+            drain(&self.rt, &mut self.admin, self.s, name)?;
+        }
+        Ok(())
+    }
+
+    /// Diagnosis: what HTTP alone costs (404s without the log).
+    fn http_floor(&mut self) -> Result<(), Error> {
+        let s = self.s;
+        let a = &s.args;
+        let floor = Target {
+            uri: uri("/v1/topics/no-such-topic/messages"),
+            accepted: StatusCode::NOT_FOUND,
+            ..self.single.clone()
+        };
         progress(&format!("HTTP floor: 404s on {} connections for {:?}", a.connections, s.duration));
-        let cpu = sys::CpuMeter::start(pid, nats_pid(&nats));
-        let r = rt.block_on(closed_loop(&floor, a.connections, s.duration, 100_000_000))?;
+        let cpu = sys::CpuMeter::start(self.pid, nats_pid(&self.nats));
+        let r = self.rt.block_on(closed_loop(&floor, a.connections, s.duration, 100_000_000))?;
         say(&format!(
             "http floor (the same requests to an unknown topic, answered 404 without the log): {:.0} req/s, p50 {}, \
              p99 {}; {}; {}",
@@ -430,14 +508,16 @@ fn produce(s: &Settings) -> Result<(), Error> {
             r.counts(),
             cpu.report()
         ));
+        Ok(())
     }
 
-    let runs = |f: Only| a.only.is_none_or(|o| o == f);
-    // 1. Single-message produce, closed loop.
-    if runs(Only::Single) {
+    /// Figure 1: single-message produce, closed loop.
+    fn single(&mut self) -> Result<(), Error> {
+        let s = self.s;
+        let a = &s.args;
         progress(&format!("figure 1: single produce on {} connections for {:?}", a.connections, s.duration));
-        let cpu = sys::CpuMeter::start(pid, nats_pid(&nats));
-        let r = rt.block_on(closed_loop(&single, a.connections, s.duration, 100_000_000))?;
+        let cpu = sys::CpuMeter::start(self.pid, nats_pid(&self.nats));
+        let r = self.rt.block_on(closed_loop(&self.single, a.connections, s.duration, 100_000_000))?;
         let cpu1 = cpu.report();
         let rate = r.msgs_per_sec();
         say(&format!(
@@ -451,44 +531,45 @@ fn produce(s: &Settings) -> Result<(), Error> {
             ms(r.lat.p50),
             ms(r.lat.p99),
             a.payload,
-            raw1k.per_sec,
-            raw256.mbs,
-            rate / raw1k.per_sec,
-            rate * a.payload as f64 / (raw256.mbs * 1e6),
+            self.raw1k.per_sec,
+            self.raw256.mbs,
+            rate / self.raw1k.per_sec,
+            rate * a.payload as f64 / (self.raw256.mbs * 1e6),
             verdict(rate >= 50_000.0)
         ));
         say(&format!("  fig1 detail: {}; max {}; {}", r.counts(), ms(r.lat.max), cpu1));
-        emit(
+        self.emit(
             Figure::new("produce.single", Source::Produce, rate, "msg/s")
                 .label(format!(
                     "single-message produce, `ack=local` (fsynced), {} B, closed loop on {} connections",
                     a.payload, a.connections
                 ))
-                .baseline(format!("raw {} B write+fdatasync, one at a time", a.payload), raw1k.per_sec, "/s")
+                .baseline(format!("raw {} B write+fdatasync, one at a time", a.payload), self.raw1k.per_sec, "/s")
                 .met(rate >= 50_000.0)
                 .note(format!(
                     "p50 {}, p99 {}; {:.3}× raw 256 KiB write+fdatasync bytes/s ({:.1} MB/s); {}; {cpu1}",
                     ms(r.lat.p50),
                     ms(r.lat.p99),
-                    rate * a.payload as f64 / (raw256.mbs * 1e6),
-                    raw256.mbs,
+                    rate * a.payload as f64 / (self.raw256.mbs * 1e6),
+                    self.raw256.mbs,
                     r.counts()
                 )),
         )?;
-        hwm.push(("fig1", sys::status_bytes(pid, "VmHWM")));
-        if !isolated {
-            drain(&rt, &mut admin, s, "fig1")?;
-        }
+        self.end_phase("fig1")?;
+        Ok(())
     }
-    if runs(Only::Batch) {
-        // 2. Batch produce, closed loop.
+
+    /// Figure 2: batch produce, closed loop.
+    fn batch_produce(&mut self) -> Result<(), Error> {
+        let s = self.s;
+        let a = &s.args;
         progress(&format!("figure 2: batch produce on {} connections for {:?}", a.batch_connections, s.duration));
-        let cpu = sys::CpuMeter::start(pid, nats_pid(&nats));
-        let r = rt.block_on(closed_loop(&batch(TOPIC), a.batch_connections, s.duration, 10_000_000))?;
+        let cpu = sys::CpuMeter::start(self.pid, nats_pid(&self.nats));
+        let r = self.rt.block_on(closed_loop(&self.batch(TOPIC), a.batch_connections, s.duration, 10_000_000))?;
         let cpu2 = cpu.report();
         let rate = r.msgs_per_sec();
         let produce_mbs = mbs(r.msgs * a.payload as u64, r.elapsed);
-        let ratio = produce_mbs / raw256.mbs;
+        let ratio = produce_mbs / self.raw256.mbs;
         say(&format!(
             "fig2 batch produce (ack=local, NDJSON {} x {} B per request, {} connections, {:.0} s): {:.0} msg/s, \
          {:.1} MB/s | baseline raw 256 KiB write+fdatasync {:.1} MB/s (= {:.0} x {} B/s) | ratio {:.2}x raw disk \
@@ -499,8 +580,8 @@ fn produce(s: &Settings) -> Result<(), Error> {
             s.duration.as_secs_f64(),
             rate,
             produce_mbs,
-            raw256.mbs,
-            raw_msgs_per_sec,
+            self.raw256.mbs,
+            self.raw256.mbs * 1e6 / a.payload as f64,
             a.payload,
             ratio,
             verdict(rate >= 300_000.0),
@@ -514,13 +595,13 @@ fn produce(s: &Settings) -> Result<(), Error> {
             ms(r.lat.max),
             cpu2
         ));
-        emit(
+        self.emit(
             Figure::new("produce.batch", Source::Produce, produce_mbs, "MB/s")
                 .label(format!(
                     "NDJSON batch produce, `ack=local` (fsynced), {} × {} B per request, {} connections: payload MB/s",
                     a.batch_size, a.payload, a.batch_connections
                 ))
-                .baseline("raw 256 KiB write+fdatasync", raw256.mbs, "MB/s")
+                .baseline("raw 256 KiB write+fdatasync", self.raw256.mbs, "MB/s")
                 .met(ratio >= 0.6)
                 .note(format!(
                     "{rate:.0} msg/s (issue #4's older goal was 300 000 msg/s: {}); {}; {cpu2}",
@@ -528,14 +609,14 @@ fn produce(s: &Settings) -> Result<(), Error> {
                     r.counts()
                 )),
         )?;
-        hwm.push(("fig2", sys::status_bytes(pid, "VmHWM")));
-        if !isolated {
-            drain(&rt, &mut admin, s, "fig2")?;
-        }
+        self.end_phase("fig2")?;
+        Ok(())
     }
 
-    // 3. Fixed rate, open loop.
-    if runs(Only::FixedRate) {
+    /// Figure 3: a fixed rate, open loop, beside raw write+fdatasync on the same schedule.
+    fn fixed_rate(&mut self) -> Result<(), Error> {
+        let s = self.s;
+        let a = &s.args;
         progress(&format!("figure 3: {} msg/s for {:?}", a.rate, s.duration));
         // The baseline: raw write+fdatasync on the same schedule (same rate, the
         // same pacer, latency from the scheduled time), right before and right
@@ -543,11 +624,11 @@ fn produce(s: &Settings) -> Result<(), Error> {
         // larger p99. On some VMs an fdatasync stalls the other vCPU for many
         // milliseconds, which this baseline shows as its own pacer lag.
         let fresh = s.raw_time / 2;
-        let before = sys::raw_open_loop(data.path(), a.payload, a.rate, fresh)?;
-        let cpu = sys::CpuMeter::start(pid, nats_pid(&nats));
-        let r = rt.block_on(open_loop(&single, a.connections, a.rate, s.duration))?;
+        let before = sys::raw_open_loop(self.data, a.payload, a.rate, fresh)?;
+        let cpu = sys::CpuMeter::start(self.pid, nats_pid(&self.nats));
+        let r = self.rt.block_on(open_loop(&self.single, a.connections, a.rate, s.duration))?;
         let cpu3 = cpu.report();
-        let after = sys::raw_open_loop(data.path(), a.payload, a.rate, fresh)?;
+        let after = sys::raw_open_loop(self.data, a.payload, a.rate, fresh)?;
         let raw_p99 = before.lat.p99.max(after.lat.p99);
         let raw_lag_p99 = before.pacer_lag.p99.max(after.pacer_lag.p99);
         let l = r.load.lat;
@@ -585,7 +666,7 @@ fn produce(s: &Settings) -> Result<(), Error> {
             cpu3
         ));
         let complete = r.load.requests == r.scheduled;
-        emit(
+        self.emit(
             Figure::new("produce.fixed_rate_p99", Source::Produce, l.p99.as_secs_f64() * 1e3, "ms")
                 .label(format!(
                     "single produce, `ack=local`, {} B, at a fixed {} msg/s (open loop, from the scheduled time): p99",
@@ -612,124 +693,129 @@ fn produce(s: &Settings) -> Result<(), Error> {
                     if a.rate == 5000 { "" } else { "; not judged: the goal is for 5 000 msg/s" }
                 )),
         )?;
-        hwm.push(("fig3", sys::status_bytes(pid, "VmHWM")));
-        if !isolated {
-            drain(&rt, &mut admin, s, "fig3")?;
+        self.end_phase("fig3")?;
+        Ok(())
+    }
+
+    /// Figure 4: the forwarder against raw JetStream publishing, interleaved.
+    fn forwarder(&mut self) -> Result<(), Error> {
+        let s = self.s;
+        let a = &s.args;
+        if self.isolated {
+            self.nats.start_again();
+            drain(&self.rt, &mut self.admin, s, "restarting the broker")?;
         }
-    }
-    if a.only.is_some() {
-        return Ok(());
-    }
-
-    // 4. Forwarder vs raw JetStream publishing, interleaved.
-    if isolated {
-        nats.start_again();
-        drain(&rt, &mut admin, s, "restarting the broker")?;
-    }
-    rt.block_on(async {
-        let js = forward::connect(&nats.url()).await?;
-        forward::purge(&js, "FERRY_default_bench").await?;
-        Ok::<_, Error>(())
-    })?;
-    let payload = json_payload(a.payload);
-    let (mut fwd_rates, mut raw_rates, mut notes) = (Vec::new(), Vec::new(), Vec::new());
-    for run in 0..s.repeats {
-        progress(&format!("figure 4: run {} of {}: forwarder", run + 1, s.repeats));
-        let f = forwarder_run(&rt, s, &mut nats, &mut admin, &batch(FWD_TOPIC), pid)?;
-        fwd_rates.push(f.rate);
-        progress(&format!("figure 4: run {} of {}: raw JetStream publish of {} messages", run + 1, s.repeats, f.n));
-        let url = nats.url();
-        let npid = nats_pid(&nats);
-        let (raw, raw_cpu) = rt.block_on(async {
-            let js = forward::connect(&url).await?;
-            let cpu = sys::CpuMeter::start(pid, npid);
-            let t = forward::raw_publish(&js, FWD_STREAM, f.n, a.window, payload.clone(), run).await?;
-            let cpu = cpu.report();
-            forward::purge(&js, forward::RAW_STREAM).await?;
-            forward::purge(&js, FWD_STREAM).await?;
-            Ok::<_, Error>((t, cpu))
+        self.rt.block_on(async {
+            let js = forward::connect(&self.nats.url()).await?;
+            forward::purge(&js, "FERRY_default_bench").await?;
+            Ok::<_, Error>(())
         })?;
-        let raw_rate = f.n as f64 / raw.as_secs_f64().max(1e-9);
-        raw_rates.push(raw_rate);
-        notes.push(format!(
-            "run {}: forwarder {:.0}/s ({}; {}), raw {:.0}/s ({})",
-            run + 1,
-            f.rate,
-            f.note,
-            f.cpu,
-            raw_rate,
-            raw_cpu
+        let payload = json_payload(a.payload);
+        let fwd_target = self.batch(FWD_TOPIC);
+        let (mut fwd_rates, mut raw_rates, mut notes) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 0..s.repeats {
+            progress(&format!("figure 4: run {} of {}: forwarder", run + 1, s.repeats));
+            let f = forwarder_run(&self.rt, s, &mut self.nats, &mut self.admin, &fwd_target, self.pid)?;
+            fwd_rates.push(f.rate);
+            progress(&format!("figure 4: run {} of {}: raw JetStream publish of {} messages", run + 1, s.repeats, f.n));
+            let url = self.nats.url();
+            let npid = nats_pid(&self.nats);
+            let (raw, raw_cpu) = self.rt.block_on(async {
+                let js = forward::connect(&url).await?;
+                let cpu = sys::CpuMeter::start(self.pid, npid);
+                let t = forward::raw_publish(&js, FWD_STREAM, f.n, a.window, payload.clone(), run).await?;
+                let cpu = cpu.report();
+                forward::purge(&js, forward::RAW_STREAM).await?;
+                forward::purge(&js, FWD_STREAM).await?;
+                Ok::<_, Error>((t, cpu))
+            })?;
+            let raw_rate = f.n as f64 / raw.as_secs_f64().max(1e-9);
+            raw_rates.push(raw_rate);
+            notes.push(format!(
+                "run {}: forwarder {:.0}/s ({}; {}), raw {:.0}/s ({})",
+                run + 1,
+                f.rate,
+                f.note,
+                f.cpu,
+                raw_rate,
+                raw_cpu
+            ));
+        }
+        self.hwm.push(("fig4", sys::status_bytes(self.pid, "VmHWM")));
+        let (fwd, raw) = (median(&fwd_rates), median(&raw_rates));
+        let ratio = fwd / raw.max(1e-9);
+        say(&format!(
+            "fig4 forwarder ({} x {} B per run, outbox filled with the broker down, median of {}): {:.0} msg/s \
+             | baseline raw async-nats JetStream publish, Nats-Msg-Id, window {}: {:.0} msg/s | ratio {:.2}x \
+             | goal >= 0.9x: {}",
+            s.forward_messages,
+            a.payload,
+            s.repeats,
+            fwd,
+            a.window,
+            raw,
+            ratio,
+            verdict(ratio >= 0.9)
         ));
-    }
-    hwm.push(("fig4", sys::status_bytes(pid, "VmHWM")));
-    let (fwd, raw) = (median(&fwd_rates), median(&raw_rates));
-    let ratio = fwd / raw.max(1e-9);
-    say(&format!(
-        "fig4 forwarder ({} x {} B per run, outbox filled with the broker down, median of {}): {:.0} msg/s \
-         | baseline raw async-nats JetStream publish, Nats-Msg-Id, window {}: {:.0} msg/s | ratio {:.2}x \
-         | goal >= 0.9x: {}",
-        s.forward_messages,
-        a.payload,
-        s.repeats,
-        fwd,
-        a.window,
-        raw,
-        ratio,
-        verdict(ratio >= 0.9)
-    ));
-    for n in &notes {
-        say(&format!("  fig4 {n}"));
-    }
-    emit(
-        Figure::new("produce.forwarder", Source::Produce, fwd, "msg/s")
-            .label(format!(
-                "forwarder, outbox → JetStream ({} × {} B per run, outbox filled with the broker down)",
-                s.forward_messages, a.payload
-            ))
-            .baseline(format!("raw async-nats JetStream publish, Nats-Msg-Id, window {}", a.window), raw, "msg/s")
-            .met(ratio >= 0.9)
-            .note(format!(
-                "median of {} interleaved run(s){}: forwarder {}, raw {}",
-                s.repeats,
-                if s.repeats < 5 { " (the goal asks for 5)" } else { "" },
-                rates(&fwd_rates),
-                rates(&raw_rates)
-            )),
-    )?;
+        for n in &notes {
+            say(&format!("  fig4 {n}"));
+        }
+        self.emit(
+            Figure::new("produce.forwarder", Source::Produce, fwd, "msg/s")
+                .label(format!(
+                    "forwarder, outbox → JetStream ({} × {} B per run, outbox filled with the broker down)",
+                    s.forward_messages, a.payload
+                ))
+                .baseline(format!("raw async-nats JetStream publish, Nats-Msg-Id, window {}", a.window), raw, "msg/s")
+                .met(ratio >= 0.9)
+                .note(format!(
+                    "median of {} interleaved run(s){}: forwarder {}, raw {}",
+                    s.repeats,
+                    if s.repeats < 5 { " (the goal asks for 5)" } else { "" },
+                    rates(&fwd_rates),
+                    rates(&raw_rates)
+                )),
+        )?;
 
-    // 5. RSS.
-    let peak = sys::status_bytes(pid, "VmHWM").ok_or("cannot read the sidecar's VmHWM")?;
-    let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
-    say(&format!(
-        "fig5 sidecar RSS: idle {:.1} MiB (VmRSS), peak under load {:.1} MiB (VmHWM) | baseline goals idle <= 20 MiB \
-         (DESIGN §5: 15), loaded <= 64 MiB | ratio {:.2}x, {:.2}x of goal | goal idle: {}, loaded: {}",
-        mb(idle_rss),
-        mb(peak),
-        mb(idle_rss) / 20.0,
-        mb(peak) / 64.0,
-        verdict(mb(idle_rss) <= 20.0),
-        verdict(mb(peak) <= 64.0)
-    ));
-    let phases: Vec<String> = hwm
-        .iter()
-        .map(|(n, b)| format!("after {n} {}", b.map_or("?".into(), |b| format!("{:.1} MiB", mb(b)))))
-        .collect();
-    say(&format!("  fig5 detail: VmHWM {}", phases.join(", ")));
-    emit(Figure::new("produce.rss_idle", Source::Produce, mb(idle_rss), "MiB").met(mb(idle_rss) <= 15.0).note(
-        format!(
-            "after start-up, before any load (issue #4's older goal was 20 MiB: {})",
-            verdict(mb(idle_rss) <= 20.0)
-        ),
-    ))?;
-    emit(
-        Figure::new("produce.rss_loaded", Source::Produce, mb(peak), "MiB")
-            .met(mb(peak) <= 64.0)
-            .note(format!("VmHWM {}", phases.join(", "))),
-    )?;
+        Ok(())
+    }
 
-    sc.process.signal(15);
-    let _ = sc.process.wait_exit(Duration::from_secs(30));
-    Ok(())
+    /// Figure 5: the sidecar's RSS idle (`idle_rss`, taken before any load) and its peak.
+    fn rss(&mut self, idle_rss: u64) -> Result<(), Error> {
+        let peak = sys::status_bytes(self.pid, "VmHWM").ok_or("cannot read the sidecar's VmHWM")?;
+        let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
+        say(&format!(
+            "fig5 sidecar RSS: idle {:.1} MiB (VmRSS), peak under load {:.1} MiB (VmHWM) | baseline goals idle <= 20 MiB \
+             (DESIGN §5: 15), loaded <= 64 MiB | ratio {:.2}x, {:.2}x of goal | goal idle: {}, loaded: {}",
+            mb(idle_rss),
+            mb(peak),
+            mb(idle_rss) / 20.0,
+            mb(peak) / 64.0,
+            verdict(mb(idle_rss) <= 20.0),
+            verdict(mb(peak) <= 64.0)
+        ));
+        let phases: Vec<String> = self
+            .hwm
+            .iter()
+            .map(|(n, b)| format!("after {n} {}", b.map_or("?".into(), |b| format!("{:.1} MiB", mb(b)))))
+            .collect();
+        say(&format!("  fig5 detail: VmHWM {}", phases.join(", ")));
+        self.emit(
+            Figure::new("produce.rss_idle", Source::Produce, mb(idle_rss), "MiB").met(mb(idle_rss) <= 15.0).note(
+                format!(
+                    "after start-up, before any load (issue #4's older goal was 20 MiB: {})",
+                    verdict(mb(idle_rss) <= 20.0)
+                ),
+            ),
+        )?;
+        self.emit(
+            Figure::new("produce.rss_loaded", Source::Produce, mb(peak), "MiB")
+                .met(mb(peak) <= 64.0)
+                .note(format!("VmHWM {}", phases.join(", "))),
+        )?;
+
+        Ok(())
+    }
 }
 
 /// `116,400/s, 116,600/s`: the rates of each run.
