@@ -555,8 +555,7 @@ impl ProduceRun<'_> {
                     r.counts()
                 )),
         )?;
-        self.end_phase("fig1")?;
-        Ok(())
+        self.end_phase("fig1")
     }
 
     /// Figure 2: batch produce, closed loop.
@@ -609,8 +608,7 @@ impl ProduceRun<'_> {
                     r.counts()
                 )),
         )?;
-        self.end_phase("fig2")?;
-        Ok(())
+        self.end_phase("fig2")
     }
 
     /// Figure 3: a fixed rate, open loop, beside raw write+fdatasync on the same schedule.
@@ -693,8 +691,7 @@ impl ProduceRun<'_> {
                     if a.rate == 5000 { "" } else { "; not judged: the goal is for 5 000 msg/s" }
                 )),
         )?;
-        self.end_phase("fig3")?;
-        Ok(())
+        self.end_phase("fig3")
     }
 
     /// Figure 4: the forwarder against raw JetStream publishing, interleaved.
