@@ -397,23 +397,9 @@ fn produce(s: &Settings) -> Result<(), Error> {
         msgs_per_req: 1,
         accepted: StatusCode::ACCEPTED,
     };
-    let isolated = a.broker_down_for_produce;
-    let mut run = ProduceRun {
-        s,
-        rt,
-        out,
-        nats,
-        pid,
-        admin,
-        data: data.path(),
-        api: sc.api,
-        raw256,
-        raw1k,
-        single,
-        hwm: Vec::new(),
-        isolated,
-    };
-    if isolated {
+    let mut run =
+        ProduceRun { s, rt, out, nats, pid, admin, data: data.path(), raw256, raw1k, single, hwm: Vec::new() };
+    if run.isolated() {
         run.nats.stop();
         wait_disconnected(&run.rt, &mut run.admin)?;
         say("  --broker-down-for-produce: the broker is stopped for figures 1-3 (no forwarding meanwhile)");
@@ -450,17 +436,19 @@ struct ProduceRun<'a> {
     pid: u32,
     admin: Admin,
     data: &'a Path,
-    api: std::net::SocketAddr,
     raw256: sys::RawSeq,
     raw1k: sys::RawSmall,
     single: Target,
     /// The sidecar's VmHWM after each phase.
     hwm: Vec<(&'static str, Option<u64>)>,
-    /// The broker is down for figures 1-3 (`--broker-down-for-produce`).
-    isolated: bool,
 }
 
 impl ProduceRun<'_> {
+    /// The broker is down for figures 1-3 (`--broker-down-for-produce`).
+    fn isolated(&self) -> bool {
+        self.s.args.broker_down_for_produce
+    }
+
     fn emit(&self, f: Figure) -> std::io::Result<()> {
         self.out.write(&f.quick(self.s.args.quick))
     }
@@ -469,7 +457,7 @@ impl ProduceRun<'_> {
     fn batch(&self, topic: &str) -> Target {
         let a = &self.s.args;
         Target {
-            addr: self.api,
+            addr: self.single.addr,
             uri: uri(&format!("/v1/topics/{topic}/messages:batch")),
             content_type: "application/x-ndjson",
             body: ndjson_batch(a.batch_size, a.payload),
@@ -481,7 +469,7 @@ impl ProduceRun<'_> {
     /// After a phase: the peak RSS so far, then (broker up) the outbox drained.
     fn end_phase(&mut self, name: &'static str) -> Result<(), Error> {
         self.hwm.push((name, sys::status_bytes(self.pid, "VmHWM")));
-        if !self.isolated {
+        if !self.isolated() {
             drain(&self.rt, &mut self.admin, self.s, name)?;
         }
         Ok(())
@@ -630,28 +618,30 @@ impl ProduceRun<'_> {
         let raw_p99 = before.lat.p99.max(after.lat.p99);
         let raw_lag_p99 = before.pacer_lag.p99.max(after.pacer_lag.p99);
         let l = r.load.lat;
+        let complete = r.load.requests == r.scheduled;
+        let met = l.p99 <= Duration::from_millis(2) && complete;
         say(&format!(
-        "fig3 fixed rate ({} msg/s open loop, single produce ack=local, {} B, {:.0} s): p50 {}, p99 {}, max {} \
+            "fig3 fixed rate ({} msg/s open loop, single produce ack=local, {} B, {:.0} s): p50 {}, p99 {}, max {} \
          ({} of {} answered 202) | baseline raw {} B write+fdatasync one at a time at the same {}/s open loop, from the \
          scheduled time: p50 {}, p99 {} just before the run; p50 {}, p99 {} just after | ratio {:.2}x the larger \
          raw p99 | goal p99 <= 2 ms: {}",
-        a.rate,
-        a.payload,
-        s.duration.as_secs_f64(),
-        ms(l.p50),
-        ms(l.p99),
-        ms(l.max),
-        r.load.requests,
-        r.scheduled,
-        a.payload,
-        a.rate,
-        ms(before.lat.p50),
-        ms(before.lat.p99),
-        ms(after.lat.p50),
-        ms(after.lat.p99),
-        l.p99.as_secs_f64() / raw_p99.as_secs_f64().max(1e-9),
-        verdict(l.p99 <= Duration::from_millis(2) && r.load.requests == r.scheduled)
-    ));
+            a.rate,
+            a.payload,
+            s.duration.as_secs_f64(),
+            ms(l.p50),
+            ms(l.p99),
+            ms(l.max),
+            r.load.requests,
+            r.scheduled,
+            a.payload,
+            a.rate,
+            ms(before.lat.p50),
+            ms(before.lat.p99),
+            ms(after.lat.p50),
+            ms(after.lat.p99),
+            l.p99.as_secs_f64() / raw_p99.as_secs_f64().max(1e-9),
+            verdict(met)
+        ));
         say(&format!(
             "  fig3 detail: {}; latency from the scheduled send time; pacer lag (client-side, included) p50 {}, \
          p99 {}, max {}; the raw baseline's pacer lag p99 {} before, {} after; {}",
@@ -663,7 +653,6 @@ impl ProduceRun<'_> {
             ms(after.pacer_lag.p99),
             cpu3
         ));
-        let complete = r.load.requests == r.scheduled;
         self.emit(
             Figure::new("produce.fixed_rate_p99", Source::Produce, l.p99.as_secs_f64() * 1e3, "ms")
                 .label(format!(
@@ -679,7 +668,7 @@ impl ProduceRun<'_> {
                     raw_p99.as_secs_f64() * 1e3,
                     "ms",
                 )
-                .judged(a.rate == 5000, l.p99 <= Duration::from_millis(2) && complete)
+                .judged(a.rate == 5000, met)
                 .note(format!(
                     "p50 {}, max {}; {} of {} requests answered 202; pacer lag p99 {} (the raw baseline's {}){}",
                     ms(l.p50),
@@ -698,7 +687,7 @@ impl ProduceRun<'_> {
     fn forwarder(&mut self) -> Result<(), Error> {
         let s = self.s;
         let a = &s.args;
-        if self.isolated {
+        if self.isolated() {
             self.nats.start_again();
             drain(&self.rt, &mut self.admin, s, "restarting the broker")?;
         }

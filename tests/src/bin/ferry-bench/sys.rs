@@ -234,13 +234,11 @@ impl std::fmt::Display for Gaps {
 /// figure of the run then carries.
 pub(crate) fn stall_probe(dir: &Path, time: Duration) -> std::io::Result<(Gaps, Gaps)> {
     let idle = spin_gaps(time);
-    let path = dir.join("ferry-bench-stall-probe.bin");
-    let mut f = raw_file(&path)?;
+    let (path, mut f, buf) = warmed(dir, "ferry-bench-stall-probe.bin", 0x11, 1024)?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let syncer = {
         let stop = stop.clone();
         std::thread::spawn(move || -> std::io::Result<u64> {
-            let buf = [0x11u8; 1024];
             let mut n = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 f.write_all(&buf)?;
