@@ -138,6 +138,10 @@ pub(crate) struct E2eArgs {
     /// with the CPU its processes used; no figures written.
     #[arg(long)]
     throughput_only: bool,
+    /// Diagnosis: only the embedded backend's fixed-rate phase (figures
+    /// e2e6/e2e7), with its produce answers and pacer lag; no figures written.
+    #[arg(long, conflicts_with = "throughput_only")]
+    embedded_latency_only: bool,
     /// Smoke run: 1 s phases.
     #[arg(long)]
     quick: bool,
@@ -346,6 +350,9 @@ fn run(s: &Settings) -> Result<(), Error> {
         if a.quick { ", --quick" } else { "" }
     ));
 
+    if a.embedded_latency_only {
+        return embedded_latency_only(&rt, s, resources.path(), app, &rec);
+    }
     // The nats backend and the raw path, on one nats-server.
     let nats_server = NatsServer::start();
     let data = tempfile::tempdir()?;
@@ -441,6 +448,25 @@ fn throughput_only(
         raw.cpu,
         ferry.rate / raw.rate
     );
+    Ok(())
+}
+
+/// `--embedded-latency-only`: the embedded backend's fixed-rate phase alone.
+fn embedded_latency_only(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    resources: &Path,
+    app: SocketAddr,
+    rec: &Arc<Recorder>,
+) -> Result<(), Error> {
+    let data = tempfile::tempdir()?;
+    let mut sc = start_sidecar(s, "embedded", resources, data.path(), app)?;
+    let pid = sc.process.pid();
+    warm_up(rt, s, &sc, rec)?;
+    let fixed = ferry_fixed(rt, s, &sc, rec, sys::CpuMeter::start(pid, None))?;
+    stop(&mut sc);
+    println!("embedded-latency-only: {}", fixed_detail("Ferry embedded", &fixed));
+    println!("embedded-latency-only: delivered {}", lat3(&fixed.lat));
     Ok(())
 }
 
