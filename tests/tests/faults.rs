@@ -46,9 +46,10 @@ async fn wait_delivered(app: &TestApp, ids: &[String], timeout: Duration, succes
 /// `kills` times and started again on the same ports and data dir. A
 /// produce without an answer is retried with the same id once the sidecar
 /// is back; only 2xx answers count as acknowledged.
-async fn kill9_run(kills: usize, total: usize, keys: usize) -> Report {
+async fn kill9_run(kills: usize, total: usize, keys: usize, embedded: bool) -> Report {
     let started = Instant::now();
-    let nats = blocking(NatsServer::start);
+    let nats = if embedded { NatsServer::stopped() } else { blocking(NatsServer::start) };
+    let broker = if embedded { "embedded".to_owned() } else { nats.url() };
     let res = manifests(&[
         ("topics.yaml", &topic("events", "{partitions: 4}")),
         (
@@ -68,10 +69,10 @@ async fn kill9_run(kills: usize, total: usize, keys: usize) -> Report {
     ]);
     let data = tempfile::tempdir().unwrap();
     let app = TestApp::start_without_history(|_| Reply::status(200)).await;
-    let mut sc = SidecarSpec::new(&nats.url(), res.path(), data.path()).app_port(app.port).start();
+    let mut sc = SidecarSpec::new(&broker, res.path(), data.path()).app_port(app.port).start();
     sc.wait_configured();
     let api = sc.spec.api();
-    let checker = Arc::new(Checker::new("kill9"));
+    let checker = Arc::new(Checker::new(if embedded { "kill9_embedded" } else { "kill9" }));
     let (generation_tx, generation) = watch::channel(0usize);
     let (progress_tx, mut progress) = watch::channel(0usize);
     let progress_tx = Arc::new(progress_tx);
@@ -127,7 +128,13 @@ async fn kill9_run(kills: usize, total: usize, keys: usize) -> Report {
     let produced_in = started.elapsed();
     let deliver_timeout = Duration::from_secs(if long() { 600 } else { 60 });
     wait_delivered(&app, &checker.acked_ids(), deliver_timeout, |_| true).await;
-    wait_settled(&nats.url(), EVENTS_STREAM, "ordered", deliver_timeout).await;
+    if !embedded {
+        wait_settled(&nats.url(), EVENTS_STREAM, "ordered", deliver_timeout).await;
+    }
+    // (Embedded: no consumer state to wait for from outside; a restarted
+    // consumer hands out every delivered, unacked message before anything
+    // new, and every kill falls mid-production, so such redeliveries reach
+    // the app before the last messages do.)
     let received = app.received();
     let mut report = checker.report(&received, |_| true);
     report.note("kills", kills);
@@ -150,17 +157,32 @@ fn kill9_sizes() -> (usize, usize, usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_the_sidecar_under_keyed_load_loses_nothing_and_duplicates_nothing() {
     let (kills, total, keys) = kill9_sizes();
-    let report = kill9_run(kills, total, keys).await;
+    let report = kill9_run(kills, total, keys, false).await;
     assert_eq!(report.produced_acked, total / keys * keys);
     assert_eq!(report.crashes, kills);
     report.assert_no_loss_no_duplicates();
+}
+
+/// The same with the embedded broker (its stream, consumer journal and the
+/// dedupe store all on the killed process's data dir). It judges the whole
+/// path: an ack the consumer journal lost alone would not show here, as the
+/// dedupe store then keeps the message from the app (checked: with the
+/// journal's writes turned off this still passes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_sidecar_with_the_embedded_broker_loses_nothing_and_duplicates_nothing() {
+    let (kills, total, keys) = kill9_sizes();
+    let report = kill9_run(kills, total, keys, true).await;
+    assert_eq!(report.produced_acked, total / keys * keys);
+    assert_eq!(report.crashes, kills);
+    report.assert_no_loss_no_duplicates();
+    report.assert_in_order();
 }
 
 /// The same run, judged on per-key order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_the_sidecar_under_keyed_load_keeps_per_key_order() {
     let (kills, total, keys) = kill9_sizes();
-    let report = kill9_run(kills, total, keys).await;
+    let report = kill9_run(kills, total, keys, false).await;
     report.assert_no_loss_no_duplicates();
     report.assert_in_order();
 }
