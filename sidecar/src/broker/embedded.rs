@@ -25,9 +25,10 @@
 //!   loss can take the last interval's acks (those messages are delivered
 //!   again; a message is never lost that way) and delivery counts. Only a
 //!   consumer's first state (its start position) is fsynced at once. A
-//!   message on the delivery path thus costs one `fdatasync` in the stream
-//!   (and the outbox's) instead of three more: on a VM where a flush stalls
-//!   the other vCPU, every sync shows in the latency tail. Older records
+//!   message on the delivery path thus costs one `fdatasync` past the
+//!   outbox's (the stream's) where it cost three (and the fetch's and the
+//!   ack's state writes): on a VM where a flush stalls the other vCPU,
+//!   every sync shows in the latency tail. Older records
 //!   are let go every [`COMPACT_EVERY`] writes, after a sync.
 //!
 //! Documented limits against JetStream: retention limits (`maxAge`,
