@@ -13,7 +13,11 @@
 //!   recorded crash (`kill -9`) of the sidecar that pushed it is counted
 //!   apart, as `acked_at_crash`: the app answered, but the sidecar died
 //!   before it could record the ack, so at-least-once delivery must repeat
-//!   it. Every other repeat is a duplicate.
+//!   it. A request the dead sidecar sent can reach the app's handler just
+//!   after the kill (it sat in the socket); such a delivery counts as
+//!   before the crash when its `ferry-delivery-id` (a UUIDv7, stamped by
+//!   the sidecar when it sends) is no later than the crash's wall-clock
+//!   millisecond. Every other repeat is a duplicate.
 //! - *out of order*: a message whose first successful delivery came after
 //!   that of a message of the same key acknowledged after it (the producer
 //!   sends the messages of one key one after the other, so acknowledgement
@@ -23,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::app::Received;
 
@@ -42,8 +46,26 @@ struct Acked {
 struct State {
     acked: Vec<Acked>,
     acked_ids: HashSet<String>,
-    crashes: Vec<Instant>,
+    crashes: Vec<Crash>,
     dead: BTreeMap<String, usize>,
+}
+
+/// A recorded `kill -9`: when, by the test's clock and by the wall clock
+/// (to compare with the sidecar's delivery-id stamps).
+#[derive(Debug, Clone, Copy)]
+struct Crash {
+    at: Instant,
+    wall_ms: u64,
+}
+
+/// The millisecond a UUIDv7 `ferry-delivery-id` was stamped with (its first
+/// 48 bits), if it is one.
+fn sent_ms(r: &Received) -> Option<u64> {
+    let hex: String = r.delivery_id().chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || hex.as_bytes()[12] != b'7' {
+        return None;
+    }
+    u64::from_str_radix(&hex[..12], 16).ok()
 }
 
 /// Collects acknowledged produces, crashes and dead letters of one scenario.
@@ -87,7 +109,8 @@ impl Checker {
 
     /// Records that a sidecar was killed (`kill -9`) just now.
     pub fn crash(&self) {
-        self.lock().crashes.push(Instant::now());
+        let wall_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        self.lock().crashes.push(Crash { at: Instant::now(), wall_ms });
     }
 
     /// Records a dead letter for `id` (it counts as settled, not lost).
@@ -110,12 +133,12 @@ impl Checker {
     pub fn report(&self, received: &[Received], success: impl Fn(&Received) -> bool) -> Report {
         let s = self.lock();
         // Successful deliveries per id, in arrival order.
-        let mut ok: HashMap<&str, Vec<Instant>> = HashMap::new();
+        let mut ok: HashMap<&str, Vec<&Received>> = HashMap::new();
         for r in received.iter().filter(|r| success(r)) {
-            ok.entry(r.id()).or_default().push(r.at);
+            ok.entry(r.id()).or_default().push(r);
         }
         for times in ok.values_mut() {
-            times.sort();
+            times.sort_by_key(|r| r.at);
         }
         let mut report = Report { scenario: self.scenario.clone(), produced_acked: s.acked.len(), ..Report::default() };
         // Per key, in acknowledgement order: the first successful delivery of each.
@@ -129,7 +152,7 @@ impl Checker {
             };
             report.delivered += 1;
             if let Some(key) = a.key.as_deref() {
-                per_key.entry(key).or_default().push((&a.id, times[0]));
+                per_key.entry(key).or_default().push((&a.id, times[0].at));
             }
         }
         // A message is out of order when a message acknowledged after it
@@ -151,9 +174,15 @@ impl Checker {
                 report.unknown.push((*id).to_owned());
             }
             for w in times.windows(2) {
-                let crash = s.crashes.iter().find(|c| w[0] <= **c && **c <= w[0] + self.crash_window && w[1] > **c);
+                let (first, again) = (w[0].at, w[1].at);
+                // Sent before the crash: handled before it, or stamped by
+                // the sidecar no later than the crash's millisecond.
+                let sent_before = |c: &Crash| first <= c.at || sent_ms(w[0]).is_some_and(|ms| ms <= c.wall_ms);
+                let crash =
+                    s.crashes.iter().find(|c| sent_before(c) && c.at <= first + self.crash_window && again > c.at);
                 if let Some(c) = crash {
-                    report.acked_at_crash_before = report.acked_at_crash_before.max(*c - w[0]);
+                    report.acked_at_crash_before =
+                        report.acked_at_crash_before.max(c.at.saturating_duration_since(first));
                     report.acked_at_crash.push((*id).to_owned());
                 } else {
                     report.duplicates.push((*id).to_owned());
@@ -310,5 +339,36 @@ mod tests {
         let r = c.report(&[req("m", before), req("m", Instant::now() + Duration::from_millis(5))], |_| true);
         assert!(r.duplicates.is_empty());
         assert_eq!(r.acked_at_crash, ["m"]);
+    }
+
+    /// A request the dead sidecar sent, handled by the app just after the
+    /// kill, is told apart by its delivery id's stamp.
+    #[test]
+    fn a_delivery_stamped_before_the_crash_but_handled_after_it_is_excused() {
+        fn sent(id: &str, at: Instant, ms: u64) -> Received {
+            let mut r = req(id, at);
+            let delivery = format!("{:08x}-{:04x}-7abc-8def-0123456789ab", ms >> 16, ms & 0xffff);
+            r.headers.insert("ferry-delivery-id".into(), delivery);
+            r
+        }
+        let c = Checker::new("late");
+        c.acked("m", None);
+        c.acked("n", None);
+        c.crash();
+        let crash = c.lock().crashes[0];
+        let (after, later) = (crash.at + Duration::from_millis(1), crash.at + Duration::from_millis(300));
+        assert_eq!(sent_ms(&sent("m", after, crash.wall_ms)), Some(crash.wall_ms));
+        let got = vec![
+            sent("m", after, crash.wall_ms),       // sent by the dead sidecar
+            sent("m", later, crash.wall_ms + 250), // its redelivery
+            sent("n", after, crash.wall_ms + 1),   // sent after the crash...
+            sent("n", later, crash.wall_ms + 250), // ...so this is a duplicate
+        ];
+        let r = c.report(&got, |_| true);
+        assert_eq!(r.acked_at_crash, ["m"]);
+        assert_eq!(r.duplicates, ["n"]);
+        // Without a delivery id, only the app's clock counts.
+        let r = c.report(&[req("m", after), req("m", later)], |_| true);
+        assert_eq!(r.duplicates, ["m"]);
     }
 }

@@ -176,7 +176,6 @@ async fn kill9_whole(embedded: bool) -> Report {
 /// dedupe store then keeps the message from the app (checked: with the
 /// journal's writes turned off this still passes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky in a debug build: 4 duplicates in one fresh-clone run (session 12), cause not found yet"]
 async fn kill9_of_the_sidecar_with_the_embedded_broker_loses_nothing_and_duplicates_nothing() {
     kill9_whole(true).await.assert_in_order();
 }
