@@ -18,8 +18,9 @@
 //! 4. `embedded` sustained throughput, against the nats backend's.
 //! 5. durable throughput: messages Ferry acknowledged after its fsync
 //!    (NDJSON batches as fast as answered, to a topic nobody consumes, on
-//!    the nats backend), against JetStream's own `sync_interval: always`
-//!    (a second nats-server, configured so): its pipelined publish rate.
+//!    the nats backend with a new nats-server and sidecar), against
+//!    JetStream's own `sync_interval: always` (another new nats-server,
+//!    configured so): its pipelined publish rate.
 //!
 //! Loads go to 127.0.0.1 only; every phase is bounded in time, every wait
 //! in time. Timings are printed, never asserted.
@@ -142,6 +143,15 @@ pub(crate) struct E2eArgs {
     /// e2e6/e2e7), with its produce answers and pacer lag; no figures written.
     #[arg(long, conflicts_with = "throughput_only")]
     embedded_latency_only: bool,
+    /// Diagnosis: only figure e2e5, the nats backend's durable produce
+    /// (with the CPU its processes used) and JetStream's `sync_interval:
+    /// always` publish rate; no figures written.
+    #[arg(long, conflicts_with_all = ["throughput_only", "embedded_latency_only", "skip_sync_always"])]
+    durable_only: bool,
+    /// Keep-alive connections of the durable produce phase (figure e2e5)
+    /// [default: --batch-connections].
+    #[arg(long)]
+    durable_connections: Option<usize>,
     /// Smoke run: 1 s phases.
     #[arg(long)]
     quick: bool,
@@ -187,6 +197,7 @@ fn settings(args: E2eArgs) -> Result<Settings, String> {
     if args.rate == 0
         || args.connections == 0
         || args.batch_connections == 0
+        || args.durable_connections == Some(0)
         || args.batch_size == 0
         || args.fetch_batch == 0
         || args.publish_window == 0
@@ -304,6 +315,8 @@ struct Durable {
     rejected: u64,
     failed: u64,
     first_error: Option<String>,
+    /// CPU of the sidecar, nats-server and the load generator.
+    cpu: String,
 }
 
 /// The raw path's figures.
@@ -353,6 +366,9 @@ fn run(s: &Settings) -> Result<(), Error> {
     if a.embedded_latency_only {
         return embedded_latency_only(&rt, s, resources.path(), app, &rec);
     }
+    if a.durable_only {
+        return durable_only(&rt, s, resources.path(), app, &rec);
+    }
     // The nats backend and the raw path, on one nats-server.
     let nats_server = NatsServer::start();
     let data = tempfile::tempdir()?;
@@ -376,18 +392,18 @@ fn run(s: &Settings) -> Result<(), Error> {
         progress(&format!("raw path: throughput for {:?}", s.duration));
         let raw_sustained = raw_sustained(&rt, s, &js, &template, &rec, Some(sys::CpuMeter::start(pid, npid)))?;
         let rss_peak = sys::status_bytes(pid, "VmHWM");
-        // Last for this server: its backlog is forwarded while the sidecar stops.
-        progress(&format!("nats backend: acknowledged (fsynced) produce for {:?}", s.duration));
-        let durable = ferry_durable_produce(&rt, s, &sc)?;
         let _ = rt.block_on(rawjs::purge(&js));
         (
-            Backend { fixed, sustained, rss_peak, durable: Some(durable) },
+            Backend { fixed, sustained, rss_peak, durable: None },
             RawFigures { fixed: raw_fixed, sustained: raw_sustained, max_ack_pending: template.max_ack_pending() },
             template,
         )
     };
     stop(&mut sc);
     drop(nats_server);
+    // Durable produce on a fresh server and sidecar, like its baseline's.
+    let mut nats = nats;
+    nats.durable = Some(durable_phase(&rt, s, resources.path(), app, &rec)?.0);
 
     // The embedded backend.
     let data = tempfile::tempdir()?;
@@ -449,6 +465,65 @@ fn throughput_only(
         ferry.rate / raw.rate
     );
     Ok(())
+}
+
+/// Figure e2e5's Ferry side: the nats backend on its own new nats-server
+/// and sidecar (as the baseline gets a new server), so that the earlier
+/// phases' backlog and disk writes are not in it. Its backlog is forwarded
+/// while the sidecar stops. Also returns the settings of the stream and
+/// consumer the sidecar made (the raw paths copy them).
+fn durable_phase(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    resources: &Path,
+    app: SocketAddr,
+    rec: &Arc<Recorder>,
+) -> Result<(Durable, Template), Error> {
+    let nats_server = NatsServer::start();
+    let data = tempfile::tempdir()?;
+    progress(&format!("durable produce: a new nats-server and sidecar (data dir {})", data.path().display()));
+    let mut sc = start_sidecar(s, &nats_server.url(), resources, data.path(), app)?;
+    warm_up(rt, s, &sc, rec)?;
+    progress(&format!("nats backend: acknowledged (fsynced) produce for {:?}", s.duration));
+    let meter = sys::CpuMeter::start(sc.process.pid(), nats_pid(&nats_server));
+    let durable = ferry_durable_produce(rt, s, &sc, meter);
+    let js = rt.block_on(crate::forward::connect(&nats_server.url()));
+    let template = match js {
+        Ok(js) => rt.block_on(Template::of(&js, STREAM)),
+        Err(e) => Err(e),
+    };
+    stop(&mut sc);
+    Ok((durable?, template?))
+}
+
+/// `--durable-only`: figure e2e5 alone, with the CPU Ferry's side took.
+fn durable_only(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    resources: &Path,
+    app: SocketAddr,
+    rec: &Arc<Recorder>,
+) -> Result<(), Error> {
+    let (durable, template) = durable_phase(rt, s, resources, app, rec)?;
+    let server = SyncAlwaysServer::start()?;
+    let sync = sync_always_publish(rt, s, &server, &template, rec)?;
+    println!(
+        "durable-only: ferry {:.0} msg/s on {} connections ({} failed, {} refused; {}) | JetStream sync_interval \
+         always {:.0} msg/s ({}) | ratio {:.1}",
+        durable.rate,
+        durable_connections(&s.args),
+        durable.failed,
+        durable.rejected,
+        durable.cpu,
+        sync.0,
+        sync.1,
+        ratio(durable.rate, sync.0)
+    );
+    Ok(())
+}
+
+fn durable_connections(a: &E2eArgs) -> usize {
+    a.durable_connections.unwrap_or(a.batch_connections)
 }
 
 /// `--embedded-latency-only`: the embedded backend's fixed-rate phase alone.
@@ -711,12 +786,17 @@ fn durable_met(d: Option<&Durable>, sync: &SyncFigures) -> bool {
 /// Ferry's acknowledged produce rate: NDJSON batches (`ack=local`: each
 /// answered 202 after its fsync) as fast as they are answered, to a topic
 /// without a subscription, for the phase's duration.
-fn ferry_durable_produce(rt: &tokio::runtime::Runtime, s: &Settings, sc: &Sidecar) -> Result<Durable, Error> {
+fn ferry_durable_produce(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    sc: &Sidecar,
+    cpu: sys::CpuMeter,
+) -> Result<Durable, Error> {
     let a = &s.args;
     let batch = Arc::new(NdjsonStamped::new(a.batch_size, a.payload));
     let uri = crate::uri(&format!("/v1/topics/{DURABLE_TOPIC}/messages:batch"));
     rt.block_on(async {
-        let conns = open_many(sc.api, a.batch_connections).await?;
+        let conns = open_many(sc.api, durable_connections(a)).await?;
         let t0 = Instant::now();
         let deadline = t0 + s.duration;
         let mut tasks = Vec::new();
@@ -746,7 +826,9 @@ fn ferry_durable_produce(rt: &tokio::runtime::Runtime, s: &Settings, sc: &Sideca
         }
         let w = Worker::merge(ws);
         let rate = w.accepted as f64 / t0.elapsed().as_secs_f64();
+        let cpu = cpu.report();
         Ok::<_, Error>(Durable {
+            cpu,
             rate,
             accepted: w.accepted,
             rejected: w.rejected,
@@ -883,6 +965,22 @@ fn sync_always(
     template: &Template,
     rec: &Arc<Recorder>,
 ) -> Result<SyncFigures, Error> {
+    let (publish_rate, publish_note) = sync_always_publish(rt, s, server, template, rec)?;
+    let js = rt.block_on(crate::forward::connect(&server.url()))?;
+    let sustained = raw_sustained(rt, s, &js, template, rec, None)?;
+    let _ = rt.block_on(rawjs::purge(&js));
+    Ok(SyncFigures { publish_rate, publish_note, sustained, sync_line: server.sync_line() })
+}
+
+/// JetStream's own durable rate: pipelined publishes confirmed by the
+/// `sync_interval: always` server, per second, and how the run went.
+fn sync_always_publish(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    server: &SyncAlwaysServer,
+    template: &Template,
+    rec: &Arc<Recorder>,
+) -> Result<(f64, String), Error> {
     let a = &s.args;
     let js = rt.block_on(crate::forward::connect(&server.url()))?;
     let time = s.duration.min(Duration::from_secs(5));
@@ -903,9 +1001,7 @@ fn sync_always(
     if let Some(e) = &published.first_error {
         publish_note.push_str(&format!(" (first failure: {e})"));
     }
-    let sustained = raw_sustained(rt, s, &js, template, rec, None)?;
-    let _ = rt.block_on(rawjs::purge(&js));
-    Ok(SyncFigures { publish_rate, publish_note, sustained, sync_line: server.sync_line() })
+    Ok((publish_rate, publish_note))
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -1040,7 +1136,7 @@ fn print_figures(s: &Settings, nats: &Backend, raw: &RawFigures, embedded: &Back
                  nats backend {:.0} msg/s | baseline JetStream with sync_interval: always, pipelined publish with \
                  Nats-Msg-Id ({} in flight), {} B: {:.0} msg/s | ratio {:.2}x | goal DESIGN §5 >= 20x: {}",
                 a.batch_size,
-                a.batch_connections,
+                durable_connections(a),
                 durable,
                 a.publish_window,
                 a.payload,
@@ -1146,7 +1242,8 @@ fn figures(
                     "durable throughput, nats backend: messages acknowledged after Ferry's fsync (`ack=local` 202), \
                      NDJSON batches of {} on {} connections as fast as answered, to a topic without a subscription, \
                      forwarded to the broker meanwhile",
-                    a.batch_size, a.batch_connections
+                    a.batch_size,
+                    durable_connections(a)
                 ))
                 .baseline(
                     format!(
@@ -1163,8 +1260,8 @@ fn figures(
                      nats backend {:.0} msg/s ({:.1}× the baseline), embedded {:.0} msg/s ({:.1}×); the raw publish → \
                      pull → ack path on the sync-always server {:.0} msg/s; {}",
                     nats.durable.as_ref().map_or("not measured".to_owned(), |d| format!(
-                        "{} messages acknowledged, {} requests refused by back-pressure (429/503/507), {} failed",
-                        d.accepted, d.rejected, d.failed
+                        "{} messages acknowledged, {} requests refused by back-pressure (429/503/507), {} failed; {}",
+                        d.accepted, d.rejected, d.failed, d.cpu
                     )),
                     t.rate,
                     ratio(t.rate, y.publish_rate),
