@@ -183,6 +183,9 @@ impl Checker {
                 if let Some(c) = crash {
                     report.acked_at_crash_before =
                         report.acked_at_crash_before.max(c.at.saturating_duration_since(first));
+                    if first > c.at {
+                        report.handled_after_kill += 1;
+                    }
                     report.acked_at_crash.push((*id).to_owned());
                 } else {
                     report.duplicates.push((*id).to_owned());
@@ -218,6 +221,9 @@ pub struct Report {
     /// The longest time between the first delivery of an `acked_at_crash`
     /// message and the crash.
     pub acked_at_crash_before: Duration,
+    /// Of the `acked_at_crash` repeats, those whose first delivery the app
+    /// handled after the kill (sent before it, by the delivery id's stamp).
+    pub handled_after_kill: usize,
     /// Messages delivered after a later message of their key.
     pub out_of_order: Vec<String>,
     /// Ids dead-lettered.
@@ -242,7 +248,7 @@ impl Report {
     pub fn line(&self) -> String {
         let mut line = format!(
             "scenario={} produced_acked={} delivered={} lost={} duplicates={} out_of_order={} dead_lettered={} \
-             acked_at_crash={} acked_at_crash_max_ms={} unknown={} crashes={}",
+             acked_at_crash={} acked_at_crash_max_ms={} handled_after_kill={} unknown={} crashes={}",
             self.scenario,
             self.produced_acked,
             self.delivered,
@@ -252,6 +258,7 @@ impl Report {
             self.dead_lettered,
             self.acked_at_crash.len(),
             self.acked_at_crash_before.as_millis(),
+            self.handled_after_kill,
             self.unknown.len(),
             self.crashes,
         );
@@ -339,6 +346,7 @@ mod tests {
         let r = c.report(&[req("m", before), req("m", Instant::now() + Duration::from_millis(5))], |_| true);
         assert!(r.duplicates.is_empty());
         assert_eq!(r.acked_at_crash, ["m"]);
+        assert_eq!(r.handled_after_kill, 0);
     }
 
     /// A request the dead sidecar sent, handled by the app just after the
@@ -366,6 +374,7 @@ mod tests {
         ];
         let r = c.report(&got, |_| true);
         assert_eq!(r.acked_at_crash, ["m"]);
+        assert_eq!(r.handled_after_kill, 1);
         assert_eq!(r.duplicates, ["n"]);
         // Without a delivery id, only the app's clock counts.
         let r = c.report(&[req("m", after), req("m", later)], |_| true);
