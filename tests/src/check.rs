@@ -58,14 +58,14 @@ struct Crash {
     wall_ms: u64,
 }
 
-/// The millisecond a UUIDv7 `ferry-delivery-id` was stamped with (its first
-/// 48 bits), if it is one.
+/// The millisecond a UUIDv7 `ferry-delivery-id` was stamped with, if it is one.
 fn sent_ms(r: &Received) -> Option<u64> {
-    let hex: String = r.delivery_id().chars().filter(|c| *c != '-').collect();
-    if hex.len() != 32 || hex.as_bytes()[12] != b'7' {
+    let id = uuid::Uuid::parse_str(r.delivery_id()).ok()?;
+    if id.get_version_num() != 7 {
         return None;
     }
-    u64::from_str_radix(&hex[..12], 16).ok()
+    let (secs, nanos) = id.get_timestamp()?.to_unix();
+    Some(secs * 1000 + u64::from(nanos) / 1_000_000)
 }
 
 /// Collects acknowledged produces, crashes and dead letters of one scenario.

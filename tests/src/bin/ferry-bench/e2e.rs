@@ -378,7 +378,7 @@ fn run(s: &Settings) -> Result<(), Error> {
     if a.throughput_only {
         return throughput_only(&rt, s, &nats_server, &mut sc, &rec);
     }
-    let (nats, raw, template) = {
+    let (mut nats, raw, template) = {
         let pid = sc.process.pid();
         warm_up(&rt, s, &sc, &rec)?;
         progress(&format!("nats backend: {} msg/s for {:?}", a.rate, s.duration));
@@ -402,7 +402,6 @@ fn run(s: &Settings) -> Result<(), Error> {
     stop(&mut sc);
     drop(nats_server);
     // Durable produce on a fresh server and sidecar, like its baseline's.
-    let mut nats = nats;
     nats.durable = Some(durable_phase(&rt, s, resources.path(), app, &rec)?.0);
 
     // The embedded backend.
