@@ -105,6 +105,9 @@ struct WorkerOut {
     errors: u64,
     first_error: Option<String>,
     lats: Vec<Duration>,
+    /// (scheduled time, latency) of each answered request, when
+    /// `FERRY_BENCH_TIMELINE` names a file to write them to.
+    timeline: Vec<(Instant, Duration)>,
 }
 
 impl WorkerOut {
@@ -206,13 +209,18 @@ pub(crate) async fn open_loop(t: &Target, conns: usize, rate: u64, duration: Dur
         let rx = rx.clone();
         tasks.push(tokio::spawn(async move {
             let mut out = WorkerOut::default();
+            let timeline = std::env::var_os(TIMELINE).is_some();
             loop {
                 let due = rx.lock().await.recv().await;
                 let Some(due) = due else { break };
                 match send_one(&mut conn, &t).await {
                     Sent::Ok(_) => {
                         out.requests += 1;
-                        out.lats.push(due.elapsed());
+                        let lat = due.elapsed();
+                        out.lats.push(lat);
+                        if timeline {
+                            out.timeline.push((due, lat));
+                        }
                     }
                     Sent::Rejected(_) => out.rejected += 1,
                     Sent::Failed(e) => out.failed(e),
@@ -233,8 +241,28 @@ pub(crate) async fn open_loop(t: &Target, conns: usize, rate: u64, duration: Dur
     for task in tasks {
         outs.push(task.await?);
     }
+    if let Some(path) = std::env::var_os(TIMELINE) {
+        write_timeline(std::path::Path::new(&path), start, &outs)?;
+    }
     let load = merge(outs, t.msgs_per_req, start.elapsed());
     Ok(OpenResult { load, scheduled: total, pacer_lag })
+}
+
+/// Env var naming a file to which an open-loop run appends one line per
+/// answered request: its scheduled time (ms since the run's start) and its
+/// latency (ms). A diagnosis aid: where in time the slow requests fall.
+const TIMELINE: &str = "FERRY_BENCH_TIMELINE";
+
+fn write_timeline(path: &std::path::Path, start: Instant, outs: &[WorkerOut]) -> Result<(), Error> {
+    use std::io::Write;
+    let mut points: Vec<(Instant, Duration)> = outs.iter().flat_map(|o| o.timeline.iter().copied()).collect();
+    points.sort();
+    let mut f = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+    for (due, lat) in points {
+        writeln!(f, "{:.3} {:.3}", (due - start).as_secs_f64() * 1e3, lat.as_secs_f64() * 1e3)?;
+    }
+    f.flush()?;
+    Ok(())
 }
 
 /// Hands out `rate` instants per second for `duration` on a thread of its
