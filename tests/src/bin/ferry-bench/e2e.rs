@@ -131,6 +131,11 @@ pub(crate) struct E2eArgs {
     /// The raw publisher's confirmations in flight (the forwarder's window).
     #[arg(long, default_value_t = crate::FORWARDER_WINDOW)]
     publish_window: usize,
+    /// Figure e2e3: interleaved runs of the nats backend's and the raw
+    /// path's throughput phases; each side's figure is its median run
+    /// [default: 3; 1 with --quick].
+    #[arg(long)]
+    sustained_pairs: Option<usize>,
     /// Leave out figure 5 (the second nats-server with `sync_interval: always`).
     #[arg(long)]
     skip_sync_always: bool,
@@ -164,6 +169,8 @@ struct Settings {
     args: E2eArgs,
     sidecar_bin: PathBuf,
     duration: Duration,
+    /// Interleaved Ferry/raw throughput runs of figure e2e3.
+    pairs: usize,
     /// Longest wait for the app to receive what a phase produced.
     drain_timeout: Duration,
 }
@@ -212,12 +219,17 @@ fn settings(args: E2eArgs) -> Result<Settings, String> {
     if args.payload < sink::STAMP_LEN + 2 {
         return Err(format!("--payload must be at least {} bytes (it carries the send time)", sink::STAMP_LEN + 2));
     }
+    let pairs = args.sustained_pairs.unwrap_or(if q { 1 } else { 3 });
+    if pairs == 0 || pairs > 100 {
+        return Err("--sustained-pairs must be 1 to 100".into());
+    }
     if args.window != 0 && args.window < args.batch_size as u64 {
         return Err("--window must be 0 or at least --batch-size".into());
     }
     Ok(Settings {
         sidecar_bin,
         duration,
+        pairs,
         drain_timeout: if q { Duration::from_secs(60) } else { Duration::from_secs(180) },
         args,
     })
@@ -272,11 +284,28 @@ struct Sustained {
     /// Receive time minus send time (of the batch request, or the publish).
     lat: Latencies,
     cpu: String,
+    /// Rates of every run this figure is the median of, in run order.
+    runs: Vec<f64>,
+    /// Those other runs in which the app missed a message or a request failed.
+    other_runs_incomplete: usize,
 }
 
 impl Sustained {
     fn all_delivered(&self) -> bool {
-        self.errors == 0 && self.delivered >= self.accepted
+        self.errors == 0 && self.delivered >= self.accepted && self.other_runs_incomplete == 0
+    }
+
+    /// The run with the median rate (the upper one of an even count),
+    /// keeping every run's rate and whether the others delivered everything.
+    fn median(runs: Vec<Sustained>) -> Sustained {
+        let rates: Vec<f64> = runs.iter().map(|r| r.rate).collect();
+        let incomplete = runs.iter().filter(|r| !r.all_delivered()).count();
+        let mut runs = runs;
+        runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+        let mut m = runs.swap_remove(runs.len() / 2);
+        m.other_runs_incomplete = incomplete - usize::from(!m.all_delivered());
+        m.runs = rates;
+        m
     }
 
     fn counts(&self) -> String {
@@ -387,10 +416,7 @@ fn run(s: &Settings) -> Result<(), Error> {
         let js = rt.block_on(crate::forward::connect(&nats_server.url()))?;
         let template = rt.block_on(Template::of(&js, STREAM))?;
         let raw_fixed = raw_fixed(&rt, s, &js, &template, &rec, sys::CpuMeter::start(pid, npid))?;
-        progress(&format!("nats backend: throughput for {:?}", s.duration));
-        let sustained = ferry_sustained(&rt, s, &sc, &rec, sys::CpuMeter::start(pid, npid))?;
-        progress(&format!("raw path: throughput for {:?}", s.duration));
-        let raw_sustained = raw_sustained(&rt, s, &js, &template, &rec, Some(sys::CpuMeter::start(pid, npid)))?;
+        let (sustained, raw_sustained) = sustained_pairs(&rt, s, &sc, npid, &js, &template, &rec)?;
         let rss_peak = sys::status_bytes(pid, "VmHWM");
         let _ = rt.block_on(rawjs::purge(&js));
         (
@@ -446,24 +472,48 @@ fn throughput_only(
     sc: &mut Sidecar,
     rec: &Arc<Recorder>,
 ) -> Result<(), Error> {
-    let pid = sc.process.pid();
     let npid = nats_pid(nats_server);
     warm_up(rt, s, sc, rec)?;
-    let meter = sys::CpuMeter::start(pid, npid);
-    let ferry = ferry_sustained(rt, s, sc, rec, meter)?;
     let js = rt.block_on(crate::forward::connect(&nats_server.url()))?;
     let template = rt.block_on(Template::of(&js, STREAM))?;
-    let raw = raw_sustained(rt, s, &js, &template, rec, Some(sys::CpuMeter::start(pid, npid)))?;
+    let (ferry, raw) = sustained_pairs(rt, s, sc, npid, &js, &template, rec)?;
     stop(sc);
     println!(
         "throughput-only: ferry {:.0} msg/s ({}) | raw {:.0} msg/s ({}) | ratio {:.3}",
         ferry.rate,
-        ferry.cpu,
+        sustained_detail("ferry", &ferry),
         raw.rate,
-        raw.cpu,
+        sustained_detail("raw", &raw),
         ferry.rate / raw.rate
     );
     Ok(())
+}
+
+/// Figure e2e3's runs: Ferry's throughput phase, then the raw path's, as
+/// many times as `--sustained-pairs` says; each side's median run. The raw
+/// path's rate moved by a third between runs a few minutes apart on the
+/// shared VM; interleaved runs put both sides through the same drift.
+fn sustained_pairs(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    sc: &Sidecar,
+    npid: Option<u32>,
+    js: &async_nats::jetstream::Context,
+    template: &Template,
+    rec: &Arc<Recorder>,
+) -> Result<(Sustained, Sustained), Error> {
+    let pid = sc.process.pid();
+    let (mut ferry, mut raw) = (Vec::new(), Vec::new());
+    for i in 1..=s.pairs {
+        progress(&format!("nats backend: throughput for {:?} (run {i} of {})", s.duration, s.pairs));
+        let f = ferry_sustained(rt, s, sc, rec, sys::CpuMeter::start(pid, npid))?;
+        progress(&format!("raw path: throughput for {:?} (run {i} of {})", s.duration, s.pairs));
+        let r = raw_sustained(rt, s, js, template, rec, Some(sys::CpuMeter::start(pid, npid)))?;
+        progress(&format!("run {i}: ferry {:.0} msg/s, raw {:.0} msg/s, ratio {:.3}", f.rate, r.rate, f.rate / r.rate));
+        ferry.push(f);
+        raw.push(r);
+    }
+    Ok((Sustained::median(ferry), Sustained::median(raw)))
 }
 
 /// Figure e2e5's Ferry side: the nats backend on its own new nats-server
@@ -905,6 +955,8 @@ fn ferry_sustained(
         drain: deadline.elapsed(),
         lat: Latencies::of(rec.latencies()),
         cpu,
+        runs: Vec::new(),
+        other_runs_incomplete: 0,
     })
 }
 
@@ -952,6 +1004,8 @@ fn raw_sustained(
         drain,
         lat: Latencies::of(rec.latencies()),
         cpu: cpu.unwrap_or_default(),
+        runs: Vec::new(),
+        other_runs_incomplete: 0,
     })
 }
 
@@ -1036,7 +1090,23 @@ fn fixed_detail(who: &str, f: &Fixed) -> String {
 }
 
 fn sustained_detail(who: &str, t: &Sustained) -> String {
-    let mut s = format!("{who}: {}; latency under this load {}", t.counts(), lat3(&t.lat));
+    let mut s = String::new();
+    if t.runs.len() > 1 {
+        let rates: Vec<String> = t.runs.iter().map(|r| format!("{r:.0}")).collect();
+        s.push_str(&format!(
+            "{who}: median of {} interleaved runs ({} msg/s{}), the median run: ",
+            t.runs.len(),
+            rates.join(", "),
+            if t.other_runs_incomplete > 0 {
+                format!("; {} other run(s) did not deliver everything", t.other_runs_incomplete)
+            } else {
+                String::new()
+            }
+        ));
+    } else {
+        s.push_str(&format!("{who}: "));
+    }
+    s.push_str(&format!("{}; latency under this load {}", t.counts(), lat3(&t.lat)));
     if !t.cpu.is_empty() {
         s.push_str(&format!("; {}", t.cpu));
     }
@@ -1219,8 +1289,15 @@ fn figures(
         Figure::new("e2e.sustained", Source::E2e, t.rate, "msg/s")
             .label(format!(
                 "sustained throughput to the app, nats backend (NDJSON batches of {} on {} connections, {window}, \
-                 maxInFlight {})",
-                a.batch_size, a.batch_connections, a.max_in_flight
+                 maxInFlight {}{})",
+                a.batch_size,
+                a.batch_connections,
+                a.max_in_flight,
+                if t.runs.len() > 1 {
+                    format!("; each side the median of {} interleaved runs", t.runs.len())
+                } else {
+                    String::new()
+                }
             ))
             .baseline(
                 format!(
@@ -1321,4 +1398,49 @@ fn figures(
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(rate: f64, delivered: u64) -> Sustained {
+        Sustained {
+            rate,
+            produce_rate: rate,
+            accepted: 100,
+            delivered,
+            errors: 0,
+            rejected: 0,
+            first_error: None,
+            drain: Duration::ZERO,
+            lat: Latencies::default(),
+            cpu: format!("cpu of the {rate} run"),
+            runs: Vec::new(),
+            other_runs_incomplete: 0,
+        }
+    }
+
+    #[test]
+    fn the_median_run_is_kept_with_every_runs_rate_in_run_order() {
+        let m = Sustained::median(vec![run(30.0, 100), run(10.0, 100), run(20.0, 100)]);
+        assert_eq!(m.rate, 20.0);
+        assert_eq!(m.cpu, "cpu of the 20 run");
+        assert_eq!(m.runs, vec![30.0, 10.0, 20.0]);
+        assert!(m.all_delivered());
+        let even = Sustained::median(vec![run(10.0, 100), run(40.0, 100), run(20.0, 100), run(30.0, 100)]);
+        assert_eq!(even.rate, 30.0, "the upper median of an even count");
+    }
+
+    #[test]
+    fn a_run_that_lost_messages_fails_the_median_even_when_it_is_not_the_median() {
+        let other = Sustained::median(vec![run(10.0, 99), run(20.0, 100), run(30.0, 100)]);
+        assert_eq!(other.rate, 20.0);
+        assert_eq!(other.other_runs_incomplete, 1);
+        assert!(!other.all_delivered());
+        let itself = Sustained::median(vec![run(10.0, 100), run(20.0, 99), run(30.0, 100)]);
+        assert_eq!(itself.other_runs_incomplete, 0);
+        assert!(!itself.all_delivered());
+        assert!(sustained_detail("ferry", &other).contains("1 other run(s) did not deliver everything"));
+    }
 }
