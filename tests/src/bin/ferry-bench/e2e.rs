@@ -509,7 +509,14 @@ fn sustained_pairs(
         let f = ferry_sustained(rt, s, sc, rec, sys::CpuMeter::start(pid, npid))?;
         progress(&format!("raw path: throughput for {:?} (run {i} of {})", s.duration, s.pairs));
         let r = raw_sustained(rt, s, js, template, rec, Some(sys::CpuMeter::start(pid, npid)))?;
-        progress(&format!("run {i}: ferry {:.0} msg/s, raw {:.0} msg/s, ratio {:.3}", f.rate, r.rate, f.rate / r.rate));
+        progress(&format!(
+            "run {i}: ferry {:.0} msg/s ({}), raw {:.0} msg/s ({}), ratio {:.3}",
+            f.rate,
+            f.cpu,
+            r.rate,
+            r.cpu,
+            f.rate / r.rate
+        ));
         ferry.push(f);
         raw.push(r);
     }
