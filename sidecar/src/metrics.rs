@@ -72,6 +72,10 @@ pub struct Metrics {
     pub in_flight: Family<SubscriptionLabels, Gauge>,
     /// Messages per fetch from the broker, for pushed subscriptions.
     pub fetch_messages: Histogram,
+    /// Acked ids a subscription's dedupe store remembers.
+    pub dedupe_ids: Family<SubscriptionLabels, Gauge>,
+    /// Acked ids forgotten before the dedupe window was over (the store was full).
+    pub dedupe_forgotten_early: Family<SubscriptionLabels, Counter>,
 }
 
 fn latency() -> Histogram {
@@ -98,6 +102,8 @@ impl Metrics {
             push_duration: latency(),
             in_flight: Family::default(),
             fetch_messages: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            dedupe_ids: Family::default(),
+            dedupe_forgotten_early: Family::default(),
             registry: Registry::default(),
         };
         registry.register("produce_requests", "Produce requests by topic and status code", m.produce_requests.clone());
@@ -126,6 +132,12 @@ impl Metrics {
         );
         registry.register("push_duration_seconds", "Push latency until the app answered", m.push_duration.clone());
         registry.register("deliveries_in_flight", "Deliveries pushed or awaiting a callback", m.in_flight.clone());
+        registry.register("dedupe_ids", "Acked ids a subscription's dedupe store remembers", m.dedupe_ids.clone());
+        registry.register(
+            "dedupe_forgotten_early",
+            "Acked ids forgotten before the dedupe window was over, to stay within --dedupe-max-ids",
+            m.dedupe_forgotten_early.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -33,6 +33,8 @@ pub(crate) struct Recent<K, V> {
     slices: VecDeque<Slice<K, V>>,
     /// Longest time a table spans (ms).
     span_ms: u64,
+    /// Most entries a table takes.
+    slice: usize,
 }
 
 struct Slice<K, V> {
@@ -45,7 +47,13 @@ struct Slice<K, V> {
 impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
     /// An empty window whose tables span at most `span_ms` each.
     pub(crate) fn new(span_ms: u64) -> Self {
-        Recent { slices: VecDeque::new(), span_ms }
+        Self::with_slice(span_ms, SLICE)
+    }
+
+    /// An empty window whose tables span at most `span_ms` and hold at
+    /// most `slice` entries each (at least 1, at most [`SLICE`]).
+    pub(crate) fn with_slice(span_ms: u64, slice: usize) -> Self {
+        Recent { slices: VecDeque::new(), span_ms, slice: slice.clamp(1, SLICE) }
     }
 
     /// Changes the span of the tables started from now on.
@@ -57,7 +65,8 @@ impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
     /// the value, across tables the newest is found first.
     pub(crate) fn insert(&mut self, key: K, value: V, at_ms: u64) {
         let span_ms = self.span_ms;
-        if self.slices.back().is_none_or(|s| s.map.len() >= SLICE || at_ms >= s.first_ms.saturating_add(span_ms)) {
+        let slice = self.slice;
+        if self.slices.back().is_none_or(|s| s.map.len() >= slice || at_ms >= s.first_ms.saturating_add(span_ms)) {
             self.slices.push_back(Slice { map: HashMap::default(), first_ms: at_ms, newest_ms: at_ms });
         }
         let slice = self.slices.back_mut().expect("a slice was just ensured");
@@ -75,6 +84,25 @@ impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
         while self.slices.front().is_some_and(|s| s.newest_ms < oldest_ms) {
             self.slices.pop_front();
         }
+    }
+
+    /// Drops the oldest tables while more than `max` entries are held
+    /// (never the newest table), so at most `max` remain; returns how many
+    /// entries went.
+    pub(crate) fn forget_beyond(&mut self, max: usize) -> usize {
+        let mut held = self.len();
+        let mut dropped = 0;
+        while held > max && self.slices.len() > 1 {
+            let n = self.slices.pop_front().map_or(0, |s| s.map.len());
+            held -= n;
+            dropped += n;
+        }
+        dropped
+    }
+
+    /// When the oldest entry held was added (ms), if any is held.
+    pub(crate) fn oldest_ms(&self) -> Option<u64> {
+        self.slices.front().map(|s| s.first_ms)
     }
 
     /// Entries held (a key added twice in different tables counts twice).
@@ -122,6 +150,24 @@ mod tests {
         assert!(r.len() <= 600 + 75 + 1, "{} ids kept for a window of 600", r.len());
         assert!(r.len() >= 600, "an id inside the window was forgotten: {} kept", r.len());
         assert_eq!(r.find(&(3600 - 600), |_| true), Some(&(3600 - 600)));
+    }
+
+    #[test]
+    fn a_cap_forgets_the_oldest_tables_first_and_keeps_at_most_the_cap() {
+        let mut r: Recent<u64, u64> = Recent::with_slice(u64::MAX, 4);
+        for i in 0..10u64 {
+            r.insert(i, i, 100 + i);
+        }
+        assert_eq!(r.tables(), 3, "tables of 4, 4 and 2 entries");
+        assert_eq!(r.forget_beyond(10), 0, "within the cap nothing goes");
+        assert_eq!(r.forget_beyond(7), 4, "the oldest table goes whole");
+        assert_eq!(r.len(), 6);
+        assert_eq!(r.find(&3, |_| true), None, "the oldest ids are forgotten");
+        assert_eq!(r.find(&4, |_| true), Some(&4), "the rest are kept");
+        assert_eq!(r.oldest_ms(), Some(104));
+        assert_eq!(r.forget_beyond(0), 4, "the newest table always stays");
+        assert_eq!(r.find(&9, |_| true), Some(&9));
+        assert_eq!(Recent::<u64, u64>::with_slice(1, 0).slice, 1, "a table takes at least one entry");
     }
 
     #[test]

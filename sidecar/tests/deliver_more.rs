@@ -672,3 +672,24 @@ async fn metrics_count_deliveries_by_subscription_and_result() {
     assert_eq!(metric(&sc, &deliveries("billing", "retried")).await, None);
     assert_eq!(dead_letters(&nats).await.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_dedupe_store_forgets_its_oldest_ids_and_counts_them() {
+    const N: usize = 20;
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription("capped", "orders", &[]));
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::ok().await;
+    let sc = start(&nats, res.path(), data.path(), Some(&app), &["--dedupe-max-ids", "8"]);
+    for i in 0..N {
+        produce(&sc, &format!("c-{i:02}"), None).await;
+    }
+    app.wait_for(N, WAIT).await;
+    // An id is recorded before its ack goes to the broker.
+    wait_settled(&nats, "capped").await;
+    let held = metric(&sc, "ferry_dedupe_ids{subscription=\"capped\"}").await.expect("the ids gauge");
+    let forgotten = metric(&sc, "ferry_dedupe_forgotten_early_total{subscription=\"capped\"}").await;
+    assert!((1.0..=8.0).contains(&held), "{held} ids held past a cap of 8");
+    assert_eq!(forgotten, Some(N as f64 - held), "every id acked is either held or counted as forgotten");
+    assert_eq!(counts(&app.received()).len(), N, "the cap changes nothing about delivery");
+}

@@ -32,6 +32,11 @@ pub const DEFAULT_BROKER_ACK_TIMEOUT: &str = "10s";
 
 /// Default consumer-side dedupe window.
 pub const DEFAULT_DEDUPE_WINDOW: &str = "10m";
+/// Default cap on the acked ids a subscription's dedupe store remembers:
+/// 18–33 MB of memory and about 40 MB of disk at most. The whole default
+/// window holds up to about 800 acks a second; above that the window is
+/// shorter (about 100 s at 5 000 a second).
+pub const DEFAULT_DEDUPE_MAX_IDS: usize = 500_000;
 /// Default interval for re-reading manifests.
 pub const DEFAULT_RESOURCES_POLL: &str = "1s";
 
@@ -173,6 +178,11 @@ pub struct SidecarArgs {
     /// copy is acknowledged without reaching the app again.
     #[arg(long, env = "FERRY_DEDUPE_WINDOW", default_value = DEFAULT_DEDUPE_WINDOW)]
     pub dedupe_window: String,
+    /// Most acknowledged ids each subscription's dedupe store remembers
+    /// (about 37–65 bytes of memory and 80 of disk each). When full it
+    /// forgets its oldest ids before their window is over, and says so.
+    #[arg(long, env = "FERRY_DEDUPE_MAX_IDS", default_value_t = DEFAULT_DEDUPE_MAX_IDS)]
+    pub dedupe_max_ids: usize,
     /// Longest a client may take to send a request head (slowloris guard);
     /// also how long an idle keep-alive connection is kept.
     #[arg(long, env = "FERRY_HEADER_READ_TIMEOUT", default_value = "30s")]
@@ -258,6 +268,8 @@ pub struct Config {
     pub broker_ack_timeout: Duration,
     /// Consumer-side dedupe window.
     pub dedupe_window: Duration,
+    /// Most ids a subscription's dedupe store remembers.
+    pub dedupe_max_ids: usize,
     /// Manifest re-read interval.
     pub resources_poll: Duration,
     /// Request-head read timeout (and keep-alive idle timeout).
@@ -313,6 +325,9 @@ impl Config {
         let dedupe_window = duration("--dedupe-window", &a.dedupe_window);
         let resources_poll = duration("--resources-poll", &a.resources_poll);
         let header_read_timeout = duration("--header-read-timeout", &a.header_read_timeout);
+        if a.dedupe_max_ids == 0 {
+            errors.push("--dedupe-max-ids: must be at least 1".to_owned());
+        }
         // No --broker, or `embedded`: the in-process broker (standalone mode).
         let urls: Vec<String> = match a.broker.as_deref().map(str::trim) {
             None | Some("embedded") => Vec::new(),
@@ -396,6 +411,7 @@ impl Config {
             shutdown_grace,
             broker_ack_timeout,
             dedupe_window,
+            dedupe_max_ids: a.dedupe_max_ids,
             resources_poll: resources_poll.max(Duration::from_millis(50)),
             fsync: a.fsync,
             header_read_timeout: header_read_timeout.max(Duration::from_secs(1)),
@@ -428,6 +444,8 @@ mod tests {
         assert_eq!(c.namespace, "default");
         assert_eq!(c.max_message_bytes, 1 << 20);
         assert_eq!(c.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(c.dedupe_window, Duration::from_secs(600));
+        assert_eq!(c.dedupe_max_ids, DEFAULT_DEDUPE_MAX_IDS);
         assert_eq!(c.broker.urls, ["nats://127.0.0.1:4222"]);
     }
 
@@ -444,14 +462,22 @@ mod tests {
             "http://x",
             "--broker-user",
             "u",
+            "--dedupe-max-ids",
+            "0",
         ])
         .unwrap_err();
         let text = errors.join("\n");
-        for needle in
-            ["--app-id", "--namespace", "--api-addr", "--shutdown-grace", "--broker: \"http://x\"", "--broker-user"]
-        {
+        for needle in [
+            "--app-id",
+            "--namespace",
+            "--api-addr",
+            "--shutdown-grace",
+            "--broker: \"http://x\"",
+            "--broker-user",
+            "--dedupe-max-ids",
+        ] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }
-        assert_eq!(errors.len(), 6, "{text}");
+        assert_eq!(errors.len(), 7, "{text}");
     }
 }

@@ -44,6 +44,8 @@ pub struct Deps {
     pub data_dir: PathBuf,
     /// Consumer-side dedupe window.
     pub dedupe_window: Duration,
+    /// Most ids a subscription's dedupe store remembers.
+    pub dedupe_max_ids: usize,
     /// The broker.
     pub broker: Arc<dyn Broker>,
     /// Metrics.

@@ -19,7 +19,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::callbacks::{Callback, Verdict};
-use super::dedupe::Dedupe;
+use super::dedupe::{Dedupe, DedupeMetrics};
 use super::push::{self, Outcome, Target};
 use super::Deps;
 use crate::broker::{BrokerError, Consumer, Fetched, OutMessage, Settlement};
@@ -88,7 +88,13 @@ enum Next {
 impl Ctx {
     /// A context; opens the subscription's dedupe store.
     pub fn new(deps: &Deps, name: &str, spec: SubscriptionSpec, dlq_partitions: u32) -> Result<Ctx, ferry_log::Error> {
-        let dedupe = Arc::new(Dedupe::open(&deps.data_dir.join("dedupe").join(name), deps.dedupe_window)?);
+        let labels = SubscriptionLabels { subscription: name.to_owned() };
+        let dedupe_metrics = DedupeMetrics {
+            ids: deps.metrics.dedupe_ids.get_or_create(&labels).clone(),
+            forgotten_early: deps.metrics.dedupe_forgotten_early.get_or_create(&labels).clone(),
+        };
+        let dir = deps.data_dir.join("dedupe").join(name);
+        let dedupe = Arc::new(Dedupe::open(&dir, deps.dedupe_window, deps.dedupe_max_ids, dedupe_metrics)?);
         let target = Target::new(
             deps.app_port.unwrap_or(0),
             &spec.path,
@@ -99,7 +105,6 @@ impl Ctx {
         );
         let in_flight = if spec.ordering == Ordering::Strict { 1 } else { spec.max_in_flight as usize };
         let (stop_tx, stop) = watch::channel(false);
-        let labels = SubscriptionLabels { subscription: name.to_owned() };
         let metrics = &deps.metrics;
         let attempts = metrics.push_attempts.get_or_create(&labels).clone();
         let in_flight_gauge = metrics.in_flight.get_or_create(&labels).clone();
