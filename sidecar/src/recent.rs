@@ -51,9 +51,16 @@ impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
     }
 
     /// An empty window whose tables span at most `span_ms` and hold at
-    /// most `slice` entries each (at least 1, at most [`SLICE`]).
+    /// most `slice` entries each (at least 1, at most [`SLICE`]), rounded
+    /// down to what fills a table's buckets: 7/8 of a power of two, as
+    /// [`SLICE`] is. A table of 62 500 entries would take the 2^17 buckets
+    /// of one of 114 688, twice the memory an entry.
     pub(crate) fn with_slice(span_ms: u64, slice: usize) -> Self {
-        Recent { slices: VecDeque::new(), span_ms, slice: slice.clamp(1, SLICE) }
+        let mut fits = SLICE;
+        while fits > slice && fits > 7 {
+            fits /= 2;
+        }
+        Recent { slices: VecDeque::new(), span_ms, slice: fits.min(slice).max(1) }
     }
 
     /// Changes the span of the tables started from now on.
@@ -168,6 +175,14 @@ mod tests {
         assert_eq!(r.forget_beyond(0), 4, "the newest table always stays");
         assert_eq!(r.find(&9, |_| true), Some(&9));
         assert_eq!(Recent::<u64, u64>::with_slice(1, 0).slice, 1, "a table takes at least one entry");
+        assert_eq!(Recent::<u64, u64>::with_slice(1, 62_500).slice, 57_344, "7/8 of 2^16 buckets, not half of 2^17");
+        assert_eq!(Recent::<u64, u64>::with_slice(1, 1 << 20).slice, SLICE);
+        let mut full: Recent<u64, u64> = Recent::with_slice(u64::MAX, 62_500);
+        for i in 0..57_344u64 {
+            full.insert(i.wrapping_mul(0x9e37_79b9_7f4a_7c15), i, 0);
+        }
+        assert_eq!(full.tables(), 1);
+        assert!(full.slices[0].map.capacity() < 65_536, "the table filled 2^16 buckets without growing");
     }
 
     #[test]
