@@ -42,6 +42,7 @@ const ALL_OPTIONAL: &[&str] = &[
     "sidecar.dataVolume.sizeLimit=2Gi",
     "sidecar.fsync=interval",
     "sidecar.logFormat=text",
+    "sidecar.dedupeMaxIds=2000000",
     "webhook.failurePolicy=Ignore",
     "webhook.reinvocationPolicy=Never",
     "webhook.objectSelector.matchLabels.ferry=yes",
@@ -390,6 +391,7 @@ fn every_sidecar_value_reaches_the_webhooks_inject_config() {
     );
     assert_eq!(cfg["dataVolume"], json!({"type": "ephemeral", "sizeLimit": "2Gi", "storageClassName": "fast"}));
     assert_eq!((cfg["fsync"].as_str(), cfg["logFormat"].as_str()), (Some("interval"), Some("text")));
+    assert_eq!(cfg["dedupeMaxIds"], json!(2_000_000));
 
     // Without sidecar.broker.url the sidecars use the operator's broker.
     let cfg = InjectConfig::from_yaml(&inject_yaml(&render(&["nats.enabled=true"]))).unwrap_or_else(|e| panic!("{e}"));
@@ -636,6 +638,7 @@ fn the_values_schema_refuses_bad_values() {
         ("webhook.timeoutSeconds=60", "timeoutSeconds"),
         ("sidecar.fsync=sometimes", "fsync"),
         ("sidecar.logFormat=xml", "logFormat"),
+        ("sidecar.dedupeMaxIds=0", "dedupeMaxIds"),
         ("sidecar.dataVolume.type=hostPath", "type"),
         ("sidecar.dataVolume.sizeLimit=lots", "sizeLimit"),
         ("sidecar.apiPort=70000", "apiPort"),

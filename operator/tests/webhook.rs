@@ -406,13 +406,14 @@ fn refusal_of(review: &Value) -> String {
 fn config_overrides_are_merged_over_the_defaults() {
     let overrides = r#"{"fsync":"never","logFormat":"text","apiPort":9600,"adminPort":9601,
         "image":"registry.example.com/ferry-sidecar:dev","resources":{"limits":{"memory":"256Mi"}},
-        "dataVolume":{"sizeLimit":"5Gi"}}"#;
+        "dataVolume":{"sizeLimit":"5Gi"},"dedupeMaxIds":2000000}"#;
     let review = review_with(with(asking(), ANNOTATION_CONFIG, overrides));
     let cfg = InjectConfig { log_format: LogFormat::Json, ..InjectConfig::default() };
     let pod = typed(&patched(&review, &respond(&review, &cfg)));
     let sc = sidecar(&pod);
     let env = env_map(sc.env.as_ref().unwrap());
     assert_eq!((env["FERRY_FSYNC"].as_str(), env["FERRY_LOG_FORMAT"].as_str()), ("never", "text"));
+    assert_eq!(env["FERRY_DEDUPE_MAX_IDS"], "2000000", "raised with the memory limit");
     assert_eq!((env["FERRY_API_ADDR"].as_str(), env["FERRY_ADMIN_ADDR"].as_str()), ("127.0.0.1:9600", "0.0.0.0:9601"));
     assert_eq!(env["FERRY_BROKER"], "nats://nats.ferry-system.svc:4222", "not overridden: the default");
     assert_eq!(sc.image.as_deref(), Some("registry.example.com/ferry-sidecar:dev"));

@@ -96,4 +96,7 @@ dataVolume:
   storageClassName: {{ .Values.sidecar.dataVolume.storageClassName | quote }}
 resources:
   {{- toYaml .Values.sidecar.resources | nindent 2 }}
+{{- with .Values.sidecar.dedupeMaxIds }}
+dedupeMaxIds: {{ . | int64 }}
+{{- end }}
 {{- end }}

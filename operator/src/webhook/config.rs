@@ -38,7 +38,8 @@ pub const OUTBOX_SHARE_PERCENT: u64 = 75;
 /// The fields of [`InjectConfig`] a pod may set in its `ferry.dev/config`
 /// annotation. The broker, the data directory and the pull policy are the
 /// cluster admin's, so they are not among them.
-pub const OVERRIDABLE: &[&str] = &["image", "fsync", "logFormat", "apiPort", "adminPort", "dataVolume", "resources"];
+pub const OVERRIDABLE: &[&str] =
+    &["image", "fsync", "logFormat", "apiPort", "adminPort", "dataVolume", "resources", "dedupeMaxIds"];
 
 /// How the injected sidecar is configured. Every field has a default, so an
 /// empty file (or no `--inject-config`) is valid; an unknown field is an
@@ -70,6 +71,12 @@ pub struct InjectConfig {
     /// The sidecar container's resources. Default: requests `cpu: 50m`,
     /// `memory: 32Mi`; limits `memory: 128Mi`.
     pub resources: ResourceRequirements,
+    /// Most acked ids each subscription's dedupe store remembers
+    /// (`FERRY_DEDUPE_MAX_IDS`, about 37–65 bytes of memory each). Unset:
+    /// the sidecar's default (500 000), sized for the default memory limit;
+    /// raise both together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedupe_max_ids: Option<u64>,
 }
 
 /// The broker the injected sidecars use.
@@ -193,6 +200,7 @@ impl Default for InjectConfig {
                 limits: Some([("memory".to_owned(), q("128Mi"))].into()),
                 claims: None,
             },
+            dedupe_max_ids: None,
         }
     }
 }

@@ -348,6 +348,9 @@ impl Wanted {
             self::env("FERRY_FSYNC", cfg.fsync.as_str().to_owned()),
             self::env("FERRY_LOG_FORMAT", cfg.log_format.as_str().to_owned()),
         ];
+        if let Some(n) = cfg.dedupe_max_ids {
+            env.push(self::env("FERRY_DEDUPE_MAX_IDS", n.to_string()));
+        }
         if let Some(bytes) = cfg.data_volume.outbox_bytes().filter(|_| !own_data_volume) {
             env.push(self::env("FERRY_OUTBOX_MAX_BYTES", bytes.to_string()));
         }
