@@ -43,6 +43,7 @@ const ALL_OPTIONAL: &[&str] = &[
     "sidecar.fsync=interval",
     "sidecar.logFormat=text",
     "sidecar.dedupeMaxIds=2000000",
+    "sidecar.dedupeWindow=1h 30m",
     "webhook.failurePolicy=Ignore",
     "webhook.reinvocationPolicy=Never",
     "webhook.objectSelector.matchLabels.ferry=yes",
@@ -392,6 +393,7 @@ fn every_sidecar_value_reaches_the_webhooks_inject_config() {
     assert_eq!(cfg["dataVolume"], json!({"type": "ephemeral", "sizeLimit": "2Gi", "storageClassName": "fast"}));
     assert_eq!((cfg["fsync"].as_str(), cfg["logFormat"].as_str()), (Some("interval"), Some("text")));
     assert_eq!(cfg["dedupeMaxIds"], json!(2_000_000));
+    assert_eq!(cfg["dedupeWindow"], json!("1h 30m"));
 
     // Without sidecar.broker.url the sidecars use the operator's broker.
     let cfg = InjectConfig::from_yaml(&inject_yaml(&render(&["nats.enabled=true"]))).unwrap_or_else(|e| panic!("{e}"));
@@ -639,6 +641,7 @@ fn the_values_schema_refuses_bad_values() {
         ("sidecar.fsync=sometimes", "fsync"),
         ("sidecar.logFormat=xml", "logFormat"),
         ("sidecar.dedupeMaxIds=0", "dedupeMaxIds"),
+        ("sidecar.dedupeWindow=soon", "dedupeWindow"),
         ("sidecar.dataVolume.type=hostPath", "type"),
         ("sidecar.dataVolume.sizeLimit=lots", "sizeLimit"),
         ("sidecar.apiPort=70000", "apiPort"),

@@ -93,18 +93,16 @@ impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
         }
     }
 
-    /// Drops the oldest tables while more than `max` entries are held
-    /// (never the newest table), so at most `max` remain; returns how many
-    /// entries went.
-    pub(crate) fn forget_beyond(&mut self, max: usize) -> usize {
-        let mut held = self.len();
-        let mut dropped = 0;
-        while held > max && self.slices.len() > 1 {
-            let n = self.slices.pop_front().map_or(0, |s| s.map.len());
-            held -= n;
-            dropped += n;
-        }
-        dropped
+    /// Drops the oldest table; returns how many entries went with it.
+    pub(crate) fn forget_oldest(&mut self) -> usize {
+        self.slices.pop_front().map_or(0, |s| s.map.len())
+    }
+
+    /// Drops every table; returns how many entries went.
+    pub(crate) fn clear(&mut self) -> usize {
+        let n = self.len();
+        self.slices.clear();
+        n
     }
 
     /// When the oldest entry held was added (ms), if any is held.
@@ -118,8 +116,7 @@ impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
     }
 
     /// Tables held.
-    #[cfg(test)]
-    fn tables(&self) -> usize {
+    pub(crate) fn tables(&self) -> usize {
         self.slices.len()
     }
 }
@@ -160,20 +157,20 @@ mod tests {
     }
 
     #[test]
-    fn a_cap_forgets_the_oldest_tables_first_and_keeps_at_most_the_cap() {
+    fn the_oldest_table_goes_first_and_whole() {
         let mut r: Recent<u64, u64> = Recent::with_slice(u64::MAX, 4);
         for i in 0..10u64 {
             r.insert(i, i, 100 + i);
         }
         assert_eq!(r.tables(), 3, "tables of 4, 4 and 2 entries");
-        assert_eq!(r.forget_beyond(10), 0, "within the cap nothing goes");
-        assert_eq!(r.forget_beyond(7), 4, "the oldest table goes whole");
+        assert_eq!(r.forget_oldest(), 4, "the oldest table goes whole");
         assert_eq!(r.len(), 6);
         assert_eq!(r.find(&3, |_| true), None, "the oldest ids are forgotten");
         assert_eq!(r.find(&4, |_| true), Some(&4), "the rest are kept");
         assert_eq!(r.oldest_ms(), Some(104));
-        assert_eq!(r.forget_beyond(0), 4, "the newest table always stays");
-        assert_eq!(r.find(&9, |_| true), Some(&9));
+        assert_eq!(r.clear(), 6);
+        assert_eq!((r.len(), r.tables(), r.oldest_ms()), (0, 0, None));
+        assert_eq!(r.forget_oldest(), 0);
         assert_eq!(Recent::<u64, u64>::with_slice(1, 0).slice, 1, "a table takes at least one entry");
         assert_eq!(Recent::<u64, u64>::with_slice(1, 62_500).slice, 57_344, "7/8 of 2^16 buckets, not half of 2^17");
         assert_eq!(Recent::<u64, u64>::with_slice(1, 1 << 20).slice, SLICE);

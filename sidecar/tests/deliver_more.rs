@@ -674,22 +674,30 @@ async fn metrics_count_deliveries_by_subscription_and_result() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_dedupe_store_forgets_its_oldest_ids_and_counts_them() {
+async fn full_dedupe_stores_forget_their_oldest_ids_and_count_them_within_one_cap_for_the_sidecar() {
     const N: usize = 20;
     let nats = NatsServer::start();
-    let res = manifests_with(&subscription("capped", "orders", &[]));
+    let subs = subscription("capped", "orders", &[]) + &subscription("capped-too", "orders", &[]);
+    let res = manifests_with(&subs);
     let data = tempfile::tempdir().unwrap();
     let app = TestApp::ok().await;
     let sc = start(&nats, res.path(), data.path(), Some(&app), &["--dedupe-max-ids", "8"]);
     for i in 0..N {
         produce(&sc, &format!("c-{i:02}"), None).await;
     }
-    app.wait_for(N, WAIT).await;
+    app.wait_for(2 * N, WAIT).await;
     // An id is recorded before its ack goes to the broker.
     wait_settled(&nats, "capped").await;
-    let held = metric(&sc, "ferry_dedupe_ids{subscription=\"capped\"}").await.expect("the ids gauge");
-    let forgotten = metric(&sc, "ferry_dedupe_forgotten_early_total{subscription=\"capped\"}").await;
-    assert!((1.0..=8.0).contains(&held), "{held} ids held past a cap of 8");
-    assert_eq!(forgotten, Some(N as f64 - held), "every id acked is either held or counted as forgotten");
-    assert_eq!(counts(&app.received()).len(), N, "the cap changes nothing about delivery");
+    wait_settled(&nats, "capped-too").await;
+    let (mut held, mut forgotten) = (0.0, 0.0);
+    for sub in ["capped", "capped-too"] {
+        held += metric(&sc, &format!("ferry_dedupe_ids{{subscription=\"{sub}\"}}")).await.expect("the ids gauge");
+        forgotten +=
+            metric(&sc, &format!("ferry_dedupe_forgotten_early_total{{subscription=\"{sub}\"}}")).await.unwrap_or(0.0);
+    }
+    assert!((1.0..=8.0).contains(&held), "{held} ids held by both subscriptions past a cap of 8 for the sidecar");
+    assert_eq!(forgotten, 2.0 * N as f64 - held, "every id acked is either held or counted as forgotten");
+    let counts = counts(&app.received());
+    assert_eq!(counts.len(), N, "the cap changes nothing about delivery");
+    assert!(counts.values().all(|&n| n == 2), "each subscription got each message once: {counts:?}");
 }

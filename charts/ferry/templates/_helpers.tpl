@@ -99,4 +99,7 @@ resources:
 {{- with .Values.sidecar.dedupeMaxIds }}
 dedupeMaxIds: {{ . | int64 }}
 {{- end }}
+{{- with .Values.sidecar.dedupeWindow }}
+dedupeWindow: {{ . | quote }}
+{{- end }}
 {{- end }}

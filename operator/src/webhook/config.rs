@@ -39,7 +39,7 @@ pub const OUTBOX_SHARE_PERCENT: u64 = 75;
 /// annotation. The broker, the data directory and the pull policy are the
 /// cluster admin's, so they are not among them.
 pub const OVERRIDABLE: &[&str] =
-    &["image", "fsync", "logFormat", "apiPort", "adminPort", "dataVolume", "resources", "dedupeMaxIds"];
+    &["image", "fsync", "logFormat", "apiPort", "adminPort", "dataVolume", "resources", "dedupeMaxIds", "dedupeWindow"];
 
 /// How the injected sidecar is configured. Every field has a default, so an
 /// empty file (or no `--inject-config`) is valid; an unknown field is an
@@ -71,12 +71,20 @@ pub struct InjectConfig {
     /// The sidecar container's resources. Default: requests `cpu: 50m`,
     /// `memory: 32Mi`; limits `memory: 128Mi`.
     pub resources: ResourceRequirements,
-    /// Most acked ids each subscription's dedupe store remembers
-    /// (`FERRY_DEDUPE_MAX_IDS`, about 37–65 bytes of memory each). Unset:
+    /// Most acked ids the sidecar's dedupe stores remember, all
+    /// subscriptions together (`FERRY_DEDUPE_MAX_IDS`, about 37–65 bytes
+    /// of memory each). Unset:
     /// the sidecar's default (500 000), sized for the default memory limit;
     /// raise both together.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dedupe_max_ids: Option<u64>,
+    /// How long the sidecar remembers the ids the app acked, so that a
+    /// copy the broker delivers again is acked without reaching the app
+    /// (`FERRY_DEDUPE_WINDOW`, a duration like `10m` or `1h 30m`). Unset:
+    /// the sidecar's default (10 minutes). Within `dedupeMaxIds`: a longer
+    /// window only holds more ids at low rates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedupe_window: Option<String>,
 }
 
 /// The broker the injected sidecars use.
@@ -201,6 +209,7 @@ impl Default for InjectConfig {
                 claims: None,
             },
             dedupe_max_ids: None,
+            dedupe_window: None,
         }
     }
 }
@@ -302,7 +311,8 @@ impl InjectConfig {
     }
 
     /// Checks what serde cannot: ports set and distinct, an absolute data
-    /// directory, a size for an ephemeral claim, a size that is a quantity.
+    /// directory, a size for an ephemeral claim, a size that is a quantity,
+    /// a dedupe cap of at least 1, a dedupe window that is a duration.
     /// Lists every problem.
     pub fn check(&self) -> Result<(), String> {
         let mut problems = Vec::new();
@@ -329,6 +339,14 @@ impl InjectConfig {
         }
         if let Err(e) = self.data_volume.size_bytes() {
             problems.push(e);
+        }
+        if self.dedupe_max_ids == Some(0) {
+            problems.push("dedupeMaxIds: must be at least 1".to_owned());
+        }
+        if let Some(w) = &self.dedupe_window {
+            if let Err(e) = humantime::parse_duration(w.trim()) {
+                problems.push(format!("dedupeWindow: {w:?} is not a duration like 10m ({e})"));
+            }
         }
         if problems.is_empty() {
             Ok(())

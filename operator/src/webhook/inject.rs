@@ -351,6 +351,9 @@ impl Wanted {
         if let Some(n) = cfg.dedupe_max_ids {
             env.push(self::env("FERRY_DEDUPE_MAX_IDS", n.to_string()));
         }
+        if let Some(w) = &cfg.dedupe_window {
+            env.push(self::env("FERRY_DEDUPE_WINDOW", w.trim().to_owned()));
+        }
         if let Some(bytes) = cfg.data_volume.outbox_bytes().filter(|_| !own_data_volume) {
             env.push(self::env("FERRY_OUTBOX_MAX_BYTES", bytes.to_string()));
         }

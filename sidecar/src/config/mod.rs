@@ -32,10 +32,11 @@ pub const DEFAULT_BROKER_ACK_TIMEOUT: &str = "10s";
 
 /// Default consumer-side dedupe window.
 pub const DEFAULT_DEDUPE_WINDOW: &str = "10m";
-/// Default cap on the acked ids a subscription's dedupe store remembers:
-/// 18–33 MB of memory and about 40 MB of disk at most. The whole default
-/// window holds up to about 800 acks a second; above that the window is
-/// shorter (about 100 s at 5 000 a second).
+/// Default cap on the acked ids the sidecar's dedupe stores remember
+/// together: 18–33 MB of memory and about 40 MB of disk at most (plus a
+/// prune interval's acks on disk). The whole default window holds up to
+/// about 800 acks a second in all; above that the window is shorter
+/// (about 100 s at 5 000 a second).
 pub const DEFAULT_DEDUPE_MAX_IDS: usize = 500_000;
 /// Default interval for re-reading manifests.
 pub const DEFAULT_RESOURCES_POLL: &str = "1s";
@@ -178,9 +179,10 @@ pub struct SidecarArgs {
     /// copy is acknowledged without reaching the app again.
     #[arg(long, env = "FERRY_DEDUPE_WINDOW", default_value = DEFAULT_DEDUPE_WINDOW)]
     pub dedupe_window: String,
-    /// Most acknowledged ids each subscription's dedupe store remembers
-    /// (about 37–65 bytes of memory and 80 of disk each). When full it
-    /// forgets its oldest ids before their window is over, and says so.
+    /// Most acknowledged ids the dedupe stores of all subscriptions
+    /// remember together (about 37–65 bytes of memory and 80 of disk
+    /// each). When full they forget the oldest ids before their window is
+    /// over, and say so.
     #[arg(long, env = "FERRY_DEDUPE_MAX_IDS", default_value_t = DEFAULT_DEDUPE_MAX_IDS)]
     pub dedupe_max_ids: usize,
     /// Longest a client may take to send a request head (slowloris guard);
@@ -268,7 +270,7 @@ pub struct Config {
     pub broker_ack_timeout: Duration,
     /// Consumer-side dedupe window.
     pub dedupe_window: Duration,
-    /// Most ids a subscription's dedupe store remembers.
+    /// Most ids all subscriptions' dedupe stores remember together.
     pub dedupe_max_ids: usize,
     /// Manifest re-read interval.
     pub resources_poll: Duration,

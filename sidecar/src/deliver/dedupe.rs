@@ -23,16 +23,21 @@
 //! about 350–680 MB. Two ids share a key with odds about n²/2¹²⁹ (2 in 10²⁵ for
 //! that window); then the second would be taken for a duplicate.
 //!
-//! So a store also holds at most `max_ids` ids (`--dedupe-max-ids`): past
-//! that it forgets its oldest ids before their window is over, an eighth of
-//! the cap at a time, counts them in `ferry_dedupe_forgotten_early_total` and says
-//! so in the log (once a minute at most). Memory and disk stay bounded at
-//! any rate, at the cost of a shorter window when the rate is high: an
-//! injected sidecar's default memory limit (128 MiB) would otherwise be
-//! reached at a few thousand acks a second.
+//! So the stores of a sidecar hold at most `--dedupe-max-ids` ids together
+//! (an [`IdBudget`] they share). Past that the oldest table of ids across
+//! all of them is forgotten before its window is over (an eighth of the
+//! cap at a time), counted in `ferry_dedupe_forgotten_early_total` and said
+//! in the log (once a minute at most). Every subscription then keeps its
+//! ids for about the same time: a busy one does not empty a quiet one's
+//! window before its own older ids, and a quiet one leaves a busy one the
+//! room it does not use. Memory and disk stay bounded at any rate and for
+//! any number of subscriptions, at the cost of a shorter window when the
+//! rate is high: an injected sidecar's default memory limit (128 MiB)
+//! would otherwise be reached at a few thousand acks a second.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -68,19 +73,151 @@ pub struct DedupeMetrics {
     pub forgotten_early: Counter,
 }
 
+/// The cap on acknowledged ids all of a sidecar's dedupe stores hold
+/// together (`--dedupe-max-ids`), and the stores that share it.
+pub struct IdBudget {
+    max: usize,
+    /// Ids the stores hold together.
+    held: AtomicUsize,
+    /// The stores, in the order they were opened.
+    stores: Mutex<Vec<Weak<Held>>>,
+    /// One store forgets for the others at a time.
+    forgetting: Mutex<()>,
+    next_no: AtomicU64,
+}
+
+impl std::fmt::Debug for IdBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdBudget").field("max", &self.max).field("held", &self.held()).finish_non_exhaustive()
+    }
+}
+
+impl IdBudget {
+    /// A cap of `max` ids (at least 1) for the stores opened with it.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(IdBudget {
+            max: max.max(1),
+            held: AtomicUsize::new(0),
+            stores: Mutex::new(Vec::new()),
+            forgetting: Mutex::new(()),
+            next_no: AtomicU64::new(0),
+        })
+    }
+
+    /// Ids the stores hold together (an id may sit in two tables of a
+    /// store and count twice).
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    fn register(&self, store: &Arc<Held>) {
+        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        stores.retain(|w| w.strong_count() > 0);
+        stores.push(Arc::downgrade(store));
+    }
+
+    /// While more ids than the cap are held, forgets the table whose
+    /// first id is the oldest of all stores (the first opened store's on a
+    /// tie). Never `writer`'s newest table: it holds the id just written.
+    fn enforce(&self, writer: &Held) {
+        if self.held() <= self.max {
+            return;
+        }
+        let _one = self.forgetting.lock().unwrap_or_else(|e| e.into_inner());
+        let stores: Vec<Arc<Held>> =
+            self.stores.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
+        while self.held() > self.max {
+            let oldest = stores
+                .iter()
+                .filter_map(|h| {
+                    let seen = h.lock();
+                    let keep = usize::from(std::ptr::eq(&**h, writer));
+                    (seen.tables() > keep).then(|| (seen.oldest_ms().unwrap_or(0), h.no, h))
+                })
+                .min_by_key(|(at, no, _)| (*at, *no));
+            let Some((_, _, h)) = oldest else { break };
+            let (forgotten, kept_since) = h.change(self, |seen| (seen.forget_oldest(), seen.oldest_ms()));
+            h.forgot_early(forgotten, kept_since, self.max);
+        }
+    }
+}
+
+/// One store's ids in memory, shared with its budget.
+struct Held {
+    /// Opening order, the tie-break between stores.
+    no: u64,
+    /// Id hash → when it was acked (ms).
+    seen: Mutex<Recent<IdKey, u64>>,
+    metrics: DedupeMetrics,
+    /// When the log last said that ids were forgotten early.
+    warned: Mutex<Option<Instant>>,
+    dir: PathBuf,
+    window_ms: u64,
+}
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recent<IdKey, u64>> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the ids and counts what it added or dropped in the
+    /// budget and the store's gauge, under the store's lock.
+    fn change<T>(&self, budget: &IdBudget, f: impl FnOnce(&mut Recent<IdKey, u64>) -> T) -> T {
+        let mut seen = self.lock();
+        let before = seen.len();
+        let out = f(&mut seen);
+        let after = seen.len();
+        if after >= before {
+            budget.held.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            budget.held.fetch_sub(before - after, Ordering::Relaxed);
+        }
+        self.metrics.ids.set(after as i64);
+        out
+    }
+
+    /// Counts ids forgotten to stay within the cap, and says so in the log
+    /// once a minute at most.
+    fn forgot_early(&self, forgotten: usize, kept_since: Option<u64>, max_ids: usize) {
+        self.metrics.forgotten_early.inc_by(forgotten as u64);
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+            return;
+        }
+        *warned = Some(Instant::now());
+        let kept_secs = kept_since.map_or(0, |o| now_ms().saturating_sub(o) / 1000);
+        tracing::warn!(
+            dir = %self.dir.display(),
+            max_ids,
+            forgotten,
+            window_secs = self.window_ms / 1000,
+            kept_secs,
+            "the dedupe stores are full: they forget acknowledged ids before their window is over, so a \
+             redelivery of an id acked more than kept_secs ago reaches the app again; raise --dedupe-max-ids if memory \
+             allows"
+        );
+    }
+}
+
 /// Acked ids of one subscription.
 pub struct Dedupe {
     log: Arc<Log>,
     window_ms: u64,
-    /// Most ids remembered.
-    max_ids: usize,
-    /// Id hash → when it was acked (ms).
-    seen: Mutex<Recent<IdKey, u64>>,
+    held: Arc<Held>,
+    budget: Arc<IdBudget>,
     /// To the task that writes ids in batches.
     queue: mpsc::UnboundedSender<Queued>,
-    metrics: DedupeMetrics,
-    /// When the log last said that ids were forgotten early.
-    warned: Mutex<Option<Instant>>,
+}
+
+impl Drop for Dedupe {
+    fn drop(&mut self) {
+        self.held.change(&self.budget, Recent::clear);
+    }
 }
 
 /// Writes queued ids, each time all that queued up while the last batch was
@@ -115,13 +252,14 @@ impl std::fmt::Debug for Dedupe {
 }
 
 impl Dedupe {
-    /// Opens the store, loading the ids acknowledged within `window` (the
-    /// newest `max_ids` of them). Must be called within a tokio runtime (it
-    /// starts the store's writing task).
+    /// Opens the store, loading the ids acknowledged within `window`; as
+    /// many as `budget` leaves room for (the oldest go first, across its
+    /// stores). Must be called within a tokio runtime (it starts the
+    /// store's writing task).
     pub fn open(
         dir: &Path,
         window: Duration,
-        max_ids: usize,
+        budget: &Arc<IdBudget>,
         metrics: DedupeMetrics,
     ) -> Result<Self, ferry_log::Error> {
         let opts = LogOptions {
@@ -136,34 +274,38 @@ impl Dedupe {
         let (log, _report) = Log::open(dir, opts)?;
         let window_ms = window.as_millis() as u64;
         let oldest = now_ms().saturating_sub(window_ms);
-        let max_ids = max_ids.max(1);
-        let mut seen = Recent::with_slice(span_of(window), max_ids / 8);
+        let mut loaded = Recent::with_slice(span_of(window), budget.max / 8);
         let mut from = log.cursor(WINDOW_CURSOR).unwrap_or(0);
         while from < log.next_offset() {
             let batch = log.read(from, 4096, 4 << 20)?;
             for r in batch.records {
                 if r.timestamp_ms >= oldest {
-                    seen.insert(IdKey::of(&r.id), r.timestamp_ms, r.timestamp_ms);
+                    loaded.insert(IdKey::of(&r.id), r.timestamp_ms, r.timestamp_ms);
                 }
             }
             from = batch.next;
         }
-        seen.forget_beyond(max_ids);
-        metrics.ids.set(seen.len() as i64);
+        let held = Arc::new(Held {
+            no: budget.next_no.fetch_add(1, Ordering::Relaxed),
+            seen: Mutex::new(Recent::with_slice(span_of(window), budget.max / 8)),
+            metrics,
+            warned: Mutex::new(None),
+            dir: dir.to_owned(),
+            window_ms,
+        });
+        held.change(budget, |seen| *seen = loaded);
+        budget.register(&held);
+        budget.enforce(&held);
         let log = Arc::new(log);
         let (queue, queued) = mpsc::unbounded_channel();
         tokio::spawn(write_batches(log.clone(), queued));
-        Ok(Dedupe { log, window_ms, max_ids, seen: Mutex::new(seen), queue, metrics, warned: Mutex::new(None) })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Recent<IdKey, u64>> {
-        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+        Ok(Dedupe { log, window_ms, held, budget: budget.clone(), queue })
     }
 
     /// True when the app acknowledged `id` within the window.
     pub fn contains(&self, id: &str) -> bool {
         let oldest = now_ms().saturating_sub(self.window_ms);
-        self.lock().find(&IdKey::of(id), |t| *t >= oldest).is_some()
+        self.held.lock().find(&IdKey::of(id), |t| *t >= oldest).is_some()
     }
 
     /// Remembers that the app acknowledged `id`; returns once it is written.
@@ -173,50 +315,18 @@ impl Dedupe {
         let (done, written) = oneshot::channel();
         self.queue.send((rec, done)).map_err(|_| "the dedupe store is closed".to_owned())?;
         written.await.map_err(|_| "the dedupe store is closed".to_owned())??;
-        let (held, forgotten, oldest) = {
-            let mut seen = self.lock();
-            seen.insert(IdKey::of(id), ts, ts);
-            let forgotten = seen.forget_beyond(self.max_ids);
-            (seen.len(), forgotten, seen.oldest_ms())
-        };
-        self.metrics.ids.set(held as i64);
-        if forgotten > 0 {
-            self.forgot_early(forgotten, oldest);
-        }
+        self.held.change(&self.budget, |seen| seen.insert(IdKey::of(id), ts, ts));
+        self.budget.enforce(&self.held);
         Ok(())
-    }
-
-    /// Counts ids forgotten to stay within the cap, and says so in the log
-    /// once a minute at most.
-    fn forgot_early(&self, forgotten: usize, oldest: Option<u64>) {
-        self.metrics.forgotten_early.inc_by(forgotten as u64);
-        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
-        if warned.is_some_and(|at| at.elapsed() < WARN_EVERY) {
-            return;
-        }
-        *warned = Some(Instant::now());
-        let kept_secs = oldest.map_or(0, |o| now_ms().saturating_sub(o) / 1000);
-        tracing::warn!(
-            dir = %self.log.dir().display(),
-            max_ids = self.max_ids,
-            forgotten,
-            window_secs = self.window_ms / 1000,
-            kept_secs,
-            "the dedupe store is full: it forgets acknowledged ids before their window is over, so a \
-             redelivery of an id acked more than kept_secs ago reaches the app again; raise --dedupe-max-ids if memory \
-             allows"
-        );
     }
 
     /// Forgets ids older than the window, in memory and on disk.
     pub fn prune(&self) -> Result<(), ferry_log::Error> {
         let window_start = now_ms().saturating_sub(self.window_ms);
-        let (held, oldest_held) = {
-            let mut seen = self.lock();
+        let oldest_held = self.held.change(&self.budget, |seen| {
             seen.forget_before(window_start);
-            (seen.len(), seen.oldest_ms())
-        };
-        self.metrics.ids.set(held as i64);
+            seen.oldest_ms()
+        });
         // Past the cap the oldest ids held are younger than the window: the
         // disk keeps only what memory does (and a margin).
         let oldest = window_start.max(oldest_held.map_or(0, |o| o.saturating_sub(DISK_MARGIN_MS)));
@@ -237,7 +347,7 @@ impl Dedupe {
     /// Ids currently remembered (some up to an eighth of the window past
     /// it, until their table goes whole).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.held.lock().len()
     }
 
     /// True when no id is remembered.
@@ -254,26 +364,32 @@ mod tests {
     async fn acked_ids_survive_a_reopen_and_expire_after_the_window() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let d = Dedupe::open(dir.path(), Duration::from_secs(600), 1_000_000, DedupeMetrics::default()).unwrap();
+            let d =
+                Dedupe::open(dir.path(), Duration::from_secs(600), &IdBudget::new(1_000_000), DedupeMetrics::default())
+                    .unwrap();
             assert!(!d.contains("a"));
             d.insert("a").await.unwrap();
             assert!(d.contains("a"));
         }
-        let d = Dedupe::open(dir.path(), Duration::from_secs(600), 1_000_000, DedupeMetrics::default()).unwrap();
+        let d = Dedupe::open(dir.path(), Duration::from_secs(600), &IdBudget::new(1_000_000), DedupeMetrics::default())
+            .unwrap();
         assert!(d.contains("a"), "remembered across a reopen");
         assert!(!d.contains("b"));
         drop(d);
-        let d = Dedupe::open(dir.path(), Duration::ZERO, 1_000_000, DedupeMetrics::default()).unwrap();
+        let d = Dedupe::open(dir.path(), Duration::ZERO, &IdBudget::new(1_000_000), DedupeMetrics::default()).unwrap();
         // A zero window keeps only ids acked in this very millisecond.
         d.prune().unwrap();
-        let d2 = Dedupe::open(dir.path(), Duration::from_secs(600), 1_000_000, DedupeMetrics::default()).unwrap();
+        let d2 =
+            Dedupe::open(dir.path(), Duration::from_secs(600), &IdBudget::new(1_000_000), DedupeMetrics::default())
+                .unwrap();
         assert!(d.len() <= 1 && d2.len() <= 1);
     }
 
     #[tokio::test]
     async fn the_store_takes_only_the_disk_its_ids_need() {
         let dir = tempfile::tempdir().unwrap();
-        let d = Dedupe::open(dir.path(), Duration::from_secs(600), 1_000_000, DedupeMetrics::default()).unwrap();
+        let d = Dedupe::open(dir.path(), Duration::from_secs(600), &IdBudget::new(1_000_000), DedupeMetrics::default())
+            .unwrap();
         d.insert("a").await.unwrap();
         let on_disk: u64 = std::fs::read_dir(dir.path())
             .unwrap()
@@ -289,13 +405,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metrics = DedupeMetrics::default();
         let window = Duration::from_secs(600);
+        let budget = IdBudget::new(16);
         {
-            let d = Dedupe::open(dir.path(), window, 16, metrics.clone()).unwrap();
+            let d = Dedupe::open(dir.path(), window, &budget, metrics.clone()).unwrap();
             for i in 0..40 {
                 d.insert(&format!("id-{i}")).await.unwrap();
             }
             assert!(d.len() <= 16, "{} ids held past a cap of 16", d.len());
             assert!(d.len() >= 14, "forgets an eighth of the cap at a time, not more: {} held", d.len());
+            assert_eq!(budget.held(), d.len());
             assert!(d.contains("id-39") && d.contains("id-30"), "the newest ids are kept");
             assert!(!d.contains("id-0") && !d.contains("id-20"), "the oldest ids are forgotten");
             assert_eq!(metrics.forgotten_early.get(), 40 - d.len() as u64);
@@ -303,11 +421,58 @@ mod tests {
             d.prune().unwrap();
             assert!(d.contains("id-39"), "pruning keeps what the cap kept");
         }
-        let reopened = Dedupe::open(dir.path(), window, 16, DedupeMetrics::default()).unwrap();
+        assert_eq!(budget.held(), 0, "a closed store gives its room back");
+        let reopened = Dedupe::open(dir.path(), window, &IdBudget::new(16), DedupeMetrics::default()).unwrap();
         assert!(reopened.len() <= 16, "{} ids loaded past a cap of 16", reopened.len());
         assert!(reopened.contains("id-39") && !reopened.contains("id-0"));
-        let uncapped = Dedupe::open(dir.path(), window, 1_000_000, DedupeMetrics::default()).unwrap();
+        let uncapped = Dedupe::open(dir.path(), window, &IdBudget::new(1_000_000), DedupeMetrics::default()).unwrap();
         assert!(uncapped.contains("id-0"), "the disk keeps ids acked within a second of the oldest one held");
+    }
+
+    #[tokio::test]
+    async fn stores_share_the_cap_and_the_oldest_ids_of_any_store_go_first() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let window = Duration::from_secs(600);
+        let budget = IdBudget::new(32);
+        let metrics = [DedupeMetrics::default(), DedupeMetrics::default(), DedupeMetrics::default()];
+        let open = |i: usize| Dedupe::open(dirs[i].path(), window, &budget, metrics[i].clone()).unwrap();
+        let (quiet, busy) = (open(0), open(1));
+        for i in 0..8 {
+            quiet.insert(&format!("quiet-{i}")).await.unwrap();
+        }
+        for i in 0..40 {
+            busy.insert(&format!("busy-{i}")).await.unwrap();
+        }
+        // 48 acked, room for 32: the quiet store's ids are the oldest, so
+        // they went first, then the busy store's oldest.
+        assert!(budget.held() <= 32, "{} ids held past a cap of 32 for all stores", budget.held());
+        assert!(budget.held() >= 28, "an eighth of the cap goes at a time, not more: {} held", budget.held());
+        assert_eq!(budget.held(), quiet.len() + busy.len());
+        assert_eq!(quiet.len(), 0, "the quiet store's older ids went before the busy store's newer ones");
+        assert!(busy.contains("busy-39") && !busy.contains("busy-0"));
+        let forgotten = metrics[0].forgotten_early.get() + metrics[1].forgotten_early.get();
+        assert_eq!(forgotten, 48 - budget.held() as u64, "every id forgotten early is counted, by its store");
+        assert_eq!(metrics[0].forgotten_early.get(), 8);
+        assert_eq!(metrics[0].ids.get(), 0);
+        assert_eq!(metrics[1].ids.get(), busy.len() as i64);
+
+        // Now the busy store's ids are the oldest: a third store's acks
+        // take their room, and the third keeps all of its own.
+        let third = open(2);
+        for i in 0..12 {
+            third.insert(&format!("third-{i}")).await.unwrap();
+        }
+        assert!(budget.held() <= 32, "{} held", budget.held());
+        assert_eq!(third.len(), 12, "the newest ids are kept whichever store has them");
+        assert!(third.contains("third-0") && third.contains("third-11"));
+        assert!(busy.contains("busy-39"), "{} of busy's ids held", busy.len());
+        assert_eq!(budget.held(), quiet.len() + busy.len() + third.len());
+
+        // A store that closes gives its room back.
+        let busy_held = busy.len();
+        drop(busy);
+        assert_eq!(budget.held(), third.len());
+        assert!(busy_held > 0);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! dead-letter — keeping the lease alive with progress heartbeats while the
 //! app works. Deliveries answered 202 and pull deliveries wait in
 //! [`callbacks`] for the app's ack/retry/reject call. Ids the app already
-//! acknowledged are remembered per subscription ([`dedupe`]).
+//! acknowledged are remembered per subscription, within a cap for the
+//! sidecar ([`dedupe`]).
 
 pub mod callbacks;
 pub mod dedupe;
@@ -44,8 +45,8 @@ pub struct Deps {
     pub data_dir: PathBuf,
     /// Consumer-side dedupe window.
     pub dedupe_window: Duration,
-    /// Most ids a subscription's dedupe store remembers.
-    pub dedupe_max_ids: usize,
+    /// The cap on ids all dedupe stores remember together.
+    pub dedupe_budget: Arc<dedupe::IdBudget>,
     /// The broker.
     pub broker: Arc<dyn Broker>,
     /// Metrics.
