@@ -21,9 +21,37 @@ use std::time::{Duration, Instant};
 /// How long a process may take to print an awaited line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A free TCP port on 127.0.0.1 (bound then released).
+/// A free TCP port on 127.0.0.1 (bound then released), below the kernel's
+/// ephemeral range when there is room for it there.
+///
+/// A port from the ephemeral range (what binding port 0 gives) can be taken
+/// between its release and its use by any outgoing connection; and while a
+/// test's nats-server is stopped, the sidecar reconnecting to that port can
+/// be given the very port as its own source port, connecting to itself (a
+/// TCP self-connect), so the server cannot bind it again when restarted.
+/// The kernel hands out no port below the range on its own.
 pub fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let low = ephemeral_start().saturating_sub(1).min(u16::MAX as u32) as u16;
+    if low > 20_000 {
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..1000 {
+            let port = 10_000 + (uuid::Uuid::new_v4().as_u128() % u128::from(low - 10_000)) as u16;
+            if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                handed_out.push(port);
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+}
+
+/// The first port of the kernel's ephemeral range (32768 if unknown).
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// A child process whose output lines are collected and can be awaited.
@@ -243,5 +271,21 @@ impl TmpfsMount {
 impl Drop for TmpfsMount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_never_handed_out_twice_and_lie_below_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..300).map(|_| free_port()).collect();
+        let unique: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(unique.len(), ports.len(), "a port was handed out twice");
+        let start = ephemeral_start();
+        if start > 20_001 {
+            assert!(ports.iter().all(|&p| u32::from(p) < start), "a port from the ephemeral range: {ports:?}");
+        }
     }
 }
