@@ -22,6 +22,11 @@ pub mod resolved;
 pub mod subscription;
 pub mod topic;
 
+/// The longest consumer-side dedupe window a sidecar takes
+/// (`--dedupe-window`, an injected `dedupeWindow`): a year. Beyond it the
+/// window would mean nothing the id cap does not decide anyway.
+pub const MAX_DEDUPE_WINDOW: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
 pub use crate::duration::Duration;
 pub use crate::plan::{consumer_plan, stream_plan, ConsumerPlan, FieldError, StreamPlan};
 pub use crate::subscription::{Subscription, SubscriptionSpec, SubscriptionStatus};

@@ -642,6 +642,7 @@ fn the_values_schema_refuses_bad_values() {
         ("sidecar.logFormat=xml", "logFormat"),
         ("sidecar.dedupeMaxIds=0", "dedupeMaxIds"),
         ("sidecar.dedupeWindow=soon", "dedupeWindow"),
+        ("sidecar.dedupeWindow=10 parsecs", "dedupeWindow"),
         ("sidecar.dataVolume.type=hostPath", "type"),
         ("sidecar.dataVolume.sizeLimit=lots", "sizeLimit"),
         ("sidecar.apiPort=70000", "apiPort"),

@@ -364,6 +364,11 @@ fn each_bad_annotation_is_refused_with_a_message_naming_it_and_the_problem() {
             "ferry.dev/config",
             "dedupeWindow: \"a while\" is not a duration",
         ),
+        (
+            with(asking(), ANNOTATION_CONFIG, r#"{"dedupeWindow":"10000000000y"}"#),
+            "ferry.dev/config",
+            "longer than a year",
+        ),
     ];
     for (annotations, names, problem) in cases {
         let message = refusal(annotations.clone());

@@ -321,7 +321,7 @@ pub async fn run(
         app_token: config.app_token.clone(),
         data_dir: config.data_dir.clone(),
         dedupe_window: config.dedupe_window,
-        dedupe_budget: deliver::dedupe::IdBudget::new(config.dedupe_max_ids),
+        dedupe: Arc::new(deliver::dedupe::Stores::new(config.dedupe_max_ids)),
         broker: broker.clone(),
         metrics: metrics.clone(),
         callbacks: Default::default(),

@@ -93,9 +93,16 @@ impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
         }
     }
 
-    /// Drops the oldest table; returns how many entries went with it.
-    pub(crate) fn forget_oldest(&mut self) -> usize {
-        self.slices.pop_front().map_or(0, |s| s.map.len())
+    /// Drops the oldest table; returns how many entries went with it and
+    /// when the newest of them was added (ms; 0 when there was none).
+    pub(crate) fn forget_oldest(&mut self) -> (usize, u64) {
+        self.slices.pop_front().map_or((0, 0), |s| (s.map.len(), s.newest_ms))
+    }
+
+    /// When the newest entry of the oldest table was added (ms), if any:
+    /// every entry that table would take with it is at least this old.
+    pub(crate) fn oldest_table_newest_ms(&self) -> Option<u64> {
+        self.slices.front().map(|s| s.newest_ms)
     }
 
     /// Drops every table; returns how many entries went.
@@ -163,14 +170,16 @@ mod tests {
             r.insert(i, i, 100 + i);
         }
         assert_eq!(r.tables(), 3, "tables of 4, 4 and 2 entries");
-        assert_eq!(r.forget_oldest(), 4, "the oldest table goes whole");
+        assert_eq!(r.oldest_table_newest_ms(), Some(103));
+        assert_eq!(r.forget_oldest(), (4, 103), "the oldest table goes whole");
         assert_eq!(r.len(), 6);
         assert_eq!(r.find(&3, |_| true), None, "the oldest ids are forgotten");
         assert_eq!(r.find(&4, |_| true), Some(&4), "the rest are kept");
         assert_eq!(r.oldest_ms(), Some(104));
         assert_eq!(r.clear(), 6);
         assert_eq!((r.len(), r.tables(), r.oldest_ms()), (0, 0, None));
-        assert_eq!(r.forget_oldest(), 0);
+        assert_eq!(r.forget_oldest(), (0, 0));
+        assert_eq!(r.oldest_table_newest_ms(), None);
         assert_eq!(Recent::<u64, u64>::with_slice(1, 0).slice, 1, "a table takes at least one entry");
         assert_eq!(Recent::<u64, u64>::with_slice(1, 62_500).slice, 57_344, "7/8 of 2^16 buckets, not half of 2^17");
         assert_eq!(Recent::<u64, u64>::with_slice(1, 1 << 20).slice, SLICE);

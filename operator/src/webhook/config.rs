@@ -344,8 +344,12 @@ impl InjectConfig {
             problems.push("dedupeMaxIds: must be at least 1".to_owned());
         }
         if let Some(w) = &self.dedupe_window {
-            if let Err(e) = humantime::parse_duration(w.trim()) {
-                problems.push(format!("dedupeWindow: {w:?} is not a duration like 10m ({e})"));
+            match humantime::parse_duration(w.trim()) {
+                Err(e) => problems.push(format!("dedupeWindow: {w:?} is not a duration like 10m ({e})")),
+                Ok(d) if d > ferry_api::MAX_DEDUPE_WINDOW => {
+                    problems.push(format!("dedupeWindow: {w:?} is longer than a year"))
+                }
+                Ok(_) => {}
             }
         }
         if problems.is_empty() {

@@ -327,6 +327,9 @@ impl Config {
         let dedupe_window = duration("--dedupe-window", &a.dedupe_window);
         let resources_poll = duration("--resources-poll", &a.resources_poll);
         let header_read_timeout = duration("--header-read-timeout", &a.header_read_timeout);
+        if dedupe_window > ferry_api::MAX_DEDUPE_WINDOW {
+            errors.push(format!("--dedupe-window: {:?} is longer than a year", a.dedupe_window));
+        }
         if a.dedupe_max_ids == 0 {
             errors.push("--dedupe-max-ids: must be at least 1".to_owned());
         }
@@ -466,6 +469,8 @@ mod tests {
             "u",
             "--dedupe-max-ids",
             "0",
+            "--dedupe-window",
+            "400d",
         ])
         .unwrap_err();
         let text = errors.join("\n");
@@ -477,9 +482,10 @@ mod tests {
             "--broker: \"http://x\"",
             "--broker-user",
             "--dedupe-max-ids",
+            "--dedupe-window: \"400d\" is longer than a year",
         ] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }
-        assert_eq!(errors.len(), 7, "{text}");
+        assert_eq!(errors.len(), 8, "{text}");
     }
 }

@@ -122,8 +122,10 @@ impl IdBudget {
     }
 
     /// While more ids than the cap are held, forgets the table whose
-    /// first id is the oldest of all stores (the first opened store's on a
-    /// tie). Never `writer`'s newest table: it holds the id just written.
+    /// newest id is the oldest of all stores' tables (the first opened
+    /// store's on a tie): every id it takes is older than that, and a table
+    /// another store is writing into right now is the last to go. Never
+    /// `writer`'s newest table: it holds the id just written.
     fn enforce(&self, writer: &Held) {
         if self.held() <= self.max {
             return;
@@ -137,13 +139,56 @@ impl IdBudget {
                 .filter_map(|h| {
                     let seen = h.lock();
                     let keep = usize::from(std::ptr::eq(&**h, writer));
-                    (seen.tables() > keep).then(|| (seen.oldest_ms().unwrap_or(0), h.no, h))
+                    (seen.tables() > keep).then(|| (seen.oldest_table_newest_ms().unwrap_or(0), h.no, h))
                 })
                 .min_by_key(|(at, no, _)| (*at, *no));
             let Some((_, _, h)) = oldest else { break };
-            let (forgotten, kept_since) = h.change(self, |seen| (seen.forget_oldest(), seen.oldest_ms()));
+            let ((forgotten, through_ms), kept_since) = h.change(self, |seen| (seen.forget_oldest(), seen.oldest_ms()));
+            h.forgotten_through_ms.fetch_max(through_ms, Ordering::Relaxed);
             h.forgot_early(forgotten, kept_since, self.max);
         }
+    }
+}
+
+/// A sidecar's dedupe stores, one per subscription, and the cap they
+/// share. A subscription restarted (its spec changed) while a request of
+/// its old runner still holds the old store (a pull under way) gets that
+/// same store back: two stores would write the same files, and count the
+/// same ids twice against the cap.
+#[derive(Debug)]
+pub struct Stores {
+    budget: Arc<IdBudget>,
+    open: Mutex<std::collections::HashMap<String, Weak<Dedupe>>>,
+}
+
+impl Stores {
+    /// No store open yet; `max_ids` for all of them together.
+    pub fn new(max_ids: usize) -> Self {
+        Stores { budget: IdBudget::new(max_ids), open: Mutex::new(Default::default()) }
+    }
+
+    /// The cap they share.
+    pub fn budget(&self) -> &Arc<IdBudget> {
+        &self.budget
+    }
+
+    /// Subscription `name`'s store in `dir`: the one still open, else
+    /// opened now (see [`Dedupe::open`]).
+    pub fn open(
+        &self,
+        name: &str,
+        dir: &Path,
+        window: Duration,
+        metrics: DedupeMetrics,
+    ) -> Result<Arc<Dedupe>, ferry_log::Error> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|_, w| w.strong_count() > 0);
+        if let Some(store) = open.get(name).and_then(Weak::upgrade) {
+            return Ok(store);
+        }
+        let store = Arc::new(Dedupe::open(dir, window, &self.budget, metrics)?);
+        open.insert(name.to_owned(), Arc::downgrade(&store));
+        Ok(store)
     }
 }
 
@@ -156,6 +201,9 @@ struct Held {
     metrics: DedupeMetrics,
     /// When the log last said that ids were forgotten early.
     warned: Mutex<Option<Instant>>,
+    /// The newest ack time (ms) of the ids forgotten to stay within the
+    /// cap: the disk need not keep ids older than that either.
+    forgotten_through_ms: AtomicU64,
     dir: PathBuf,
     window_ms: u64,
 }
@@ -215,8 +263,11 @@ pub struct Dedupe {
 }
 
 impl Drop for Dedupe {
+    /// Gives the store's room back. The gauge is left alone: a store
+    /// reopened for the same subscription may already have set it.
     fn drop(&mut self) {
-        self.held.change(&self.budget, Recent::clear);
+        let gone = self.held.lock().clear();
+        self.budget.held.fetch_sub(gone, Ordering::Relaxed);
     }
 }
 
@@ -290,11 +341,14 @@ impl Dedupe {
             seen: Mutex::new(Recent::with_slice(span_of(window), budget.max / 8)),
             metrics,
             warned: Mutex::new(None),
+            forgotten_through_ms: AtomicU64::new(0),
             dir: dir.to_owned(),
             window_ms,
         });
-        held.change(budget, |seen| *seen = loaded);
+        // Registered before its ids count, so that another store over the
+        // cap can forget them when they are the oldest.
         budget.register(&held);
+        held.change(budget, |seen| *seen = loaded);
         budget.enforce(&held);
         let log = Arc::new(log);
         let (queue, queued) = mpsc::unbounded_channel();
@@ -323,13 +377,12 @@ impl Dedupe {
     /// Forgets ids older than the window, in memory and on disk.
     pub fn prune(&self) -> Result<(), ferry_log::Error> {
         let window_start = now_ms().saturating_sub(self.window_ms);
-        let oldest_held = self.held.change(&self.budget, |seen| {
-            seen.forget_before(window_start);
-            seen.oldest_ms()
-        });
-        // Past the cap the oldest ids held are younger than the window: the
-        // disk keeps only what memory does (and a margin).
-        let oldest = window_start.max(oldest_held.map_or(0, |o| o.saturating_sub(DISK_MARGIN_MS)));
+        self.held.change(&self.budget, |seen| seen.forget_before(window_start));
+        // Past the cap, ids younger than the window were forgotten: the
+        // disk keeps only what memory does (and a margin), also when the
+        // other stores' acks took all of this one's room.
+        let forgotten_through = self.held.forgotten_through_ms.load(Ordering::Relaxed);
+        let oldest = window_start.max(forgotten_through.saturating_add(1).saturating_sub(DISK_MARGIN_MS));
         // The first record still inside the window becomes the cursor, so
         // whole segments before it are deleted.
         let mut from = self.log.cursor(WINDOW_CURSOR).unwrap_or(0);
@@ -359,6 +412,7 @@ impl Dedupe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[tokio::test]
     async fn acked_ids_survive_a_reopen_and_expire_after_the_window() {
@@ -473,6 +527,97 @@ mod tests {
         drop(busy);
         assert_eq!(budget.held(), third.len());
         assert!(busy_held > 0);
+    }
+
+    /// A store's ids in memory alone, registered with `budget`.
+    fn bare_store(budget: &Arc<IdBudget>) -> Arc<Held> {
+        let held = Arc::new(Held {
+            no: budget.next_no.fetch_add(1, Ordering::Relaxed),
+            seen: Mutex::new(Recent::with_slice(u64::MAX, 2)),
+            metrics: DedupeMetrics::default(),
+            warned: Mutex::new(None),
+            forgotten_through_ms: AtomicU64::new(0),
+            dir: PathBuf::new(),
+            window_ms: 600_000,
+        });
+        budget.register(&held);
+        held
+    }
+
+    #[test]
+    fn a_table_written_to_just_now_goes_after_older_ids_even_if_it_started_first() {
+        let budget = IdBudget::new(4);
+        let (quiet, busy) = (bare_store(&budget), bare_store(&budget));
+        // The quiet store's one table started at 100 and took an id at 10 000.
+        quiet.change(&budget, |s| {
+            s.insert(IdKey::of("q-old"), 100, 100);
+            s.insert(IdKey::of("q-new"), 10_000, 10_000);
+        });
+        // The busy store's tables: ids of 200-300, 400-500, then one of 10 001.
+        for (i, t) in [200u64, 300, 400, 500, 10_001].into_iter().enumerate() {
+            busy.change(&budget, |s| s.insert(IdKey::of(&format!("b-{i}")), t, t));
+        }
+        budget.enforce(&busy);
+        assert_eq!(budget.held(), 3, "7 held, a cap of 4: the two tables of ids no newer than 500 went");
+        assert!(quiet.lock().find(&IdKey::of("q-new"), |_| true).is_some(), "an id acked at 10 000 is kept");
+        assert!(busy.lock().find(&IdKey::of("b-1"), |_| true).is_none());
+        assert!(busy.lock().find(&IdKey::of("b-3"), |_| true).is_none());
+        assert!(busy.lock().find(&IdKey::of("b-4"), |_| true).is_some(), "the writer's newest table stays");
+        assert_eq!(busy.forgotten_through_ms.load(Ordering::Relaxed), 500);
+        assert_eq!(quiet.forgotten_through_ms.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_store_whose_room_the_others_took_trims_its_disk_too() {
+        let (quiet_dir, busy_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let window = Duration::from_secs(600);
+        // Ids the quiet subscription acked 65 and 60 s ago (written as the store writes them).
+        {
+            let (log, _) = Log::open(quiet_dir.path(), LogOptions::default()).unwrap();
+            let at = now_ms() - 60_000;
+            let old: Vec<NewRecord> = (0..8u64)
+                .map(|i| NewRecord {
+                    timestamp_ms: if i < 4 { at - 5_000 } else { at },
+                    ..NewRecord::new(format!("q-{i}"), Bytes::new())
+                })
+                .collect();
+            log.append(&old).await.unwrap();
+        }
+        let budget = IdBudget::new(16);
+        let quiet = Dedupe::open(quiet_dir.path(), window, &budget, DedupeMetrics::default()).unwrap();
+        assert_eq!(quiet.len(), 8);
+        let busy = Dedupe::open(busy_dir.path(), window, &budget, DedupeMetrics::default()).unwrap();
+        for i in 0..16 {
+            busy.insert(&format!("b-{i}")).await.unwrap();
+        }
+        assert_eq!(quiet.len(), 0, "the quiet store's minute-old ids were the oldest");
+        quiet.prune().unwrap();
+        drop(quiet);
+        let reopened = Dedupe::open(quiet_dir.path(), window, &IdBudget::new(1_000), DedupeMetrics::default()).unwrap();
+        // The disk keeps a second's margin below the newest id forgotten
+        // (ids are written in batches, so their times are only roughly in
+        // order): the four of 60 s ago stay, the four of 65 s ago went.
+        assert_eq!(reopened.len(), 4, "ids forgotten to stay within the cap are not loaded again");
+        assert!(reopened.contains("q-4") && !reopened.contains("q-0"));
+    }
+
+    #[tokio::test]
+    async fn a_subscription_reopened_while_its_store_is_still_held_gets_the_same_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Stores::new(1_000);
+        let window = Duration::from_secs(600);
+        let old = stores.open("orders", dir.path(), window, DedupeMetrics::default()).unwrap();
+        old.insert("a").await.unwrap();
+        let new = stores.open("orders", dir.path(), window, DedupeMetrics::default()).unwrap();
+        assert!(Arc::ptr_eq(&old, &new), "one store for the files, not two");
+        assert_eq!(stores.budget().held(), 1, "its ids count once");
+        let other = stores.open("audit", &dir.path().join("audit"), window, DedupeMetrics::default()).unwrap();
+        assert!(!Arc::ptr_eq(&old, &other));
+        drop((old, new));
+        assert_eq!(stores.budget().held(), 0);
+        let reopened = stores.open("orders", dir.path(), window, DedupeMetrics::default()).unwrap();
+        assert!(reopened.contains("a"), "once closed, it is opened again from its files");
+        assert_eq!(stores.budget().held(), 1);
     }
 
     #[test]

@@ -45,8 +45,8 @@ pub struct Deps {
     pub data_dir: PathBuf,
     /// Consumer-side dedupe window.
     pub dedupe_window: Duration,
-    /// The cap on ids all dedupe stores remember together.
-    pub dedupe_budget: Arc<dedupe::IdBudget>,
+    /// The dedupe stores, and the cap on ids they remember together.
+    pub dedupe: Arc<dedupe::Stores>,
     /// The broker.
     pub broker: Arc<dyn Broker>,
     /// Metrics.

@@ -97,7 +97,7 @@ impl Ctx {
             forgotten_early: deps.metrics.dedupe_forgotten_early.get_or_create(&labels).clone(),
         };
         let dir = deps.data_dir.join("dedupe").join(name);
-        let dedupe = Arc::new(Dedupe::open(&dir, deps.dedupe_window, &deps.dedupe_budget, dedupe_metrics)?);
+        let dedupe = deps.dedupe.open(name, &dir, deps.dedupe_window, dedupe_metrics)?;
         let target = Target::new(
             deps.app_port.unwrap_or(0),
             &spec.path,
