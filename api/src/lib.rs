@@ -23,9 +23,10 @@ pub mod subscription;
 pub mod topic;
 
 /// The longest consumer-side dedupe window a sidecar takes
-/// (`--dedupe-window`, an injected `dedupeWindow`): a year. Beyond it the
+/// (`--dedupe-window`, an injected `dedupeWindow`): 366 days, so `1y`
+/// (365.25 days to the duration parser) and `12M` pass. Beyond it the
 /// window would mean nothing the id cap does not decide anyway.
-pub const MAX_DEDUPE_WINDOW: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+pub const MAX_DEDUPE_WINDOW: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
 
 pub use crate::duration::Duration;
 pub use crate::plan::{consumer_plan, stream_plan, ConsumerPlan, FieldError, StreamPlan};

@@ -43,7 +43,7 @@ const ALL_OPTIONAL: &[&str] = &[
     "sidecar.fsync=interval",
     "sidecar.logFormat=text",
     "sidecar.dedupeMaxIds=2000000",
-    "sidecar.dedupeWindow=1h 30m",
+    "sidecar.dedupeWindow=1.5h 30mins",
     "webhook.failurePolicy=Ignore",
     "webhook.reinvocationPolicy=Never",
     "webhook.objectSelector.matchLabels.ferry=yes",
@@ -393,7 +393,7 @@ fn every_sidecar_value_reaches_the_webhooks_inject_config() {
     assert_eq!(cfg["dataVolume"], json!({"type": "ephemeral", "sizeLimit": "2Gi", "storageClassName": "fast"}));
     assert_eq!((cfg["fsync"].as_str(), cfg["logFormat"].as_str()), (Some("interval"), Some("text")));
     assert_eq!(cfg["dedupeMaxIds"], json!(2_000_000));
-    assert_eq!(cfg["dedupeWindow"], json!("1h 30m"));
+    assert_eq!(cfg["dedupeWindow"], json!("1.5h 30mins"));
 
     // Without sidecar.broker.url the sidecars use the operator's broker.
     let cfg = InjectConfig::from_yaml(&inject_yaml(&render(&["nats.enabled=true"]))).unwrap_or_else(|e| panic!("{e}"));

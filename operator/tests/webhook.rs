@@ -367,7 +367,7 @@ fn each_bad_annotation_is_refused_with_a_message_naming_it_and_the_problem() {
         (
             with(asking(), ANNOTATION_CONFIG, r#"{"dedupeWindow":"10000000000y"}"#),
             "ferry.dev/config",
-            "longer than a year",
+            "longer than 366 days",
         ),
     ];
     for (annotations, names, problem) in cases {

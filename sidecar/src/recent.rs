@@ -42,6 +42,9 @@ struct Slice<K, V> {
     /// When its first and its newest entry were added (ms since the epoch).
     first_ms: u64,
     newest_ms: u64,
+    /// The largest tag of its entries (a caller's position, such as an
+    /// offset in a file the entries were written to in order).
+    tag: u64,
 }
 
 impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
@@ -71,14 +74,20 @@ impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
     /// Adds `key` (added at `at_ms`); a repeat within one table replaces
     /// the value, across tables the newest is found first.
     pub(crate) fn insert(&mut self, key: K, value: V, at_ms: u64) {
+        self.insert_tagged(key, value, at_ms, 0);
+    }
+
+    /// [`Recent::insert`], with a tag its table keeps the largest of.
+    pub(crate) fn insert_tagged(&mut self, key: K, value: V, at_ms: u64, tag: u64) {
         let span_ms = self.span_ms;
         let slice = self.slice;
         if self.slices.back().is_none_or(|s| s.map.len() >= slice || at_ms >= s.first_ms.saturating_add(span_ms)) {
-            self.slices.push_back(Slice { map: HashMap::default(), first_ms: at_ms, newest_ms: at_ms });
+            self.slices.push_back(Slice { map: HashMap::default(), first_ms: at_ms, newest_ms: at_ms, tag });
         }
         let slice = self.slices.back_mut().expect("a slice was just ensured");
         slice.map.insert(key, value);
         slice.newest_ms = slice.newest_ms.max(at_ms);
+        slice.tag = slice.tag.max(tag);
     }
 
     /// The newest value of `key` that `accept` takes.
@@ -94,9 +103,9 @@ impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
     }
 
     /// Drops the oldest table; returns how many entries went with it and
-    /// when the newest of them was added (ms; 0 when there was none).
-    pub(crate) fn forget_oldest(&mut self) -> (usize, u64) {
-        self.slices.pop_front().map_or((0, 0), |s| (s.map.len(), s.newest_ms))
+    /// the largest of their tags (`None` when there was no table).
+    pub(crate) fn forget_oldest(&mut self) -> Option<(usize, u64)> {
+        self.slices.pop_front().map(|s| (s.map.len(), s.tag))
     }
 
     /// When the newest entry of the oldest table was added (ms), if any:
@@ -105,11 +114,9 @@ impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
         self.slices.front().map(|s| s.newest_ms)
     }
 
-    /// Drops every table; returns how many entries went.
-    pub(crate) fn clear(&mut self) -> usize {
-        let n = self.len();
+    /// Drops every table.
+    pub(crate) fn clear(&mut self) {
         self.slices.clear();
-        n
     }
 
     /// When the oldest entry held was added (ms), if any is held.
@@ -167,18 +174,20 @@ mod tests {
     fn the_oldest_table_goes_first_and_whole() {
         let mut r: Recent<u64, u64> = Recent::with_slice(u64::MAX, 4);
         for i in 0..10u64 {
-            r.insert(i, i, 100 + i);
+            r.insert_tagged(i, i, 100 + i, 1000 + i);
         }
         assert_eq!(r.tables(), 3, "tables of 4, 4 and 2 entries");
         assert_eq!(r.oldest_table_newest_ms(), Some(103));
-        assert_eq!(r.forget_oldest(), (4, 103), "the oldest table goes whole");
+        assert_eq!(r.forget_oldest(), Some((4, 1003)), "the oldest table goes whole, with its largest tag");
         assert_eq!(r.len(), 6);
         assert_eq!(r.find(&3, |_| true), None, "the oldest ids are forgotten");
         assert_eq!(r.find(&4, |_| true), Some(&4), "the rest are kept");
         assert_eq!(r.oldest_ms(), Some(104));
-        assert_eq!(r.clear(), 6);
+        assert_eq!(r.forget_oldest(), Some((4, 1007)));
+        r.insert(10, 10, 110);
+        r.clear();
         assert_eq!((r.len(), r.tables(), r.oldest_ms()), (0, 0, None));
-        assert_eq!(r.forget_oldest(), (0, 0));
+        assert_eq!(r.forget_oldest(), None);
         assert_eq!(r.oldest_table_newest_ms(), None);
         assert_eq!(Recent::<u64, u64>::with_slice(1, 0).slice, 1, "a table takes at least one entry");
         assert_eq!(Recent::<u64, u64>::with_slice(1, 62_500).slice, 57_344, "7/8 of 2^16 buckets, not half of 2^17");

@@ -347,7 +347,7 @@ impl InjectConfig {
             match humantime::parse_duration(w.trim()) {
                 Err(e) => problems.push(format!("dedupeWindow: {w:?} is not a duration like 10m ({e})")),
                 Ok(d) if d > ferry_api::MAX_DEDUPE_WINDOW => {
-                    problems.push(format!("dedupeWindow: {w:?} is longer than a year"))
+                    problems.push(format!("dedupeWindow: {w:?} is longer than 366 days"))
                 }
                 Ok(_) => {}
             }

@@ -328,7 +328,7 @@ impl Config {
         let resources_poll = duration("--resources-poll", &a.resources_poll);
         let header_read_timeout = duration("--header-read-timeout", &a.header_read_timeout);
         if dedupe_window > ferry_api::MAX_DEDUPE_WINDOW {
-            errors.push(format!("--dedupe-window: {:?} is longer than a year", a.dedupe_window));
+            errors.push(format!("--dedupe-window: {:?} is longer than 366 days", a.dedupe_window));
         }
         if a.dedupe_max_ids == 0 {
             errors.push("--dedupe-max-ids: must be at least 1".to_owned());
@@ -455,6 +455,14 @@ mod tests {
     }
 
     #[test]
+    fn a_dedupe_window_of_a_year_is_taken() {
+        for w in ["1y", "12M", "366d"] {
+            let c = parse(&["--app-id", "orders", "--broker", "nats://127.0.0.1:4222", "--dedupe-window", w]);
+            assert!(c.is_ok(), "{w}: {:?}", c.err());
+        }
+    }
+
+    #[test]
     fn every_configuration_problem_is_reported_at_once() {
         let errors = parse(&[
             "--namespace",
@@ -482,7 +490,7 @@ mod tests {
             "--broker: \"http://x\"",
             "--broker-user",
             "--dedupe-max-ids",
-            "--dedupe-window: \"400d\" is longer than a year",
+            "--dedupe-window: \"400d\" is longer than 366 days",
         ] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }

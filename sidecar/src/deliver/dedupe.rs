@@ -60,9 +60,6 @@ type Queued = (NewRecord, oneshot::Sender<Result<(), String>>);
 
 /// How often at most the log says that ids were forgotten early.
 const WARN_EVERY: Duration = Duration::from_secs(60);
-/// Margin kept on disk before the oldest id held in memory: ids are
-/// written in batches, so the log's order is their ack times' only roughly.
-const DISK_MARGIN_MS: u64 = 1000;
 
 /// The store's series of the sidecar's metrics (unregistered by default).
 #[derive(Debug, Clone, Default)]
@@ -143,9 +140,11 @@ impl IdBudget {
                 })
                 .min_by_key(|(at, no, _)| (*at, *no));
             let Some((_, _, h)) = oldest else { break };
-            let ((forgotten, through_ms), kept_since) = h.change(self, |seen| (seen.forget_oldest(), seen.oldest_ms()));
-            h.forgotten_through_ms.fetch_max(through_ms, Ordering::Relaxed);
-            h.forgot_early(forgotten, kept_since, self.max);
+            let (gone, kept_since) = h.change(|seen| (seen.forget_oldest(), seen.oldest_ms()));
+            if let Some((forgotten, last_offset)) = gone {
+                h.forgotten_below.fetch_max(last_offset + 1, Ordering::Relaxed);
+                h.forgot_early(forgotten, kept_since, self.max);
+            }
         }
     }
 }
@@ -153,13 +152,17 @@ impl IdBudget {
 /// A sidecar's dedupe stores, one per subscription, and the cap they
 /// share. A subscription restarted (its spec changed) while a request of
 /// its old runner still holds the old store (a pull under way) gets that
-/// same store back: two stores would write the same files, and count the
-/// same ids twice against the cap.
+/// same store back; one closed but whose log is still open (its writing
+/// task has not ended yet) is opened again on that log. Two logs on one
+/// directory would write the same files.
 #[derive(Debug)]
 pub struct Stores {
     budget: Arc<IdBudget>,
-    open: Mutex<std::collections::HashMap<String, Weak<Dedupe>>>,
+    open: Mutex<std::collections::HashMap<String, OpenStore>>,
 }
+
+/// A subscription's store and its log, while either is open.
+type OpenStore = (Weak<Dedupe>, Weak<Log>);
 
 impl Stores {
     /// No store open yet; `max_ids` for all of them together.
@@ -182,12 +185,17 @@ impl Stores {
         metrics: DedupeMetrics,
     ) -> Result<Arc<Dedupe>, ferry_log::Error> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.retain(|_, w| w.strong_count() > 0);
-        if let Some(store) = open.get(name).and_then(Weak::upgrade) {
+        open.retain(|_, (_, log)| log.strong_count() > 0);
+        let (store, log) = open.get(name).map_or((None, None), |(s, l)| (s.upgrade(), l.upgrade()));
+        if let Some(store) = store {
             return Ok(store);
         }
-        let store = Arc::new(Dedupe::open(dir, window, &self.budget, metrics)?);
-        open.insert(name.to_owned(), Arc::downgrade(&store));
+        let log = match log {
+            Some(log) => log,
+            None => Arc::new(Dedupe::open_log(dir)?),
+        };
+        let store = Arc::new(Dedupe::on_log(log.clone(), window, &self.budget, metrics)?);
+        open.insert(name.to_owned(), (Arc::downgrade(&store), Arc::downgrade(&log)));
         Ok(store)
     }
 }
@@ -201,11 +209,23 @@ struct Held {
     metrics: DedupeMetrics,
     /// When the log last said that ids were forgotten early.
     warned: Mutex<Option<Instant>>,
-    /// The newest ack time (ms) of the ids forgotten to stay within the
-    /// cap: the disk need not keep ids older than that either.
-    forgotten_through_ms: AtomicU64,
+    /// The log offset below which every id was forgotten to stay within
+    /// the cap (memory holds ids in the log's order, so a table forgotten
+    /// whole ends at an offset): the disk need not keep them either.
+    forgotten_below: AtomicU64,
     dir: PathBuf,
     window_ms: u64,
+    budget: Arc<IdBudget>,
+}
+
+impl Drop for Held {
+    /// Gives the store's room back once neither it nor its writing task
+    /// holds it.
+    fn drop(&mut self) {
+        let seen = self.seen.get_mut().unwrap_or_else(|e| e.into_inner());
+        self.budget.held.fetch_sub(seen.len(), Ordering::Relaxed);
+        self.metrics.ids.set(0);
+    }
 }
 
 impl Held {
@@ -215,7 +235,8 @@ impl Held {
 
     /// Runs `f` on the ids and counts what it added or dropped in the
     /// budget and the store's gauge, under the store's lock.
-    fn change<T>(&self, budget: &IdBudget, f: impl FnOnce(&mut Recent<IdKey, u64>) -> T) -> T {
+    fn change<T>(&self, f: impl FnOnce(&mut Recent<IdKey, u64>) -> T) -> T {
+        let budget = &self.budget;
         let mut seen = self.lock();
         let before = seen.len();
         let out = f(&mut seen);
@@ -257,23 +278,22 @@ pub struct Dedupe {
     log: Arc<Log>,
     window_ms: u64,
     held: Arc<Held>,
-    budget: Arc<IdBudget>,
     /// To the task that writes ids in batches.
     queue: mpsc::UnboundedSender<Queued>,
 }
 
 impl Drop for Dedupe {
-    /// Gives the store's room back. The gauge is left alone: a store
-    /// reopened for the same subscription may already have set it.
+    /// Gives the store's room back at once (ids its writing task still
+    /// remembers are given back when it ends).
     fn drop(&mut self) {
-        let gone = self.held.lock().clear();
-        self.budget.held.fetch_sub(gone, Ordering::Relaxed);
+        self.held.change(Recent::clear);
     }
 }
 
 /// Writes queued ids, each time all that queued up while the last batch was
-/// being written. Ends when the store is dropped.
-async fn write_batches(log: Arc<Log>, mut queue: mpsc::UnboundedReceiver<Queued>) {
+/// being written, then remembers them in the log's order (so the tables'
+/// order is the log's) and answers. Ends when the store is dropped.
+async fn write_batches(log: Arc<Log>, held: Arc<Held>, mut queue: mpsc::UnboundedReceiver<Queued>) {
     let mut batch = Vec::new();
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Let the pushes answered in this scheduler round join the batch:
@@ -286,7 +306,18 @@ async fn write_batches(log: Arc<Log>, mut queue: mpsc::UnboundedReceiver<Queued>
             }
         }
         let (records, waiting): (Vec<NewRecord>, Vec<_>) = batch.drain(..).unzip();
-        let written = log.append(&records).await.map(|_| ()).map_err(|e| crate::error_chain(&e));
+        let written = match log.append(&records).await {
+            Ok(offsets) => {
+                held.change(|seen| {
+                    for (r, offset) in records.iter().zip(offsets) {
+                        seen.insert_tagged(IdKey::of(&r.id), r.timestamp_ms, r.timestamp_ms, offset);
+                    }
+                });
+                held.budget.enforce(&held);
+                Ok(())
+            }
+            Err(e) => Err(crate::error_chain(&e)),
+        };
         for w in waiting {
             let _ = w.send(written.clone());
         }
@@ -313,6 +344,11 @@ impl Dedupe {
         budget: &Arc<IdBudget>,
         metrics: DedupeMetrics,
     ) -> Result<Self, ferry_log::Error> {
+        Self::on_log(Arc::new(Self::open_log(dir)?), window, budget, metrics)
+    }
+
+    /// Opens the log of a store in `dir`.
+    fn open_log(dir: &Path) -> Result<Log, ferry_log::Error> {
         let opts = LogOptions {
             fsync: FsyncMode::Interval(SYNC_INTERVAL),
             segment_bytes: 4 << 20,
@@ -322,7 +358,16 @@ impl Dedupe {
             budget: Budget::unlimited(),
             ..LogOptions::default()
         };
-        let (log, _report) = Log::open(dir, opts)?;
+        Ok(Log::open(dir, opts)?.0)
+    }
+
+    /// [`Dedupe::open`] on a log already open.
+    fn on_log(
+        log: Arc<Log>,
+        window: Duration,
+        budget: &Arc<IdBudget>,
+        metrics: DedupeMetrics,
+    ) -> Result<Self, ferry_log::Error> {
         let window_ms = window.as_millis() as u64;
         let oldest = now_ms().saturating_sub(window_ms);
         let mut loaded = Recent::with_slice(span_of(window), budget.max / 8);
@@ -331,7 +376,7 @@ impl Dedupe {
             let batch = log.read(from, 4096, 4 << 20)?;
             for r in batch.records {
                 if r.timestamp_ms >= oldest {
-                    loaded.insert(IdKey::of(&r.id), r.timestamp_ms, r.timestamp_ms);
+                    loaded.insert_tagged(IdKey::of(&r.id), r.timestamp_ms, r.timestamp_ms, r.offset);
                 }
             }
             from = batch.next;
@@ -341,19 +386,19 @@ impl Dedupe {
             seen: Mutex::new(Recent::with_slice(span_of(window), budget.max / 8)),
             metrics,
             warned: Mutex::new(None),
-            forgotten_through_ms: AtomicU64::new(0),
-            dir: dir.to_owned(),
+            forgotten_below: AtomicU64::new(0),
+            dir: log.dir().to_owned(),
             window_ms,
+            budget: budget.clone(),
         });
         // Registered before its ids count, so that another store over the
         // cap can forget them when they are the oldest.
         budget.register(&held);
-        held.change(budget, |seen| *seen = loaded);
+        held.change(|seen| *seen = loaded);
         budget.enforce(&held);
-        let log = Arc::new(log);
         let (queue, queued) = mpsc::unbounded_channel();
-        tokio::spawn(write_batches(log.clone(), queued));
-        Ok(Dedupe { log, window_ms, held, budget: budget.clone(), queue })
+        tokio::spawn(write_batches(log.clone(), held.clone(), queued));
+        Ok(Dedupe { log, window_ms, held, queue })
     }
 
     /// True when the app acknowledged `id` within the window.
@@ -362,39 +407,36 @@ impl Dedupe {
         self.held.lock().find(&IdKey::of(id), |t| *t >= oldest).is_some()
     }
 
-    /// Remembers that the app acknowledged `id`; returns once it is written.
+    /// Remembers that the app acknowledged `id`; returns once it is
+    /// written and remembered.
     pub async fn insert(&self, id: &str) -> Result<(), String> {
-        let rec = NewRecord::new(id, bytes::Bytes::new());
-        let ts = rec.timestamp_ms;
         let (done, written) = oneshot::channel();
-        self.queue.send((rec, done)).map_err(|_| "the dedupe store is closed".to_owned())?;
-        written.await.map_err(|_| "the dedupe store is closed".to_owned())??;
-        self.held.change(&self.budget, |seen| seen.insert(IdKey::of(id), ts, ts));
-        self.budget.enforce(&self.held);
-        Ok(())
+        self.queue
+            .send((NewRecord::new(id, bytes::Bytes::new()), done))
+            .map_err(|_| "the dedupe store is closed".to_owned())?;
+        written.await.map_err(|_| "the dedupe store is closed".to_owned())?
     }
 
     /// Forgets ids older than the window, in memory and on disk.
     pub fn prune(&self) -> Result<(), ferry_log::Error> {
         let window_start = now_ms().saturating_sub(self.window_ms);
-        self.held.change(&self.budget, |seen| seen.forget_before(window_start));
-        // Past the cap, ids younger than the window were forgotten: the
-        // disk keeps only what memory does (and a margin), also when the
-        // other stores' acks took all of this one's room.
-        let forgotten_through = self.held.forgotten_through_ms.load(Ordering::Relaxed);
-        let oldest = window_start.max(forgotten_through.saturating_add(1).saturating_sub(DISK_MARGIN_MS));
+        self.held.change(|seen| seen.forget_before(window_start));
         // The first record still inside the window becomes the cursor, so
         // whole segments before it are deleted.
         let mut from = self.log.cursor(WINDOW_CURSOR).unwrap_or(0);
         while from < self.log.next_offset() {
             let batch = self.log.read(from, 4096, 4 << 20)?;
-            if let Some(keep) = batch.records.iter().find(|r| r.timestamp_ms >= oldest) {
+            if let Some(keep) = batch.records.iter().find(|r| r.timestamp_ms >= window_start) {
                 from = keep.offset;
                 break;
             }
             from = batch.next;
         }
-        self.log.commit(WINDOW_CURSOR, from)
+        // Past the cap, ids younger than the window were forgotten, whole
+        // tables at a time: the disk keeps only what memory does, also
+        // when the other stores' acks took all of this one's room.
+        let forgotten_below = self.held.forgotten_below.load(Ordering::Relaxed).min(self.log.next_offset());
+        self.log.commit(WINDOW_CURSOR, from.max(forgotten_below))
     }
 
     /// Ids currently remembered (some up to an eighth of the window past
@@ -480,7 +522,7 @@ mod tests {
         assert!(reopened.len() <= 16, "{} ids loaded past a cap of 16", reopened.len());
         assert!(reopened.contains("id-39") && !reopened.contains("id-0"));
         let uncapped = Dedupe::open(dir.path(), window, &IdBudget::new(1_000_000), DedupeMetrics::default()).unwrap();
-        assert!(uncapped.contains("id-0"), "the disk keeps ids acked within a second of the oldest one held");
+        assert_eq!(uncapped.len(), reopened.len(), "the disk keeps what memory held, no more");
     }
 
     #[tokio::test]
@@ -536,9 +578,10 @@ mod tests {
             seen: Mutex::new(Recent::with_slice(u64::MAX, 2)),
             metrics: DedupeMetrics::default(),
             warned: Mutex::new(None),
-            forgotten_through_ms: AtomicU64::new(0),
+            forgotten_below: AtomicU64::new(0),
             dir: PathBuf::new(),
             window_ms: 600_000,
+            budget: budget.clone(),
         });
         budget.register(&held);
         held
@@ -549,13 +592,13 @@ mod tests {
         let budget = IdBudget::new(4);
         let (quiet, busy) = (bare_store(&budget), bare_store(&budget));
         // The quiet store's one table started at 100 and took an id at 10 000.
-        quiet.change(&budget, |s| {
-            s.insert(IdKey::of("q-old"), 100, 100);
-            s.insert(IdKey::of("q-new"), 10_000, 10_000);
+        quiet.change(|s| {
+            s.insert_tagged(IdKey::of("q-old"), 100, 100, 0);
+            s.insert_tagged(IdKey::of("q-new"), 10_000, 10_000, 1);
         });
         // The busy store's tables: ids of 200-300, 400-500, then one of 10 001.
         for (i, t) in [200u64, 300, 400, 500, 10_001].into_iter().enumerate() {
-            busy.change(&budget, |s| s.insert(IdKey::of(&format!("b-{i}")), t, t));
+            busy.change(|s| s.insert_tagged(IdKey::of(&format!("b-{i}")), t, t, i as u64));
         }
         budget.enforce(&busy);
         assert_eq!(budget.held(), 3, "7 held, a cap of 4: the two tables of ids no newer than 500 went");
@@ -563,23 +606,20 @@ mod tests {
         assert!(busy.lock().find(&IdKey::of("b-1"), |_| true).is_none());
         assert!(busy.lock().find(&IdKey::of("b-3"), |_| true).is_none());
         assert!(busy.lock().find(&IdKey::of("b-4"), |_| true).is_some(), "the writer's newest table stays");
-        assert_eq!(busy.forgotten_through_ms.load(Ordering::Relaxed), 500);
-        assert_eq!(quiet.forgotten_through_ms.load(Ordering::Relaxed), 0);
+        assert_eq!(busy.forgotten_below.load(Ordering::Relaxed), 4, "the log offsets 0-3 of the busy store went");
+        assert_eq!(quiet.forgotten_below.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
     async fn a_store_whose_room_the_others_took_trims_its_disk_too() {
         let (quiet_dir, busy_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let window = Duration::from_secs(600);
-        // Ids the quiet subscription acked 65 and 60 s ago (written as the store writes them).
+        // Ids the quiet subscription acked a minute ago (written as the store writes them).
         {
             let (log, _) = Log::open(quiet_dir.path(), LogOptions::default()).unwrap();
             let at = now_ms() - 60_000;
             let old: Vec<NewRecord> = (0..8u64)
-                .map(|i| NewRecord {
-                    timestamp_ms: if i < 4 { at - 5_000 } else { at },
-                    ..NewRecord::new(format!("q-{i}"), Bytes::new())
-                })
+                .map(|i| NewRecord { timestamp_ms: at, ..NewRecord::new(format!("q-{i}"), Bytes::new()) })
                 .collect();
             log.append(&old).await.unwrap();
         }
@@ -594,11 +634,7 @@ mod tests {
         quiet.prune().unwrap();
         drop(quiet);
         let reopened = Dedupe::open(quiet_dir.path(), window, &IdBudget::new(1_000), DedupeMetrics::default()).unwrap();
-        // The disk keeps a second's margin below the newest id forgotten
-        // (ids are written in batches, so their times are only roughly in
-        // order): the four of 60 s ago stay, the four of 65 s ago went.
-        assert_eq!(reopened.len(), 4, "ids forgotten to stay within the cap are not loaded again");
-        assert!(reopened.contains("q-4") && !reopened.contains("q-0"));
+        assert_eq!(reopened.len(), 0, "ids forgotten to stay within the cap are not loaded again");
     }
 
     #[tokio::test]
@@ -613,9 +649,12 @@ mod tests {
         assert_eq!(stores.budget().held(), 1, "its ids count once");
         let other = stores.open("audit", &dir.path().join("audit"), window, DedupeMetrics::default()).unwrap();
         assert!(!Arc::ptr_eq(&old, &other));
+        let old_log = Arc::as_ptr(&old.log);
         drop((old, new));
         assert_eq!(stores.budget().held(), 0);
+        // No await since the drop: the store's writing task still holds its log.
         let reopened = stores.open("orders", dir.path(), window, DedupeMetrics::default()).unwrap();
+        assert_eq!(Arc::as_ptr(&reopened.log), old_log, "the log still open is used, not opened a second time");
         assert!(reopened.contains("a"), "once closed, it is opened again from its files");
         assert_eq!(stores.budget().held(), 1);
     }
