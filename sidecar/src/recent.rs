@@ -108,10 +108,11 @@ impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
         self.slices.pop_front().map(|s| (s.map.len(), s.tag))
     }
 
-    /// When the newest entry of the oldest table was added (ms), if any:
-    /// every entry that table would take with it is at least this old.
-    pub(crate) fn oldest_table_newest_ms(&self) -> Option<u64> {
-        self.slices.front().map(|s| s.newest_ms)
+    /// The oldest table, if any: when its newest entry was added (ms;
+    /// every entry it would take with it is at least this old) and its
+    /// largest tag.
+    pub(crate) fn oldest_table(&self) -> Option<(u64, u64)> {
+        self.slices.front().map(|s| (s.newest_ms, s.tag))
     }
 
     /// Drops every table.
@@ -130,7 +131,8 @@ impl<K: Hash + Eq + IsEnabled, V> Recent<K, V> {
     }
 
     /// Tables held.
-    pub(crate) fn tables(&self) -> usize {
+    #[cfg(test)]
+    fn tables(&self) -> usize {
         self.slices.len()
     }
 }
@@ -177,7 +179,7 @@ mod tests {
             r.insert_tagged(i, i, 100 + i, 1000 + i);
         }
         assert_eq!(r.tables(), 3, "tables of 4, 4 and 2 entries");
-        assert_eq!(r.oldest_table_newest_ms(), Some(103));
+        assert_eq!(r.oldest_table(), Some((103, 1003)));
         assert_eq!(r.forget_oldest(), Some((4, 1003)), "the oldest table goes whole, with its largest tag");
         assert_eq!(r.len(), 6);
         assert_eq!(r.find(&3, |_| true), None, "the oldest ids are forgotten");
@@ -188,7 +190,7 @@ mod tests {
         r.clear();
         assert_eq!((r.len(), r.tables(), r.oldest_ms()), (0, 0, None));
         assert_eq!(r.forget_oldest(), None);
-        assert_eq!(r.oldest_table_newest_ms(), None);
+        assert_eq!(r.oldest_table(), None);
         assert_eq!(Recent::<u64, u64>::with_slice(1, 0).slice, 1, "a table takes at least one entry");
         assert_eq!(Recent::<u64, u64>::with_slice(1, 62_500).slice, 57_344, "7/8 of 2^16 buckets, not half of 2^17");
         assert_eq!(Recent::<u64, u64>::with_slice(1, 1 << 20).slice, SLICE);

@@ -469,6 +469,8 @@ async fn a_subscription_added_at_run_time_starts_receiving_and_removing_it_stops
     produce(&sc, "l-1", None).await;
     app.wait_until(WAIT, |got| got.iter().any(|r| r.path == "/late" && r.id() == "l-1")).await;
     wait_settled(&nats, "late").await;
+    let late_ids = "ferry_dedupe_ids{subscription=\"late\"}";
+    assert_eq!(metric(&sc, late_ids).await, Some(1.0), "l-1 is remembered");
 
     std::fs::remove_file(res.path().join("late.yaml")).unwrap();
     sc.process.wait_for_line("stopping subscription", START_TIMEOUT);
@@ -481,6 +483,12 @@ async fn a_subscription_added_at_run_time_starts_receiving_and_removing_it_stops
     let info = consumer_info(&nats, "FERRY_default_orders", "late").await;
     assert_eq!(info.num_pending + info.num_ack_pending as u64, 1, "l-2 was settled by the removed subscription");
     assert!(sc.process.output().iter().any(|l| l.contains("stopping subscription") && l.contains("late")));
+    // Once stopped, the removed subscription's ids no longer show as held.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(&sc, late_ids).await != Some(0.0) {
+        assert!(tokio::time::Instant::now() < deadline, "{late_ids} still {:?}", metric(&sc, late_ids).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

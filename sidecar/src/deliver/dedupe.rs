@@ -121,9 +121,10 @@ impl IdBudget {
     /// While more ids than the cap are held, forgets the table whose
     /// newest id is the oldest of all stores' tables (the first opened
     /// store's on a tie): every id it takes is older than that, and a table
-    /// another store is writing into right now is the last to go. Never
-    /// `writer`'s newest table: it holds the id just written.
-    fn enforce(&self, writer: &Held) {
+    /// another store is writing into right now is the last to go. Never a
+    /// table of `writer` holding ids from log offset `keep_from` on: the
+    /// batch just written, whose callers are told it is remembered.
+    fn enforce(&self, writer: &Held, keep_from: u64) {
         if self.held() <= self.max {
             return;
         }
@@ -134,9 +135,9 @@ impl IdBudget {
             let oldest = stores
                 .iter()
                 .filter_map(|h| {
-                    let seen = h.lock();
-                    let keep = usize::from(std::ptr::eq(&**h, writer));
-                    (seen.tables() > keep).then(|| (seen.oldest_table_newest_ms().unwrap_or(0), h.no, h))
+                    let (newest_ms, last_offset) = h.lock().oldest_table()?;
+                    let writing = std::ptr::eq(&**h, writer) && last_offset >= keep_from;
+                    (!writing).then_some((newest_ms, h.no, h))
                 })
                 .min_by_key(|(at, no, _)| (*at, *no));
             let Some((_, _, h)) = oldest else { break };
@@ -216,15 +217,18 @@ struct Held {
     dir: PathBuf,
     window_ms: u64,
     budget: Arc<IdBudget>,
+    /// Its store was dropped: it no longer sets the subscription's gauge
+    /// (a store reopened for the subscription does), and its writing task
+    /// only writes what is left in its queue.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Held {
-    /// Gives the store's room back once neither it nor its writing task
-    /// holds it.
+    /// Gives back what is still counted once neither the store nor its
+    /// writing task holds it.
     fn drop(&mut self) {
         let seen = self.seen.get_mut().unwrap_or_else(|e| e.into_inner());
         self.budget.held.fetch_sub(seen.len(), Ordering::Relaxed);
-        self.metrics.ids.set(0);
     }
 }
 
@@ -246,7 +250,9 @@ impl Held {
         } else {
             budget.held.fetch_sub(before - after, Ordering::Relaxed);
         }
-        self.metrics.ids.set(after as i64);
+        if !self.closed.load(Ordering::Relaxed) {
+            self.metrics.ids.set(after as i64);
+        }
         out
     }
 
@@ -283,9 +289,10 @@ pub struct Dedupe {
 }
 
 impl Drop for Dedupe {
-    /// Gives the store's room back at once (ids its writing task still
-    /// remembers are given back when it ends).
+    /// Gives the store's room back at once. The subscription's gauge is
+    /// left to a reopened store, or zeroed when the subscription goes.
     fn drop(&mut self) {
+        self.held.closed.store(true, Ordering::Relaxed);
         self.held.change(Recent::clear);
     }
 }
@@ -307,13 +314,20 @@ async fn write_batches(log: Arc<Log>, held: Arc<Held>, mut queue: mpsc::Unbounde
         }
         let (records, waiting): (Vec<NewRecord>, Vec<_>) = batch.drain(..).unzip();
         let written = match log.append(&records).await {
+            Ok(offsets) if held.closed.load(Ordering::Relaxed) => {
+                // Left in the queue of a closed store (an insert given up
+                // on): on disk for a reopen, not held for nobody.
+                let _ = offsets;
+                Ok(())
+            }
             Ok(offsets) => {
+                let keep_from = offsets.start;
                 held.change(|seen| {
                     for (r, offset) in records.iter().zip(offsets) {
                         seen.insert_tagged(IdKey::of(&r.id), r.timestamp_ms, r.timestamp_ms, offset);
                     }
                 });
-                held.budget.enforce(&held);
+                held.budget.enforce(&held, keep_from);
                 Ok(())
             }
             Err(e) => Err(crate::error_chain(&e)),
@@ -390,12 +404,13 @@ impl Dedupe {
             dir: log.dir().to_owned(),
             window_ms,
             budget: budget.clone(),
+            closed: Default::default(),
         });
         // Registered before its ids count, so that another store over the
         // cap can forget them when they are the oldest.
         budget.register(&held);
         held.change(|seen| *seen = loaded);
-        budget.enforce(&held);
+        budget.enforce(&held, u64::MAX);
         let (queue, queued) = mpsc::unbounded_channel();
         tokio::spawn(write_batches(log.clone(), held.clone(), queued));
         Ok(Dedupe { log, window_ms, held, queue })
@@ -582,6 +597,7 @@ mod tests {
             dir: PathBuf::new(),
             window_ms: 600_000,
             budget: budget.clone(),
+            closed: Default::default(),
         });
         budget.register(&held);
         held
@@ -600,7 +616,8 @@ mod tests {
         for (i, t) in [200u64, 300, 400, 500, 10_001].into_iter().enumerate() {
             busy.change(|s| s.insert_tagged(IdKey::of(&format!("b-{i}")), t, t, i as u64));
         }
-        budget.enforce(&busy);
+        // b-4 (log offset 4) is the batch just written.
+        budget.enforce(&busy, 4);
         assert_eq!(budget.held(), 3, "7 held, a cap of 4: the two tables of ids no newer than 500 went");
         assert!(quiet.lock().find(&IdKey::of("q-new"), |_| true).is_some(), "an id acked at 10 000 is kept");
         assert!(busy.lock().find(&IdKey::of("b-1"), |_| true).is_none());
@@ -656,6 +673,47 @@ mod tests {
         let reopened = stores.open("orders", dir.path(), window, DedupeMetrics::default()).unwrap();
         assert_eq!(Arc::as_ptr(&reopened.log), old_log, "the log still open is used, not opened a second time");
         assert!(reopened.contains("a"), "once closed, it is opened again from its files");
+        assert_eq!(stores.budget().held(), 1);
+    }
+
+    #[tokio::test]
+    async fn every_id_of_a_batch_is_remembered_when_its_insert_returns_even_past_a_small_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = IdBudget::new(16);
+        let d = Dedupe::open(dir.path(), Duration::from_secs(600), &budget, DedupeMetrics::default()).unwrap();
+        for i in 0..8 {
+            d.insert(&format!("before-{i}")).await.unwrap();
+        }
+        // 20 inserts queued before the writing task runs: one batch of 20,
+        // in tables of 2, with 16 ids of room in all.
+        let ids: Vec<String> = (0..20).map(|i| format!("batch-{i}")).collect();
+        let inserts = ids.iter().map(|id| d.insert(id));
+        for r in futures::future::join_all(inserts).await {
+            r.unwrap();
+        }
+        for id in &ids {
+            assert!(d.contains(id), "{id} was written and its insert returned, but it is not remembered");
+        }
+        assert!(!d.contains("before-0"), "older ids made the room");
+        assert_eq!(budget.held(), 20, "past the cap by what one batch needs, until the next batch");
+    }
+
+    #[tokio::test]
+    async fn a_closed_store_leaves_the_gauge_to_the_store_reopened_for_its_subscription() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Stores::new(1_000);
+        let window = Duration::from_secs(600);
+        let metrics = DedupeMetrics::default();
+        let old = stores.open("orders", dir.path(), window, metrics.clone()).unwrap();
+        old.insert("a").await.unwrap();
+        drop(old);
+        let reopened = stores.open("orders", dir.path(), window, metrics.clone()).unwrap();
+        assert_eq!(metrics.ids.get(), 1);
+        // The old writing task ends (and drops what it held) once it runs.
+        while Arc::strong_count(&reopened.log) > 2 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(metrics.ids.get(), 1, "the old store's end does not zero the reopened store's gauge");
         assert_eq!(stores.budget().held(), 1);
     }
 

@@ -98,6 +98,12 @@ impl Delivery {
         for (name, runner) in stale {
             tracing::info!(subscription = %name, "stopping subscription (removed or changed)");
             runner.stop().await;
+            if !wanted.contains_key(&name) {
+                // Gone for good: its ids no longer count (a changed one's
+                // reopened store sets the gauge itself).
+                let labels = crate::metrics::SubscriptionLabels { subscription: name };
+                self.deps.metrics.dedupe_ids.get_or_create(&labels).set(0);
+            }
         }
         for (name, spec) in wanted {
             if self.lock().contains_key(&name) {
