@@ -13,7 +13,10 @@
 //! Acks are recorded in batches: [`Dedupe::insert`] hands its id to one
 //! task per store that appends whatever has queued up meanwhile as one
 //! append, so a burst of acks costs one trip to the log's writer thread, not
-//! one each; every insert still returns only once its id is written.
+//! one each; every insert still returns only once its id is written and
+//! remembered. The task remembers each batch in the log's order, so memory
+//! always holds a suffix of the log and the disk can be trimmed exactly to
+//! it.
 //!
 //! In memory an id is kept as its [`IdKey`] (a 128-bit hash; the tables
 //! are rebuilt from the ids on disk at start) with its ack time, in
