@@ -73,9 +73,8 @@ pub struct InjectConfig {
     pub resources: ResourceRequirements,
     /// Most acked ids the sidecar's dedupe stores remember, all
     /// subscriptions together (`FERRY_DEDUPE_MAX_IDS`, about 37–65 bytes
-    /// of memory each). Unset:
-    /// the sidecar's default (500 000), sized for the default memory limit;
-    /// raise both together.
+    /// of memory each). Unset: the sidecar's default (500 000), sized for
+    /// the default memory limit; raise both together.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dedupe_max_ids: Option<u64>,
     /// How long the sidecar remembers the ids the app acked, so that a

@@ -39,7 +39,7 @@
 //! would otherwise be reached at a few thousand acks a second.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -108,11 +108,6 @@ impl IdBudget {
     /// store and count twice).
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
-    }
-
-    /// The cap.
-    pub fn max(&self) -> usize {
-        self.max
     }
 
     fn register(&self, store: &Arc<Held>) {
@@ -223,7 +218,7 @@ struct Held {
     /// Its store was dropped: it no longer sets the subscription's gauge
     /// (a store reopened for the subscription does), and its writing task
     /// only writes what is left in its queue.
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
 }
 
 impl Drop for Held {
@@ -285,7 +280,6 @@ impl Held {
 /// Acked ids of one subscription.
 pub struct Dedupe {
     log: Arc<Log>,
-    window_ms: u64,
     held: Arc<Held>,
     /// To the task that writes ids in batches.
     queue: mpsc::UnboundedSender<Queued>,
@@ -317,12 +311,9 @@ async fn write_batches(log: Arc<Log>, held: Arc<Held>, mut queue: mpsc::Unbounde
         }
         let (records, waiting): (Vec<NewRecord>, Vec<_>) = batch.drain(..).unzip();
         let written = match log.append(&records).await {
-            Ok(offsets) if held.closed.load(Ordering::Relaxed) => {
-                // Left in the queue of a closed store (an insert given up
-                // on): on disk for a reopen, not held for nobody.
-                let _ = offsets;
-                Ok(())
-            }
+            // Left in the queue of a closed store (an insert given up on):
+            // on disk for a reopen, not held for nobody.
+            Ok(_) if held.closed.load(Ordering::Relaxed) => Ok(()),
             Ok(offsets) => {
                 let keep_from = offsets.start;
                 held.change(|seen| {
@@ -387,7 +378,8 @@ impl Dedupe {
     ) -> Result<Self, ferry_log::Error> {
         let window_ms = window.as_millis() as u64;
         let oldest = now_ms().saturating_sub(window_ms);
-        let mut loaded = Recent::with_slice(span_of(window), budget.max / 8);
+        let empty = || Recent::with_slice(span_of(window), budget.max / 8);
+        let mut loaded = empty();
         let mut from = log.cursor(WINDOW_CURSOR).unwrap_or(0);
         while from < log.next_offset() {
             let batch = log.read(from, 4096, 4 << 20)?;
@@ -400,7 +392,7 @@ impl Dedupe {
         }
         let held = Arc::new(Held {
             no: budget.next_no.fetch_add(1, Ordering::Relaxed),
-            seen: Mutex::new(Recent::with_slice(span_of(window), budget.max / 8)),
+            seen: Mutex::new(empty()),
             metrics,
             warned: Mutex::new(None),
             forgotten_below: AtomicU64::new(0),
@@ -416,12 +408,12 @@ impl Dedupe {
         budget.enforce(&held, u64::MAX);
         let (queue, queued) = mpsc::unbounded_channel();
         tokio::spawn(write_batches(log.clone(), held.clone(), queued));
-        Ok(Dedupe { log, window_ms, held, queue })
+        Ok(Dedupe { log, held, queue })
     }
 
     /// True when the app acknowledged `id` within the window.
     pub fn contains(&self, id: &str) -> bool {
-        let oldest = now_ms().saturating_sub(self.window_ms);
+        let oldest = now_ms().saturating_sub(self.held.window_ms);
         self.held.lock().find(&IdKey::of(id), |t| *t >= oldest).is_some()
     }
 
@@ -437,7 +429,7 @@ impl Dedupe {
 
     /// Forgets ids older than the window, in memory and on disk.
     pub fn prune(&self) -> Result<(), ferry_log::Error> {
-        let window_start = now_ms().saturating_sub(self.window_ms);
+        let window_start = now_ms().saturating_sub(self.held.window_ms);
         self.held.change(|seen| seen.forget_before(window_start));
         // The first record still inside the window becomes the cursor, so
         // whole segments before it are deleted.
