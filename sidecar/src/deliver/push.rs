@@ -96,6 +96,10 @@ pub struct Target {
     pub source: String,
     /// Longest the app may take to answer.
     pub timeout: Duration,
+    /// `subscription` and `source` as header values, checked once (`None`
+    /// when HTTP cannot carry them; the header is then left out).
+    subscription_value: Option<HeaderValue>,
+    source_value: Option<HeaderValue>,
 }
 
 impl Target {
@@ -114,18 +118,28 @@ impl Target {
             v.set_sensitive(true);
             v
         });
-        Target { uri, authorization, subscription: subscription.to_owned(), source, timeout }
+        Target {
+            uri,
+            authorization,
+            subscription_value: HeaderValue::from_str(subscription).ok(),
+            source_value: HeaderValue::from_str(&source).ok(),
+            subscription: subscription.to_owned(),
+            source,
+            timeout,
+        }
     }
 }
 
 /// A W3C `traceparent`: the stored one, else a new trace.
-fn traceparent(m: &Fetched) -> String {
+fn traceparent(m: &Fetched) -> Option<HeaderValue> {
     if let Some(t) = m.header("traceparent") {
-        return t.to_owned();
+        return HeaderValue::from_str(t).ok();
     }
-    let trace = uuid::Uuid::new_v4().simple();
-    let span = uuid::Uuid::new_v4().simple();
-    format!("00-{trace}-{:.16}-01", span.to_string())
+    let trace = uuid::Uuid::new_v4().as_u128();
+    // A span id of zero is invalid; a v4 uuid's low 64 bits are never all zero
+    // (its variant bits are set).
+    let span = uuid::Uuid::new_v4().as_u128() as u64;
+    HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-01")).ok()
 }
 
 /// The RFC 3339 time of a millisecond timestamp.
@@ -164,14 +178,64 @@ fn add(map: &mut HeaderMap, name: &str, value: &str) {
     }
 }
 
-/// Pushes one message. Never fails: transport errors become `Retry`.
-pub async fn push(client: &Client, t: &Target, m: &Fetched, delivery_id: &str, attempt: u32) -> Outcome {
+/// The names of the headers every push carries, parsed once.
+mod names {
+    use http::HeaderName;
+    pub const CE_ID: HeaderName = HeaderName::from_static("ce-id");
+    pub const CE_SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
+    pub const CE_SOURCE: HeaderName = HeaderName::from_static("ce-source");
+    pub const CE_TYPE: HeaderName = HeaderName::from_static("ce-type");
+    pub const CE_TIME: HeaderName = HeaderName::from_static("ce-time");
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    pub const DELIVERY_ID: HeaderName = HeaderName::from_static(ferry_api::naming::headers::DELIVERY_ID);
+    pub const ATTEMPT: HeaderName = HeaderName::from_static(ferry_api::naming::headers::ATTEMPT);
+    pub const SUBSCRIPTION: HeaderName = HeaderName::from_static(ferry_api::naming::headers::SUBSCRIPTION);
+}
+
+/// The headers of a binary-mode push: the same attributes as
+/// [`attributes`] (stored `ce-*` headers, `ce-id` the message id, defaults
+/// for the rest), the stored `content-type` and `ferry-*` headers, then the
+/// trace and delivery headers. Built without [`attributes`]' list: this runs
+/// once per push.
+fn binary_headers(t: &Target, m: &Fetched, delivery_id: &str, attempt: u32) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(16);
-    for (name, value) in attributes(m, &t.source) {
-        add(&mut map, name, &value);
+    let (mut specversion, mut source, mut kind, mut time) = (false, false, false, false);
+    for (name, value) in &m.headers {
+        if name.starts_with("ce-") {
+            match name.as_str() {
+                "ce-id" => continue,
+                "ce-specversion" => specversion = true,
+                "ce-source" => source = true,
+                "ce-type" => kind = true,
+                "ce-time" => time = true,
+                _ => {}
+            }
+            add(&mut map, name, value);
+        }
+    }
+    if let Ok(id) = HeaderValue::from_str(&m.id) {
+        map.append(names::CE_ID, id);
+    }
+    if !specversion {
+        map.append(names::CE_SPECVERSION, HeaderValue::from_static("1.0"));
+    }
+    if !source {
+        if let Some(v) = &t.source_value {
+            map.append(names::CE_SOURCE, v.clone());
+        }
+    }
+    if !kind {
+        map.append(names::CE_TYPE, HeaderValue::from_static("dev.ferry.message"));
+    }
+    if !time {
+        if let Ok(v) = HeaderValue::from_str(&rfc3339(m.published_ms)) {
+            map.append(names::CE_TIME, v);
+        }
     }
     if let Some(ct) = m.header("content-type") {
-        add(&mut map, "content-type", ct);
+        if let Ok(v) = HeaderValue::from_str(ct) {
+            map.append(http::header::CONTENT_TYPE, v);
+        }
     }
     // Ferry's own headers a message carries (a dead letter's origin,
     // attempts and last error; the key) go to the app as they are.
@@ -180,10 +244,22 @@ pub async fn push(client: &Client, t: &Target, m: &Fetched, delivery_id: &str, a
     {
         add(&mut map, name, value);
     }
-    add(&mut map, "traceparent", &traceparent(m));
-    add(&mut map, headers::DELIVERY_ID, delivery_id);
-    add(&mut map, headers::ATTEMPT, &attempt.to_string());
-    add(&mut map, headers::SUBSCRIPTION, &t.subscription);
+    if let Some(tp) = traceparent(m) {
+        map.append(names::TRACEPARENT, tp);
+    }
+    if let Ok(v) = HeaderValue::from_str(delivery_id) {
+        map.append(names::DELIVERY_ID, v);
+    }
+    map.append(names::ATTEMPT, HeaderValue::from(attempt));
+    if let Some(v) = &t.subscription_value {
+        map.append(names::SUBSCRIPTION, v.clone());
+    }
+    map
+}
+
+/// Pushes one message. Never fails: transport errors become `Retry`.
+pub async fn push(client: &Client, t: &Target, m: &Fetched, delivery_id: &str, attempt: u32) -> Outcome {
+    let map = binary_headers(t, m, delivery_id, attempt);
     match exchange(client, t, map, Full::new(m.payload.clone()), false).await {
         Ok(a) => classify(a.status, a.retry_after.as_deref(), &String::from_utf8_lossy(&a.body)),
         Err(transport) => transport,
@@ -326,6 +402,63 @@ pub fn structured(m: &Fetched, source: &str, delivery_id: &str, attempt: u32) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::{BrokerError, Settle, Settlement};
+
+    struct NoSettle;
+    #[async_trait::async_trait]
+    impl Settle for NoSettle {
+        async fn settle(&self, _: Settlement) -> Result<(), BrokerError> {
+            Ok(())
+        }
+    }
+
+    fn fetched(headers: &[(&str, &str)]) -> Fetched {
+        Fetched {
+            id: "m-1".into(),
+            subject: "ferry.ns.t.0".into(),
+            headers: headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect(),
+            payload: Bytes::from_static(b"{}"),
+            sequence: 7,
+            delivered: 1,
+            published_ms: 1_700_000_000_123,
+            settle: std::sync::Arc::new(NoSettle),
+        }
+    }
+
+    #[test]
+    fn a_binary_push_carries_the_same_cloudevent_attributes_as_a_structured_one() {
+        let t = Target::new(8080, "/in", None, "billing", "/ferry/shop/orders".into(), Duration::from_secs(5));
+        let cases: [&[(&str, &str)]; 3] = [
+            &[],
+            &[("ce-type", "order.created"), ("ce-source", "/shop"), ("ce-id", "spoofed"), ("ce-subject", "o-9")],
+            &[("ce-specversion", "1.0"), ("ce-time", "2024-01-01T00:00:00Z"), ("content-type", "application/json")],
+        ];
+        for headers in cases {
+            let m = fetched(headers);
+            let map = binary_headers(&t, &m, "d-1", 3);
+            let mut binary: Vec<(String, String)> = map
+                .iter()
+                .filter(|(n, _)| n.as_str().starts_with("ce-"))
+                .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+                .collect();
+            let mut structured: Vec<(String, String)> =
+                attributes(&m, &t.source).into_iter().map(|(n, v)| (n.to_owned(), v.into_owned())).collect();
+            binary.sort();
+            structured.sort();
+            assert_eq!(binary, structured, "headers {headers:?}");
+            assert_eq!(map.get("ce-id").unwrap(), "m-1", "ce-id is always the message id");
+            assert_eq!(map.get("ferry-attempt").unwrap(), "3");
+            assert_eq!(map.get("ferry-delivery-id").unwrap(), "d-1");
+            assert_eq!(map.get("ferry-subscription").unwrap(), "billing");
+            let tp = map.get("traceparent").unwrap().to_str().unwrap();
+            assert!(tp.len() == 55 && tp.starts_with("00-") && tp.ends_with("-01"), "{tp}");
+        }
+        let m = fetched(&[("content-type", "text/plain"), ("ferry-key", "k1"), ("traceparent", "00-abc-def-01")]);
+        let map = binary_headers(&t, &m, "d-2", 1);
+        assert_eq!(map.get("content-type").unwrap(), "text/plain");
+        assert_eq!(map.get("ferry-key").unwrap(), "k1");
+        assert_eq!(map.get("traceparent").unwrap(), "00-abc-def-01", "a stored trace is carried on");
+    }
 
     #[test]
     fn every_row_of_the_answer_table_maps_as_designed() {
