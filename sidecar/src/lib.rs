@@ -220,6 +220,8 @@ fn check_resources(config: &Config, resources: &Resources) -> Result<(), StartEr
 /// The forwarders, one per topic log, growing as topics are added.
 struct Forwarders {
     running: Vec<Forwarder>,
+    /// Room for publishes in flight, shared by all of them.
+    room: Arc<tokio::sync::Semaphore>,
 }
 
 impl Forwarders {
@@ -241,6 +243,7 @@ impl Forwarders {
                 s.broker.clone(),
                 s.metrics.clone(),
                 s.stream_missing.clone(),
+                self.room.clone(),
             );
             s.confirmed.write().unwrap_or_else(|e| e.into_inner()).insert(tl.topic.clone(), f.confirmed.clone());
             self.running.push(f);
@@ -340,7 +343,7 @@ pub async fn run(
         stream_missing: Default::default(),
     });
 
-    let mut forwarders = Forwarders { running: Vec::new() };
+    let mut forwarders = Forwarders { running: Vec::new(), room: forward::shared_room() };
     forwarders.ensure(&sidecar, &resources);
     let forwarders = Arc::new(tokio::sync::Mutex::new(forwarders));
     let started = Started {

@@ -242,3 +242,57 @@ async fn kill_9_right_after_acknowledged_produces_loses_and_duplicates_nothing()
         assert_eq!(m.payload, header(m, "Nats-Msg-Id").unwrap().as_bytes());
     }
 }
+
+#[tokio::test]
+async fn more_topics_with_a_backlog_than_the_shared_room_holds_all_drain_at_start() {
+    use ferry_sidecar::forward::{MAX_IN_FLIGHT, WINDOW};
+    // Enough topics that their full windows need more room than there is:
+    // started together, the forwarders must take turns rather than each
+    // hold part of the room and wait for more.
+    let topics = MAX_IN_FLIGHT / WINDOW + 1;
+    let per_topic = 3 * WINDOW;
+    let manifest = (0..topics)
+        .map(|t| format!("apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata:\n  name: t{t}\nspec: {{}}\n"))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let mut nats = NatsServer::stopped();
+    let res = manifests(&[("topics.yaml", manifest.as_str())]);
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    let client = http();
+    for t in 0..topics {
+        for start in (0..per_topic).step_by(100) {
+            let body: String = (start..(start + 100).min(per_topic))
+                .map(|i| format!("{{\"id\":\"t{t}-{i}\",\"data\":\"{i}\"}}\n"))
+                .collect();
+            let resp = client
+                .post(sc.url(&format!("/v1/topics/t{t}/messages:batch")))
+                .header("content-type", "application/x-ndjson")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 202, "batch {start} of t{t} with the broker down");
+        }
+    }
+    // Every backlog is waiting at once when the next sidecar starts.
+    sc.process.kill9();
+    nats.start_again();
+    let sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    for t in 0..topics {
+        let resp = client
+            .post(sc.url(&format!("/v1/topics/t{t}/messages?ack=broker")))
+            .header("ferry-id", format!("t{t}-last"))
+            .body("last")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 201, "t{t}: its backlog and the last message confirmed");
+    }
+    let js = jetstream(&nats.url()).await;
+    for t in 0..topics {
+        let mut stream = js.get_stream(format!("FERRY_default_t{t}")).await.unwrap();
+        let stored = stream.info().await.unwrap().state.messages;
+        assert_eq!(stored, per_topic as u64 + 1, "t{t}: every message stored once");
+    }
+}

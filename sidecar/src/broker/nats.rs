@@ -19,8 +19,13 @@ use crate::config::BrokerConfig;
 
 /// Timeout of JetStream API requests and publish acknowledgements.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most publishes awaiting the broker's ack on this connection.
-pub const MAX_ACKS_IN_FLIGHT: usize = 8192;
+/// Most publishes awaiting the broker's ack on this connection: far above
+/// what is ever in flight, since a publish that waited here for room would
+/// hold up its forwarder while that forwarder's own pending acks hold the
+/// room. The bounds are Ferry's: the forwarders' shared room
+/// ([`crate::forward::MAX_IN_FLIGHT`]) and, for dead letters, each
+/// subscription's `maxInFlight`.
+pub const MAX_ACKS_IN_FLIGHT: usize = 1 << 20;
 
 /// A JetStream connection.
 #[derive(Clone, Debug)]

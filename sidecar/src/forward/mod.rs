@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use ferry_api::naming;
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::broker::{Broker, BrokerError, OutMessage, PendingAck};
@@ -25,6 +25,16 @@ use crate::outbox::{Outbox, TopicLog, FORWARDED};
 
 /// Most publishes awaiting confirmation per topic.
 pub const WINDOW: usize = 1024;
+/// Most publishes awaiting confirmation across all of a sidecar's topics
+/// (bounds the memory of pending acks when many topics have a backlog).
+/// A forwarder waits for room only while it has nothing in flight itself,
+/// so forwarders never wait on each other's room in a circle.
+pub const MAX_IN_FLIGHT: usize = 8192;
+
+/// Room for publishes in flight, shared by a sidecar's forwarders.
+pub fn shared_room() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(MAX_IN_FLIGHT))
+}
 /// Most records read from the log at once.
 pub const READ_BATCH: usize = 256;
 /// How often the confirmed offset is made durable. A commit costs three
@@ -59,6 +69,7 @@ impl Forwarder {
         broker: Arc<dyn Broker>,
         metrics: Arc<Metrics>,
         stream_missing: Arc<tokio::sync::Notify>,
+        room: Arc<Semaphore>,
     ) -> Self {
         let start = tl.log.cursor(FORWARDED).unwrap_or(0);
         let (confirmed_tx, confirmed) = watch::channel(start);
@@ -78,6 +89,7 @@ impl Forwarder {
             outbox_bytes,
             committing: None,
             stream_missing,
+            room,
             tl,
             outbox,
             broker,
@@ -118,6 +130,8 @@ struct Ctx {
     /// Told when the broker has no stream for the topic (it lost its store,
     /// or someone deleted it): the sidecar then ensures its streams again.
     stream_missing: Arc<tokio::sync::Notify>,
+    /// Room for publishes in flight, shared with the other topics' forwarders.
+    room: Arc<Semaphore>,
 }
 
 /// A publish awaiting its ack, with what to record when it comes.
@@ -228,14 +242,29 @@ impl Ctx {
         let mut ticker = tokio::time::interval(COMMIT_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Fill the window from the log.
-            while in_flight.len() < WINDOW && next_read < log.next_offset() {
+            // Fill the window from the log, as far as the shared room allows.
+            let mut out_of_room = false;
+            while !out_of_room && in_flight.len() < WINDOW && next_read < log.next_offset() {
                 let want = READ_BATCH.min(WINDOW - in_flight.len());
                 let batch = match log.read(next_read, want, 1 << 20) {
                     Ok(b) => b,
                     Err(e) => return Outcome::Failed(BrokerError::Unavailable(format!("reading the outbox: {e}"))),
                 };
                 for rec in &batch.records {
+                    let permit = match self.room.clone().try_acquire_owned() {
+                        Ok(p) => p,
+                        // Others hold the room: wait for this topic's own acks,
+                        // which free room, rather than for theirs.
+                        Err(_) if !in_flight.is_empty() => {
+                            out_of_room = true;
+                            break;
+                        }
+                        // Holding nothing, waiting cannot block anyone.
+                        Err(_) => tokio::select! {
+                            p = self.room.clone().acquire_owned() => p.expect("the room is never closed"),
+                            _ = self.stop.changed() => return Outcome::Stopped,
+                        },
+                    };
                     if rec.offset < self.recovered_end {
                         self.outbox.pending_seen(&self.tl.topic, &rec.id, rec.offset);
                     }
@@ -244,7 +273,15 @@ impl Ctx {
                         Err(e) => return Outcome::Failed(e),
                     };
                     let info = InFlight { offset: rec.offset, id: rec.id.clone(), sent: Instant::now() };
-                    in_flight.push_back(Box::pin(async move { (info, pending.await) }));
+                    in_flight.push_back(Box::pin(async move {
+                        let acked = pending.await;
+                        drop(permit);
+                        (info, acked)
+                    }));
+                    next_read = rec.offset + 1;
+                }
+                if out_of_room {
+                    break;
                 }
                 if batch.records.is_empty() && batch.next > next_read && in_flight.is_empty() {
                     // Only damaged records were skipped: nothing to confirm.
