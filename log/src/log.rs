@@ -143,9 +143,22 @@ impl Log {
             }),
             Err(_) => BTreeMap::new(),
         };
+        let mut cursors = cursors;
+        let next = recovered.segments.last().map_or(0, Segment::end_offset);
+        for (name, at) in cursors.iter_mut().filter(|(_, at)| **at > next) {
+            tracing::warn!(dir = %dir.display(), cursor = %name, was = *at, now = next, "cursor was past the recovered end of the log (its tail was lost); moved back to the end");
+            report.cursors_past_end.insert(name.clone(), *at);
+            *at = next;
+        }
+        if !report.cursors_past_end.is_empty() {
+            // Durably, before any record takes those offsets again: else a
+            // crash before the next commit would bring the old cursor back
+            // past the new records.
+            write_atomic(&*fs, &dir, CURSORS_FILE, &cursors::encode(&cursors))
+                .map_err(|e| Error::io("writing", dir.join(CURSORS_FILE), e))?;
+        }
         let bytes: u64 = recovered.segments.iter().map(|s| s.len).sum();
         opts.budget.add(bytes);
-        let next = recovered.segments.last().map_or(0, Segment::end_offset);
         let (end, _) = watch::channel(next);
         // The writer syncs what the last process may have left unsynced
         // before it runs (see `Writer::new`).

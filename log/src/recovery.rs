@@ -9,6 +9,7 @@
 //! off without a report. So reopening reads the index files and one
 //! segment, never the whole log.
 
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -60,6 +61,11 @@ pub struct RecoveryReport {
     /// Set when the cursor file was damaged and was ignored (every cursor
     /// starts again from the beginning of the log: re-sends, never loss).
     pub cursors_damaged: Option<&'static str>,
+    /// Cursors that pointed past the recovered end (records they had passed
+    /// were lost with an unsynced or damaged tail), with the offset each
+    /// had: they were moved back to the end, so records written from now
+    /// on, which take those offsets again, are not skipped.
+    pub cursors_past_end: BTreeMap<String, u64>,
 }
 
 impl RecoveryReport {
@@ -69,6 +75,7 @@ impl RecoveryReport {
             && self.corrupt.is_empty()
             && self.rebuilt_indexes.is_empty()
             && self.cursors_damaged.is_none()
+            && self.cursors_past_end.is_empty()
     }
 }
 

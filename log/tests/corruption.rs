@@ -522,3 +522,41 @@ fn a_frame_inside_a_damaged_records_payload_is_not_taken_for_a_record() {
     assert_eq!(report.corrupt, vec![want]);
     assert_readable(&log, (0..K + 5).filter(|&o| o != K));
 }
+
+#[test]
+fn a_cursor_past_a_lost_tail_is_moved_back_to_the_end_so_new_records_are_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = build(dir.path(), 1, 4);
+    {
+        let (log, _) = Log::open(dir.path(), opts()).unwrap();
+        // A forwarder passed every record (with fsync off, it could pass
+        // records that a crash then takes away).
+        log.commit("forwarded", n).unwrap();
+        log.commit("behind", 1).unwrap();
+    }
+    let base = *segment_bases(dir.path()).last().unwrap();
+    let seg = segment_path(dir.path(), base);
+    let all = frames(&fs::read(&seg).unwrap());
+    // The last two records are lost, cut exactly between frames.
+    truncate(&seg, all[all.len() - 2].pos as u64);
+    let kept = n - 2;
+    {
+        let (log, report) = Log::open(dir.path(), opts()).unwrap();
+        assert_eq!(log.next_offset(), kept);
+        assert_eq!(report.cursors_past_end.get("forwarded"), Some(&n), "{report:?}");
+        assert!(!report.cursors_past_end.contains_key("behind"), "{report:?}");
+        assert!(!report.is_clean());
+        assert_eq!(log.cursor("forwarded"), Some(kept));
+        assert_eq!(log.cursor("behind"), Some(1), "a cursor within the log is left alone");
+        // A new record takes a lost record's offset: reading from the
+        // cursor must find it.
+        assert_eq!(log.append_blocking(&[rec(kept)]).unwrap(), kept..kept + 1);
+        let batch = log.read(log.cursor("forwarded").unwrap(), 8, 1 << 20).unwrap();
+        assert_eq!(batch.records.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![kept]);
+    }
+    // The move was durable: a reopen with no commit since still finds the
+    // cursor at the new record.
+    let (log, report) = Log::open(dir.path(), opts()).unwrap();
+    assert!(report.cursors_past_end.is_empty(), "{report:?}");
+    assert_eq!(log.cursor("forwarded"), Some(kept));
+}
