@@ -405,6 +405,12 @@ async fn pull_long_polls_and_its_deliveries_are_acked_retried_and_rejected_by_ca
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!((&events[0]["id"], &events[0]["ferryattempt"]), (&Value::from("p-2"), &Value::from(1)));
     let id = events[0]["ferrydeliveryid"].as_str().unwrap();
+    // A delay past the most (7d) is refused, and the delivery stays the app's to settle.
+    for delay in ["10000000000000000000s", "8d"] {
+        let resp = http().post(sc.url(&format!("/v1/deliveries/{id}/retry?delay={delay}"))).send().await.unwrap();
+        let (status, body) = json(resp).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_request")), "{delay}: {body}");
+    }
     let retry_sent = Instant::now();
     let resp = http().post(sc.url(&format!("/v1/deliveries/{id}/retry?delay=200ms"))).send().await.unwrap();
     let (status, body) = json(resp).await;

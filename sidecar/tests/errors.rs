@@ -141,6 +141,19 @@ async fn unknown_topics_messages_and_routes_get_404() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert!(!outbox.iter().any(|n| n.contains("nope") || n.contains("etc")), "{outbox:?}");
+    // Names of unknown topics make no metric series (a client could make
+    // any number of them).
+    for t in 0..3 {
+        let (status, _, _) = send(c.post(sc.url(&format!("/v1/topics/nope-{t}/messages:batch"))).body("x")).await;
+        assert_eq!(status, 404);
+    }
+    let metrics = c.get(format!("{}/metrics", sc.admin)).send().await.unwrap().text().await.unwrap();
+    assert!(!metrics.contains("nope"), "{metrics}");
+    let unknown = metrics
+        .lines()
+        .find(|l| l.starts_with("ferry_produce_requests_total{") && l.contains(r#"topic="""#) && l.contains("404"))
+        .unwrap_or_else(|| panic!("no series for unknown topics: {metrics}"));
+    assert!(unknown.ends_with(" 5"), "two single and three batch requests: {unknown}");
 }
 
 #[tokio::test]
@@ -169,6 +182,12 @@ async fn a_body_over_the_limit_gets_413_and_stores_nothing() {
     assert_eq!(next_offset(&sc, "audit").await, 0);
     let resp = c.post(sc.url("/v1/topics/orders/messages")).body(vec![b'x'; 4096]).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 202, "exactly the limit is accepted");
+    // A callback's body over its limit gets the same JSON answer.
+    let big = vec![b' '; ferry_sidecar::api::deliveries::MAX_CALLBACK_BODY + 1];
+    for verdict in ["retry", "reject"] {
+        let (status, body, _) = send(c.post(sc.url(&format!("/v1/deliveries/d-1/{verdict}"))).body(big.clone())).await;
+        assert_error(status, &body, 413, "too_large");
+    }
 }
 
 #[tokio::test]

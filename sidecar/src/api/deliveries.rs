@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use serde::Deserialize;
@@ -20,6 +21,21 @@ pub const MAX_PULL: usize = 1000;
 /// Longest a pull may wait.
 pub const MAX_PULL_WAIT: Duration = Duration::from_secs(30);
 
+/// Largest callback body read (axum's default body limit).
+pub const MAX_CALLBACK_BODY: usize = 2 << 20;
+
+/// A callback's body, or its rejection in our JSON error shape (axum's own
+/// would be plain text).
+fn callback_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge { what: "callback body", limit: MAX_CALLBACK_BODY }
+        } else {
+            ApiError::BadRequest(format!("could not read the request body: {e}"))
+        }
+    })
+}
+
 fn body_json(body: &Bytes) -> Result<Value, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Null);
@@ -27,9 +43,20 @@ fn body_json(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
+/// Longest retry delay an app may ask for.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 86_400);
+
 fn parse_duration(field: &str, v: &str) -> Result<Duration, ApiError> {
     humantime::parse_duration(v)
         .map_err(|e| ApiError::BadRequest(format!("{field}: {v:?} is not a duration like 5s ({e})")))
+}
+
+fn retry_delay(v: &str) -> Result<Duration, ApiError> {
+    let d = parse_duration("delay", v)?;
+    if d > MAX_RETRY_DELAY {
+        return Err(ApiError::BadRequest(format!("delay: {v:?} is longer than the most, 7d")));
+    }
+    Ok(d)
 }
 
 /// `?delay=5s` on retry.
@@ -63,14 +90,14 @@ pub async fn retry(
     State(s): State<Arc<Sidecar>>,
     path: PathArg<String>,
     query: QueryArg<RetryQuery>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(id) = arg(path)?;
     let Query(q) = arg(query)?;
-    let body = body_json(&body)?;
+    let body = body_json(&callback_body(body)?)?;
     let delay = match (q.delay, body.get("delay")) {
-        (Some(d), _) => Some(parse_duration("delay", &d)?),
-        (None, Some(Value::String(d))) => Some(parse_duration("delay", d)?),
+        (Some(d), _) => Some(retry_delay(&d)?),
+        (None, Some(Value::String(d))) => Some(retry_delay(d)?),
         (None, Some(Value::Null) | None) => None,
         (None, Some(_)) => return Err(ApiError::BadRequest("delay must be a string like \"5s\"".into())),
     };
@@ -81,10 +108,10 @@ pub async fn retry(
 pub async fn reject(
     State(s): State<Arc<Sidecar>>,
     path: PathArg<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(id) = arg(path)?;
-    let body = body_json(&body)?;
+    let body = body_json(&callback_body(body)?)?;
     let reason = match body.get("reason") {
         Some(Value::String(r)) => r.clone(),
         None | Some(Value::Null) => "rejected by the app".to_owned(),

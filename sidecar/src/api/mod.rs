@@ -118,6 +118,9 @@ fn admit(s: &Sidecar, topic: &str) -> Result<(Arc<crate::outbox::TopicLog>, Limi
 }
 
 fn count(s: &Sidecar, topic: &str, code: StatusCode, started: Instant) {
+    // Only known topics get their own series: a client can name any number
+    // of unknown ones.
+    let topic = if s.topic_spec(topic).is_some() { topic } else { "" };
     s.metrics.produce_requests.get_or_create(&ProduceLabels { topic: topic.to_owned(), code: code.as_u16() }).inc();
     s.metrics.produce_duration.observe(started.elapsed().as_secs_f64());
 }

@@ -95,8 +95,9 @@ pub fn single(h: &HeaderMap, body: Bytes, limits: Limits) -> Result<NewRecord, A
         if let Some(id) = ferry_id {
             rec.id = id;
         }
-        if key.is_some() {
-            rec.key = key;
+        if let Some(k) = key {
+            check_key(&k)?;
+            rec.key = Some(k);
         }
         check_id(&rec.id)?;
         return Ok(rec);
@@ -357,6 +358,33 @@ mod tests {
             h.insert(*n, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn a_key_header_is_checked_in_every_mode() {
+        let long = "k".repeat(MAX_ID_BYTES + 1);
+        for key in ["", "a\tb", long.as_str()] {
+            let raw = {
+                let mut h = HeaderMap::new();
+                h.insert("ferry-key", HeaderValue::from_str(key).unwrap());
+                h
+            };
+            let mut structured = raw.clone();
+            structured.insert("content-type", HeaderValue::from_static("application/cloudevents+json"));
+            let event = r#"{"specversion":"1.0","id":"e1","source":"/s","type":"t"}"#;
+            let mut binary = raw.clone();
+            for (n, v) in [("ce-specversion", "1.0"), ("ce-id", "e1"), ("ce-source", "/s"), ("ce-type", "t")] {
+                binary.insert(n, HeaderValue::from_static(v));
+            }
+            for (mode, h, body) in [("raw", &raw, ""), ("structured", &structured, event), ("binary", &binary, "")] {
+                let got = single(h, Bytes::from(body), L);
+                assert!(matches!(got, Err(ApiError::BadRequest(_))), "{mode} mode with key {key:?}: {got:?}");
+            }
+        }
+        let mut h = hdrs(&[("content-type", "application/cloudevents+json"), ("ferry-key", "k1")]);
+        h.insert("ferry-id", HeaderValue::from_static("m1"));
+        let ok = single(&h, Bytes::from(r#"{"specversion":"1.0","id":"e1","source":"/s","type":"t"}"#), L).unwrap();
+        assert_eq!((ok.id.as_str(), ok.key.as_deref()), ("m1", Some("k1")), "a good key is kept");
     }
 
     #[test]

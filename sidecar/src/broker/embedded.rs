@@ -560,7 +560,8 @@ impl ConsumerState {
                 }
             }
             Settlement::Retry(delay) => {
-                l.due.insert(seq, now + delay);
+                // An absurd delay (the API bounds it) must not overflow.
+                l.due.insert(seq, now.checked_add(delay).unwrap_or(now + Duration::from_secs(365 * 86_400)));
             }
             Settlement::Release => {
                 l.due.insert(seq, now);
