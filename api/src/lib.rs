@@ -28,6 +28,17 @@ pub mod topic;
 /// window would mean nothing the id cap does not decide anyway.
 pub const MAX_DEDUPE_WINDOW: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
 
+/// Room for a message's headers, as NATS encodes them (`Nats-Msg-Id` and
+/// `ferry-key` included), beyond its topic's `maxMessageSize` of payload:
+/// JetStream counts headers against a stream's largest message, so a
+/// topic's stream takes `maxMessageSize + HEADER_ROOM`. A produced message
+/// may carry up to `HEADER_ROOM - DEAD_LETTER_HEADER_ROOM` of headers, so
+/// that its dead letter fits too.
+pub const HEADER_ROOM: u32 = 16 << 10;
+/// Headers a dead letter adds (origin topic and subscription, attempts,
+/// last status, up to 500 characters of last error).
+pub const DEAD_LETTER_HEADER_ROOM: u32 = 4 << 10;
+
 pub use crate::duration::Duration;
 pub use crate::plan::{consumer_plan, stream_plan, ConsumerPlan, FieldError, StreamPlan};
 pub use crate::subscription::{Subscription, SubscriptionSpec, SubscriptionStatus};

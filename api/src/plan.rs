@@ -30,7 +30,8 @@ pub struct StreamPlan {
     pub replicas: u8,
     /// Broker-side dedupe window for message ids.
     pub duplicate_window: Duration,
-    /// Largest message payload, bytes.
+    /// Largest message, bytes: the topic's largest payload plus
+    /// [`crate::HEADER_ROOM`] for its headers (JetStream counts both).
     pub max_message_size: u32,
 }
 
@@ -74,7 +75,7 @@ pub fn stream_plan(namespace: &str, topic: &str, spec: &TopicSpec) -> StreamPlan
         storage: spec.storage,
         replicas: spec.replicas,
         duplicate_window: spec.duplicate_window.get(),
-        max_message_size: spec.max_message_size,
+        max_message_size: spec.max_message_size.saturating_add(crate::HEADER_ROOM),
     }
 }
 
@@ -188,7 +189,7 @@ mod tests {
                 storage: Storage::File,
                 replicas: 1,
                 duplicate_window: Duration::from_secs(120),
-                max_message_size: 1 << 20,
+                max_message_size: (1 << 20) + crate::HEADER_ROOM,
             }
         );
     }

@@ -44,6 +44,9 @@ pub struct TopicSpec {
     #[serde(default = "default_duplicate_window")]
     pub duplicate_window: Duration,
     /// Largest accepted message payload in bytes (default 1048576 = 1 MiB).
+    /// The broker's largest message (NATS `max_payload`, 1 MiB by default)
+    /// bounds payload and headers together, less 4 KiB kept for a dead
+    /// letter's headers.
     #[serde(default = "default_max_message_size")]
     #[schemars(range(min = 1, max = 67108864))]
     pub max_message_size: u32,

@@ -180,8 +180,9 @@ async fn a_body_over_the_limit_gets_413_and_stores_nothing() {
     assert_error(status, &body, 413, "too_large");
     assert_eq!(next_offset(&sc, "orders").await, 0);
     assert_eq!(next_offset(&sc, "audit").await, 0);
-    let resp = c.post(sc.url("/v1/topics/orders/messages")).body(vec![b'x'; 4096]).send().await.unwrap();
-    assert_eq!(resp.status().as_u16(), 202, "exactly the limit is accepted");
+    // Exactly the limit is accepted, and the stream takes it with its headers.
+    let resp = c.post(sc.url("/v1/topics/orders/messages?ack=broker")).body(vec![b'x'; 4096]).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 201, "exactly the limit is accepted and forwarded");
     // A callback's body over its limit gets the same JSON answer.
     let big = vec![b' '; ferry_sidecar::api::deliveries::MAX_CALLBACK_BODY + 1];
     for verdict in ["retry", "reject"] {
@@ -270,4 +271,49 @@ fn raw_request(port: u16, head: &str) -> (u16, serde_json::Value) {
     let status =
         head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad status line: {head}"));
     (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")))
+}
+
+#[tokio::test]
+async fn a_message_the_broker_would_refuse_for_good_gets_413_and_what_fits_is_forwarded() {
+    // A default nats-server takes messages of 1 MiB, headers included, and
+    // `audit` (like every topic by default) payloads of 1 MiB.
+    let nats = NatsServer::start();
+    let (sc, _res, _data) = configured_with_topics(&nats);
+    let c = http();
+    let (status, body, _) = send(c.post(sc.url("/v1/topics/audit/messages")).body(vec![b'x'; 1 << 20])).await;
+    assert_error(status, &body, 413, "too_large");
+    let (status, body, _) = send(
+        c.post(sc.url("/v1/topics/audit/messages:batch")).header("content-type", "application/x-ndjson").body(format!(
+            "{{\"id\":\"small\",\"data\":\"x\"}}\n{{\"id\":\"big\",\"data\":\"{}\"}}\n",
+            "y".repeat((1 << 20) - 100)
+        )),
+    )
+    .await;
+    assert_error(status, &body, 413, "too_large");
+    // Headers past their room (16 KiB, less room for a dead letter's).
+    let (status, body, _) = send(
+        c.post(sc.url("/v1/topics/audit/messages"))
+            .header("ce-specversion", "1.0")
+            .header("ce-id", "e1")
+            .header("ce-source", "/s")
+            .header("ce-type", "t")
+            .header("ce-big", "z".repeat(13 << 10))
+            .body("x"),
+    )
+    .await;
+    assert_error(status, &body, 413, "too_large");
+    assert_eq!(next_offset(&sc, "audit").await, 0, "nothing refused was stored");
+    // What fits with room for a dead letter's headers is forwarded.
+    let resp = c
+        .post(sc.url("/v1/topics/audit/messages?ack=broker"))
+        .header("ferry-id", "fits")
+        .body(vec![b'x'; (1 << 20) - 5000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let js = jetstream(&nats.url()).await;
+    let stored = stream_messages(&js, "FERRY_default_audit").await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].payload.len(), (1 << 20) - 5000);
 }

@@ -114,7 +114,7 @@ fn admit(s: &Sidecar, topic: &str) -> Result<(Arc<crate::outbox::TopicLog>, Limi
     let spec = s.topic_spec(topic).ok_or_else(|| ApiError::UnknownTopic(topic.to_owned()))?;
     let tl = s.outbox.topic(topic).ok_or_else(|| ApiError::UnknownTopic(topic.to_owned()))?;
     let max_payload = s.config.max_message_bytes.min(spec.max_message_size as usize);
-    Ok((tl, Limits { max_payload }))
+    Ok((tl, Limits::new(max_payload, s.broker.max_message_bytes())))
 }
 
 fn count(s: &Sidecar, topic: &str, code: StatusCode, started: Instant) {
@@ -150,6 +150,7 @@ async fn produce_one(
         let (tl, limits) = admit(&s, &topic)?;
         let body = read_body(&headers, body, limits.max_payload + ENVELOPE_ALLOWANCE, "request body").await?;
         let record = produce::single(&headers, body, limits)?;
+        produce::check_sizes(std::slice::from_ref(&record), limits)?;
         let id = record.id.clone();
         let range = s.outbox.append(&tl, std::slice::from_ref(&record)).await?;
         s.metrics.produce_messages.get_or_create(&crate::metrics::TopicLabels { topic: topic.clone() }).inc();
@@ -183,6 +184,7 @@ async fn produce_batch(
         let (tl, limits) = admit(&s, &topic)?;
         let body = read_body(&headers, body, s.config.max_batch_bytes, "batch body").await?;
         let records = produce::batch(&headers, &body, limits)?;
+        produce::check_sizes(&records, limits)?;
         let range = s.outbox.append(&tl, &records).await?;
         s.metrics
             .produce_messages

@@ -65,6 +65,55 @@ fn new_id() -> String {
 pub struct Limits {
     /// Largest payload.
     pub max_payload: usize,
+    /// Most bytes of headers, as NATS encodes them (see [`wire_headers`]).
+    pub max_headers: usize,
+    /// Largest message the broker takes, headers and payload together, with
+    /// room left for a dead letter's headers; `None` for no such limit.
+    pub max_message: Option<usize>,
+}
+
+impl Limits {
+    /// The limits for a topic whose largest payload is `max_payload`, on a
+    /// broker that takes messages of up to `broker_max` bytes.
+    pub fn new(max_payload: usize, broker_max: Option<usize>) -> Limits {
+        let dead_letter = ferry_api::DEAD_LETTER_HEADER_ROOM as usize;
+        Limits {
+            max_payload,
+            max_headers: ferry_api::HEADER_ROOM as usize - dead_letter,
+            max_message: broker_max.map(|m| m.saturating_sub(dead_letter)),
+        }
+    }
+}
+
+/// The bytes of a record's headers as the forwarder sends them to NATS:
+/// `NATS/1.0` line, each header (with `Nats-Msg-Id` and `ferry-key`) as
+/// `name: value` line, and the blank line.
+pub fn wire_headers(r: &NewRecord) -> usize {
+    let line = |name: &str, value: &str| name.len() + value.len() + 4;
+    let mut n = "NATS/1.0\r\n\r\n".len() + line(headers::NATS_MSG_ID, &r.id);
+    n += r.key.as_deref().map_or(0, |k| line(headers::KEY, k));
+    n + r.headers.iter().map(|(name, value)| line(name, value)).sum::<usize>()
+}
+
+/// Checks what the broker would refuse for good, so that an accepted
+/// message can always be forwarded: headers within their room, and headers
+/// and payload together within the broker's largest message.
+pub fn check_sizes(records: &[NewRecord], limits: Limits) -> Result<(), ApiError> {
+    for r in records {
+        let h = wire_headers(r);
+        if h > limits.max_headers {
+            return Err(ApiError::TooLarge { what: "message headers (with id and key)", limit: limits.max_headers });
+        }
+        if let Some(max) = limits.max_message {
+            if h + r.payload.len() > max {
+                return Err(ApiError::TooLarge {
+                    what: "message with its headers (the broker's max_payload, less room for a dead letter's headers)",
+                    limit: max,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn record(
@@ -350,7 +399,7 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
 
-    const L: Limits = Limits { max_payload: 1024 };
+    const L: Limits = Limits { max_payload: 1024, max_headers: 1 << 20, max_message: None };
 
     fn hdrs(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -137,6 +137,11 @@ pub trait Broker: Send + Sync + 'static {
     async fn publish(&self, msg: OutMessage) -> Result<PendingAck, BrokerError>;
     /// True while connected.
     fn is_connected(&self) -> bool;
+    /// The largest message the broker takes, headers and payload together
+    /// (NATS's `max_payload`); `None` when it sets no such limit.
+    fn max_message_bytes(&self) -> Option<usize> {
+        None
+    }
     /// Adds one to the subscription's dead-letter count that the operator
     /// shows in the Subscription's status. Best effort, called off the
     /// delivery path: a count that cannot be written is logged and dropped

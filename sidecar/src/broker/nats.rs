@@ -143,6 +143,12 @@ impl Broker for NatsBroker {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// The server's `max_payload`; before the first connection, NATS's
+    /// default (1 MiB), which async-nats checks publishes against.
+    fn max_message_bytes(&self) -> Option<usize> {
+        Some(self.client.max_payload())
+    }
+
     async fn count_dead_letter(&self, namespace: &str, subscription: &str) {
         let key = ferry_api::naming::dead_letter_count_key(namespace, subscription);
         if let Err(e) = add_one(&self.js, &key).await {
