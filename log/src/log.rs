@@ -387,22 +387,41 @@ impl Log {
     }
 
     fn update_cursors(&self, change: impl FnOnce(&mut BTreeMap<String, u64>)) -> Result<()> {
-        {
+        let below = {
             let mut cursors = self.lock_cursors();
             let mut next = cursors.clone();
             change(&mut next);
             let bytes = cursors::encode(&next);
-            write_atomic(&*self.shared.fs, &self.shared.dir, CURSORS_FILE, &bytes)
-                .map_err(|e| Error::io("writing", self.shared.dir.join(CURSORS_FILE), e))?;
+            if let Err(e) = write_atomic(&*self.shared.fs, &self.shared.dir, CURSORS_FILE, &bytes) {
+                // On a full disk the cursor file cannot be replaced, yet the
+                // segments every new cursor has passed are what would free
+                // the disk: delete them all the same. Safe: a reader starting
+                // from the older cursor on disk (after a crash) reads from the
+                // first record kept, and the new cursors say nothing below it
+                // is needed. The cursors stay as they were, so the caller
+                // commits again.
+                let below = next.values().copied().min();
+                drop(cursors);
+                self.delete_below(below)?;
+                return Err(Error::io("writing", self.shared.dir.join(CURSORS_FILE), e));
+            }
             *cursors = next;
-        }
-        self.apply_retention()
+            cursors.values().copied().min()
+        };
+        self.delete_below(below)
     }
 
     /// Deletes sealed segments whose records are all below every cursor.
     /// With no cursor at all nothing is deleted.
     fn apply_retention(&self) -> Result<()> {
-        let Some(min) = self.lock_cursors().values().copied().min() else {
+        let below = self.lock_cursors().values().copied().min();
+        self.delete_below(below)
+    }
+
+    /// Deletes sealed segments whose records are all below `min` (nothing
+    /// when `None`).
+    fn delete_below(&self, min: Option<u64>) -> Result<()> {
+        let Some(min) = min else {
             return Ok(());
         };
         let removed: Vec<Segment> = {

@@ -796,3 +796,41 @@ fn dropping_the_log_while_a_sync_runs_makes_the_appends_queued_behind_it_durable
     assert_crash_keeps_exactly(&fs, &always(), &acked);
     assert_reopens_exactly(&fs, always(), &acked);
 }
+
+#[test]
+fn a_cursor_commit_on_a_full_disk_still_deletes_the_segments_it_passed_so_the_disk_frees() {
+    let fs = MemFs::new();
+    let (log, _) = open(&fs, always());
+    let mut acked = Acked::new();
+    for i in 0..40 {
+        append(&log, &mut acked, vec![rec(i, 100)]);
+    }
+    let sealed = segments(&fs).len() - 1;
+    assert!(sealed >= 3, "{sealed} sealed segments");
+    log.commit("forwarded", 5).unwrap();
+    let before = log.cursor("forwarded");
+    // The disk is full: not even the cursor file's temp file fits.
+    fs.set_capacity(Some(used(&fs)));
+    let used_full = used(&fs);
+    let err = log.commit("forwarded", 40).expect_err("no room for the cursor file");
+    assert!(matches!(&err, Error::NoSpace { .. }), "{err:?}");
+    assert_eq!(log.cursor("forwarded"), before, "the cursor stays where the disk says it is");
+    assert_eq!(segments(&fs).len(), 1, "every sealed segment the new cursor passed is gone");
+    assert!(used(&fs) < used_full, "the disk has room again");
+    // Reads start from the first record kept, also for a process that
+    // restarts with the older cursor the disk still holds.
+    let first_kept = log.stats().start_offset;
+    assert!(first_kept > 5 && first_kept <= 40, "{first_kept}");
+    assert_eq!(read_all(&log).first().map(|r| r.offset), Some(first_kept));
+    drop(log);
+    fs.set_capacity(None);
+    let (log, _) = open(&fs, always());
+    assert_eq!(log.cursor("forwarded"), Some(5));
+    let from_cursor = log.read(5, 1, 1 << 20).unwrap();
+    assert_eq!(from_cursor.records.first().map(|r| r.offset), Some(first_kept));
+    let kept: Acked = acked.range(first_kept..).map(|(o, r)| (*o, r.clone())).collect();
+    assert_exactly(&log, &kept);
+    // And the commit goes through once there is room.
+    log.commit("forwarded", 40).unwrap();
+    assert_eq!(log.cursor("forwarded"), Some(40));
+}
