@@ -12,6 +12,7 @@ use bytes::Bytes;
 use ferry_api::naming::headers;
 use ferry_log::{now_ms, NewRecord};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::error::ApiError;
@@ -139,8 +140,8 @@ pub fn single(h: &HeaderMap, body: Bytes, limits: Limits) -> Result<NewRecord, A
     let key = header_str(h, headers::KEY)?.map(str::to_owned);
     let media = media_type(h);
     if media.as_deref() == Some(CE_STRUCTURED) {
-        let value: Value = serde_json::from_slice(&body).map_err(|e| bad(format!("invalid CloudEvent JSON: {e}")))?;
-        let mut rec = structured(value, limits)?;
+        let text = std::str::from_utf8(&body).map_err(|_| bad("CloudEvent JSON is not UTF-8"))?;
+        let mut rec = structured(text, limits)?;
         if let Some(id) = ferry_id {
             rec.id = id;
         }
@@ -202,17 +203,26 @@ fn check_attr_name(name: &str) -> Result<(), ApiError> {
 }
 
 /// A structured-mode CloudEvent (one JSON object).
-fn structured(value: Value, limits: Limits) -> Result<NewRecord, ApiError> {
-    let Value::Object(map) = value else {
+/// A structured-mode CloudEvent, `text` a JSON object. Its `data` is kept
+/// as the client wrote it (key order, number precision), as in batches.
+fn structured(text: &str, limits: Limits) -> Result<NewRecord, ApiError> {
+    if !text.trim_start().starts_with('{') {
         return Err(bad("a CloudEvent must be a JSON object"));
-    };
+    }
+    let map: std::collections::BTreeMap<String, &RawValue> =
+        serde_json::from_str(text).map_err(|e| bad(format!("invalid CloudEvent JSON: {e}")))?;
     let mut hdrs = Vec::new();
-    let mut data: Option<Value> = None;
+    let mut data: Option<&RawValue> = None;
     let mut data_b64: Option<String> = None;
     let mut content_type: Option<String> = None;
-    for (name, v) in map {
+    for (name, raw) in map {
+        if name == "data" {
+            data = Some(raw);
+            continue;
+        }
+        let v: Value =
+            serde_json::from_str(raw.get()).map_err(|e| bad(format!("CloudEvent attribute {name:?}: {e}")))?;
         match name.as_str() {
-            "data" => data = Some(v),
             "data_base64" => match v {
                 Value::String(s) => data_b64 = Some(s),
                 _ => return Err(bad("data_base64 must be a string")),
@@ -258,12 +268,13 @@ fn structured(value: Value, limits: Limits) -> Result<NewRecord, ApiError> {
                 .decode(b64.as_bytes())
                 .map_err(|e| bad(format!("data_base64: {e}")))?,
         ),
-        (Some(Value::String(s)), None) if !content_type.as_deref().is_some_and(is_json) && content_type.is_some() => {
-            Bytes::from(s)
+        (Some(raw), None) if raw.get().starts_with('"') && content_type.as_deref().is_some_and(|c| !is_json(c)) => {
+            let text: String = serde_json::from_str(raw.get()).map_err(|e| bad(format!("data: {e}")))?;
+            Bytes::from(text)
         }
-        (Some(v), None) => {
+        (Some(raw), None) => {
             content_type.get_or_insert_with(|| "application/json".to_owned());
-            Bytes::from(serde_json::to_vec(&v).expect("a JSON value serializes"))
+            Bytes::copy_from_slice(raw.get().as_bytes())
         }
         (None, None) => Bytes::new(),
     };
@@ -287,7 +298,7 @@ struct Entry<'a> {
     /// Kept as the client wrote it: stored byte for byte, never re-encoded,
     /// and not copied: the payload is this part of the request body.
     #[serde(borrow)]
-    data: Option<&'a serde_json::value::RawValue>,
+    data: Option<&'a RawValue>,
     #[serde(rename = "data_base64")]
     data_base64: Option<String>,
     content_type: Option<String>,
@@ -333,12 +344,12 @@ pub fn batch(h: &HeaderMap, body: &Bytes, limits: Limits) -> Result<Vec<NewRecor
     let media = media_type(h).unwrap_or_default();
     let records: Vec<NewRecord> = match media.as_str() {
         CE_BATCH => {
-            let items: Vec<Value> =
+            let items: Vec<&RawValue> =
                 serde_json::from_slice(body).map_err(|e| bad(format!("invalid CloudEvents batch: {e}")))?;
             items
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| structured(v, limits).map_err(|e| at(i, e)))
+                .map(|(i, v)| structured(v.get(), limits).map_err(|e| at(i, e)))
                 .collect::<Result<_, _>>()?
         }
         "application/json" => match serde_json::from_slice::<Vec<Entry<'_>>>(body) {
@@ -485,6 +496,16 @@ mod tests {
             r#"{"specversion":"1.0","id":"e4","source":"/s","type":"t","datacontenttype":"text/plain","data":"hello"}"#;
         let r = single(&hdrs(&[("content-type", "application/cloudevents+json")]), text.into(), L).unwrap();
         assert_eq!(&r.payload[..], b"hello");
+        let exact = r#"{"specversion":"1.0","id":"e5","source":"/s","type":"t","data":{"b":1,"a":2,"n":123456789012345678901234}}"#;
+        let r = single(&hdrs(&[("content-type", "application/cloudevents+json")]), exact.into(), L).unwrap();
+        assert_eq!(&r.payload[..], br#"{"b":1,"a":2,"n":123456789012345678901234}"#, "data is stored as written");
+        let r = batch(&hdrs(&[("content-type", CE_BATCH)]), &Bytes::from(format!("[{exact}]")), L).unwrap();
+        assert_eq!(&r[0].payload[..], br#"{"b":1,"a":2,"n":123456789012345678901234}"#, "in a batch too");
+        for not_an_event in ["[1]", "\"x\"", "{\"specversion\":\"1.0\",", "{\"id\":{\"x\":1},\"specversion\":\"1.0\"}"]
+        {
+            let got = single(&hdrs(&[("content-type", "application/cloudevents+json")]), not_an_event.into(), L);
+            assert!(matches!(got, Err(ApiError::BadRequest(_))), "{not_an_event}: {got:?}");
+        }
         let bad_version = r#"{"specversion":"0.3","id":"e","source":"/s","type":"t"}"#;
         assert!(single(&hdrs(&[("content-type", "application/cloudevents+json")]), bad_version.into(), L).is_err());
     }
