@@ -85,6 +85,16 @@ async fn malformed_requests_get_400_and_store_nothing() {
     let (status, body, _) =
         send(c.post(sc.url("/v1/topics/orders/messages:batch")).header("content-type", "text/csv").body("a,b")).await;
     assert_error(status, &body, 415, "unsupported_media_type");
+    // A compressed body would be stored compressed, labelled as its type.
+    for path in ["/v1/topics/orders/messages", "/v1/topics/orders/messages:batch"] {
+        let req = c
+            .post(sc.url(path))
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(vec![0x1f, 0x8b, 8, 0]);
+        let (status, body, _) = send(req).await;
+        assert_error(status, &body, 415, "unsupported_media_type");
+    }
     let (status, body, _) = send(c.get(sc.url("/v1/messages/a%20b"))).await;
     assert_error(status, &body, 400, "bad_request");
     assert_eq!(next_offset(&sc, "orders").await, 0);

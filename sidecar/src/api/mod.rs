@@ -106,6 +106,18 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize, what: &'static
     })
 }
 
+/// Refuses an encoded (compressed) body: it would be stored as it came,
+/// under a content type that does not say so.
+fn check_encoding(h: &HeaderMap) -> Result<(), ApiError> {
+    match h.get(axum::http::header::CONTENT_ENCODING) {
+        None => Ok(()),
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"identity") => Ok(()),
+        Some(v) => Err(ApiError::UnsupportedMediaType(format!(
+            "content-encoding {v:?} is not taken: send the body as it is to be stored"
+        ))),
+    }
+}
+
 /// Checks the topic and the sidecar's state; returns the payload limits.
 fn admit(s: &Sidecar, topic: &str) -> Result<(Arc<crate::outbox::TopicLog>, Limits), ApiError> {
     if s.is_shutting_down() {
@@ -148,6 +160,7 @@ async fn produce_one(
     let result = async {
         let mode = ack_mode(&q)?;
         let (tl, limits) = admit(&s, &topic)?;
+        check_encoding(&headers)?;
         let body = read_body(&headers, body, limits.max_payload + ENVELOPE_ALLOWANCE, "request body").await?;
         let record = produce::single(&headers, body, limits)?;
         produce::check_sizes(std::slice::from_ref(&record), limits)?;
@@ -182,6 +195,7 @@ async fn produce_batch(
     let result = async {
         let mode = ack_mode(&q)?;
         let (tl, limits) = admit(&s, &topic)?;
+        check_encoding(&headers)?;
         let body = read_body(&headers, body, s.config.max_batch_bytes, "batch body").await?;
         let records = produce::batch(&headers, &body, limits)?;
         produce::check_sizes(&records, limits)?;

@@ -199,10 +199,14 @@ fn check_attr_name(name: &str) -> Result<(), ApiError> {
     if name.is_empty() || name.len() > 20 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
         return Err(bad(format!("CloudEvent attribute {name:?}: names are 1-20 lowercase letters or digits")));
     }
+    // `data` is the payload; `ferry…` attributes are the ones Ferry adds
+    // when it delivers (delivery id, attempt, key, subscription).
+    if name == "data" || name.starts_with("ferry") {
+        return Err(bad(format!("CloudEvent attribute {name:?} is reserved")));
+    }
     Ok(())
 }
 
-/// A structured-mode CloudEvent (one JSON object).
 /// A structured-mode CloudEvent, `text` a JSON object. Its `data` is kept
 /// as the client wrote it (key order, number precision), as in batches.
 fn structured(text: &str, limits: Limits) -> Result<NewRecord, ApiError> {
@@ -316,6 +320,9 @@ fn entry(e: Entry<'_>, body: &Bytes, limits: Limits) -> Result<NewRecord, ApiErr
         }
         if lower == "content-type" || lower.starts_with("ferry-") || lower.starts_with("nats-") {
             return Err(bad(format!("header {name:?} is reserved; use the entry's fields")));
+        }
+        if let Some(attr) = lower.strip_prefix("ce-") {
+            check_attr_name(attr)?;
         }
         if value.chars().any(char::is_control) {
             return Err(bad(format!("header {name:?} contains control characters")));
@@ -536,6 +543,25 @@ mod tests {
             Err(ApiError::UnsupportedMediaType(_))
         ));
         assert!(batch(&hdrs(&[("content-type", "application/json")]), &Bytes::from_static(b"[]"), L).is_err());
+        // Reserved CloudEvent attributes, as entry headers or in any mode.
+        for name in ["ce-data", "ce-ferrykey", "ce-Bad_Name"] {
+            let entry = format!(r#"[{{"id":"a","headers":{{"{name}":"x"}}}}]"#);
+            let got = batch(&hdrs(&[("content-type", "application/json")]), &Bytes::from(entry), L);
+            assert!(matches!(&got, Err(ApiError::BadRequest(m)) if m.starts_with("message 0:")), "{name}: {got:?}");
+        }
+        let ok = batch(
+            &hdrs(&[("content-type", "application/json")]),
+            &Bytes::from_static(br#"[{"id":"a","headers":{"ce-subject":"x","x-trace":"y"}}]"#),
+            L,
+        )
+        .unwrap();
+        assert!(ok[0].headers.contains(&("ce-subject".to_owned(), "x".to_owned())));
+        let binary =
+            hdrs(&[("ce-specversion", "1.0"), ("ce-id", "e"), ("ce-source", "/s"), ("ce-type", "t"), ("ce-data", "x")]);
+        assert!(matches!(single(&binary, Bytes::new(), L), Err(ApiError::BadRequest(_))));
+        let structured = r#"{"specversion":"1.0","id":"e","source":"/s","type":"t","ferryattempt":"9"}"#;
+        let h = hdrs(&[("content-type", "application/cloudevents+json")]);
+        assert!(matches!(single(&h, structured.into(), L), Err(ApiError::BadRequest(_))));
     }
 
     #[test]
