@@ -296,3 +296,45 @@ async fn more_topics_with_a_backlog_than_the_shared_room_holds_all_drain_at_star
         assert_eq!(stored, per_topic as u64 + 1, "t{t}: every message stored once");
     }
 }
+
+#[tokio::test]
+async fn a_damaged_record_at_the_outbox_tail_is_skipped_and_the_outbox_drains() {
+    let mut nats = NatsServer::stopped();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    let client = http();
+    for (id, body) in [("d-1", "first-intact"), ("d-2", "second-intact"), ("d-3", "ROTTEN-PAYLOAD")] {
+        let resp =
+            client.post(sc.url("/v1/topics/audit/messages")).header("ferry-id", id).body(body).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+    }
+    // Bit rot in the last record, found by its payload in the segment file.
+    let dir = data.path().join("outbox").join("audit");
+    let seg = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .expect("a segment file");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.windows(14).position(|w| w == b"ROTTEN-PAYLOAD").expect("the payload on disk");
+    bytes[at] ^= 0x20;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    nats.start_again();
+    // The two intact records are forwarded; the damaged one is skipped and
+    // must not hold the outbox's confirmed offset back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, ready) = json(client.get(format!("{}/readyz", sc.admin)).send().await.unwrap()).await;
+        if ready["broker"]["connected"] == true && ready["outbox"]["audit"]["pending"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the outbox never drained: {ready}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let js = jetstream(&nats.url()).await;
+    let ids: Vec<String> =
+        stream_messages(&js, "FERRY_default_audit").await.iter().map(|m| header(m, "Nats-Msg-Id").unwrap()).collect();
+    assert_eq!(ids, ["d-1", "d-2"]);
+}

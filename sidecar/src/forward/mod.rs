@@ -134,10 +134,11 @@ struct Ctx {
     room: Arc<Semaphore>,
 }
 
-/// A publish awaiting its ack, with what to record when it comes.
+/// A publish awaiting its ack, with what to record when it comes; or, with
+/// no id, damaged records skipped up to `offset`, confirmed in their turn.
 struct InFlight {
     offset: u64,
-    id: String,
+    id: Option<String>,
     sent: Instant,
 }
 
@@ -236,7 +237,7 @@ impl Ctx {
         let mut end = log.subscribe();
         let mut next_read = *self.confirmed.borrow();
         let mut in_flight: FuturesOrdered<
-            futures::future::BoxFuture<'static, (InFlight, Result<crate::broker::PubAck, BrokerError>)>,
+            futures::future::BoxFuture<'static, (InFlight, Result<Option<crate::broker::PubAck>, BrokerError>)>,
         > = FuturesOrdered::new();
         let mut last_commit = Instant::now();
         let mut ticker = tokio::time::interval(COMMIT_EVERY);
@@ -272,9 +273,9 @@ impl Ctx {
                         Ok(p) => p,
                         Err(e) => return Outcome::Failed(e),
                     };
-                    let info = InFlight { offset: rec.offset, id: rec.id.clone(), sent: Instant::now() };
+                    let info = InFlight { offset: rec.offset, id: Some(rec.id.clone()), sent: Instant::now() };
                     in_flight.push_back(Box::pin(async move {
-                        let acked = pending.await;
+                        let acked = pending.await.map(Some);
                         drop(permit);
                         (info, acked)
                     }));
@@ -283,9 +284,15 @@ impl Ctx {
                 if out_of_room {
                     break;
                 }
-                if batch.records.is_empty() && batch.next > next_read && in_flight.is_empty() {
-                    // Only damaged records were skipped: nothing to confirm.
-                    let _ = self.confirmed.send(batch.next);
+                if batch.next > next_read {
+                    // Damaged records were skipped at the batch's end: nothing
+                    // to publish, they are confirmed once everything before is.
+                    if in_flight.is_empty() {
+                        let _ = self.confirmed.send(batch.next);
+                    } else {
+                        let info = InFlight { offset: batch.next - 1, id: None, sent: Instant::now() };
+                        in_flight.push_back(Box::pin(async move { (info, Ok(None)) }));
+                    }
                 }
                 next_read = batch.next;
             }
@@ -299,9 +306,11 @@ impl Ctx {
                     while let Some((info, result)) = next.take() {
                         match result {
                             Ok(ack) => {
-                                self.outbox.confirmed(&self.tl.topic, &info.id, info.offset, &ack.stream, ack.sequence);
-                                self.forwarded.inc();
-                                self.metrics.forward_duration.observe(info.sent.elapsed().as_secs_f64());
+                                if let (Some(id), Some(ack)) = (&info.id, ack) {
+                                    self.outbox.confirmed(&self.tl.topic, id, info.offset, &ack.stream, ack.sequence);
+                                    self.forwarded.inc();
+                                    self.metrics.forward_duration.observe(info.sent.elapsed().as_secs_f64());
+                                }
                                 confirmed = Some(info.offset + 1);
                             }
                             Err(e) => {
