@@ -476,20 +476,23 @@ impl Ctx {
         &self,
         msg: &Fetched,
         delivery_id: &str,
-        rx: tokio::sync::oneshot::Receiver<Callback>,
+        mut rx: tokio::sync::oneshot::Receiver<Callback>,
     ) -> (Option<Outcome>, Option<tokio::sync::oneshot::Sender<Result<(), String>>>) {
         let timeout = self.spec.processing_timeout.get();
         let mut stop = self.stop.clone();
         let waited = self
             .leased(msg, async {
                 tokio::select! {
-                    cb = rx => cb.ok(),
+                    cb = &mut rx => cb.ok(),
                     _ = tokio::time::sleep(timeout) => None,
                     _ = stop.wait_for(|s| *s) => None,
                 }
             })
             .await;
         self.deps.callbacks.forget(delivery_id);
+        // A callback handed over as the timeout (or the stop) fired is taken
+        // all the same: once forgotten, no other can come.
+        let waited = waited.or_else(|| rx.try_recv().ok());
         match waited {
             Some(Callback { verdict, done }) => {
                 let outcome = match verdict {
