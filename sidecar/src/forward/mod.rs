@@ -142,6 +142,10 @@ struct InFlight {
     sent: Instant,
 }
 
+/// An entry of the ack queue: its ack (`None` for skipped records) or why
+/// it failed.
+type Pending = futures::future::BoxFuture<'static, (InFlight, Result<Option<crate::broker::PubAck>, BrokerError>)>;
+
 enum Outcome {
     Stopped,
     Failed(BrokerError),
@@ -236,9 +240,7 @@ impl Ctx {
         let log = &tl.log;
         let mut end = log.subscribe();
         let mut next_read = *self.confirmed.borrow();
-        let mut in_flight: FuturesOrdered<
-            futures::future::BoxFuture<'static, (InFlight, Result<Option<crate::broker::PubAck>, BrokerError>)>,
-        > = FuturesOrdered::new();
+        let mut in_flight: FuturesOrdered<Pending> = FuturesOrdered::new();
         let mut last_commit = Instant::now();
         let mut ticker = tokio::time::interval(COMMIT_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
