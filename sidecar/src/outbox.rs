@@ -30,8 +30,16 @@ pub struct TopicLog {
     pub topic: String,
     /// The log.
     pub log: Log,
-    /// Partitions of the topic (from its spec; 1 when the topic is unknown).
-    pub partitions: u32,
+    /// Partitions of the topic (from its spec; 1 while the topic is unknown,
+    /// e.g. a log found on disk before the cluster config arrived).
+    partitions: std::sync::atomic::AtomicU32,
+}
+
+impl TopicLog {
+    /// Partitions of the topic, as its spec says now.
+    pub fn partitions(&self) -> u32 {
+        self.partitions.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Where a produced message is.
@@ -156,14 +164,18 @@ impl Outbox {
         Ok((outbox, reports))
     }
 
-    /// Opens a topic's log unless it is open already (a topic added at run time).
+    /// Opens a topic's log unless it is open already (a topic added at run
+    /// time); an open one takes the spec's partitions. (Its persistence
+    /// stays as it was opened until a restart: a log found on disk before
+    /// its spec was known is durable, the safe side.)
     pub fn ensure_topic(
         &self,
         topic: &str,
         persistence: Persistence,
         partitions: u32,
     ) -> Result<bool, ferry_log::Error> {
-        if self.topic(topic).is_some() {
+        if let Some(tl) = self.topic(topic) {
+            tl.partitions.store(partitions, std::sync::atomic::Ordering::Relaxed);
             return Ok(false);
         }
         self.open_topic(topic, persistence, partitions).map(|_| true)
@@ -176,7 +188,7 @@ impl Outbox {
         partitions: u32,
     ) -> Result<RecoveryReport, ferry_log::Error> {
         let (log, report) = Log::open(self.dir.join(topic), log_options(persistence, self.fsync, &self.budget))?;
-        let tl = Arc::new(TopicLog { topic: topic.to_owned(), log, partitions });
+        let tl = Arc::new(TopicLog { topic: topic.to_owned(), log, partitions: partitions.into() });
         self.logs.write().unwrap_or_else(|e| e.into_inner()).insert(topic.to_owned(), tl);
         Ok(report)
     }
@@ -306,6 +318,27 @@ mod fsync_policy_tests {
         assert_eq!(reserve(Persistence::BestEffort, FsyncPolicy::Always), 0);
         assert_eq!(reserve(Persistence::Durable, FsyncPolicy::Interval), 0);
         assert_eq!(reserve(Persistence::Durable, FsyncPolicy::Never), 0);
+    }
+}
+
+#[cfg(test)]
+mod open_tests {
+    use super::*;
+
+    #[test]
+    fn a_log_found_on_disk_takes_its_topics_partitions_once_the_spec_is_known() {
+        let data = tempfile::tempdir().unwrap();
+        let spec = BTreeMap::from([("orders".to_owned(), (Persistence::Durable, 4))]);
+        {
+            let (outbox, _) = Outbox::open(data.path(), 1 << 30, FsyncPolicy::Always, &spec).unwrap();
+            assert_eq!(outbox.topic("orders").unwrap().partitions(), 4);
+        }
+        // A cluster sidecar opens its outbox before the config arrives.
+        let (outbox, _) = Outbox::open(data.path(), 1 << 30, FsyncPolicy::Always, &BTreeMap::new()).unwrap();
+        let tl = outbox.topic("orders").expect("the log on disk is opened");
+        assert_eq!(tl.partitions(), 1);
+        assert!(!outbox.ensure_topic("orders", Persistence::Durable, 4).unwrap(), "already open");
+        assert_eq!(tl.partitions(), 4, "the open log takes the spec's partitions");
     }
 }
 

@@ -221,7 +221,7 @@ impl Ctx {
     }
 
     fn message(&self, rec: &ferry_log::Record) -> OutMessage {
-        let partition = naming::partition_of(rec.key.as_deref(), self.tl.partitions);
+        let partition = naming::partition_of(rec.key.as_deref(), self.tl.partitions());
         let mut headers = rec.headers.clone();
         if let Some(key) = &rec.key {
             headers.push((naming::headers::KEY.to_owned(), key.clone()));
