@@ -12,9 +12,9 @@ use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Reporter;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::ResourceExt;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Resource, ResourceExt};
 
 use crate::context::{Context, Error};
 use crate::jetstream::JetStream;
@@ -187,6 +187,22 @@ pub async fn run(client: kube::Client, nats: async_nats::Client, args: &crate::c
     }
 }
 
+/// What of a Topic or Subscription wakes its reconcile: a new generation (a
+/// spec change; marking it for deletion bumps it too) or a change of its
+/// finalizers (kube's finalizer helper adds one and waits for the event).
+/// Not a write of its status: a reconcile writes counters there, and each
+/// write would wake the next reconcile at once, non-stop while the counters
+/// move. They are refreshed by each reconcile's requeue period instead.
+pub fn wakes_reconcile<K: Resource>(obj: &K) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = obj.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut h);
+    meta.finalizers.hash(&mut h);
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    Some(h.finish())
+}
+
 /// Both controllers, until `stopped()` resolves.
 async fn controllers<S, F>(
     client: kube::Client,
@@ -202,7 +218,13 @@ async fn controllers<S, F>(
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let topic_controller = Controller::new(topics.clone(), watcher::Config::default())
+    let (topic_store, topic_writer) = reflector::store();
+    let topic_events = watcher(topics.clone(), watcher::Config::default())
+        .default_backoff()
+        .reflect(topic_writer)
+        .applied_objects()
+        .predicate_filter(wakes_reconcile::<Topic>, Default::default());
+    let topic_controller = Controller::for_stream(topic_events, topic_store)
         .graceful_shutdown_on(stopped())
         .run(instrumented("topic", metrics.clone(), crate::topic::reconcile), error_policy, ctx.clone())
         .for_each(|r| async move {
@@ -210,7 +232,13 @@ async fn controllers<S, F>(
                 tracing::debug!(error = %e, "topic reconcile");
             }
         });
-    let sub_controller = Controller::new(subs, watcher::Config::default());
+    let (sub_store, sub_writer) = reflector::store();
+    let sub_events = watcher(subs, watcher::Config::default())
+        .default_backoff()
+        .reflect(sub_writer)
+        .applied_objects()
+        .predicate_filter(wakes_reconcile::<Subscription>, Default::default());
+    let sub_controller = Controller::for_stream(sub_events, sub_store);
     let store = sub_controller.store();
     // A Topic that appears (or changes) wakes the Subscriptions that name it,
     // so `TopicNotFound` recovers by itself.
@@ -236,4 +264,35 @@ async fn controllers<S, F>(
             }
         });
     futures::join!(topic_controller, sub_controller);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_api::TopicSpec;
+    use kube::api::ObjectMeta;
+
+    #[test]
+    fn a_status_write_does_not_wake_a_reconcile_but_a_spec_change_a_finalizer_or_a_deletion_does() {
+        let topic = Topic {
+            metadata: ObjectMeta { name: Some("orders".into()), generation: Some(3), ..ObjectMeta::default() },
+            spec: TopicSpec::default(),
+            status: None,
+        };
+        let key = wakes_reconcile(&topic);
+        let mut status_only = topic.clone();
+        status_only.metadata.resource_version = Some("999".into());
+        status_only.status = Some(Default::default());
+        assert_eq!(wakes_reconcile(&status_only), key, "a status write");
+        let mut spec = topic.clone();
+        spec.metadata.generation = Some(4);
+        assert_ne!(wakes_reconcile(&spec), key, "a spec change");
+        let mut finalizer = topic.clone();
+        finalizer.metadata.finalizers = Some(vec!["ferry.dev/cleanup".into()]);
+        assert_ne!(wakes_reconcile(&finalizer), key, "a finalizer added");
+        let mut deleted = topic.clone();
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()));
+        assert_ne!(wakes_reconcile(&deleted), key, "marked for deletion");
+    }
 }
