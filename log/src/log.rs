@@ -153,9 +153,11 @@ impl Log {
         if !report.cursors_past_end.is_empty() {
             // Durably, before any record takes those offsets again: else a
             // crash before the next commit would bring the old cursor back
-            // past the new records.
-            write_atomic(&*fs, &dir, CURSORS_FILE, &cursors::encode(&cursors))
-                .map_err(|e| Error::io("writing", dir.join(CURSORS_FILE), e))?;
+            // past the new records. On a full disk the log still opens (its
+            // retention is what frees the disk); the next commit writes them.
+            if let Err(e) = write_atomic(&*fs, &dir, CURSORS_FILE, &cursors::encode(&cursors)) {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not write the moved cursors; the next commit will");
+            }
         }
         let bytes: u64 = recovered.segments.iter().map(|s| s.len).sum();
         opts.budget.add(bytes);

@@ -54,8 +54,11 @@ impl Callbacks {
 
     /// Hands a callback to its delivery; `None` when no delivery waits
     /// under that id (unknown, already settled, or timed out).
+    /// Sent under the lock: once [`Callbacks::forget`] returns, a callback
+    /// that found its delivery is already in the delivery's channel.
     pub fn resolve(&self, delivery_id: &str, verdict: Verdict) -> Option<oneshot::Receiver<Result<(), String>>> {
-        let tx = self.lock().remove(delivery_id)?;
+        let mut waiting = self.lock();
+        let tx = waiting.remove(delivery_id)?;
         let (done, rx) = oneshot::channel();
         tx.send(Callback { verdict, done }).ok()?;
         Some(rx)

@@ -562,7 +562,12 @@ impl Ctx {
             .headers
             .iter()
             .filter(|(n, _)| {
-                !n.to_ascii_lowercase().starts_with("ferry-origin") && !n.eq_ignore_ascii_case(headers::ATTEMPTS)
+                // A dead letter dead-lettered again gets these anew, so its
+                // headers do not grow with each hop.
+                !n.to_ascii_lowercase().starts_with("ferry-origin")
+                    && ![headers::ATTEMPTS, headers::LAST_STATUS, headers::LAST_ERROR]
+                        .iter()
+                        .any(|h| n.eq_ignore_ascii_case(h))
             })
             .cloned()
             .collect();

@@ -248,7 +248,9 @@ impl Ctx {
             // Fill the window from the log, as far as the shared room allows.
             let mut out_of_room = false;
             while !out_of_room && in_flight.len() < WINDOW && next_read < log.next_offset() {
-                let want = READ_BATCH.min(WINDOW - in_flight.len());
+                // No more than the room left (one at least, to wait for):
+                // else most of a read is thrown away when the room is short.
+                let want = READ_BATCH.min(WINDOW - in_flight.len()).min(self.room.available_permits().max(1));
                 let batch = match log.read(next_read, want, 1 << 20) {
                     Ok(b) => b,
                     Err(e) => return Outcome::Failed(BrokerError::Unavailable(format!("reading the outbox: {e}"))),
