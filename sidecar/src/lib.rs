@@ -536,6 +536,13 @@ pub async fn apply_resources(
         broker.ensure_stream(&ferry_api::stream_plan(&config.namespace, name, spec)).await?;
     }
     for (name, spec) in resources.subscriptions_of(&config.app_id) {
+        // A subscription whose topic is gone (deleted while the config
+        // still names it) has no stream to hold its consumer: retrying it
+        // for ever would keep every other one from starting.
+        if !resources.topics.contains_key(&spec.topic) {
+            tracing::warn!(subscription = %name, topic = %spec.topic, "the subscription's topic is not configured; its consumer waits for it");
+            continue;
+        }
         let plan = ferry_api::consumer_plan(&config.namespace, name, spec, Some(&config.pod_name));
         broker.ensure_consumer(&plan).await?;
     }

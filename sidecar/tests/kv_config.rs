@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ferry_api::subscription::SubscriptionSpec;
-use ferry_api::topic::TopicSpec;
+use ferry_api::topic::{DeletionPolicy, TopicSpec};
 use ferry_e2e::app::{Reply, TestApp};
 use ferry_operator::{build, jetstream::JetStream};
 use support::*;
@@ -97,4 +97,34 @@ async fn dead_lettered_messages_are_counted_where_the_operator_reads_them() {
     // Deleting the Subscription removes its count too.
     op.delete_subscription("default", "billing", "orders", "shop").await.unwrap();
     assert_eq!(op.dead_letter_count("default", "billing").await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_whose_topic_is_gone_does_not_keep_the_others_from_starting() {
+    let nats = NatsServer::start();
+    let op = JetStream::new(async_nats::connect(nats.url()).await.unwrap());
+    op.apply_topic(&build::topic("default", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let good = SubscriptionSpec { path: "/in".into(), ..SubscriptionSpec::new("orders", "shop") };
+    op.apply_subscription(&build::subscription("default", "billing", &good).unwrap()).await.unwrap();
+    // Its Topic is deleted (with its stream) while the config still names
+    // the subscription: no stream holds its consumer any more.
+    op.apply_topic(&build::topic("default", "gone", &TopicSpec::default()).unwrap()).await.unwrap();
+    let ghost = SubscriptionSpec { path: "/ghost".into(), ..SubscriptionSpec::new("gone", "shop") };
+    op.apply_subscription(&build::subscription("default", "ghost", &ghost).unwrap()).await.unwrap();
+    op.delete_topic("default", "gone", DeletionPolicy::Delete).await.unwrap();
+
+    let app = TestApp::start(|_, _| Reply::status(200)).await;
+    let data = tempfile::tempdir().unwrap();
+    let (mut sc, api) = sidecar_of_app_shop(&nats, &app, data.path());
+    sc.wait_for_line("configuration applied", START_TIMEOUT);
+    let resp = http()
+        .post(format!("http://127.0.0.1:{api}/v1/topics/orders/messages?ack=broker"))
+        .header("ferry-id", "kv-2")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let got = app.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!((got[0].id(), got[0].path.as_str()), ("kv-2", "/in"));
 }
