@@ -26,6 +26,21 @@ fn sidecar_of_app_shop(nats: &NatsServer, app: &TestApp, data: &std::path::Path)
     (Process::spawn("ferry-sidecar", cmd), api)
 }
 
+/// Produces `id` to `orders` with `ack=broker` and waits for the app to
+/// get it (as its first message) on `path`.
+async fn produce_and_see_it_pushed(api: u16, app: &TestApp, id: &str, path: &str) {
+    let resp = http()
+        .post(format!("http://127.0.0.1:{api}/v1/topics/orders/messages?ack=broker"))
+        .header("ferry-id", id)
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let got = app.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!((got[0].id(), got[0].path.as_str()), (id, path));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_the_operator_writes_reaches_a_running_sidecar_and_is_delivered() {
     let nats = NatsServer::start();
@@ -41,16 +56,7 @@ async fn a_subscription_the_operator_writes_reaches_a_running_sidecar_and_is_del
     let spec = SubscriptionSpec { path: "/in".into(), ..SubscriptionSpec::new("orders", "shop") };
     op.apply_subscription(&build::subscription("default", "billing", &spec).unwrap()).await.unwrap();
     sc.wait_for_line("starting subscription subscription=billing", START_TIMEOUT);
-    let resp = http()
-        .post(format!("http://127.0.0.1:{api}/v1/topics/orders/messages?ack=broker"))
-        .header("ferry-id", "kv-1")
-        .body("hello")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
-    let got = app.wait_for(1, Duration::from_secs(30)).await;
-    assert_eq!((got[0].id(), got[0].path.as_str()), ("kv-1", "/in"));
+    produce_and_see_it_pushed(api, &app, "kv-1", "/in").await;
 
     // A Subscription of another app is not this sidecar's.
     let other = SubscriptionSpec::new("orders", "other-app");
@@ -117,14 +123,5 @@ async fn a_subscription_whose_topic_is_gone_does_not_keep_the_others_from_starti
     let data = tempfile::tempdir().unwrap();
     let (mut sc, api) = sidecar_of_app_shop(&nats, &app, data.path());
     sc.wait_for_line("configuration applied", START_TIMEOUT);
-    let resp = http()
-        .post(format!("http://127.0.0.1:{api}/v1/topics/orders/messages?ack=broker"))
-        .header("ferry-id", "kv-2")
-        .body("hello")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
-    let got = app.wait_for(1, Duration::from_secs(30)).await;
-    assert_eq!((got[0].id(), got[0].path.as_str()), ("kv-2", "/in"));
+    produce_and_see_it_pushed(api, &app, "kv-2", "/in").await;
 }
