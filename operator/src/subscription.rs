@@ -57,7 +57,13 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
             }
         }
         let changed = ctx.js.apply_subscription(&desired).await.map_err(|e| {
-            let retry = matches!(e, ApplyError::BrokerUnavailable(_)).then_some(RETRY);
+            // A refusal can pass (JetStream answers 503 just after a
+            // restart): look again on the refresh period.
+            let retry = match e {
+                ApplyError::BrokerUnavailable(_) => Some(RETRY),
+                ApplyError::Refused(_) => Some(REFRESH),
+                ApplyError::ImmutableField { .. } => None,
+            };
             (e.category(), e.to_string(), retry)
         })?;
         if let Some(plan) = &desired.consumer {

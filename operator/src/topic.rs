@@ -62,7 +62,14 @@ async fn apply(api: &Api<Topic>, t: &Topic, ctx: &Context) -> Result<Action, Err
                 (true, "Reconciled", format!("stream {} ready", desired.stream.name), Some(REFRESH))
             }
             Err(e) => {
-                let retry = matches!(e, ApplyError::BrokerUnavailable(_)).then_some(BROKER_RETRY);
+                // A refusal can pass (JetStream answers 503 just after a
+                // restart): look again on the refresh period. Only a field
+                // that cannot change waits for a new spec.
+                let retry = match e {
+                    ApplyError::BrokerUnavailable(_) => Some(BROKER_RETRY),
+                    ApplyError::Refused(_) => Some(REFRESH),
+                    ApplyError::ImmutableField { .. } => None,
+                };
                 (false, e.category(), e.to_string(), retry)
             }
         },

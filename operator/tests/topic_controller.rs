@@ -96,6 +96,20 @@ async fn a_changed_storage_reports_immutable_field_with_a_warning_and_no_requeue
 }
 
 #[tokio::test]
+async fn a_refused_stream_is_reported_and_looked_at_again_on_the_refresh_period() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    // Three replicas on a single server: JetStream refuses the stream.
+    let t = topic(TopicSpec { replicas: 3, ..TopicSpec::default() }, true, false);
+    let run = tokio::spawn(ferry_operator::topic::reconcile(t.clone(), ctx));
+    let ev = expect(&mut handle, Method::POST, EVENTS, None).await;
+    assert_eq!(ev["reason"], "BrokerRefused", "{ev}");
+    let status = expect(&mut handle, Method::PATCH, STATUS, Some(serde_json::to_value(&*t).unwrap())).await;
+    assert_eq!(status["status"]["conditions"][0]["reason"], "BrokerRefused");
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::topic::REFRESH));
+}
+
+#[tokio::test]
 async fn with_the_broker_down_the_status_says_broker_unavailable_and_it_retries() {
     let mut nats = NatsServer::start();
     let (ctx, mut handle) = context(&nats).await;
