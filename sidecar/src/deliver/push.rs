@@ -96,10 +96,9 @@ pub struct Target {
     pub source: String,
     /// Longest the app may take to answer.
     pub timeout: Duration,
-    /// `subscription` and `source` as header values, checked once (`None`
-    /// when HTTP cannot carry them; the header is then left out).
+    /// `subscription` as a header value, checked once (`None` when HTTP
+    /// cannot carry it; the header is then left out).
     subscription_value: Option<HeaderValue>,
-    source_value: Option<HeaderValue>,
 }
 
 impl Target {
@@ -122,7 +121,6 @@ impl Target {
             uri,
             authorization,
             subscription_value: HeaderValue::from_str(subscription).ok(),
-            source_value: HeaderValue::from_str(&source).ok(),
             subscription: subscription.to_owned(),
             source,
             timeout,
@@ -178,64 +176,25 @@ fn add(map: &mut HeaderMap, name: &str, value: &str) {
     }
 }
 
-/// The names of the headers every push carries, parsed once.
+/// The names of the headers Ferry adds to every push, parsed once.
 mod names {
     use http::HeaderName;
-    pub const CE_ID: HeaderName = HeaderName::from_static("ce-id");
-    pub const CE_SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
-    pub const CE_SOURCE: HeaderName = HeaderName::from_static("ce-source");
-    pub const CE_TYPE: HeaderName = HeaderName::from_static("ce-type");
-    pub const CE_TIME: HeaderName = HeaderName::from_static("ce-time");
     pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
     pub const DELIVERY_ID: HeaderName = HeaderName::from_static(ferry_api::naming::headers::DELIVERY_ID);
     pub const ATTEMPT: HeaderName = HeaderName::from_static(ferry_api::naming::headers::ATTEMPT);
     pub const SUBSCRIPTION: HeaderName = HeaderName::from_static(ferry_api::naming::headers::SUBSCRIPTION);
 }
 
-/// The headers of a binary-mode push: the same attributes as
-/// [`attributes`] (stored `ce-*` headers, `ce-id` the message id, defaults
-/// for the rest), the stored `content-type` and `ferry-*` headers, then the
-/// trace and delivery headers. Built without [`attributes`]' list: this runs
-/// once per push.
+/// The headers of a binary-mode push: the message's CloudEvent
+/// [`attributes`], its stored `content-type` and `ferry-*` headers, then
+/// the trace and delivery headers.
 fn binary_headers(t: &Target, m: &Fetched, delivery_id: &str, attempt: u32) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(16);
-    let (mut specversion, mut source, mut kind, mut time) = (false, false, false, false);
-    for (name, value) in &m.headers {
-        if name.starts_with("ce-") {
-            match name.as_str() {
-                "ce-id" => continue,
-                "ce-specversion" => specversion = true,
-                "ce-source" => source = true,
-                "ce-type" => kind = true,
-                "ce-time" => time = true,
-                _ => {}
-            }
-            add(&mut map, name, value);
-        }
-    }
-    if let Ok(id) = HeaderValue::from_str(&m.id) {
-        map.append(names::CE_ID, id);
-    }
-    if !specversion {
-        map.append(names::CE_SPECVERSION, HeaderValue::from_static("1.0"));
-    }
-    if !source {
-        if let Some(v) = &t.source_value {
-            map.append(names::CE_SOURCE, v.clone());
-        }
-    }
-    if !kind {
-        map.append(names::CE_TYPE, HeaderValue::from_static("dev.ferry.message"));
-    }
-    if !time {
-        if let Ok(v) = HeaderValue::from_str(&rfc3339(m.published_ms)) {
-            map.append(names::CE_TIME, v);
-        }
+    for (name, value) in attributes(m, &t.source) {
+        add(&mut map, name, &value);
     }
     if let Some(ct) = m.header("content-type") {
-        if let Ok(v) = HeaderValue::from_str(ct) {
-            map.append(http::header::CONTENT_TYPE, v);
-        }
+        add(&mut map, "content-type", ct);
     }
     // Ferry's own headers a message carries (a dead letter's origin,
     // attempts and last error; the key) go to the app as they are.
