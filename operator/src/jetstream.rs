@@ -30,6 +30,18 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
+    /// When to look again: soon (`unavailable`) for a broker out of reach,
+    /// on the refresh period for a refusal, which can pass (JetStream
+    /// answers 503 just after a restart); never for a field that cannot
+    /// change, which waits for a new spec.
+    pub fn retry(&self, unavailable: std::time::Duration, refresh: std::time::Duration) -> Option<std::time::Duration> {
+        match self {
+            ApplyError::BrokerUnavailable(_) => Some(unavailable),
+            ApplyError::Refused(_) => Some(refresh),
+            ApplyError::ImmutableField { .. } => None,
+        }
+    }
+
     /// The condition reason and metric label.
     pub fn category(&self) -> &'static str {
         match self {

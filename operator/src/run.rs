@@ -13,7 +13,7 @@ use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::{predicates, watcher, Predicate, WatchStreamExt};
 use kube::{Resource, ResourceExt};
 
 use crate::context::{Context, Error};
@@ -187,20 +187,17 @@ pub async fn run(client: kube::Client, nats: async_nats::Client, args: &crate::c
     }
 }
 
-/// What of a Topic or Subscription wakes its reconcile: a new generation (a
-/// spec change; marking it for deletion bumps it too) or a change of its
-/// finalizers (kube's finalizer helper adds one and waits for the event).
-/// Not a write of its status: a reconcile writes counters there, and each
-/// write would wake the next reconcile at once, non-stop while the counters
-/// move. They are refreshed by each reconcile's requeue period instead.
-pub fn wakes_reconcile<K: Resource>(obj: &K) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let meta = obj.meta();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    meta.generation.hash(&mut h);
-    meta.finalizers.hash(&mut h);
-    meta.deletion_timestamp.is_some().hash(&mut h);
-    Some(h.finish())
+/// What of a Topic or Subscription wakes its reconcile (kube's predicates):
+/// a new generation (a spec change; marking it for deletion bumps it too), a
+/// change of its finalizers (kube's finalizer helper adds one and waits for
+/// the event), or the deletion mark itself. Not a write of its status: a
+/// reconcile writes counters there, and each write would wake the next
+/// reconcile at once, non-stop while the counters move. They are refreshed
+/// by each reconcile's requeue period instead.
+pub fn wakes_reconcile<K: Resource + 'static>() -> impl Predicate<K> {
+    predicates::generation
+        .combine(predicates::finalizers)
+        .combine(|obj: &K| Some(u64::from(obj.meta().deletion_timestamp.is_some())))
 }
 
 /// Both controllers, until `stopped()` resolves.
@@ -223,7 +220,7 @@ async fn controllers<S, F>(
         .default_backoff()
         .reflect(topic_writer)
         .applied_objects()
-        .predicate_filter(wakes_reconcile::<Topic>, Default::default());
+        .predicate_filter(wakes_reconcile::<Topic>(), Default::default());
     let topic_controller = Controller::for_stream(topic_events, topic_store)
         .graceful_shutdown_on(stopped())
         .run(instrumented("topic", metrics.clone(), crate::topic::reconcile), error_policy, ctx.clone())
@@ -237,7 +234,7 @@ async fn controllers<S, F>(
         .default_backoff()
         .reflect(sub_writer)
         .applied_objects()
-        .predicate_filter(wakes_reconcile::<Subscription>, Default::default());
+        .predicate_filter(wakes_reconcile::<Subscription>(), Default::default());
     let sub_controller = Controller::for_stream(sub_events, sub_store);
     let store = sub_controller.store();
     // A Topic that appears (or changes) wakes the Subscriptions that name it,
@@ -279,20 +276,21 @@ mod tests {
             spec: TopicSpec::default(),
             status: None,
         };
-        let key = wakes_reconcile(&topic);
+        let wakes = wakes_reconcile::<Topic>();
+        let key = wakes.hash_property(&topic);
         let mut status_only = topic.clone();
         status_only.metadata.resource_version = Some("999".into());
         status_only.status = Some(Default::default());
-        assert_eq!(wakes_reconcile(&status_only), key, "a status write");
+        assert_eq!(wakes.hash_property(&status_only), key, "a status write");
         let mut spec = topic.clone();
         spec.metadata.generation = Some(4);
-        assert_ne!(wakes_reconcile(&spec), key, "a spec change");
+        assert_ne!(wakes.hash_property(&spec), key, "a spec change");
         let mut finalizer = topic.clone();
         finalizer.metadata.finalizers = Some(vec!["ferry.dev/cleanup".into()]);
-        assert_ne!(wakes_reconcile(&finalizer), key, "a finalizer added");
+        assert_ne!(wakes.hash_property(&finalizer), key, "a finalizer added");
         let mut deleted = topic.clone();
         deleted.metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()));
-        assert_ne!(wakes_reconcile(&deleted), key, "marked for deletion");
+        assert_ne!(wakes.hash_property(&deleted), key, "marked for deletion");
     }
 }

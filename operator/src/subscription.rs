@@ -14,8 +14,8 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as Finalize};
 use kube::{Resource, ResourceExt};
 
+use crate::build;
 use crate::context::{ready_condition, Context, Error, FIELD_MANAGER, FINALIZER};
-use crate::{build, jetstream::ApplyError};
 
 /// How often status counters are refreshed for a ready Subscription.
 pub const REFRESH: Duration = Duration::from_secs(30);
@@ -56,16 +56,11 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
                 return Err(("TopicNotFound", format!("{field}: no Topic {topic:?} in namespace {ns:?}"), Some(RETRY)));
             }
         }
-        let changed = ctx.js.apply_subscription(&desired).await.map_err(|e| {
-            // A refusal can pass (JetStream answers 503 just after a
-            // restart): look again on the refresh period.
-            let retry = match e {
-                ApplyError::BrokerUnavailable(_) => Some(RETRY),
-                ApplyError::Refused(_) => Some(REFRESH),
-                ApplyError::ImmutableField { .. } => None,
-            };
-            (e.category(), e.to_string(), retry)
-        })?;
+        let changed = ctx
+            .js
+            .apply_subscription(&desired)
+            .await
+            .map_err(|e| (e.category(), e.to_string(), e.retry(RETRY, REFRESH)))?;
         if let Some(plan) = &desired.consumer {
             status.consumer = Some(plan.name.clone());
             if let Ok((pending, in_flight, redelivered)) = ctx.js.consumer_counts(&plan.stream, &plan.name).await {

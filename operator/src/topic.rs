@@ -12,8 +12,8 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as Finalize};
 use kube::{Resource, ResourceExt};
 
+use crate::build;
 use crate::context::{ready_condition, Context, Error, FIELD_MANAGER, FINALIZER};
-use crate::{build, jetstream::ApplyError};
 
 /// How often status counters are refreshed for a ready Topic.
 pub const REFRESH: Duration = Duration::from_secs(60);
@@ -61,17 +61,7 @@ async fn apply(api: &Api<Topic>, t: &Topic, ctx: &Context) -> Result<Action, Err
                 }
                 (true, "Reconciled", format!("stream {} ready", desired.stream.name), Some(REFRESH))
             }
-            Err(e) => {
-                // A refusal can pass (JetStream answers 503 just after a
-                // restart): look again on the refresh period. Only a field
-                // that cannot change waits for a new spec.
-                let retry = match e {
-                    ApplyError::BrokerUnavailable(_) => Some(BROKER_RETRY),
-                    ApplyError::Refused(_) => Some(REFRESH),
-                    ApplyError::ImmutableField { .. } => None,
-                };
-                (false, e.category(), e.to_string(), retry)
-            }
+            Err(e) => (false, e.category(), e.to_string(), e.retry(BROKER_RETRY, REFRESH)),
         },
     };
     let previous = t.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
