@@ -53,6 +53,11 @@ impl Sidecar {
         self.resources.read().unwrap_or_else(|e| e.into_inner()).topics.get(topic).cloned()
     }
 
+    /// True when `topic` is configured (without copying its spec).
+    pub fn knows_topic(&self, topic: &str) -> bool {
+        self.resources.read().unwrap_or_else(|e| e.into_inner()).topics.contains_key(topic)
+    }
+
     /// True after SIGTERM.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)

@@ -99,7 +99,7 @@ pub fn wire_headers(r: &NewRecord) -> usize {
 /// Checks what the broker would refuse for good, so that an accepted
 /// message can always be forwarded: headers within their room, and headers
 /// and payload together within the broker's largest message.
-pub fn check_sizes(records: &[NewRecord], limits: Limits) -> Result<(), ApiError> {
+fn check_sizes(records: &[NewRecord], limits: Limits) -> Result<(), ApiError> {
     for r in records {
         let h = wire_headers(r);
         if h > limits.max_headers {
@@ -134,8 +134,14 @@ fn record(
     Ok(NewRecord { timestamp_ms: now_ms(), id, key, headers, payload })
 }
 
-/// One message from a single-produce request.
+/// One message from a single-produce request, within `limits`.
 pub fn single(h: &HeaderMap, body: Bytes, limits: Limits) -> Result<NewRecord, ApiError> {
+    let record = single_record(h, body, limits)?;
+    check_sizes(std::slice::from_ref(&record), limits)?;
+    Ok(record)
+}
+
+fn single_record(h: &HeaderMap, body: Bytes, limits: Limits) -> Result<NewRecord, ApiError> {
     let ferry_id = header_str(h, headers::ID)?.map(str::to_owned);
     let key = header_str(h, headers::KEY)?.map(str::to_owned);
     let media = media_type(h);
@@ -346,7 +352,7 @@ fn entry(e: Entry<'_>, body: &Bytes, limits: Limits) -> Result<NewRecord, ApiErr
     record(e.id.unwrap_or_else(new_id), e.key, hdrs, payload, limits)
 }
 
-/// The messages of a batch request, all or nothing.
+/// The messages of a batch request, all or nothing, each within `limits`.
 pub fn batch(h: &HeaderMap, body: &Bytes, limits: Limits) -> Result<Vec<NewRecord>, ApiError> {
     let media = media_type(h).unwrap_or_default();
     let records: Vec<NewRecord> = match media.as_str() {
@@ -395,6 +401,7 @@ pub fn batch(h: &HeaderMap, body: &Bytes, limits: Limits) -> Result<Vec<NewRecor
     if records.len() > MAX_BATCH_MESSAGES {
         return Err(bad(format!("a batch holds at most {MAX_BATCH_MESSAGES} messages")));
     }
+    check_sizes(&records, limits)?;
     Ok(records)
 }
 
