@@ -135,7 +135,7 @@ impl Log {
         }
         let recovered = recover(&*fs, &dir)?;
         let mut report = recovered.report;
-        let cursors = match fs.read(&dir.join(CURSORS_FILE)) {
+        let mut cursors = match fs.read(&dir.join(CURSORS_FILE)) {
             Ok(buf) => cursors::decode(&buf).unwrap_or_else(|why| {
                 tracing::warn!(dir = %dir.display(), why, "cursor file damaged; cursors restart from the log start");
                 report.cursors_damaged = Some(why);
@@ -143,7 +143,6 @@ impl Log {
             }),
             Err(_) => BTreeMap::new(),
         };
-        let mut cursors = cursors;
         let next = recovered.segments.last().map_or(0, Segment::end_offset);
         for (name, at) in cursors.iter_mut().filter(|(_, at)| **at > next) {
             tracing::warn!(dir = %dir.display(), cursor = %name, was = *at, now = next, "cursor was past the recovered end of the log (its tail was lost); moved back to the end");
