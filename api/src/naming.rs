@@ -68,6 +68,11 @@ impl std::fmt::Display for NameError {
 
 impl std::error::Error for NameError {}
 
+/// A DNS-1123 label as a regular expression: the CRDs' `pattern` for
+/// `metadata.name` and the names in a spec. Kubernetes itself accepts names
+/// with dots (DNS-1123 subdomains), but a dot would split a NATS subject.
+pub const LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
 /// Checks a DNS-1123 label.
 pub fn validate_label(what: &'static str, value: &str) -> Result<(), NameError> {
     let ok = !value.is_empty()

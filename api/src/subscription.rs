@@ -1,17 +1,18 @@
 //! The `Subscription` resource: one consumer group of an app on a topic.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
+use crate::naming::LABEL_PATTERN;
 
 /// A subscription: every pod of `app` shares its messages (each message goes
 /// to one pod), unless `fanout: Pod` gives every pod every message.
 // Several `printcolumn(...)` are the kube derive's syntax, not duplicates.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, KubeSchema)]
 #[kube(
     group = "ferry.dev",
     version = "v1alpha1",
@@ -27,11 +28,23 @@ use crate::duration::Duration;
     printcolumn(name = "Lag", type_ = "integer", json_path = ".status.pending"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+#[x_kube(validation = Rule::new("!has(self.deadLetterTopic) || self.deadLetterTopic != self.topic")
+    .message("deadLetterTopic must differ from topic"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.batch) || !has(self.batch.maxMessages) || self.batch.maxMessages <= 1 || !has(self.ordering) || self.ordering == 'None'"
+).message("bulk push (batch.maxMessages > 1) needs ordering None"))]
+#[cfg_attr(feature = "cel", kube(cel))]
 #[serde(rename_all = "camelCase")]
 pub struct SubscriptionSpec {
-    /// The Topic (same namespace) this subscription reads.
+    /// The Topic (same namespace) this subscription reads. Cannot be
+    /// changed: make a new Subscription instead.
+    #[schemars(length(min = 1, max = 63), regex(pattern = LABEL_PATTERN))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.topic cannot be changed"))]
     pub topic: String,
-    /// The app id whose sidecars consume: pods annotated `ferry.dev/app-id: <app>`.
+    /// The app id whose sidecars consume: pods annotated `ferry.dev/app-id:
+    /// <app>`. Cannot be changed: make a new Subscription instead.
+    #[schemars(length(min = 1, max = 63), regex(pattern = LABEL_PATTERN))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.app cannot be changed"))]
     pub app: String,
     /// `Push` (default: the sidecar POSTs each message to the app) or
     /// `Pull` (the app fetches from `GET /v1/subscriptions/{name}/messages`).
@@ -59,6 +72,7 @@ pub struct SubscriptionSpec {
     /// Topic (same namespace) that rejected and exhausted messages go to.
     /// Unset: they are dropped, with a log line and a metric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = LABEL_PATTERN))]
     pub dead_letter_topic: Option<String>,
     /// `None` (default: fastest, parallel), `Key` (messages of one key one
     /// at a time, in order; other keys in parallel), or `Strict` (one
@@ -66,8 +80,10 @@ pub struct SubscriptionSpec {
     #[serde(default)]
     pub ordering: Ordering,
     /// `Group` (default: each message to one pod of the app) or `Pod`
-    /// (every pod gets every message, on its own consumer).
+    /// (every pod gets every message, on its own consumer). Cannot be
+    /// changed: make a new Subscription instead.
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.fanout cannot be changed"))]
     pub fanout: Fanout,
     /// Where a new subscription starts: `Latest` (default: messages produced
     /// from now on) or `Earliest` (everything the topic still holds).

@@ -1,7 +1,7 @@
 //! The `Topic` resource: a named stream of messages.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -10,7 +10,7 @@ use crate::duration::Duration;
 /// A topic: producers write to it, every Subscription of it gets every message.
 // Several `printcolumn(...)` are the kube derive's syntax, not duplicates.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, KubeSchema)]
 #[kube(
     group = "ferry.dev",
     version = "v1alpha1",
@@ -25,6 +25,7 @@ use crate::duration::Duration;
     printcolumn(name = "Messages", type_ = "integer", json_path = ".status.messages"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+#[cfg_attr(feature = "cel", kube(cel))]
 #[serde(rename_all = "camelCase")]
 pub struct TopicSpec {
     /// How long and how much the broker keeps. Unset limits are unlimited.
@@ -32,7 +33,9 @@ pub struct TopicSpec {
     pub retention: Retention,
     /// Where the broker stores messages: `File` (default, survives broker
     /// restarts) or `Memory` (faster, lost when the broker restarts).
+    /// Cannot be changed: JetStream cannot move a stream between the two.
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.storage cannot be changed"))]
     pub storage: Storage,
     /// Broker replicas of the stream (1-5; default 1). Cannot be changed
     /// above 1 on a single-node broker.

@@ -44,6 +44,9 @@ fn the_subscription_crd_has_its_names_columns_validation_and_descriptions() {
     let rules: Vec<&str> =
         spec["x-kubernetes-validations"].as_array().unwrap().iter().map(|r| r["rule"].as_str().unwrap()).collect();
     assert!(rules.iter().any(|r| r.contains("self.deadLetterTopic != self.topic")), "{rules:?}");
+    for field in ["topic", "app", "fanout"] {
+        assert_eq!(spec["properties"][field]["x-kubernetes-validations"][0]["rule"], "self == oldSelf", "{field}");
+    }
     for (field, schema) in spec["properties"].as_object().unwrap() {
         assert!(
             schema["description"].as_str().is_some_and(|d| !d.is_empty()),
@@ -65,5 +68,23 @@ fn the_topic_crd_has_its_names_columns_and_ranges() {
     assert_eq!(spec["properties"]["storage"]["enum"], serde_json::json!(["File", "Memory"]));
     for (field, schema) in spec["properties"].as_object().unwrap() {
         assert!(schema["description"].as_str().is_some_and(|d| !d.is_empty()), "spec.{field} has no description");
+    }
+}
+
+/// Kubernetes takes names with dots; a dot would split a NATS subject, so
+/// both CRDs restrict `metadata.name` to a DNS label (a schema pattern: the
+/// API server refuses `orders.v1` when it is applied).
+#[test]
+fn both_crds_restrict_metadata_name_to_a_dns_label() {
+    let pattern = regex::Regex::new(ferry_api::naming::LABEL_PATTERN).unwrap();
+    for name in ["topics.ferry.dev", "subscriptions.ferry.dev"] {
+        let c = crd(name);
+        let schema = &c["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["metadata"];
+        assert_eq!(schema["type"], "object", "{name}");
+        let field = &schema["properties"]["name"];
+        assert_eq!(field["maxLength"], 63, "{name}");
+        assert_eq!(field["pattern"], ferry_api::naming::LABEL_PATTERN, "{name}");
+        assert_eq!(schema["properties"].as_object().unwrap().len(), 1, "only name may be restricted: {schema}");
+        assert!(!pattern.is_match("orders.v1") && pattern.is_match("orders-v1"));
     }
 }
