@@ -18,6 +18,9 @@ pub struct DesiredTopic {
 /// What a Subscription should be on the broker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredSubscription {
+    /// The stream of its topic, which must exist before the subscription is
+    /// ready (in both fanouts).
+    pub stream: String,
     /// The group consumer (`fanout: Pod` consumers are made by each sidecar).
     pub consumer: Option<ConsumerPlan>,
     /// KV key and JSON value for the sidecars of its app.
@@ -51,6 +54,7 @@ pub fn subscription(
     let consumer =
         (spec.fanout == ferry_api::subscription::Fanout::Group).then(|| consumer_plan(namespace, name, spec, None));
     Ok(DesiredSubscription {
+        stream: naming::stream_name(namespace, &spec.topic),
         consumer,
         kv: (
             naming::subscription_key(namespace, &spec.app, name),

@@ -150,9 +150,16 @@ impl JetStream {
     }
 
     /// Deletes a Topic's broker objects per its deletion policy (the KV entry
-    /// always goes). Not found is success.
+    /// always goes). Not found is success, and so are names NATS cannot hold
+    /// (a Topic `orders.v1`, from before the CRD refused them): nothing was
+    /// ever made under them. The KV entry goes first, so no sidecar re-creates
+    /// the stream from it after the stream is gone.
     pub async fn delete_topic(&self, namespace: &str, name: &str, policy: DeletionPolicy) -> Result<(), ApplyError> {
+        if !valid_names(&[namespace, name]) {
+            return Ok(());
+        }
         self.connected()?;
+        self.delete_key(&naming::topic_key(namespace, name)).await?;
         if policy == DeletionPolicy::Delete {
             match self.js.delete_stream(naming::stream_name(namespace, name)).await {
                 Ok(_) => {}
@@ -160,15 +167,17 @@ impl JetStream {
                 Err(e) => return Err(classify(&self.client, e)),
             }
         }
-        self.delete_key(&naming::topic_key(namespace, name)).await
+        Ok(())
     }
 
-    /// Creates or updates a Subscription's consumer and KV entry.
+    /// Creates or updates a Subscription's consumer and KV entry. Its topic's
+    /// stream must exist, for a `fanout: Pod` subscription too (whose
+    /// consumers the sidecars make).
     pub async fn apply_subscription(&self, d: &DesiredSubscription) -> Result<bool, ApplyError> {
         self.connected()?;
         let mut changed = false;
+        let stream = self.js.get_stream(&d.stream).await.map_err(|e| classify(&self.client, e))?;
         if let Some(plan) = &d.consumer {
-            let stream = self.js.get_stream(&plan.stream).await.map_err(|e| classify(&self.client, e))?;
             let want = plan.to_jetstream();
             let same = match stream.consumer_info(&plan.name).await {
                 Ok(info) => {
@@ -189,7 +198,8 @@ impl JetStream {
         Ok(changed)
     }
 
-    /// Deletes a Subscription's consumer (if its stream still exists) and KV entry.
+    /// Deletes a Subscription's consumer (if its stream still exists) and KV
+    /// entries. Names NATS cannot hold are skipped, as in [`Self::delete_topic`].
     pub async fn delete_subscription(
         &self,
         namespace: &str,
@@ -197,16 +207,31 @@ impl JetStream {
         topic: &str,
         app: &str,
     ) -> Result<(), ApplyError> {
+        if !valid_names(&[namespace, name]) {
+            return Ok(());
+        }
         self.connected()?;
-        if let Ok(stream) = self.js.get_stream(naming::stream_name(namespace, topic)).await {
-            match stream.delete_consumer(&naming::consumer_name(name)).await {
-                Ok(_) => {}
-                Err(e) if e.to_string().contains("not found") => {}
-                Err(e) => return Err(classify(&self.client, e)),
+        if valid_names(&[topic]) {
+            if let Ok(stream) = self.js.get_stream(naming::stream_name(namespace, topic)).await {
+                match stream.delete_consumer(&naming::consumer_name(name)).await {
+                    Ok(_) => {}
+                    Err(e) if e.to_string().contains("not found") => {}
+                    Err(e) => return Err(classify(&self.client, e)),
+                }
             }
         }
-        self.delete_key(&naming::subscription_key(namespace, app, name)).await?;
+        self.withdraw_subscription(namespace, app, name).await?;
         self.delete_key(&naming::dead_letter_count_key(namespace, name)).await
+    }
+
+    /// Removes a Subscription's entry from the sidecars' config, keeping its
+    /// consumer: its Topic is gone, so its sidecars stop, and they pick up
+    /// where they were if the Topic comes back with its stream kept.
+    pub async fn withdraw_subscription(&self, namespace: &str, app: &str, name: &str) -> Result<(), ApplyError> {
+        if !valid_names(&[namespace, app, name]) {
+            return Ok(());
+        }
+        self.delete_key(&naming::subscription_key(namespace, app, name)).await
     }
 
     /// How many messages the sidecars dead-lettered for a subscription (the
@@ -234,6 +259,11 @@ impl JetStream {
         let info = s.info().await.map_err(|e| classify(&self.client, e))?;
         Ok((info.state.messages, info.state.bytes))
     }
+}
+
+/// Whether each name is one Ferry could have made broker objects under.
+fn valid_names(names: &[&str]) -> bool {
+    names.iter().all(|n| naming::validate_label("name", n).is_ok())
 }
 
 /// Whether the stream config already matches on every field Ferry sets.

@@ -1,7 +1,8 @@
 //! The Subscription controller: validate → build (pure) → apply (consumer,
 //! KV) → status. A Subscription whose Topic does not exist reports
-//! `TopicNotFound` and recovers by itself when the Topic appears (the
-//! controller watches Topics and maps them to their Subscriptions).
+//! `TopicNotFound`, is withdrawn from the sidecars' config (its consumer is
+//! kept), and recovers by itself when the Topic appears (the controller
+//! watches Topics and maps them to their Subscriptions).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,7 +54,17 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
             .chain(s.spec.dead_letter_topic.iter().map(|t| ("spec.deadLetterTopic", t)))
         {
             if topics.get_opt(topic).await.map_err(|e| ("KubeApi", e.to_string(), Some(RETRY)))?.is_none() {
-                return Err(("TopicNotFound", format!("{field}: no Topic {topic:?} in namespace {ns:?}"), Some(RETRY)));
+                let mut message = format!("{field}: no Topic {topic:?} in namespace {ns:?}");
+                // Without its topic the sidecars cannot run it: take it out of
+                // their config (a Topic deleted after the Subscription would
+                // otherwise leave the entry there for good).
+                if field == "spec.topic" {
+                    match ctx.js.withdraw_subscription(&ns, &s.spec.app, &name).await {
+                        Ok(()) => message.push_str("; withdrawn from the sidecars' config until it exists"),
+                        Err(e) => message.push_str(&format!("; not yet withdrawn from the sidecars' config: {e}")),
+                    }
+                }
+                return Err(("TopicNotFound", message, Some(RETRY)));
             }
         }
         let changed = ctx

@@ -114,3 +114,90 @@ async fn deleting_removes_the_consumer_the_config_and_the_count_then_the_finaliz
     assert!(kv.get("_stats.shop.invoices.deadLettered").await.unwrap().is_none(), "the count is deleted");
     assert!(raw.get_stream("FERRY_shop_orders").await.is_ok(), "the Topic's stream stays");
 }
+
+/// A Topic deleted after its Subscription (stream kept, `Retain`): the
+/// Subscription reports `TopicNotFound` and leaves the sidecars' config, so
+/// they stop retrying a consumer nothing feeds; the consumer stays, with its
+/// position, for when the Topic comes back.
+#[tokio::test]
+async fn a_subscription_whose_topic_was_deleted_leaves_the_sidecars_config_and_keeps_its_consumer() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    let spec = TopicSpec { deletion_policy: ferry_api::topic::DeletionPolicy::Retain, ..TopicSpec::default() };
+    ctx.js.apply_topic(&ferry_operator::build::topic("shop", "orders", &spec).unwrap()).await.unwrap();
+    let s = subscription();
+    ctx.js
+        .apply_subscription(&ferry_operator::build::subscription("shop", "invoices", &s.spec).unwrap())
+        .await
+        .unwrap();
+    ctx.js.delete_topic("shop", "orders", spec.deletion_policy).await.unwrap();
+    let raw = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let kv = raw.get_key_value("ferry-config").await.unwrap();
+    assert!(kv.get("shop.app.billing.invoices").await.unwrap().is_some(), "the entry is there before");
+
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx));
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::NOT_FOUND, Some(not_found())).await;
+    expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&*s).unwrap())).await;
+    let cond = &status["status"]["conditions"][0];
+    assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("TopicNotFound")));
+    assert!(cond["message"].as_str().unwrap().contains("withdrawn from the sidecars' config"), "{cond}");
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::subscription::RETRY));
+
+    assert!(kv.get("shop.app.billing.invoices").await.unwrap().is_none(), "the sidecars' entry is withdrawn");
+    let stream = raw.get_stream("FERRY_shop_orders").await.unwrap();
+    assert!(stream.consumer_info("invoices").await.is_ok(), "the consumer is kept");
+}
+
+/// `fanout: Pod` has no group consumer to make, but it still needs its
+/// topic's stream: while the Topic exists only in Kubernetes (its stream not
+/// made yet, or refused), the Subscription is not Ready and the sidecars get
+/// no entry to fail on.
+#[tokio::test]
+async fn a_pod_fanout_subscription_is_not_ready_while_its_topics_stream_is_missing() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    let mut s = (*subscription()).clone();
+    s.spec.fanout = ferry_api::subscription::Fanout::Pod;
+    let s = Arc::new(s);
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx));
+    let topic = serde_json::to_value(Topic::new("orders", TopicSpec::default())).unwrap();
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic)).await;
+    let ev = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    assert_eq!(ev["type"], "Warning", "{ev}");
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&*s).unwrap())).await;
+    let cond = &status["status"]["conditions"][0];
+    assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("BrokerRefused")), "{cond}");
+    assert!(cond["message"].as_str().unwrap().contains("not found"), "{cond}");
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::subscription::REFRESH));
+    let raw = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    // No bucket at all is no entry too: nothing was written.
+    if let Ok(kv) = raw.get_key_value("ferry-config").await {
+        assert!(kv.get("shop.app.billing.invoices").await.unwrap().is_none(), "no entry for the sidecars");
+    }
+}
+
+/// A Subscription made before the CRD refused such names (`app` with a
+/// space, a topic with a dot) never got broker objects; deleting it must not
+/// wait for the broker to accept names it cannot hold.
+#[tokio::test]
+async fn deleting_a_subscription_with_names_nats_cannot_hold_removes_the_finalizer() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    let mut s = (*subscription()).clone();
+    s.spec.app = "billing app".into();
+    s.spec.topic = "orders.v1".into();
+    s.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(Arc::new(s.clone()), ctx));
+    let ev = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    assert_eq!(ev["reason"], "Deleted", "{ev}");
+    let mut gone = s.clone();
+    gone.metadata.finalizers = None;
+    let patch =
+        expect(&mut handle, Method::PATCH, OBJECT, StatusCode::OK, Some(serde_json::to_value(&gone).unwrap())).await;
+    assert!(patch.to_string().contains("finalizers"), "the finalizer is removed: {patch}");
+    assert_eq!(run.await.unwrap().unwrap(), Action::await_change());
+}

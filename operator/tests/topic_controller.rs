@@ -144,3 +144,23 @@ async fn deleting_removes_the_stream_per_policy_then_the_finalizer() {
         assert_eq!(raw.get_stream("FERRY_shop_orders").await.is_ok(), stream_left, "{policy:?}");
     }
 }
+
+/// A Topic named `orders.v1` (from before the CRD refused dots) never got a
+/// stream: NATS cannot hold the name. Deleting it removes the finalizer
+/// rather than retrying a stream deletion the broker refuses for ever.
+#[tokio::test]
+async fn deleting_a_topic_whose_name_nats_cannot_hold_removes_the_finalizer() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    let mut t = (*topic(TopicSpec::default(), true, true)).clone();
+    t.metadata.name = Some("orders.v1".into());
+    let run = tokio::spawn(ferry_operator::topic::reconcile(Arc::new(t.clone()), ctx));
+    let ev = expect(&mut handle, Method::POST, EVENTS, None).await;
+    assert_eq!(ev["reason"], "Deleted", "{ev}");
+    let mut gone = t.clone();
+    gone.metadata.finalizers = None;
+    let path = "/apis/ferry.dev/v1alpha1/namespaces/shop/topics/orders.v1";
+    let patch = expect(&mut handle, Method::PATCH, path, Some(serde_json::to_value(&gone).unwrap())).await;
+    assert!(patch.to_string().contains("finalizers"), "the finalizer is removed: {patch}");
+    run.await.unwrap().unwrap();
+}
