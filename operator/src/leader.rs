@@ -12,9 +12,12 @@
 //! The lease manager reports a loss only when it reads another holder; a
 //! leader that cannot reach the API server at all would never hear of it
 //! while the Lease expires and another replica takes it. So a leader also
-//! reads the Lease itself every [`GRACE_SECONDS`], and counts itself lost
-//! when no read has shown it as the holder of a fresh Lease for
-//! `LEASE_SECONDS - GRACE_SECONDS` (client-go's renew deadline).
+//! reads the Lease itself every [`CHECK_SECONDS`], and counts itself lost
+//! once [`RENEW_DEADLINE_SECONDS`] have passed since the last renewal it has
+//! seen: measured from the Lease's `renewTime` (not from when it was read),
+//! and with every read bounded by that deadline, so a hung API server cannot
+//! hold a leader past it. That is before the Lease expires for the other
+//! replicas, by a second of slack for clock skew.
 
 use std::time::Duration;
 
@@ -22,11 +25,16 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// How long a Lease stays valid after a renewal.
 pub const LEASE_SECONDS: u64 = 15;
 /// How long before expiry the holder renews.
 pub const GRACE_SECONDS: u64 = 5;
+/// How often a leader reads the Lease to confirm it still holds it.
+pub const CHECK_SECONDS: u64 = 2;
+/// Time since the last renewal seen after which a leader counts itself lost.
+pub const RENEW_DEADLINE_SECONDS: u64 = LEASE_SECONDS - 2;
 
 /// This replica's part in the election.
 pub struct Leadership {
@@ -79,26 +87,31 @@ impl Leadership {
     /// Waits until this replica no longer holds the Lease (or the election
     /// ended), or cannot tell that it still does (see the module doc).
     pub async fn lost(&mut self) {
-        let deadline = Duration::from_secs(LEASE_SECONDS - GRACE_SECONDS);
         let (api, name, identity) = (&self.api, &self.name, &self.identity);
+        let deadline = Duration::from_secs(RENEW_DEADLINE_SECONDS);
         let watchdog = async {
-            let mut confirmed = tokio::time::Instant::now();
+            // Just acquired or renewed: the manager says so.
+            let mut renewed = Instant::now();
             loop {
-                tokio::time::sleep(Duration::from_secs(GRACE_SECONDS)).await;
-                match api.get(name).await {
-                    Ok(lease) => match held_by(&lease, identity) {
-                        Some(true) => confirmed = tokio::time::Instant::now(),
-                        Some(false) => {
+                let lost_at = renewed + deadline;
+                tokio::time::sleep_until(lost_at.min(Instant::now() + Duration::from_secs(CHECK_SECONDS))).await;
+                if Instant::now() >= lost_at {
+                    tracing::warn!(lease = %name, "no renewal of the Lease seen within the renew deadline");
+                    return;
+                }
+                match tokio::time::timeout_at(lost_at, api.get(name)).await {
+                    Ok(Ok(lease)) => match held_by(&lease, identity) {
+                        // The Lease says when it was renewed, later or
+                        // earlier than assumed.
+                        Held::Renewed(age) => renewed = Instant::now().checked_sub(age).unwrap_or(renewed),
+                        Held::ByAnother => {
                             tracing::warn!(lease = %name, "another replica holds the Lease");
                             return;
                         }
-                        None => {}
+                        Held::NotFresh => {}
                     },
-                    Err(e) => tracing::warn!(lease = %name, error = %e, "cannot read the Lease"),
-                }
-                if confirmed.elapsed() > deadline {
-                    tracing::warn!(lease = %name, "the Lease was not confirmed within the renew deadline");
-                    return;
+                    Ok(Err(e)) => tracing::warn!(lease = %name, error = %e, "cannot read the Lease"),
+                    Err(_) => {} // the deadline passed while reading: checked at the top
                 }
             }
         };
@@ -120,15 +133,29 @@ impl Leadership {
     }
 }
 
-/// Whether `lease` shows `identity` as its holder: `Some(true)` held and
-/// renewed within its duration (by this machine's clock), `Some(false)` held
-/// by another, `None` ours but not fresh.
-fn held_by(lease: &Lease, identity: &str) -> Option<bool> {
-    let spec = lease.spec.as_ref()?;
+/// What a read of the Lease shows of this replica's hold on it.
+#[derive(Debug, PartialEq)]
+enum Held {
+    /// Ours, renewed this long ago (by this machine's clock).
+    Renewed(Duration),
+    /// Another replica's.
+    ByAnother,
+    /// Ours, but not renewed within its duration (or no renewal time).
+    NotFresh,
+}
+
+fn held_by(lease: &Lease, identity: &str) -> Held {
+    let Some(spec) = lease.spec.as_ref() else { return Held::NotFresh };
     if spec.holder_identity.as_deref() != Some(identity) {
-        return Some(false);
+        return Held::ByAnother;
     }
-    let renewed = spec.renew_time.as_ref()?.0;
-    let age = k8s_openapi::jiff::Timestamp::now().duration_since(renewed);
-    (age.as_secs() < LEASE_SECONDS as i64).then_some(true)
+    let Some(renewed) = spec.renew_time.as_ref() else { return Held::NotFresh };
+    let age = k8s_openapi::jiff::Timestamp::now().duration_since(renewed.0);
+    // A renewal time ahead of this clock (skew) counts as just now.
+    let age = Duration::try_from(age).unwrap_or(Duration::ZERO);
+    if age < Duration::from_secs(LEASE_SECONDS) {
+        Held::Renewed(age)
+    } else {
+        Held::NotFresh
+    }
 }

@@ -20,6 +20,8 @@ struct Server {
     calls: Vec<(Method, String, Value)>,
     /// Answer every call with 500 (an API server the replica cannot use).
     failing: bool,
+    /// Answer no call at all (an API server that hangs).
+    hanging: bool,
 }
 
 fn now() -> String {
@@ -54,7 +56,14 @@ fn merge(target: &mut Value, patch: &Value) {
 /// Answers every call to the Lease like an API server would.
 fn serve(mut handle: common::Handle, server: Arc<Mutex<Server>>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // Calls left unanswered while the server hangs (dropping one would
+        // answer it with an error).
+        let mut held = Vec::new();
         while let Some((req, send)) = handle.next_request().await {
+            if server.lock().unwrap().hanging {
+                held.push(send);
+                continue;
+            }
             common::rbac::assert_allowed(req.method(), req.uri());
             let (method, path) = (req.method().clone(), req.uri().path().to_string());
             let bytes = req.into_body().collect_bytes().await.unwrap();
@@ -185,4 +194,44 @@ async fn a_leader_that_renews_is_not_lost() {
     let lost = tokio::time::timeout(std::time::Duration::from_secs(60), l.lost()).await;
     assert!(lost.is_err(), "a renewed Lease is not lost");
     assert_eq!(holder(&server).as_deref(), Some("operator-a"));
+}
+
+/// An API server that stops answering (rather than failing fast) cannot hold
+/// a leader past the renew deadline: each read of the Lease is bounded by it.
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_api_server_hangs_counts_itself_lost_before_the_lease_expires() {
+    let server = Arc::new(Mutex::new(Server::default()));
+    let mut l = join_as(&server, "operator-a").await;
+    l.acquired().await.unwrap();
+    server.lock().unwrap().hanging = true;
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(std::time::Duration::from_secs(120), l.lost())
+        .await
+        .expect("a hung read of the Lease kept the leader leading");
+    assert!(started.elapsed() < std::time::Duration::from_secs(leader::LEASE_SECONDS), "{:?}", started.elapsed());
+}
+
+/// The deadline runs from the Lease's `renewTime`, not from when the leader
+/// read it: a Lease last renewed 14 s ago is about to expire for the other
+/// replicas, however recently this leader looked at it. (Time is paused, so
+/// the wall clock that `renewTime` is compared with stands still, and the
+/// manager's own renewal is 10 s of paused time away.)
+#[tokio::test(start_paused = true)]
+async fn a_leader_counts_its_deadline_from_the_leases_renew_time_not_from_its_last_read() {
+    let server = Arc::new(Mutex::new(Server::default()));
+    let mut l = join_as(&server, "operator-a").await;
+    l.acquired().await.unwrap();
+    let old = (k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(14))
+        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string();
+    server.lock().unwrap().lease.as_mut().unwrap()["spec"]["renewTime"] = json!(old);
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(std::time::Duration::from_secs(60), l.lost())
+        .await
+        .expect("a leader that read a Lease about to expire kept leading");
+    assert!(
+        started.elapsed() <= std::time::Duration::from_secs(leader::CHECK_SECONDS),
+        "lost at the first read: {:?}",
+        started.elapsed()
+    );
 }
