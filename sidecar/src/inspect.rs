@@ -3,9 +3,9 @@
 use std::fmt::Write;
 use std::path::Path;
 
-use ferry_log::{Budget, Log};
+use ferry_log::{Budget, Log, LogOptions};
 
-use crate::outbox::{log_options, FORWARDED};
+use crate::outbox::{log_options, FORWARDED, PARKED_REASON};
 
 /// A text report of every topic log under `{data_dir}/outbox`. Opening a log
 /// runs its recovery (a torn tail is truncated, as a restart would).
@@ -65,5 +65,41 @@ pub fn inspect(data_dir: &Path) -> Result<String, String> {
             let _ = writeln!(out, "  no damage found");
         }
     }
+    parked(data_dir, &mut out)?;
     Ok(out)
+}
+
+/// Lists what the forwarder parked under `{data_dir}/parked` (messages the
+/// broker refused for good), one line each with id and reason.
+fn parked(data_dir: &Path, out: &mut String) -> Result<(), String> {
+    let dir = data_dir.join("parked");
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        let opts = LogOptions { budget: Budget::unlimited(), preallocate_bytes: 0, ..LogOptions::default() };
+        let (log, _) = Log::open(&path, opts).map_err(|e| format!("{}: {e}", path.display()))?;
+        let stats = log.stats();
+        let _ = writeln!(
+            out,
+            "parked {name}: {} message(s) the broker refused for good, in {}",
+            stats.records,
+            path.display()
+        );
+        let mut from = stats.start_offset;
+        while from < stats.next_offset {
+            let batch = log.read(from, 256, 1 << 20).map_err(|e| format!("{}: {e}", path.display()))?;
+            for r in &batch.records {
+                let reason = r.headers.iter().find(|(n, _)| n == PARKED_REASON).map_or("", |(_, v)| v.as_str());
+                let _ = writeln!(out, "  {} ({} bytes): {reason}", r.id, r.payload.len());
+            }
+            from = batch.next.max(from + 1);
+        }
+    }
+    Ok(())
 }

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub forward_messages: Family<TopicLabels, Counter>,
     /// Forwarding failures (each followed by a re-send after backoff).
     pub forward_errors: Family<TopicLabels, Counter>,
+    /// Messages the broker refused for good, set aside on the data volume.
+    pub forward_parked: Family<TopicLabels, Counter>,
     /// Publish-to-confirmation latency (seconds).
     pub forward_duration: Histogram,
     /// 1 while connected to the broker.
@@ -95,6 +97,7 @@ impl Metrics {
             outbox_bytes: Family::default(),
             forward_messages: Family::default(),
             forward_errors: Family::default(),
+            forward_parked: Family::default(),
             forward_duration: latency(),
             broker_connected: Gauge::default(),
             deliveries: Family::default(),
@@ -120,6 +123,11 @@ impl Metrics {
             "forward_errors",
             "Forwarding failures, each followed by a re-send",
             m.forward_errors.clone(),
+        );
+        registry.register(
+            "forward_parked",
+            "Messages the broker refused for good (too large), parked on the data volume",
+            m.forward_parked.clone(),
         );
         registry.register("forward_duration_seconds", "Publish-to-confirmation latency", m.forward_duration.clone());
         registry.register("broker_connected", "1 while connected to the broker", m.broker_connected.clone());

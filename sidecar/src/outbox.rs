@@ -4,6 +4,12 @@
 //!
 //! A produce call appends to its topic's log; the forwarder reads it from
 //! the `forwarded` cursor and advances that cursor as the broker confirms.
+//!
+//! A record the broker refuses for good (larger than a limit lowered after
+//! it was produced) would hold its topic back for ever. The forwarder sets
+//! it aside instead: it is appended, durably, to `{data_dir}/parked/{topic}`
+//! with a `ferry-parked-reason` header, and counts as passed. `outbox
+//! inspect` lists what is parked; nothing deletes it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -20,6 +26,8 @@ pub const FORWARDED: &str = "forwarded";
 /// `GET /v1/messages/{id}` remembers the most recent 50 000 to 100 000
 /// message ids: two generations of this many.
 pub const TRACKED_GENERATION: usize = 50_000;
+/// The header a parked record carries: why the broker refused it.
+pub const PARKED_REASON: &str = "ferry-parked-reason";
 /// Sync interval of `BestEffort` topics.
 pub const BEST_EFFORT_SYNC: Duration = Duration::from_secs(1);
 
@@ -54,6 +62,8 @@ pub enum MessageState {
         /// Sequence in the stream.
         sequence: u64,
     },
+    /// Refused by the broker for good and set aside in the parked log.
+    Parked,
 }
 
 /// What is known about a recent message id.
@@ -87,13 +97,20 @@ struct Tracked {
     /// The broker's sequence once forwarded.
     sequence: u64,
     topic: u32,
-    /// The stream's name number once forwarded, else 0.
+    /// The stream's name number once forwarded, [`PARKED`] once parked,
+    /// else 0.
     stream: u32,
 }
+
+/// `Tracked::stream` of a parked record.
+const PARKED: u32 = u32::MAX;
 
 /// The outbox.
 pub struct Outbox {
     dir: PathBuf,
+    /// `{data_dir}/parked`: one log per topic, opened on first use.
+    parked_dir: PathBuf,
+    parked: Mutex<HashMap<String, Arc<Log>>>,
     budget: Budget,
     fsync: FsyncPolicy,
     logs: RwLock<BTreeMap<String, Arc<TopicLog>>>,
@@ -150,6 +167,8 @@ impl Outbox {
         names.dedup();
         let outbox = Outbox {
             dir,
+            parked_dir: data_dir.join("parked"),
+            parked: Mutex::new(HashMap::new()),
             budget: Budget::new(max_bytes),
             fsync,
             logs: RwLock::new(BTreeMap::new()),
@@ -232,6 +251,44 @@ impl Outbox {
         t.insert(key, Tracked { offset, sequence, topic, stream });
     }
 
+    /// Sets a record the broker refuses for good aside, durably, in the
+    /// topic's parked log, with `reason`; its id's status becomes parked.
+    pub async fn park(&self, topic: &str, rec: &ferry_log::Record, reason: &str) -> Result<(), ferry_log::Error> {
+        let log = self.parked_log(topic)?;
+        let mut headers = rec.headers.clone();
+        headers.push((PARKED_REASON.to_owned(), reason.to_owned()));
+        let parked = NewRecord {
+            timestamp_ms: rec.timestamp_ms,
+            id: rec.id.clone(),
+            key: rec.key.clone(),
+            headers,
+            payload: rec.payload.clone(),
+        };
+        log.append(std::slice::from_ref(&parked)).await?;
+        let key = IdKey::of(&rec.id);
+        let mut t = self.lock_tracker();
+        let topic = t.number(topic);
+        t.insert(key, Tracked { offset: rec.offset, sequence: 0, topic, stream: PARKED });
+        Ok(())
+    }
+
+    fn parked_log(&self, topic: &str) -> Result<Arc<Log>, ferry_log::Error> {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(log) = parked.get(topic) {
+            return Ok(log.clone());
+        }
+        // Rare (a limit lowered under a backlog): opened here, on first use.
+        let opts = LogOptions {
+            fsync: FsyncMode::Always,
+            preallocate_bytes: 0,
+            budget: Budget::unlimited(),
+            ..LogOptions::default()
+        };
+        let log = Arc::new(Log::open(self.parked_dir.join(topic), opts)?.0);
+        parked.insert(topic.to_owned(), log.clone());
+        Ok(log)
+    }
+
     /// Remembers a pending message found in the log after a restart.
     pub fn pending_seen(&self, topic: &str, id: &str, offset: u64) {
         let key = IdKey::of(id);
@@ -249,6 +306,7 @@ impl Outbox {
             offset: tracked.offset,
             state: match tracked.stream {
                 0 => MessageState::Pending,
+                PARKED => MessageState::Parked,
                 n => MessageState::Forwarded { stream: t.name(n).to_owned(), sequence: tracked.sequence },
             },
         })

@@ -327,3 +327,80 @@ async fn a_message_the_broker_would_refuse_for_good_gets_413_and_what_fits_is_fo
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].payload.len(), (1 << 20) - 5000);
 }
+
+/// A message the broker refuses for good although produce let it in (its
+/// stream's limit was lowered after): the forwarder parks it on the data
+/// volume and goes on, so it does not hold its topic back. `ack=broker`
+/// answers 502 for it; the message status, a metric and `outbox inspect`
+/// show it.
+#[tokio::test]
+async fn a_message_the_broker_refuses_for_good_is_parked_and_the_topic_goes_on() {
+    let nats = NatsServer::start();
+    let (mut sc, _res, data) = configured_with_topics(&nats);
+    // Someone lowers the stream's largest message under the topic's 1 MiB.
+    let js = jetstream(&nats.url()).await;
+    let mut stream = js.get_stream("FERRY_default_audit").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_message_size = 24 << 10;
+    js.update_stream(config).await.unwrap();
+
+    let c = http();
+    let big = c.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "too-big");
+    let (status, body, _) = send(big.body(vec![b'x'; 40 << 10])).await;
+    assert_error(status, &body, 502, "refused_by_broker");
+    assert!(body["error"]["message"].as_str().unwrap().contains("parked"), "{body}");
+    let after = c.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "after").body("small");
+    assert_eq!(after.send().await.unwrap().status().as_u16(), 201, "the topic goes on after the refused message");
+
+    let stored: Vec<String> = stream_messages(&js, "FERRY_default_audit")
+        .await
+        .iter()
+        .map(|m| header(m, "Nats-Msg-Id").unwrap_or_default())
+        .collect();
+    assert_eq!(stored, ["after"]);
+    let (status, body, _) = send(c.get(sc.url("/v1/messages/too-big"))).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("parked")), "{body}");
+    let metrics = c.get(format!("{}/metrics", sc.admin)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("ferry_forward_parked_total{topic=\"audit\"} 1"), "{metrics}");
+
+    sc.process.kill9();
+    let report = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
+        .args(["outbox", "inspect", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert!(report.status.success(), "{text}");
+    assert!(text.contains("parked audit: 1 message(s)") && text.contains("too-big (40960 bytes)"), "{text}");
+    assert!(text.contains("topic audit:") && text.contains(" 0 not forwarded"), "{text}");
+}
+
+/// Before it first reaches the broker, the sidecar takes NATS's default
+/// 1 MiB for the server's largest message. A message produced then, over
+/// what the server turns out to take, is refused before it is sent; it is
+/// parked in its turn and the messages after it are forwarded.
+#[tokio::test]
+async fn a_message_over_the_servers_max_payload_produced_while_it_was_down_is_parked() {
+    let mut nats = NatsServer::stopped_with_config("max_payload: 65536\n");
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    let c = http();
+    for (id, len) in [("before", 10), ("over", 100 << 10), ("small", 10)] {
+        let resp = c.post(sc.url("/v1/topics/audit/messages")).header("ferry-id", id).body(vec![b'x'; len]);
+        assert_eq!(resp.send().await.unwrap().status().as_u16(), 202, "{id}");
+    }
+    nats.start_again();
+    let last = c.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "last").body("x");
+    let (status, body, _) = send(last).await;
+    assert_eq!(status, 201, "{body}");
+    let js = jetstream(&nats.url()).await;
+    let stored: Vec<String> = stream_messages(&js, "FERRY_default_audit")
+        .await
+        .iter()
+        .map(|m| header(m, "Nats-Msg-Id").unwrap_or_default())
+        .collect();
+    assert_eq!(stored, ["before", "small", "last"]);
+    let (_, body, _) = send(c.get(sc.url("/v1/messages/over"))).await;
+    assert_eq!(body["status"], "parked", "{body}");
+}

@@ -195,10 +195,22 @@ impl NatsServer {
         NatsServer { process: None, port: free_port(), dir: tempfile::tempdir().expect("temp dir") }
     }
 
+    /// A server that is not running yet and starts with this config file
+    /// text (e.g. `max_payload: 65536`) besides its flags.
+    pub fn stopped_with_config(config: &str) -> NatsServer {
+        let s = NatsServer::stopped();
+        std::fs::write(s.dir.path().join("nats.conf"), config).expect("writing nats.conf");
+        s
+    }
+
     /// (Re)starts the server on the same port and store dir.
     pub fn start_again(&mut self) {
         assert!(self.process.is_none(), "nats-server already running");
         let mut cmd = Command::new(nats_server_binary());
+        let config = self.dir.path().join("nats.conf");
+        if config.exists() {
+            cmd.arg("-c").arg(config);
+        }
         cmd.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"]).arg(self.store_dir());
         let mut p = Process::spawn("nats-server", cmd);
         p.wait_for_line("Server is ready", START_TIMEOUT);

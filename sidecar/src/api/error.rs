@@ -76,6 +76,11 @@ pub enum ApiError {
     /// message IS stored in the outbox and will be forwarded.
     #[error("stored locally, but the broker did not confirm within {0:?}; it will be forwarded")]
     BrokerTimeout(std::time::Duration),
+    /// 502: `?ack=broker` and the broker refused a message for good (larger
+    /// than a limit lowered after produce checked it). It is parked on the
+    /// sidecar's data volume, not forwarded.
+    #[error("the broker refused message {0:?} for good (larger than it takes); it is parked on the sidecar's data volume, not forwarded")]
+    RefusedByBroker(String),
 }
 
 impl ApiError {
@@ -98,6 +103,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::BrokerTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::RefusedByBroker(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -120,6 +126,7 @@ impl ApiError {
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::BrokerTimeout(_) => "broker_timeout",
+            ApiError::RefusedByBroker(_) => "refused_by_broker",
         }
     }
 

@@ -171,6 +171,7 @@ async fn produce_one(
             AckMode::Local => (StatusCode::ACCEPTED, answer.pending()),
             AckMode::Broker => {
                 wait_confirmed(&s, &topic, range.end).await?;
+                refuse_parked(&s, [id.as_str()])?;
                 (StatusCode::CREATED, answer.forwarded(&s))
             }
         };
@@ -207,6 +208,7 @@ async fn produce_batch(
             AckMode::Local => (StatusCode::ACCEPTED, messages.collect()),
             AckMode::Broker => {
                 wait_confirmed(&s, &topic, range.end).await?;
+                refuse_parked(&s, records.iter().map(|r| r.id.as_str()))?;
                 (StatusCode::CREATED, messages.map(|m| m.forwarded(&s)).collect())
             }
         };
@@ -228,6 +230,15 @@ async fn wait_confirmed(s: &Sidecar, topic: &str, end: u64) -> Result<(), ApiErr
         Ok(true) => Ok(()),
         Ok(false) => Err(ApiError::ShuttingDown),
         Err(_) => Err(ApiError::BrokerTimeout(timeout)),
+    }
+}
+
+/// Errs if the forwarder parked one of these confirmed messages (the broker
+/// refused it for good) rather than forwarding it.
+fn refuse_parked<'a>(s: &Sidecar, ids: impl IntoIterator<Item = &'a str>) -> Result<(), ApiError> {
+    match ids.into_iter().find(|id| s.outbox.status(id).is_some_and(|st| st.state == MessageState::Parked)) {
+        Some(id) => Err(ApiError::RefusedByBroker(id.to_owned())),
+        None => Ok(()),
     }
 }
 
@@ -288,6 +299,7 @@ async fn message_status(
     let mut answer = json!({ "id": id, "topic": st.topic, "offset": st.offset });
     match st.state {
         MessageState::Pending => answer["status"] = "pending".into(),
+        MessageState::Parked => answer["status"] = "parked".into(),
         MessageState::Forwarded { stream, sequence } => {
             answer["status"] = "forwarded".into();
             answer["stream"] = stream.into();

@@ -24,6 +24,11 @@ pub enum BrokerError {
     /// The broker refused the request (bad config, limits, immutable field...).
     #[error("broker refused: {0}")]
     Refused(String),
+    /// The broker will never take this message: it is larger than the
+    /// stream's largest message or the server's `max_payload` (a limit
+    /// lowered after the message was produced). Re-sending cannot help.
+    #[error("broker refuses the message for good: {0}")]
+    TooLarge(String),
 }
 
 /// A message to publish.

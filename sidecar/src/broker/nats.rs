@@ -116,18 +116,20 @@ impl Broker for NatsBroker {
         map.insert(headers::NATS_MSG_ID, msg.id.as_str());
         let subject = msg.subject.clone();
         let publish = PublishMessage::build().payload(msg.payload).headers(map);
-        let pending = self.js.send_publish(msg.subject, publish).await.map_err(|e| self.classify(e))?;
+        use async_nats::jetstream::context::PublishErrorKind as K;
+        let pending = self.js.send_publish(msg.subject, publish).await.map_err(|e| match e.kind() {
+            K::MaxPayloadExceeded => BrokerError::TooLarge(e.to_string()),
+            _ => self.classify(e),
+        })?;
         Ok(async move {
             match pending.await {
                 Ok(ack) => Ok(PubAck { stream: ack.stream, sequence: ack.sequence, duplicate: ack.duplicate }),
-                Err(e) => {
-                    use async_nats::jetstream::context::PublishErrorKind as K;
-                    Err(match e.kind() {
-                        K::StreamNotFound => BrokerError::NoStream(subject),
-                        K::TimedOut | K::BrokenPipe => BrokerError::Unavailable(e.to_string()),
-                        _ => BrokerError::Refused(e.to_string()),
-                    })
-                }
+                Err(e) => Err(match e.kind() {
+                    K::StreamNotFound => BrokerError::NoStream(subject),
+                    K::TimedOut | K::BrokenPipe => BrokerError::Unavailable(e.to_string()),
+                    _ if exceeds_maximum(&e) => BrokerError::TooLarge(e.to_string()),
+                    _ => BrokerError::Refused(e.to_string()),
+                }),
             }
         }
         .boxed())
@@ -175,6 +177,14 @@ async fn add_one(js: &jetstream::Context, key: &str) -> Result<(), String> {
         }
     }
     Err("gave up after 16 concurrent updates".into())
+}
+
+/// Whether JetStream refused a publish as larger than the stream's largest
+/// message (error code 10054).
+fn exceeds_maximum(e: &async_nats::jetstream::context::PublishError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .is_some_and(|s| s.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
 }
 
 /// A JetStream pull consumer.

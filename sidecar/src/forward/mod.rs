@@ -9,6 +9,8 @@
 //! come back as duplicates, which count as confirmed. The cursor is
 //! committed (durably) at most every [`COMMIT_EVERY`], so a crash re-sends
 //! at most that much, and the broker's duplicate window drops the re-sends.
+//! A record the broker refuses for good (too large) is parked and passed,
+//! so it cannot hold its topic back (see [`crate::outbox`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,6 +80,7 @@ impl Forwarder {
         let labels = crate::metrics::TopicLabels { topic: topic.clone() };
         let forwarded = metrics.forward_messages.get_or_create(&labels).clone();
         let errors = metrics.forward_errors.get_or_create(&labels).clone();
+        let parked = metrics.forward_parked.get_or_create(&labels).clone();
         let outbox_records = metrics.outbox_records.get_or_create(&labels).clone();
         let outbox_bytes = metrics.outbox_bytes.get_or_create(&labels).clone();
         let ctx = Ctx {
@@ -85,6 +88,7 @@ impl Forwarder {
             recovered_end: tl.log.next_offset(),
             forwarded,
             errors,
+            parked,
             outbox_records,
             outbox_bytes,
             committing: None,
@@ -122,6 +126,7 @@ struct Ctx {
     // Metric handles, looked up once.
     forwarded: prometheus_client::metrics::counter::Counter,
     errors: prometheus_client::metrics::counter::Counter,
+    parked: prometheus_client::metrics::counter::Counter,
     outbox_records: prometheus_client::metrics::gauge::Gauge,
     outbox_bytes: prometheus_client::metrics::gauge::Gauge,
     /// A cursor commit running on the blocking pool (three fsyncs: never on
@@ -132,6 +137,24 @@ struct Ctx {
     stream_missing: Arc<tokio::sync::Notify>,
     /// Room for publishes in flight, shared with the other topics' forwarders.
     room: Arc<Semaphore>,
+}
+
+/// Sets a record the broker refuses for good aside in the outbox's parked
+/// log (see [`crate::outbox`]), counts and logs it.
+async fn park(
+    outbox: &Outbox,
+    parked: &prometheus_client::metrics::counter::Counter,
+    topic: &str,
+    rec: &ferry_log::Record,
+    reason: &str,
+) -> Result<(), BrokerError> {
+    outbox
+        .park(topic, rec, reason)
+        .await
+        .map_err(|e| BrokerError::Unavailable(format!("parking message {:?}: {e}", rec.id)))?;
+    parked.inc();
+    tracing::error!(%topic, id = %rec.id, offset = rec.offset, %reason, "the broker refuses this message for good; parked it on the data volume and went on");
+    Ok(())
 }
 
 /// A publish awaiting its ack, with what to record when it comes; or, with
@@ -275,6 +298,20 @@ impl Ctx {
                     }
                     let pending: PendingAck = match self.broker.publish(self.message(rec)).await {
                         Ok(p) => p,
+                        // Never sent (over the server's max_payload): set
+                        // aside in its turn, like a skipped record.
+                        Err(BrokerError::TooLarge(reason)) => {
+                            let (outbox, parked) = (self.outbox.clone(), self.parked.clone());
+                            let (topic, record) = (self.tl.topic.clone(), rec.clone());
+                            let info = InFlight { offset: rec.offset, id: None, sent: Instant::now() };
+                            in_flight.push_back(Box::pin(async move {
+                                drop(permit);
+                                let parked = park(&outbox, &parked, &topic, &record, &reason).await;
+                                (info, parked.map(|()| None))
+                            }));
+                            next_read = rec.offset + 1;
+                            continue;
+                        }
                         Err(e) => return Outcome::Failed(e),
                     };
                     let info = InFlight { offset: rec.offset, id: Some(rec.id.clone()), sent: Instant::now() };
@@ -314,6 +351,25 @@ impl Ctx {
                                     self.outbox.confirmed(&self.tl.topic, id, info.offset, &ack.stream, ack.sequence);
                                     self.forwarded.inc();
                                     self.metrics.forward_duration.observe(info.sent.elapsed().as_secs_f64());
+                                }
+                                confirmed = Some(info.offset + 1);
+                            }
+                            // Stored by the broker up to here (acks come in
+                            // order); this one it will never take: set it
+                            // aside and go on.
+                            Err(BrokerError::TooLarge(reason)) if info.id.is_some() => {
+                                let parked = match log.read(info.offset, 1, usize::MAX) {
+                                    Ok(b) => match b.records.into_iter().find(|r| r.offset == info.offset) {
+                                        Some(rec) => park(&self.outbox, &self.parked, &self.tl.topic, &rec, &reason).await,
+                                        None => Ok(()), // gone from the log: nothing left to set aside
+                                    },
+                                    Err(e) => Err(BrokerError::Unavailable(format!("reading the outbox: {e}"))),
+                                };
+                                if let Err(e) = parked {
+                                    if let Some(c) = confirmed {
+                                        let _ = self.confirmed.send(c);
+                                    }
+                                    return Outcome::Failed(e);
                                 }
                                 confirmed = Some(info.offset + 1);
                             }
