@@ -29,8 +29,9 @@ use tokio::time::Instant;
 
 /// How long a Lease stays valid after a renewal.
 pub const LEASE_SECONDS: u64 = 15;
-/// How long before expiry the holder renews.
-pub const GRACE_SECONDS: u64 = 5;
+/// How long before expiry the holder renews: 5 s after each renewal, so a
+/// renewal that fails once is tried again well before the renew deadline.
+pub const GRACE_SECONDS: u64 = 10;
 /// How often a leader reads the Lease to confirm it still holds it.
 pub const CHECK_SECONDS: u64 = 2;
 /// Time since the last renewal seen after which a leader counts itself lost.
