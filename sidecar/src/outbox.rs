@@ -255,6 +255,12 @@ impl Outbox {
     /// topic's parked log, with `reason`; its id's status becomes parked.
     pub async fn park(&self, topic: &str, rec: &ferry_log::Record, reason: &str) -> Result<(), ferry_log::Error> {
         let log = self.parked_log(topic)?;
+        // Parked in order: a record parked again (a crash before the cursor
+        // passed it) is the last one there.
+        let last = log.next_offset().checked_sub(1).map(|o| log.read(o, 1, usize::MAX)).transpose()?;
+        if last.is_some_and(|b| b.records.last().is_some_and(|r| r.id == rec.id)) {
+            return self.mark_parked(topic, rec);
+        }
         let mut headers = rec.headers.clone();
         headers.push((PARKED_REASON.to_owned(), reason.to_owned()));
         let parked = NewRecord {
@@ -265,6 +271,10 @@ impl Outbox {
             payload: rec.payload.clone(),
         };
         log.append(std::slice::from_ref(&parked)).await?;
+        self.mark_parked(topic, rec)
+    }
+
+    fn mark_parked(&self, topic: &str, rec: &ferry_log::Record) -> Result<(), ferry_log::Error> {
         let key = IdKey::of(&rec.id);
         let mut t = self.lock_tracker();
         let topic = t.number(topic);

@@ -404,3 +404,45 @@ async fn a_message_over_the_servers_max_payload_produced_while_it_was_down_is_pa
     let (_, body, _) = send(c.get(sc.url("/v1/messages/over"))).await;
     assert_eq!(body["status"], "parked", "{body}");
 }
+
+/// A refusal that passes (the stream's limit lowered for a moment) parks
+/// nothing: the record is re-sent with backoff and goes through once the
+/// limit is back (the forwarder parks only after 3 s of refusals).
+#[tokio::test]
+async fn a_message_refused_as_too_large_for_a_moment_is_forwarded_not_parked() {
+    let nats = NatsServer::start();
+    let (sc, _res, _data) = configured_with_topics(&nats);
+    let js = jetstream(&nats.url()).await;
+    let mut stream = js.get_stream("FERRY_default_audit").await.unwrap();
+    let normal = stream.info().await.unwrap().config.clone();
+    js.update_stream(async_nats::jetstream::stream::Config { max_message_size: 24 << 10, ..normal.clone() })
+        .await
+        .unwrap();
+    let c = http();
+    let big = c.post(sc.url("/v1/topics/audit/messages")).header("ferry-id", "for-a-moment").body(vec![b'x'; 40 << 10]);
+    assert_eq!(big.send().await.unwrap().status().as_u16(), 202);
+    // Put the limit back as soon as the forwarder has been refused once.
+    let refused = "ferry_forward_errors_total{topic=\"audit\"} ";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let metrics = c.get(format!("{}/metrics", sc.admin)).send().await.unwrap().text().await.unwrap();
+        if metrics.lines().any(|l| l.strip_prefix(refused).is_some_and(|n| n != "0")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never refused: {metrics}");
+        // The metric is the only sign of the refusal; poll it.
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    js.update_stream(normal).await.unwrap();
+    let after = c.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "after").body("small");
+    let (status, body, _) = send(after).await;
+    assert_eq!(status, 201, "{body}");
+    let stored: Vec<String> = stream_messages(&js, "FERRY_default_audit")
+        .await
+        .iter()
+        .map(|m| header(m, "Nats-Msg-Id").unwrap_or_default())
+        .collect();
+    assert_eq!(stored, ["for-a-moment", "after"]);
+    let (_, body, _) = send(c.get(sc.url("/v1/messages/for-a-moment"))).await;
+    assert_eq!(body["status"], "forwarded", "{body}");
+}

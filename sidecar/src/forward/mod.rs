@@ -46,6 +46,9 @@ pub const READ_BATCH: usize = 256;
 /// 0.27 ms for a raw fdatasync). A crash re-sends at most this much, which
 /// the broker's duplicate window drops.
 pub const COMMIT_EVERY: Duration = Duration::from_millis(1000);
+/// How long the broker must go on refusing a record as too large before it
+/// is parked (re-sent with backoff meanwhile, about six times).
+pub const PARK_AFTER: Duration = Duration::from_secs(3);
 /// First retry delay after a failure.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest retry delay.
@@ -94,6 +97,7 @@ impl Forwarder {
             committing: None,
             stream_missing,
             room,
+            refused: None,
             tl,
             outbox,
             broker,
@@ -137,6 +141,8 @@ struct Ctx {
     stream_missing: Arc<tokio::sync::Notify>,
     /// Room for publishes in flight, shared with the other topics' forwarders.
     room: Arc<Semaphore>,
+    /// The record the broker refuses as too large, and since when.
+    refused: Option<(u64, Instant)>,
 }
 
 /// Sets a record the broker refuses for good aside in the outbox's parked
@@ -203,6 +209,20 @@ impl Ctx {
             }
         }
         self.commit().await;
+    }
+
+    /// Whether the broker has refused the record at `offset` as too large
+    /// for [`PARK_AFTER`] (re-sent with backoff meanwhile): a refusal that
+    /// passes (a limit lowered for a moment, a client that has not yet read
+    /// the server's `max_payload` after a reconnect) must not park a record.
+    fn refused_long_enough(&mut self, offset: u64) -> bool {
+        match self.refused {
+            Some((at, since)) if at == offset => since.elapsed() >= PARK_AFTER,
+            _ => {
+                self.refused = Some((offset, Instant::now()));
+                false
+            }
+        }
     }
 
     /// Starts persisting the confirmed offset as the `forwarded` cursor (and
@@ -298,17 +318,12 @@ impl Ctx {
                     }
                     let pending: PendingAck = match self.broker.publish(self.message(rec)).await {
                         Ok(p) => p,
-                        // Never sent (over the server's max_payload): set
-                        // aside in its turn, like a skipped record.
+                        // Never sent (over the server's max_payload): its
+                        // refusal is handled in its turn, like an ack's.
                         Err(BrokerError::TooLarge(reason)) => {
-                            let (outbox, parked) = (self.outbox.clone(), self.parked.clone());
-                            let (topic, record) = (self.tl.topic.clone(), rec.clone());
-                            let info = InFlight { offset: rec.offset, id: None, sent: Instant::now() };
-                            in_flight.push_back(Box::pin(async move {
-                                drop(permit);
-                                let parked = park(&outbox, &parked, &topic, &record, &reason).await;
-                                (info, parked.map(|()| None))
-                            }));
+                            let info = InFlight { offset: rec.offset, id: Some(rec.id.clone()), sent: Instant::now() };
+                            drop(permit);
+                            in_flight.push_back(Box::pin(async move { (info, Err(BrokerError::TooLarge(reason))) }));
                             next_read = rec.offset + 1;
                             continue;
                         }
@@ -355,9 +370,10 @@ impl Ctx {
                                 confirmed = Some(info.offset + 1);
                             }
                             // Stored by the broker up to here (acks come in
-                            // order); this one it will never take: set it
-                            // aside and go on.
-                            Err(BrokerError::TooLarge(reason)) if info.id.is_some() => {
+                            // order); this one it will never take, if it
+                            // still says so after PARK_AFTER: set it aside
+                            // and go on.
+                            Err(BrokerError::TooLarge(reason)) if info.id.is_some() && self.refused_long_enough(info.offset) => {
                                 let parked = match log.read(info.offset, 1, usize::MAX) {
                                     Ok(b) => match b.records.into_iter().find(|r| r.offset == info.offset) {
                                         Some(rec) => park(&self.outbox, &self.parked, &self.tl.topic, &rec, &reason).await,
