@@ -746,3 +746,36 @@ async fn full_dedupe_stores_forget_their_oldest_ids_and_count_them_within_one_ca
     assert_eq!(counts.len(), N, "the cap changes nothing about delivery");
     assert!(counts.values().all(|&n| n == 2), "each subscription got each message once: {counts:?}");
 }
+
+/// Strict ordering across a stop: the broker redelivers in the order
+/// messages are handed back, so the message under way is settled (handed
+/// back) before the one fetched ahead behind it, and the next pod gets them
+/// in order. Pod a's app takes 2 s to fail the first message; pod a is
+/// stopped meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_strict_ordering_hands_messages_back_in_stream_order() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription("strict", "orders", &["ordering: Strict", "processingTimeout: 5s"]));
+    let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let app_a = TestApp::start(|_, _| Reply::slow(500, Duration::from_secs(2))).await;
+    let app_b = TestApp::ok().await;
+    let mut sc_a = start(&nats, res.path(), data_a.path(), Some(&app_a), &["--pod-name", "shop-a"]);
+    produce(&sc_a, "o-1", None).await;
+    produce(&sc_a, "o-2", None).await;
+    app_a.wait_for(1, WAIT).await;
+    // Both are leased to pod a: o-1 under way, o-2 fetched ahead of its slot.
+    let deadline = Instant::now() + WAIT;
+    while consumer_info(&nats, "FERRY_default_orders", "strict").await.num_ack_pending < 2 {
+        assert!(Instant::now() < deadline, "o-2 was never fetched ahead");
+        // The broker offers no event for "fetched"; poll its info.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sc_b = start(&nats, res.path(), data_b.path(), Some(&app_b), &["--pod-name", "shop-b"]);
+    sc_a.process.signal(15);
+    assert!(sc_a.process.wait_exit(START_TIMEOUT).success());
+    app_b.wait_for(2, WAIT).await;
+    wait_settled(&nats, "strict").await;
+    let seen: Vec<String> = app_b.received().iter().map(|r| r.id().to_owned()).collect();
+    assert_eq!(seen, ["o-1", "o-2"], "pod b got them out of order");
+    drop(sc_b);
+}

@@ -274,9 +274,9 @@ impl Ctx {
                 self.dispatch(&mut tasks, msg, permit);
             }
         }
-        // Stopping: hand back what was fetched ahead and what waits behind a
-        // key, then let pushes under way finish (they hand back or settle on
-        // their own).
+        // Stopping: take what waits behind a key (so no key task pushes it),
+        // hand back what was fetched ahead and what waited, and let pushes
+        // under way finish (they hand back or settle on their own).
         let queued: Vec<Fetched> = self
             .keys
             .lock()
@@ -284,10 +284,41 @@ impl Ctx {
             .drain()
             .flat_map(|(_, q)| q.into_iter().map(|(m, _)| m))
             .collect();
-        for m in fetched_ahead.into_iter().chain(queued) {
+        let mut waiting: Vec<Fetched> = fetched_ahead.into_iter().chain(queued).collect();
+        if self.spec.ordering == Ordering::None {
+            self.release(waiting).await;
+            let _ = tokio::time::timeout(STOP_WAIT, async { while tasks.join_next().await.is_some() {} }).await;
+            return;
+        }
+        // Ordered: the broker redelivers in the order messages are handed
+        // back, so what waited goes back after the pushes under way are
+        // settled, and in stream order; meanwhile it stays leased.
+        waiting.sort_by_key(|m| m.sequence);
+        let every = self.heartbeat_every();
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let finished = async { while tasks.join_next().await.is_some() {} };
+        tokio::pin!(finished);
+        let deadline = tokio::time::sleep(STOP_WAIT);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut finished => break,
+                () = &mut deadline => break,
+                _ = tick.tick() => {
+                    for m in &waiting {
+                        let _ = m.settle.settle(Settlement::Progress).await;
+                    }
+                }
+            }
+        }
+        self.release(waiting).await;
+    }
+
+    /// Hands messages back to the broker (redelivered at once, to any pod).
+    async fn release(&self, messages: Vec<Fetched>) {
+        for m in messages {
             let _ = m.settle.settle(Settlement::Release).await;
         }
-        let _ = tokio::time::timeout(STOP_WAIT, async { while tasks.join_next().await.is_some() {} }).await;
     }
 
     /// Single-message push: fetches ahead while pushes run, so the next
