@@ -352,11 +352,7 @@ async fn a_message_the_broker_refuses_for_good_is_parked_and_the_topic_goes_on()
     let after = c.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "after").body("small");
     assert_eq!(after.send().await.unwrap().status().as_u16(), 201, "the topic goes on after the refused message");
 
-    let stored: Vec<String> = stream_messages(&js, "FERRY_default_audit")
-        .await
-        .iter()
-        .map(|m| header(m, "Nats-Msg-Id").unwrap_or_default())
-        .collect();
+    let stored = stored_ids(&js, "FERRY_default_audit").await;
     assert_eq!(stored, ["after"]);
     let (status, body, _) = send(c.get(sc.url("/v1/messages/too-big"))).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("parked")), "{body}");
@@ -364,13 +360,7 @@ async fn a_message_the_broker_refuses_for_good_is_parked_and_the_topic_goes_on()
     assert!(metrics.contains("ferry_forward_parked_total{topic=\"audit\"} 1"), "{metrics}");
 
     sc.process.kill9();
-    let report = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
-        .args(["outbox", "inspect", "--data-dir"])
-        .arg(data.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&report.stdout);
-    assert!(report.status.success(), "{text}");
+    let text = inspect_outbox(data.path());
     assert!(text.contains("parked audit: 1 message(s)") && text.contains("too-big (40960 bytes)"), "{text}");
     assert!(text.contains("topic audit:") && text.contains(" 0 not forwarded"), "{text}");
 }
@@ -395,11 +385,7 @@ async fn a_message_over_the_servers_max_payload_produced_while_it_was_down_is_pa
     let (status, body, _) = send(last).await;
     assert_eq!(status, 201, "{body}");
     let js = jetstream(&nats.url()).await;
-    let stored: Vec<String> = stream_messages(&js, "FERRY_default_audit")
-        .await
-        .iter()
-        .map(|m| header(m, "Nats-Msg-Id").unwrap_or_default())
-        .collect();
+    let stored = stored_ids(&js, "FERRY_default_audit").await;
     assert_eq!(stored, ["before", "small", "last"]);
     let (_, body, _) = send(c.get(sc.url("/v1/messages/over"))).await;
     assert_eq!(body["status"], "parked", "{body}");
@@ -437,11 +423,7 @@ async fn a_message_refused_as_too_large_for_a_moment_is_forwarded_not_parked() {
     let after = c.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "after").body("small");
     let (status, body, _) = send(after).await;
     assert_eq!(status, 201, "{body}");
-    let stored: Vec<String> = stream_messages(&js, "FERRY_default_audit")
-        .await
-        .iter()
-        .map(|m| header(m, "Nats-Msg-Id").unwrap_or_default())
-        .collect();
+    let stored = stored_ids(&js, "FERRY_default_audit").await;
     assert_eq!(stored, ["for-a-moment", "after"]);
     let (_, body, _) = send(c.get(sc.url("/v1/messages/for-a-moment"))).await;
     assert_eq!(body["status"], "forwarded", "{body}");

@@ -63,13 +63,7 @@ async fn sigterm_with_the_broker_down_exits_0_after_the_grace_and_says_what_is_l
     let out = sc.process.output().join("\n");
     assert!(out.contains("messages left in the outbox") && out.contains("pending=3"), "{out}");
     // They are still there for the next start.
-    let report = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
-        .args(["outbox", "inspect", "--data-dir"])
-        .arg(data.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&report.stdout);
-    assert!(report.status.success(), "{text}");
+    let text = inspect_outbox(data.path());
     assert!(text.contains("topic audit:") && text.contains("3 not forwarded"), "{text}");
 }
 

@@ -117,6 +117,24 @@ pub async fn produce_to(sc: &Sidecar, topic: &str, id: &str, key: Option<&str>, 
     assert_eq!(resp.status().as_u16(), 201, "producing {id}");
 }
 
+/// The text of `ferry-sidecar outbox inspect` on `data_dir`, asserting
+/// that it succeeded.
+pub fn inspect_outbox(data_dir: &Path) -> String {
+    let report = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
+        .args(["outbox", "inspect", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .expect("running outbox inspect");
+    let text = String::from_utf8_lossy(&report.stdout).into_owned();
+    assert!(report.status.success(), "{text}");
+    text
+}
+
+/// The ids (`Nats-Msg-Id`) of a stream's messages, in order.
+pub async fn stored_ids(js: &async_nats::jetstream::Context, stream: &str) -> Vec<String> {
+    stream_messages(js, stream).await.iter().map(|m| header(m, "Nats-Msg-Id").unwrap_or_default()).collect()
+}
+
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client")
 }
