@@ -329,6 +329,7 @@ pub async fn run(
         metrics: metrics.clone(),
         callbacks: Default::default(),
         client,
+        outbox: outbox.clone(),
     });
     let sidecar = Arc::new(Sidecar {
         config: config.clone(),

@@ -8,8 +8,9 @@
 //! A record the broker refuses for good (larger than a limit lowered after
 //! it was produced) would hold its topic back for ever. The forwarder sets
 //! it aside instead: it is appended, durably, to `{data_dir}/parked/{topic}`
-//! with a `ferry-parked-reason` header, and counts as passed. `outbox
-//! inspect` lists what is parked; nothing deletes it.
+//! with a `ferry-parked-reason` header, and counts as passed. So is a dead
+//! letter its dead-letter topic refuses for good. `outbox inspect` lists what
+//! is parked; nothing deletes it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -251,15 +252,16 @@ impl Outbox {
         t.insert(key, Tracked { offset, sequence, topic, stream });
     }
 
-    /// Sets a record the broker refuses for good aside, durably, in the
-    /// topic's parked log, with `reason`; its id's status becomes parked.
+    /// Sets a message the broker refuses for good aside, durably, in the
+    /// topic's parked log, with `reason` (an outbox record, or a dead letter
+    /// its dead-letter topic refuses).
     pub async fn park(&self, topic: &str, rec: &ferry_log::Record, reason: &str) -> Result<(), ferry_log::Error> {
         let log = self.parked_log(topic)?;
         // Parked in order: a record parked again (a crash before the cursor
         // passed it) is the last one there.
         let last = log.next_offset().checked_sub(1).map(|o| log.read(o, 1, usize::MAX)).transpose()?;
         if last.is_some_and(|b| b.records.last().is_some_and(|r| r.id == rec.id)) {
-            return self.mark_parked(topic, rec);
+            return Ok(());
         }
         let mut headers = rec.headers.clone();
         headers.push((PARKED_REASON.to_owned(), reason.to_owned()));
@@ -271,15 +273,15 @@ impl Outbox {
             payload: rec.payload.clone(),
         };
         log.append(std::slice::from_ref(&parked)).await?;
-        self.mark_parked(topic, rec)
+        Ok(())
     }
 
-    fn mark_parked(&self, topic: &str, rec: &ferry_log::Record) -> Result<(), ferry_log::Error> {
-        let key = IdKey::of(&rec.id);
+    /// Records that the outbox record at `offset` was parked, not forwarded.
+    pub fn mark_parked(&self, topic: &str, id: &str, offset: u64) {
+        let key = IdKey::of(id);
         let mut t = self.lock_tracker();
         let topic = t.number(topic);
-        t.insert(key, Tracked { offset: rec.offset, sequence: 0, topic, stream: PARKED });
-        Ok(())
+        t.insert(key, Tracked { offset, sequence: 0, topic, stream: PARKED });
     }
 
     fn parked_log(&self, topic: &str) -> Result<Arc<Log>, ferry_log::Error> {

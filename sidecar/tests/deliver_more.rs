@@ -779,3 +779,28 @@ async fn sigterm_under_strict_ordering_hands_messages_back_in_stream_order() {
     assert_eq!(seen, ["o-1", "o-2"], "pod b got them out of order");
     drop(sc_b);
 }
+
+/// A dead letter its dead-letter topic refuses for good (that stream's
+/// largest message is smaller than the message) is parked on the data
+/// volume after 3 s of refusals, and the original is settled; before, it
+/// stayed leased and was re-sent for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_its_topic_refuses_for_good_is_parked_and_the_original_settled() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription("big-dlq", "orders", &[]));
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::start(|_, _| Reply::status(422)).await;
+    let sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
+    let js = jetstream(&nats.url()).await;
+    let mut dlq = js.get_stream("FERRY_default_orders-dlq").await.unwrap();
+    let config = dlq.info().await.unwrap().config.clone();
+    js.update_stream(async_nats::jetstream::stream::Config { max_message_size: 24 << 10, ..config }).await.unwrap();
+    produce_to(&sc, "orders", "huge", None, &"x".repeat(40 << 10)).await;
+    app.wait_for(1, WAIT).await;
+    wait_settled(&nats, "big-dlq").await;
+    assert!(dead_letters(&nats).await.is_empty());
+    assert_eq!(metric(&sc, &deliveries("big-dlq", "parked")).await, Some(1.0));
+    drop(sc); // inspect opens the logs: not beside a running sidecar
+    let text = inspect_outbox(data.path());
+    assert!(text.contains("parked orders-dlq: 1 message(s)") && text.contains("huge (40960 bytes)"), "{text}");
+}

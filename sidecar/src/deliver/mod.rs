@@ -55,6 +55,9 @@ pub struct Deps {
     pub callbacks: Arc<Callbacks>,
     /// HTTP client for pushes (pooled keep-alive connections to the app).
     pub client: push::Client,
+    /// The outbox, whose parked logs take a dead letter its topic refuses
+    /// for good.
+    pub outbox: Arc<crate::outbox::Outbox>,
 }
 
 /// The set of running subscriptions, kept equal to the resources.

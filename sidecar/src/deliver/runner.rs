@@ -704,10 +704,38 @@ impl Ctx {
             payload: msg.payload.clone(),
         };
         let mut backoff = Duration::from_millis(100);
+        let mut too_large_since: Option<Instant> = None;
         loop {
             let published = self.leased(msg, async { self.deps.broker.publish(out.clone()).await?.await }).await;
             match published {
                 Ok(_) => break,
+                // The dead-letter topic will never take it (its stream's
+                // largest message is smaller): parked on the data volume, as
+                // the forwarder parks what the broker refuses for good.
+                Err(BrokerError::TooLarge(reason))
+                    if too_large_since.get_or_insert_with(Instant::now).elapsed() >= crate::forward::PARK_AFTER =>
+                {
+                    let rec = ferry_log::Record {
+                        offset: msg.sequence,
+                        timestamp_ms: msg.published_ms,
+                        id: out.id.clone(),
+                        key: key.clone(),
+                        headers: out.headers.clone(),
+                        payload: out.payload.clone(),
+                    };
+                    match self.deps.outbox.park(dlq, &rec, &reason).await {
+                        Ok(()) => {
+                            let _ = msg.settle.settle(Settlement::Reject).await;
+                            self.count("parked");
+                            tracing::error!(subscription = %self.name, id = %msg.id, dead_letter_topic = %dlq, %reason, "the dead-letter topic refuses this message for good; parked it on the data volume");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(subscription = %self.name, id = %msg.id, error = %e, "could not park a dead letter; the original stays leased");
+                            self.leased(msg, tokio::time::sleep(backoff)).await;
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(subscription = %self.name, id = %msg.id, error = %e, "dead-letter publish failed; the original stays leased");
                     if self.stopped() {

@@ -158,6 +158,7 @@ async fn park(
         .park(topic, rec, reason)
         .await
         .map_err(|e| BrokerError::Unavailable(format!("parking message {:?}: {e}", rec.id)))?;
+    outbox.mark_parked(topic, &rec.id, rec.offset);
     parked.inc();
     tracing::error!(%topic, id = %rec.id, offset = rec.offset, %reason, "the broker refuses this message for good; parked it on the data volume and went on");
     Ok(())
