@@ -34,8 +34,24 @@ pub const FETCH_WAIT: Duration = Duration::from_secs(1);
 /// a second, 16 MB for 10 s); a prune reads those records and commits a
 /// cursor (three fsyncs).
 pub const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// About the most bytes of messages fetched ahead of the free push slots
+/// (by the size of recent messages): with large messages, fewer wait.
+pub const AHEAD_BYTES: usize = 8 << 20;
 /// How long stopping waits for pushes under way.
 pub const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// How many messages the next fetch asks for (0: none now). Enough for the
+/// `free` push slots, plus some to wait ahead of them: with `waiting`
+/// already here, at most `capacity` in all and about [`AHEAD_BYTES`] by the
+/// size of recent messages (`avg_bytes`, 0 while unknown); none while half
+/// of `capacity` or more waits.
+fn fetch_size(capacity: usize, free: usize, waiting: usize, avg_bytes: usize) -> usize {
+    if waiting * 2 >= capacity {
+        return 0;
+    }
+    let ahead = AHEAD_BYTES.checked_div(avg_bytes).map_or(capacity, |n| n.clamp(1, capacity));
+    (free + ahead).min(capacity).saturating_sub(waiting)
+}
 
 /// A running subscription.
 pub struct Runner {
@@ -336,6 +352,8 @@ impl Ctx {
     ) -> VecDeque<Fetched> {
         type Fetch = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Fetched>, BrokerError>> + Send>>;
         let mut ahead: VecDeque<Fetched> = VecDeque::new();
+        // Payload size of recent messages (0: none seen yet).
+        let mut avg_bytes = 0usize;
         let mut fetch: Option<Fetch> = None;
         let mut backoff = Duration::from_millis(100);
         let mut retry_at: Option<tokio::time::Instant> = None;
@@ -352,8 +370,9 @@ impl Ctx {
                     Err(_) => break,
                 }
             }
-            if fetch.is_none() && retry_at.is_none() && ahead.len() * 2 < self.capacity {
-                let (ctx, max) = (self.clone(), self.capacity - ahead.len());
+            let max = fetch_size(self.capacity, self.permits.available_permits(), ahead.len(), avg_bytes);
+            if fetch.is_none() && retry_at.is_none() && max > 0 {
+                let ctx = self.clone();
                 fetch = Some(Box::pin(async move { ctx.consumer().await?.fetch(max, FETCH_WAIT).await }));
             }
             tokio::select! {
@@ -363,6 +382,10 @@ impl Ctx {
                         Ok(m) => {
                             self.deps.metrics.fetch_messages.observe(m.len() as f64);
                             backoff = Duration::from_millis(100);
+                            for msg in &m {
+                                let len = msg.payload.len().max(1);
+                                avg_bytes = if avg_bytes == 0 { len } else { avg_bytes - avg_bytes / 8 + len / 8 };
+                            }
                             ahead.extend(m);
                         }
                         Err(e) => {
@@ -829,5 +852,28 @@ impl Ctx {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod fetch_size_tests {
+    use super::*;
+
+    #[test]
+    fn fetches_ahead_up_to_capacity_and_about_ahead_bytes() {
+        // Small messages (or sizes not known yet): up to capacity waiting.
+        assert_eq!(fetch_size(256, 0, 0, 1024), 256);
+        assert_eq!(fetch_size(256, 0, 0, 0), 256);
+        assert_eq!(fetch_size(256, 0, 100, 1024), 156);
+        assert_eq!(fetch_size(256, 0, 128, 1024), 0, "half of capacity waiting: no fetch");
+        // 1 MiB messages: every free slot, and 8 ahead of them.
+        assert_eq!(fetch_size(256, 0, 0, 1 << 20), 8);
+        assert_eq!(fetch_size(256, 100, 0, 1 << 20), 108);
+        assert_eq!(fetch_size(256, 0, 8, 1 << 20), 0);
+        // Larger than AHEAD_BYTES: one ahead; never more than capacity.
+        assert_eq!(fetch_size(256, 0, 0, 64 << 20), 1);
+        assert_eq!(fetch_size(1, 1, 0, 1 << 20), 1);
+        assert_eq!(fetch_size(1, 0, 0, 1024), 1, "strict: the next one waits ahead");
+        assert_eq!(fetch_size(1, 0, 1, 1024), 0);
     }
 }
