@@ -253,15 +253,24 @@ impl Outbox {
     }
 
     /// Sets a message the broker refuses for good aside, durably, in the
-    /// topic's parked log, with `reason` (an outbox record, or a dead letter
-    /// its dead-letter topic refuses).
-    pub async fn park(&self, topic: &str, rec: &ferry_log::Record, reason: &str) -> Result<(), ferry_log::Error> {
+    /// topic's parked log, with `reason`: an outbox record (`record: true`),
+    /// or a dead letter its dead-letter topic refuses.
+    pub async fn park(
+        &self,
+        topic: &str,
+        rec: &ferry_log::Record,
+        reason: &str,
+        record: bool,
+    ) -> Result<(), ferry_log::Error> {
         let log = self.parked_log(topic)?;
-        // Parked in order: a record parked again (a crash before the cursor
-        // passed it) is the last one there.
-        let last = log.next_offset().checked_sub(1).map(|o| log.read(o, 1, usize::MAX)).transpose()?;
-        if last.is_some_and(|b| b.records.last().is_some_and(|r| r.id == rec.id)) {
-            return Ok(());
+        // Outbox records are parked in order: one parked again (a crash
+        // before the cursor passed it) is the last one there. (Dead letters
+        // of one id can come from several subscriptions: all are kept.)
+        if record {
+            let last = log.next_offset().checked_sub(1).map(|o| log.read(o, 1, usize::MAX)).transpose()?;
+            if last.is_some_and(|b| b.records.last().is_some_and(|r| r.id == rec.id)) {
+                return Ok(());
+            }
         }
         let mut headers = rec.headers.clone();
         headers.push((PARKED_REASON.to_owned(), reason.to_owned()));

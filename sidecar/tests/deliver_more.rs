@@ -787,20 +787,34 @@ async fn sigterm_under_strict_ordering_hands_messages_back_in_stream_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_its_topic_refuses_for_good_is_parked_and_the_original_settled() {
     let nats = NatsServer::start();
-    let res = manifests_with(&subscription("big-dlq", "orders", &[]));
+    // Two subscriptions dead-letter the same message to the same topic: both
+    // dead letters are kept.
+    let subs = subscription("big-dlq", "orders", &[]) + &subscription("big-dlq-2", "orders", &[]);
+    let res = manifests_with(&subs);
     let data = tempfile::tempdir().unwrap();
-    let app = TestApp::start(|_, _| Reply::status(422)).await;
+    // The second subscription's rejection comes after the first dead letter
+    // is parked (3 s of refusals), so the two parks do not overlap.
+    let app = TestApp::start(|r, _| {
+        if r.path == "/big-dlq-2" {
+            Reply::slow(422, Duration::from_secs(5))
+        } else {
+            Reply::status(422)
+        }
+    })
+    .await;
     let sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
     let js = jetstream(&nats.url()).await;
     let mut dlq = js.get_stream("FERRY_default_orders-dlq").await.unwrap();
     let config = dlq.info().await.unwrap().config.clone();
     js.update_stream(async_nats::jetstream::stream::Config { max_message_size: 24 << 10, ..config }).await.unwrap();
     produce_to(&sc, "orders", "huge", None, &"x".repeat(40 << 10)).await;
-    app.wait_for(1, WAIT).await;
+    app.wait_for(2, WAIT).await;
     wait_settled(&nats, "big-dlq").await;
+    wait_settled(&nats, "big-dlq-2").await;
     assert!(dead_letters(&nats).await.is_empty());
     assert_eq!(metric(&sc, &deliveries("big-dlq", "parked")).await, Some(1.0));
+    assert_eq!(metric(&sc, &deliveries("big-dlq-2", "parked")).await, Some(1.0));
     drop(sc); // inspect opens the logs: not beside a running sidecar
     let text = inspect_outbox(data.path());
-    assert!(text.contains("parked orders-dlq: 1 message(s)") && text.contains("huge (40960 bytes)"), "{text}");
+    assert!(text.contains("parked orders-dlq: 2 message(s)") && text.contains("huge (40960 bytes)"), "{text}");
 }

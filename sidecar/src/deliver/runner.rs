@@ -43,13 +43,14 @@ pub const STOP_WAIT: Duration = Duration::from_secs(10);
 /// How many messages the next fetch asks for (0: none now). Enough for the
 /// `free` push slots, plus some to wait ahead of them: with `waiting`
 /// already here, at most `capacity` in all and about [`AHEAD_BYTES`] by the
-/// size of recent messages (`avg_bytes`, 0 while unknown); none while half
-/// of `capacity` or more waits.
+/// size of recent messages (`avg_bytes`, 0 while unknown: then none ahead);
+/// none while half of `capacity` or more waits.
 fn fetch_size(capacity: usize, free: usize, waiting: usize, avg_bytes: usize) -> usize {
     if waiting * 2 >= capacity {
         return 0;
     }
-    let ahead = AHEAD_BYTES.checked_div(avg_bytes).map_or(capacity, |n| n.clamp(1, capacity));
+    // Sizes not known yet (nothing fetched): only the free slots.
+    let ahead = AHEAD_BYTES.checked_div(avg_bytes).map_or(0, |n| n.clamp(1, capacity));
     (free + ahead).min(capacity).saturating_sub(waiting)
 }
 
@@ -727,17 +728,15 @@ impl Ctx {
             payload: msg.payload.clone(),
         };
         let mut backoff = Duration::from_millis(100);
-        let mut too_large_since: Option<Instant> = None;
+        let mut refusals = crate::forward::Refusals::default();
         loop {
             let published = self.leased(msg, async { self.deps.broker.publish(out.clone()).await?.await }).await;
-            match published {
+            let error = match published {
                 Ok(_) => break,
                 // The dead-letter topic will never take it (its stream's
                 // largest message is smaller): parked on the data volume, as
                 // the forwarder parks what the broker refuses for good.
-                Err(BrokerError::TooLarge(reason))
-                    if too_large_since.get_or_insert_with(Instant::now).elapsed() >= crate::forward::PARK_AFTER =>
-                {
+                Err(BrokerError::TooLarge(reason)) if refusals.refused(0, Instant::now()) => {
                     let rec = ferry_log::Record {
                         offset: msg.sequence,
                         timestamp_ms: msg.published_ms,
@@ -746,29 +745,30 @@ impl Ctx {
                         headers: out.headers.clone(),
                         payload: out.payload.clone(),
                     };
-                    match self.deps.outbox.park(dlq, &rec, &reason).await {
+                    match self.deps.outbox.park(dlq, &rec, &reason, false).await {
                         Ok(()) => {
                             let _ = msg.settle.settle(Settlement::Reject).await;
                             self.count("parked");
                             tracing::error!(subscription = %self.name, id = %msg.id, dead_letter_topic = %dlq, %reason, "the dead-letter topic refuses this message for good; parked it on the data volume");
                             return;
                         }
-                        Err(e) => {
-                            tracing::warn!(subscription = %self.name, id = %msg.id, error = %e, "could not park a dead letter; the original stays leased");
-                            self.leased(msg, tokio::time::sleep(backoff)).await;
-                        }
+                        Err(e) => format!("parking it: {e}"),
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(subscription = %self.name, id = %msg.id, error = %e, "dead-letter publish failed; the original stays leased");
-                    if self.stopped() {
-                        let _ = msg.settle.settle(Settlement::Release).await;
-                        return;
+                    if !matches!(e, BrokerError::TooLarge(_)) {
+                        refusals.interrupted();
                     }
-                    self.leased(msg, tokio::time::sleep(backoff)).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    e.to_string()
                 }
+            };
+            tracing::warn!(subscription = %self.name, id = %msg.id, %error, "dead-letter publish failed; the original stays leased");
+            if self.stopped() {
+                let _ = msg.settle.settle(Settlement::Release).await;
+                return;
             }
+            self.leased(msg, tokio::time::sleep(backoff)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         let _ = msg.settle.settle(Settlement::Reject).await;
         self.count("dead_lettered");
@@ -863,7 +863,9 @@ mod fetch_size_tests {
     fn fetches_ahead_up_to_capacity_and_about_ahead_bytes() {
         // Small messages (or sizes not known yet): up to capacity waiting.
         assert_eq!(fetch_size(256, 0, 0, 1024), 256);
-        assert_eq!(fetch_size(256, 0, 0, 0), 256);
+        // Sizes not known yet: the free slots only.
+        assert_eq!(fetch_size(256, 256, 0, 0), 256);
+        assert_eq!(fetch_size(256, 10, 0, 0), 10);
         assert_eq!(fetch_size(256, 0, 100, 1024), 156);
         assert_eq!(fetch_size(256, 0, 128, 1024), 0, "half of capacity waiting: no fetch");
         // 1 MiB messages: every free slot, and 8 ahead of them.

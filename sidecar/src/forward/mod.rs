@@ -49,6 +49,41 @@ pub const COMMIT_EVERY: Duration = Duration::from_millis(1000);
 /// How long the broker must go on refusing a record as too large before it
 /// is parked (re-sent with backoff meanwhile, about six times).
 pub const PARK_AFTER: Duration = Duration::from_secs(3);
+/// How many refusals in a row, at the least, before a record is parked.
+pub const PARK_AFTER_REFUSALS: u32 = 3;
+
+/// Too-large refusals of one record in a row. A refusal that passes (a
+/// limit lowered for a moment, a client that has not yet read the server's
+/// `max_payload` after a reconnect) must not park a record: it is parked
+/// only once refused [`PARK_AFTER_REFUSALS`] times over [`PARK_AFTER`] with
+/// nothing else in between (another error, such as the broker going away,
+/// starts the count again).
+#[derive(Debug, Default)]
+pub struct Refusals {
+    current: Option<(u64, Instant, u32)>,
+}
+
+impl Refusals {
+    /// Counts a refusal of the record at `offset` at `now`; true once it is
+    /// to be parked.
+    pub fn refused(&mut self, offset: u64, now: Instant) -> bool {
+        match &mut self.current {
+            Some((at, since, count)) if *at == offset => {
+                *count += 1;
+                *count >= PARK_AFTER_REFUSALS && now.duration_since(*since) >= PARK_AFTER
+            }
+            _ => {
+                self.current = Some((offset, now, 1));
+                false
+            }
+        }
+    }
+
+    /// Something other than a too-large refusal happened: start again.
+    pub fn interrupted(&mut self) {
+        self.current = None;
+    }
+}
 /// First retry delay after a failure.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest retry delay.
@@ -97,7 +132,7 @@ impl Forwarder {
             committing: None,
             stream_missing,
             room,
-            refused: None,
+            refused: Refusals::default(),
             tl,
             outbox,
             broker,
@@ -141,8 +176,8 @@ struct Ctx {
     stream_missing: Arc<tokio::sync::Notify>,
     /// Room for publishes in flight, shared with the other topics' forwarders.
     room: Arc<Semaphore>,
-    /// The record the broker refuses as too large, and since when.
-    refused: Option<(u64, Instant)>,
+    /// The record the broker refuses as too large, since when and how often.
+    refused: Refusals,
 }
 
 /// Sets a record the broker refuses for good aside in the outbox's parked
@@ -155,7 +190,7 @@ async fn park(
     reason: &str,
 ) -> Result<(), BrokerError> {
     outbox
-        .park(topic, rec, reason)
+        .park(topic, rec, reason, true)
         .await
         .map_err(|e| BrokerError::Unavailable(format!("parking message {:?}: {e}", rec.id)))?;
     outbox.mark_parked(topic, &rec.id, rec.offset);
@@ -192,6 +227,9 @@ impl Ctx {
                     if matches!(e, BrokerError::NoStream(_)) {
                         self.stream_missing.notify_one();
                     }
+                    if !matches!(e, BrokerError::TooLarge(_)) {
+                        self.refused.interrupted();
+                    }
                     if *self.confirmed.borrow() > before {
                         backoff = BACKOFF_MIN;
                     }
@@ -212,18 +250,10 @@ impl Ctx {
         self.commit().await;
     }
 
-    /// Whether the broker has refused the record at `offset` as too large
-    /// for [`PARK_AFTER`] (re-sent with backoff meanwhile): a refusal that
-    /// passes (a limit lowered for a moment, a client that has not yet read
-    /// the server's `max_payload` after a reconnect) must not park a record.
+    /// Counts a too-large refusal of the record at `offset`; true once it is
+    /// to be parked (see [`Refusals`]).
     fn refused_long_enough(&mut self, offset: u64) -> bool {
-        match self.refused {
-            Some((at, since)) if at == offset => since.elapsed() >= PARK_AFTER,
-            _ => {
-                self.refused = Some((offset, Instant::now()));
-                false
-            }
-        }
+        self.refused.refused(offset, Instant::now())
     }
 
     /// Starts persisting the confirmed offset as the `forwarded` cursor (and
@@ -285,13 +315,16 @@ impl Ctx {
         let mut end = log.subscribe();
         let mut next_read = *self.confirmed.borrow();
         let mut in_flight: FuturesOrdered<Pending> = FuturesOrdered::new();
+        // A record refused before it was sent waits in the ack queue: until
+        // its turn, nothing is read past it.
+        let mut held = false;
         let mut last_commit = Instant::now();
         let mut ticker = tokio::time::interval(COMMIT_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Fill the window from the log, as far as the shared room allows.
             let mut out_of_room = false;
-            while !out_of_room && in_flight.len() < WINDOW && next_read < log.next_offset() {
+            while !out_of_room && !held && in_flight.len() < WINDOW && next_read < log.next_offset() {
                 // No more than the room left (one at least, to wait for):
                 // else most of a read is thrown away when the room is short.
                 let want = READ_BATCH.min(WINDOW - in_flight.len()).min(self.room.available_permits().max(1));
@@ -321,12 +354,16 @@ impl Ctx {
                         Ok(p) => p,
                         // Never sent (over the server's max_payload): its
                         // refusal is handled in its turn, like an ack's.
+                        // Nothing after it is sent until its fate is known:
+                        // were it taken on a later try, it would land after
+                        // them.
                         Err(BrokerError::TooLarge(reason)) => {
                             let info = InFlight { offset: rec.offset, id: Some(rec.id.clone()), sent: Instant::now() };
                             drop(permit);
                             in_flight.push_back(Box::pin(async move { (info, Err(BrokerError::TooLarge(reason))) }));
                             next_read = rec.offset + 1;
-                            continue;
+                            held = true;
+                            break;
                         }
                         Err(e) => return Outcome::Failed(e),
                     };
@@ -338,7 +375,7 @@ impl Ctx {
                     }));
                     next_read = rec.offset + 1;
                 }
-                if out_of_room {
+                if out_of_room || held {
                     break;
                 }
                 if batch.next > next_read {
@@ -389,6 +426,7 @@ impl Ctx {
                                     return Outcome::Failed(e);
                                 }
                                 confirmed = Some(info.offset + 1);
+                                held = false;
                             }
                             Err(e) => {
                                 if let Some(c) = confirmed {
@@ -412,5 +450,36 @@ impl Ctx {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_parked_only_after_refusals_in_a_row_over_park_after() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut r = Refusals::default();
+        assert!(!r.refused(7, at(0)));
+        assert!(!r.refused(7, at(100)));
+        assert!(!r.refused(7, at(2_900)), "three refusals, but not over PARK_AFTER yet");
+        assert!(r.refused(7, at(3_000)));
+        // Another error in between starts again, however long it has been.
+        let mut r = Refusals::default();
+        assert!(!r.refused(7, at(0)));
+        assert!(!r.refused(7, at(100)));
+        r.interrupted();
+        assert!(!r.refused(7, at(5_000)));
+        assert!(!r.refused(7, at(5_100)));
+        assert!(!r.refused(7, at(6_000)), "three in a row, but only 1 s since the first of them");
+        // Once over PARK_AFTER, still three in a row are needed.
+        let mut r = Refusals::default();
+        assert!(!r.refused(7, at(0)));
+        assert!(!r.refused(7, at(10_000)), "two refusals");
+        assert!(r.refused(7, at(10_100)));
+        // Another record starts its own count.
+        assert!(!r.refused(8, at(20_000)));
     }
 }
