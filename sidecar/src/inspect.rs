@@ -3,21 +3,15 @@
 use std::fmt::Write;
 use std::path::Path;
 
-use ferry_log::{Budget, Log, LogOptions};
+use ferry_log::{Budget, Log};
 
-use crate::outbox::{log_options, FORWARDED, PARKED_REASON};
+use crate::outbox::{log_options, parked_log_options, FORWARDED, PARKED_REASON};
 
 /// A text report of every topic log under `{data_dir}/outbox`. Opening a log
 /// runs its recovery (a torn tail is truncated, as a restart would).
 pub fn inspect(data_dir: &Path) -> Result<String, String> {
     let dir = data_dir.join("outbox");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-        .collect();
-    names.sort();
+    let names = subdirs(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut out = String::new();
     let _ = writeln!(out, "outbox {}: {} topic(s)", dir.display(), names.len());
     for name in names {
@@ -73,17 +67,10 @@ pub fn inspect(data_dir: &Path) -> Result<String, String> {
 /// broker refused for good), one line each with id and reason.
 fn parked(data_dir: &Path, out: &mut String) -> Result<(), String> {
     let dir = data_dir.join("parked");
-    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
-    let mut names: Vec<String> = entries
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-        .collect();
-    names.sort();
+    let Ok(names) = subdirs(&dir) else { return Ok(()) };
     for name in names {
         let path = dir.join(&name);
-        let opts = LogOptions { budget: Budget::unlimited(), preallocate_bytes: 0, ..LogOptions::default() };
-        let (log, _) = Log::open(&path, opts).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (log, _) = Log::open(&path, parked_log_options()).map_err(|e| format!("{}: {e}", path.display()))?;
         let stats = log.stats();
         let _ = writeln!(
             out,
@@ -102,4 +89,15 @@ fn parked(data_dir: &Path, out: &mut String) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The names of the directories in `dir` (one log each), sorted.
+fn subdirs(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    Ok(names)
 }

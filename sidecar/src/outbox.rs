@@ -252,45 +252,39 @@ impl Outbox {
         t.insert(key, Tracked { offset, sequence, topic, stream });
     }
 
-    /// Sets a message the broker refuses for good aside, durably, in the
-    /// topic's parked log, with `reason`: an outbox record (`record: true`),
-    /// or a dead letter its dead-letter topic refuses.
-    pub async fn park(
+    /// Sets an outbox record the broker refuses for good aside, durably, in
+    /// the topic's parked log, with `reason`; its id's status becomes
+    /// parked. Records are parked in order, so one parked again (a crash
+    /// before the cursor passed it) is the last one there: not appended twice.
+    pub async fn park_record(
         &self,
         topic: &str,
         rec: &ferry_log::Record,
         reason: &str,
-        record: bool,
     ) -> Result<(), ferry_log::Error> {
         let log = self.parked_log(topic)?;
-        // Outbox records are parked in order: one parked again (a crash
-        // before the cursor passed it) is the last one there. (Dead letters
-        // of one id can come from several subscriptions: all are kept.)
-        if record {
-            let last = log.next_offset().checked_sub(1).map(|o| log.read(o, 1, usize::MAX)).transpose()?;
-            if last.is_some_and(|b| b.records.last().is_some_and(|r| r.id == rec.id)) {
-                return Ok(());
-            }
+        let last = log.next_offset().checked_sub(1).map(|o| log.read(o, 1, usize::MAX)).transpose()?;
+        let parked_again = last.is_some_and(|b| b.records.last().is_some_and(|r| r.id == rec.id));
+        if !parked_again {
+            append_parked(&log, rec, reason).await?;
         }
-        let mut headers = rec.headers.clone();
-        headers.push((PARKED_REASON.to_owned(), reason.to_owned()));
-        let parked = NewRecord {
-            timestamp_ms: rec.timestamp_ms,
-            id: rec.id.clone(),
-            key: rec.key.clone(),
-            headers,
-            payload: rec.payload.clone(),
-        };
-        log.append(std::slice::from_ref(&parked)).await?;
+        let key = IdKey::of(&rec.id);
+        let mut t = self.lock_tracker();
+        let topic = t.number(topic);
+        t.insert(key, Tracked { offset: rec.offset, sequence: 0, topic, stream: PARKED });
         Ok(())
     }
 
-    /// Records that the outbox record at `offset` was parked, not forwarded.
-    pub fn mark_parked(&self, topic: &str, id: &str, offset: u64) {
-        let key = IdKey::of(id);
-        let mut t = self.lock_tracker();
-        let topic = t.number(topic);
-        t.insert(key, Tracked { offset, sequence: 0, topic, stream: PARKED });
+    /// Sets a dead letter its dead-letter topic refuses for good aside,
+    /// durably, in that topic's parked log, with `reason`. (Dead letters of
+    /// one id can come from several subscriptions: all are kept.)
+    pub async fn park_dead_letter(
+        &self,
+        topic: &str,
+        rec: &ferry_log::Record,
+        reason: &str,
+    ) -> Result<(), ferry_log::Error> {
+        append_parked(&*self.parked_log(topic)?, rec, reason).await
     }
 
     fn parked_log(&self, topic: &str) -> Result<Arc<Log>, ferry_log::Error> {
@@ -299,13 +293,7 @@ impl Outbox {
             return Ok(log.clone());
         }
         // Rare (a limit lowered under a backlog): opened here, on first use.
-        let opts = LogOptions {
-            fsync: FsyncMode::Always,
-            preallocate_bytes: 0,
-            budget: Budget::unlimited(),
-            ..LogOptions::default()
-        };
-        let log = Arc::new(Log::open(self.parked_dir.join(topic), opts)?.0);
+        let log = Arc::new(Log::open(self.parked_dir.join(topic), parked_log_options())?.0);
         parked.insert(topic.to_owned(), log.clone());
         Ok(log)
     }
@@ -332,6 +320,27 @@ impl Outbox {
             },
         })
     }
+}
+
+/// Options of a parked log: every append synced, no byte budget (parked
+/// messages are few and never deleted).
+pub fn parked_log_options() -> LogOptions {
+    LogOptions { fsync: FsyncMode::Always, preallocate_bytes: 0, budget: Budget::unlimited(), ..LogOptions::default() }
+}
+
+/// Appends `rec` to a parked log with its `reason`.
+async fn append_parked(log: &Log, rec: &ferry_log::Record, reason: &str) -> Result<(), ferry_log::Error> {
+    let mut headers = rec.headers.clone();
+    headers.push((PARKED_REASON.to_owned(), reason.to_owned()));
+    let parked = NewRecord {
+        timestamp_ms: rec.timestamp_ms,
+        id: rec.id.clone(),
+        key: rec.key.clone(),
+        headers,
+        payload: rec.payload.clone(),
+    };
+    log.append(std::slice::from_ref(&parked)).await?;
+    Ok(())
 }
 
 impl Tracker {

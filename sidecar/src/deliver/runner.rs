@@ -311,23 +311,8 @@ impl Ctx {
         // back, so what waited goes back after the pushes under way are
         // settled, and in stream order; meanwhile it stays leased.
         waiting.sort_by_key(|m| m.sequence);
-        let every = self.heartbeat_every();
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        let finished = async { while tasks.join_next().await.is_some() {} };
-        tokio::pin!(finished);
-        let deadline = tokio::time::sleep(STOP_WAIT);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                () = &mut finished => break,
-                () = &mut deadline => break,
-                _ = tick.tick() => {
-                    for m in &waiting {
-                        let _ = m.settle.settle(Settlement::Progress).await;
-                    }
-                }
-            }
-        }
+        let finished = tokio::time::timeout(STOP_WAIT, async { while tasks.join_next().await.is_some() {} });
+        let _ = self.all_leased(&waiting, finished).await;
         self.release(waiting).await;
     }
 
@@ -504,13 +489,22 @@ impl Ctx {
 
     /// Runs `fut` while keeping the message leased.
     async fn leased<T>(&self, msg: &Fetched, fut: impl std::future::Future<Output = T>) -> T {
+        self.all_leased(std::slice::from_ref(msg), fut).await
+    }
+
+    /// Runs `fut` while keeping the messages leased.
+    async fn all_leased<T>(&self, msgs: &[Fetched], fut: impl std::future::Future<Output = T>) -> T {
         tokio::pin!(fut);
         let mut tick =
             tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat_every(), self.heartbeat_every());
         loop {
             tokio::select! {
                 out = &mut fut => return out,
-                _ = tick.tick() => { let _ = msg.settle.settle(Settlement::Progress).await; }
+                _ = tick.tick() => {
+                    for msg in msgs {
+                        let _ = msg.settle.settle(Settlement::Progress).await;
+                    }
+                }
             }
         }
     }
@@ -745,7 +739,7 @@ impl Ctx {
                         headers: out.headers.clone(),
                         payload: out.payload.clone(),
                     };
-                    match self.deps.outbox.park(dlq, &rec, &reason, false).await {
+                    match self.deps.outbox.park_dead_letter(dlq, &rec, &reason).await {
                         Ok(()) => {
                             let _ = msg.settle.settle(Settlement::Reject).await;
                             self.count("parked");

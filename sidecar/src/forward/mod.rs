@@ -51,6 +51,10 @@ pub const COMMIT_EVERY: Duration = Duration::from_millis(1000);
 pub const PARK_AFTER: Duration = Duration::from_secs(3);
 /// How many refusals in a row, at the least, before a record is parked.
 pub const PARK_AFTER_REFUSALS: u32 = 3;
+/// First retry delay after a failure.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Too-large refusals of one record in a row. A refusal that passes (a
 /// limit lowered for a moment, a client that has not yet read the server's
@@ -84,10 +88,6 @@ impl Refusals {
         self.current = None;
     }
 }
-/// First retry delay after a failure.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
-/// Longest retry delay.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Handle to one topic's forwarder.
 #[derive(Debug)]
@@ -190,10 +190,9 @@ async fn park(
     reason: &str,
 ) -> Result<(), BrokerError> {
     outbox
-        .park(topic, rec, reason, true)
+        .park_record(topic, rec, reason)
         .await
         .map_err(|e| BrokerError::Unavailable(format!("parking message {:?}: {e}", rec.id)))?;
-    outbox.mark_parked(topic, &rec.id, rec.offset);
     parked.inc();
     tracing::error!(%topic, id = %rec.id, offset = rec.offset, %reason, "the broker refuses this message for good; parked it on the data volume and went on");
     Ok(())
@@ -248,12 +247,6 @@ impl Ctx {
             }
         }
         self.commit().await;
-    }
-
-    /// Counts a too-large refusal of the record at `offset`; true once it is
-    /// to be parked (see [`Refusals`]).
-    fn refused_long_enough(&mut self, offset: u64) -> bool {
-        self.refused.refused(offset, Instant::now())
     }
 
     /// Starts persisting the confirmed offset as the `forwarded` cursor (and
@@ -411,7 +404,7 @@ impl Ctx {
                             // order); this one it will never take, if it
                             // still says so after PARK_AFTER: set it aside
                             // and go on.
-                            Err(BrokerError::TooLarge(reason)) if info.id.is_some() && self.refused_long_enough(info.offset) => {
+                            Err(BrokerError::TooLarge(reason)) if info.id.is_some() && self.refused.refused(info.offset, Instant::now()) => {
                                 let parked = match log.read(info.offset, 1, usize::MAX) {
                                     Ok(b) => match b.records.into_iter().find(|r| r.offset == info.offset) {
                                         Some(rec) => park(&self.outbox, &self.parked, &self.tl.topic, &rec, &reason).await,
