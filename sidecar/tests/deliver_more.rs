@@ -297,7 +297,7 @@ async fn an_id_the_app_acked_is_not_pushed_again_after_a_sidecar_restart() {
     wait_settled_on(&nats, "FERRY_default_once", "once").await;
 
     let stored = stream_messages(&jetstream(&nats.url()).await, "FERRY_default_once").await;
-    let ids: Vec<String> = stored.iter().filter_map(|m| header(m, "Nats-Msg-Id")).collect();
+    let ids = msg_ids(&stored);
     assert_eq!(ids, ["x-1", "x-1", "y-1"], "the broker stored x-1 again (else this test proves nothing)");
     let got = counts(&app.received());
     assert_eq!(got.get("x-1"), Some(&1), "x-1 reached the app again after the restart: {got:?}");
@@ -581,7 +581,7 @@ async fn bulk_push_sends_cloudevent_batches_and_dead_letters_only_the_message_th
         assert!(e["ferrydeliveryid"].as_str().is_some_and(|d| !d.is_empty()), "{e}");
     }
     let dl = dead_letters(&nats).await;
-    let dead: Vec<String> = dl.iter().filter_map(|m| header(m, "Nats-Msg-Id")).collect();
+    let dead = msg_ids(&dl);
     assert_eq!(dead, ["b-3"]);
     assert_eq!(header(&dl[0], "ferry-last-status").as_deref(), Some("422"));
     assert_eq!(metric(&sc, &deliveries("bulk", "acked")).await, Some(9.0));

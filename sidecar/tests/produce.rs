@@ -74,7 +74,7 @@ async fn batches_in_all_three_formats_are_stored_whole_and_in_order() {
 
     let js = jetstream(&nats.url()).await;
     let msgs = stream_messages(&js, "FERRY_default_audit").await;
-    let ids: Vec<String> = msgs.iter().map(|m| header(m, "Nats-Msg-Id").unwrap()).collect();
+    let ids = msg_ids(&msgs);
     assert_eq!(ids, ["j1", "j2", "n1", "n2", "c1"]);
     assert_eq!(&msgs[0].payload[..], br#"{"n":1}"#);
     assert_eq!(&msgs[2].payload[..], br#""x""#);
@@ -196,7 +196,7 @@ async fn with_the_broker_down_produce_keeps_answering_and_everything_arrives_in_
     assert_eq!(resp.status().as_u16(), 201);
     let js = jetstream(&nats.url()).await;
     let msgs = stream_messages(&js, "FERRY_default_audit").await;
-    let ids: Vec<String> = msgs.iter().map(|m| header(m, "Nats-Msg-Id").unwrap()).collect();
+    let ids = msg_ids(&msgs);
     let want: Vec<String> = (0..=50).map(|i| format!("m-{i}")).collect();
     assert_eq!(ids, want);
 }
@@ -236,7 +236,7 @@ async fn kill_9_right_after_acknowledged_produces_loses_and_duplicates_nothing()
     acked.push("last".into());
     let js = jetstream(&nats.url()).await;
     let msgs = stream_messages(&js, "FERRY_default_audit").await;
-    let ids: Vec<String> = msgs.iter().map(|m| header(m, "Nats-Msg-Id").unwrap()).collect();
+    let ids = msg_ids(&msgs);
     assert_eq!(ids, acked, "exactly the acknowledged messages, each once, in order");
     for m in &msgs {
         assert_eq!(m.payload, header(m, "Nats-Msg-Id").unwrap().as_bytes());
@@ -334,7 +334,6 @@ async fn a_damaged_record_at_the_outbox_tail_is_skipped_and_the_outbox_drains() 
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let js = jetstream(&nats.url()).await;
-    let ids: Vec<String> =
-        stream_messages(&js, "FERRY_default_audit").await.iter().map(|m| header(m, "Nats-Msg-Id").unwrap()).collect();
+    let ids = stored_ids(&js, "FERRY_default_audit").await;
     assert_eq!(ids, ["d-1", "d-2"]);
 }

@@ -130,9 +130,14 @@ pub fn inspect_outbox(data_dir: &Path) -> String {
     text
 }
 
+/// The ids (`Nats-Msg-Id`) of stored messages, in order; each must have one.
+pub fn msg_ids(msgs: &[async_nats::jetstream::message::StreamMessage]) -> Vec<String> {
+    msgs.iter().map(|m| header(m, "Nats-Msg-Id").expect("a stored message without Nats-Msg-Id")).collect()
+}
+
 /// The ids (`Nats-Msg-Id`) of a stream's messages, in order.
 pub async fn stored_ids(js: &async_nats::jetstream::Context, stream: &str) -> Vec<String> {
-    stream_messages(js, stream).await.iter().map(|m| header(m, "Nats-Msg-Id").unwrap_or_default()).collect()
+    msg_ids(&stream_messages(js, stream).await)
 }
 
 pub fn http() -> reqwest::Client {
