@@ -267,13 +267,11 @@ impl Ctx {
                     m
                 }
                 Err(e) => {
-                    tracing::warn!(subscription = %self.name, error = %e, retry_in = ?backoff, "fetch failed");
-                    self.reset_consumer().await;
+                    let wait = self.fetch_failed(&e, &mut backoff).await;
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = stop.changed() => break,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
@@ -314,6 +312,16 @@ impl Ctx {
         let finished = tokio::time::timeout(STOP_WAIT, async { while tasks.join_next().await.is_some() {} });
         let _ = self.all_leased(&waiting, finished).await;
         self.release(waiting).await;
+    }
+
+    /// A fetch failed: logs it, drops the consumer (made again on the next
+    /// fetch) and says how long to wait, doubling `backoff` up to 5 s.
+    async fn fetch_failed(&self, e: &BrokerError, backoff: &mut Duration) -> Duration {
+        let wait = *backoff;
+        tracing::warn!(subscription = %self.name, error = %e, retry_in = ?wait, "fetch failed");
+        self.reset_consumer().await;
+        *backoff = (wait * 2).min(Duration::from_secs(5));
+        wait
     }
 
     /// Hands messages back to the broker (redelivered at once, to any pod).
@@ -375,10 +383,8 @@ impl Ctx {
                             ahead.extend(m);
                         }
                         Err(e) => {
-                            tracing::warn!(subscription = %self.name, error = %e, retry_in = ?backoff, "fetch failed");
-                            self.reset_consumer().await;
-                            retry_at = Some(tokio::time::Instant::now() + backoff);
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            let wait = self.fetch_failed(&e, &mut backoff).await;
+                            retry_at = Some(tokio::time::Instant::now() + wait);
                         }
                     }
                 }
