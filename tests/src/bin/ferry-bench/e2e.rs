@@ -148,10 +148,15 @@ pub(crate) struct E2eArgs {
     /// e2e6/e2e7), with its produce answers and pacer lag; no figures written.
     #[arg(long, conflicts_with = "throughput_only")]
     embedded_latency_only: bool,
+    /// Diagnosis, for A/B runs of two sidecar builds: only the nats
+    /// backend's fixed-rate phase and the raw path's (figures e2e1/e2e2),
+    /// each with its CPU; no figures written.
+    #[arg(long, conflicts_with_all = ["throughput_only", "embedded_latency_only"])]
+    latency_only: bool,
     /// Diagnosis: only figure e2e5, the nats backend's durable produce
     /// (with the CPU its processes used) and JetStream's `sync_interval:
     /// always` publish rate; no figures written.
-    #[arg(long, conflicts_with_all = ["throughput_only", "embedded_latency_only", "skip_sync_always"])]
+    #[arg(long, conflicts_with_all = ["throughput_only", "embedded_latency_only", "latency_only", "skip_sync_always"])]
     durable_only: bool,
     /// Keep-alive connections of the durable produce phase (figure e2e5)
     /// [default: --batch-connections].
@@ -407,6 +412,9 @@ fn run(s: &Settings) -> Result<(), Error> {
     if a.throughput_only {
         return throughput_only(&rt, s, &nats_server, &mut sc, &rec);
     }
+    if a.latency_only {
+        return latency_only(&rt, s, &nats_server, &mut sc, &rec);
+    }
     let (mut nats, raw, template) = {
         let pid = sc.process.pid();
         warm_up(&rt, s, &sc, &rec)?;
@@ -486,6 +494,29 @@ fn throughput_only(
         sustained_detail("raw", &raw),
         ferry.rate / raw.rate
     );
+    Ok(())
+}
+
+/// `--latency-only`: figures e2e1/e2e2 alone, Ferry's fixed-rate phase
+/// then the raw path's.
+fn latency_only(
+    rt: &tokio::runtime::Runtime,
+    s: &Settings,
+    nats_server: &NatsServer,
+    sc: &mut Sidecar,
+    rec: &Arc<Recorder>,
+) -> Result<(), Error> {
+    let npid = nats_pid(nats_server);
+    let pid = sc.process.pid();
+    warm_up(rt, s, sc, rec)?;
+    let fixed = ferry_fixed(rt, s, sc, rec, sys::CpuMeter::start(pid, npid))?;
+    let js = rt.block_on(crate::forward::connect(&nats_server.url()))?;
+    let template = rt.block_on(Template::of(&js, STREAM))?;
+    let raw = raw_fixed(rt, s, &js, &template, rec, sys::CpuMeter::start(pid, npid))?;
+    stop(sc);
+    println!("latency-only: {}", fixed_detail("Ferry", &fixed));
+    println!("latency-only: {}", fixed_detail("raw", &raw));
+    println!("latency-only: delivered Ferry {} | raw {}", lat3(&fixed.lat), lat3(&raw.lat));
     Ok(())
 }
 
