@@ -16,10 +16,22 @@ use crate::state::Sidecar;
 /// The admin router.
 pub fn router(sidecar: Arc<Sidecar>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(sidecar)
+}
+
+/// Liveness: failed while a topic's outbox log refuses appends after a
+/// failed `fdatasync` ([`crate::outbox::Outbox::failed_topics`]), which only
+/// a restart (and the log's reopen) mends.
+async fn healthz(State(s): State<Arc<Sidecar>>) -> impl IntoResponse {
+    let failed = s.outbox.failed_topics();
+    if failed.is_empty() {
+        (StatusCode::OK, Json(json!({ "status": "ok" })))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "failed", "failedTopics": failed })))
+    }
 }
 
 /// Readiness detail: broker connection, broker config applied, outbox depth per topic.
@@ -27,6 +39,7 @@ pub fn readiness(s: &Sidecar) -> (bool, serde_json::Value) {
     let connected = s.broker.is_connected();
     let configured = s.broker_configured.load(Ordering::Acquire);
     let shutting_down = s.is_shutting_down();
+    let failed = s.outbox.failed_topics();
     let mut outbox = serde_json::Map::new();
     for tl in s.outbox.topics() {
         let stats = tl.log.stats();
@@ -38,10 +51,11 @@ pub fn readiness(s: &Sidecar) -> (bool, serde_json::Value) {
                 "bytes": stats.bytes,
                 "nextOffset": stats.next_offset,
                 "forwardedOffset": confirmed,
+                "failed": tl.log.is_poisoned(),
             }),
         );
     }
-    let ready = connected && configured && !shutting_down;
+    let ready = connected && configured && !shutting_down && failed.is_empty();
     let detail = json!({
         "ready": ready,
         "broker": { "connected": connected, "configured": configured },

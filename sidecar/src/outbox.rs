@@ -5,6 +5,17 @@
 //! A produce call appends to its topic's log; the forwarder reads it from
 //! the `forwarded` cursor and advances that cursor as the broker confirms.
 //!
+//! Where every append is synced, a record is readable (and may be
+//! forwarded) while its `fdatasync` runs: the produce call is still
+//! answered only after it, but delivery no longer waits for it (about
+//! 0.25 ms of the end-to-end p50). So a message whose produce was never
+//! answered (the machine lost power during the sync) or failed (the sync
+//! failed) may have reached the broker: the same unknown outcome as an
+//! answer lost on the network, which a retry with the same `Ferry-Id` turns
+//! into one message. A failed sync makes the topic's log refuse appends
+//! until the sidecar restarts ([`Outbox::failed_topics`]); a `forwarded`
+//! cursor committed past what the disk kept is moved back by the reopen.
+//!
 //! A record the broker refuses for good (larger than a limit lowered after
 //! it was produced) would hold its topic back for ever. The forwarder sets
 //! it aside instead: it is appended, durably, to `{data_dir}/parked/{topic}`
@@ -116,6 +127,8 @@ pub struct Outbox {
     fsync: FsyncPolicy,
     logs: RwLock<BTreeMap<String, Arc<TopicLog>>>,
     tracker: Mutex<Tracker>,
+    /// Where the topic logs live: the real file system, or a test's `MemFs`.
+    fs: Arc<dyn ferry_log::Fs>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -127,7 +140,8 @@ impl std::fmt::Debug for Outbox {
 /// Log options for a topic with this persistence, under the sidecar's
 /// `--fsync` policy (which can only lower it). Segment space is
 /// preallocated only where every append is synced: elsewhere a sync is
-/// rare and the reserve would only take disk.
+/// rare and the reserve would only take disk. Where every append is
+/// synced, records are readable before their sync (see the module doc).
 pub fn log_options(persistence: Persistence, policy: FsyncPolicy, budget: &Budget) -> LogOptions {
     let fsync = match (policy, persistence) {
         (FsyncPolicy::Never, _) => FsyncMode::Never,
@@ -135,7 +149,13 @@ pub fn log_options(persistence: Persistence, policy: FsyncPolicy, budget: &Budge
         _ => FsyncMode::Interval(BEST_EFFORT_SYNC),
     };
     let preallocate_bytes = if fsync == FsyncMode::Always { ferry_log::DEFAULT_PREALLOCATE_BYTES } else { 0 };
-    LogOptions { fsync, preallocate_bytes, budget: budget.clone(), ..LogOptions::default() }
+    LogOptions {
+        fsync,
+        preallocate_bytes,
+        budget: budget.clone(),
+        readable_before_sync: fsync == FsyncMode::Always,
+        ..LogOptions::default()
+    }
 }
 
 impl Outbox {
@@ -143,6 +163,17 @@ impl Outbox {
     /// a topic no longer configured still get forwarded) and every topic in
     /// `topics` (name → (persistence, partitions)).
     pub fn open(
+        data_dir: &Path,
+        max_bytes: u64,
+        fsync: FsyncPolicy,
+        topics: &BTreeMap<String, (Persistence, u32)>,
+    ) -> Result<(Self, Vec<(String, RecoveryReport)>), ferry_log::Error> {
+        Self::open_on(Arc::new(ferry_log::StdFs), data_dir, max_bytes, fsync, topics)
+    }
+
+    /// [`Outbox::open`] with the topic logs on `fs` (a test's `MemFs`).
+    fn open_on(
+        fs: Arc<dyn ferry_log::Fs>,
         data_dir: &Path,
         max_bytes: u64,
         fsync: FsyncPolicy,
@@ -174,6 +205,7 @@ impl Outbox {
             fsync,
             logs: RwLock::new(BTreeMap::new()),
             tracker: Mutex::new(Tracker::default()),
+            fs,
         };
         let mut reports = Vec::new();
         for name in names {
@@ -207,10 +239,20 @@ impl Outbox {
         persistence: Persistence,
         partitions: u32,
     ) -> Result<RecoveryReport, ferry_log::Error> {
-        let (log, report) = Log::open(self.dir.join(topic), log_options(persistence, self.fsync, &self.budget))?;
+        let opts = log_options(persistence, self.fsync, &self.budget);
+        let (log, report) = Log::open_with(self.fs.clone(), self.dir.join(topic), opts)?;
         let tl = Arc::new(TopicLog { topic: topic.to_owned(), log, partitions: partitions.into() });
         self.logs.write().unwrap_or_else(|e| e.into_inner()).insert(topic.to_owned(), tl);
         Ok(report)
+    }
+
+    /// Topics whose log failed an `fdatasync` after its records were
+    /// readable, and so refuses appends until the sidecar restarts (and its
+    /// reopen cuts the unsynced records off). `/healthz` fails while there
+    /// is one, so that Kubernetes restarts the sidecar.
+    pub fn failed_topics(&self) -> Vec<String> {
+        let logs = self.logs.read().unwrap_or_else(|e| e.into_inner());
+        logs.values().filter(|tl| tl.log.is_poisoned()).map(|tl| tl.topic.clone()).collect()
     }
 
     /// The log of a topic.
@@ -427,6 +469,52 @@ mod open_tests {
         assert_eq!(tl.partitions(), 1);
         assert!(!outbox.ensure_topic("orders", Persistence::Durable, 4).unwrap(), "already open");
         assert_eq!(tl.partitions(), 4, "the open log takes the spec's partitions");
+    }
+
+    fn record(id: &str) -> NewRecord {
+        NewRecord { timestamp_ms: 1, id: id.to_owned(), key: None, headers: vec![], payload: "x".into() }
+    }
+
+    fn ids(tl: &TopicLog) -> Vec<String> {
+        tl.log.read(0, 16, 1 << 20).unwrap().records.into_iter().map(|r| r.id).collect()
+    }
+
+    #[tokio::test]
+    async fn a_record_is_forwardable_during_its_sync_and_a_failed_sync_fails_its_topic_until_reopened() {
+        use ferry_log::memfs::{Fault, MemFs};
+        let data = tempfile::tempdir().unwrap();
+        let fs = Arc::new(MemFs::new());
+        let spec = BTreeMap::from([
+            ("orders".to_owned(), (Persistence::Durable, 1)),
+            ("audit".to_owned(), (Persistence::Durable, 1)),
+        ]);
+        {
+            let (outbox, _) = Outbox::open_on(fs.clone(), data.path(), 1 << 30, FsyncPolicy::Always, &spec).unwrap();
+            let tl = outbox.topic("orders").unwrap();
+            outbox.append(&tl, &[record("a")]).await.unwrap();
+            assert!(outbox.failed_topics().is_empty());
+            fs.inject(Fault::Sync(std::io::ErrorKind::Other));
+            outbox.append(&tl, &[record("b")]).await.expect_err("its sync failed");
+            // The forwarder could read `b` while its sync ran, so it may be
+            // at the broker: its offset is never given to another record.
+            assert_eq!(ids(&tl), ["a", "b"]);
+            assert_eq!(tl.log.durable_offset(), 1);
+            assert_eq!(outbox.failed_topics(), ["orders"]);
+            outbox.append(&tl, &[record("c")]).await.expect_err("a failed topic takes nothing more");
+            let audit = outbox.topic("audit").unwrap();
+            outbox.append(&audit, &[record("d")]).await.expect("other topics go on");
+            // The forwarder confirmed `b` (the broker took it).
+            tl.log.commit(FORWARDED, 2).unwrap();
+        }
+        let (outbox, reports) = Outbox::open_on(fs, data.path(), 1 << 30, FsyncPolicy::Always, &spec).unwrap();
+        assert!(outbox.failed_topics().is_empty(), "the reopen mends the topic");
+        let tl = outbox.topic("orders").unwrap();
+        assert_eq!(ids(&tl), ["a"], "what the disk never kept is cut off");
+        let report = &reports.iter().find(|(t, _)| t == "orders").unwrap().1;
+        assert_eq!(report.cursors_past_end.get(FORWARDED), Some(&2));
+        assert_eq!(tl.log.cursor(FORWARDED), Some(1), "the next record here is forwarded");
+        outbox.append(&tl, &[record("e")]).await.unwrap();
+        assert_eq!(ids(&tl), ["a", "e"]);
     }
 }
 
