@@ -315,6 +315,11 @@ impl Log {
         *self.shared.end.borrow()
     }
 
+    /// The options the log was opened with.
+    pub fn options(&self) -> &LogOptions {
+        &self.shared.opts
+    }
+
     /// A receiver that changes whenever records become readable; its value
     /// is [`Log::next_offset`].
     pub fn subscribe(&self) -> watch::Receiver<u64> {

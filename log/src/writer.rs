@@ -290,8 +290,19 @@ impl Writer {
                 self.unacked_tail = true;
                 self.sync_failed = true;
                 self.poison("fdatasync failed for records already readable", &e);
+                // Never `NoSpace`, even for `ENOSPC`: that says the append
+                // was taken back and may be retried, and these records may
+                // already be in a reader's hands.
                 for p in self.pending.drain(..) {
-                    answer(p.reply, Err(Error::io("syncing", &self.path, io::Error::new(e.kind(), e.to_string()))));
+                    let source = io::Error::new(e.kind(), e.to_string());
+                    answer(
+                        p.reply,
+                        Err(Error::Io {
+                            op: "syncing records readers may have seen, in",
+                            path: self.path.clone(),
+                            source,
+                        }),
+                    );
                 }
             }
             Err(e) => {

@@ -651,9 +651,11 @@ fn with_readable_before_sync_a_failed_fsync_poisons_the_log_instead_of_reusing_o
 
     let rt = runtime();
     let mut durable = submit(log.wait_durable(3));
-    fs.inject(Fault::Sync(io::ErrorKind::Other));
+    // A full disk too: not `NoSpace`, which says "taken back, retry".
+    fs.inject(Fault::Sync(io::ErrorKind::StorageFull));
     let err = log.append_blocking(&[rec(2, 100)]).expect_err("the sync fails");
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert!(!err.is_retryable());
     let waited = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), durable.as_mut()).await });
     let err = waited.expect("the poison wakes whoever waits").expect_err("offset 2 never becomes durable");
     assert!(matches!(err, Error::Poisoned), "{err:?}");

@@ -13,8 +13,8 @@
 //! failed) may have reached the broker: the same unknown outcome as an
 //! answer lost on the network, which a retry with the same `Ferry-Id` turns
 //! into one message. A failed sync makes the topic's log refuse appends
-//! until the sidecar restarts ([`Outbox::failed_topics`]); a `forwarded`
-//! cursor committed past what the disk kept is moved back by the reopen.
+//! until the sidecar restarts ([`Outbox::failed_topics`]); the forwarder
+//! never commits its cursor past what is on disk.
 //!
 //! A record the broker refuses for good (larger than a limit lowered after
 //! it was produced) would hold its topic back for ever. The forwarder sets
@@ -247,9 +247,9 @@ impl Outbox {
     }
 
     /// Topics whose log failed an `fdatasync` after its records were
-    /// readable, and so refuses appends until the sidecar restarts (and its
-    /// reopen cuts the unsynced records off). `/healthz` fails while there
-    /// is one, so that Kubernetes restarts the sidecar.
+    /// readable, and so refuses appends until the sidecar restarts.
+    /// `/healthz` fails while there is one, so that Kubernetes restarts the
+    /// sidecar.
     pub fn failed_topics(&self) -> Vec<String> {
         let logs = self.logs.read().unwrap_or_else(|e| e.into_inner());
         logs.values().filter(|tl| tl.log.is_poisoned()).map(|tl| tl.topic.clone()).collect()
@@ -509,7 +509,7 @@ mod open_tests {
         let (outbox, reports) = Outbox::open_on(fs, data.path(), 1 << 30, FsyncPolicy::Always, &spec).unwrap();
         assert!(outbox.failed_topics().is_empty(), "the reopen mends the topic");
         let tl = outbox.topic("orders").unwrap();
-        assert_eq!(ids(&tl), ["a"], "what the disk never kept is cut off");
+        assert_eq!(ids(&tl), ["a"], "the close cut off what the disk never kept");
         let report = &reports.iter().find(|(t, _)| t == "orders").unwrap().1;
         assert_eq!(report.cursors_past_end.get(FORWARDED), Some(&2));
         assert_eq!(tl.log.cursor(FORWARDED), Some(1), "the next record here is forwarded");

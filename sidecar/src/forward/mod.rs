@@ -198,6 +198,19 @@ async fn park(
     Ok(())
 }
 
+/// Where the `forwarded` cursor may be committed: at what the broker
+/// confirmed, but, where records are forwarded while their sync runs, never
+/// past what is on disk. Else a power loss (or a failed sync) could leave
+/// the cursor past the reopened log's end, over records acknowledged after
+/// the restart, were the reopen unable to write the moved-back cursor.
+fn committable(log: &ferry_log::Log, confirmed: u64) -> u64 {
+    if log.options().fsync == ferry_log::FsyncMode::Always {
+        confirmed.min(log.durable_offset())
+    } else {
+        confirmed
+    }
+}
+
 /// A publish awaiting its ack, with what to record when it comes; or, with
 /// no id, damaged records skipped up to `offset`, confirmed in their turn.
 struct InFlight {
@@ -256,7 +269,7 @@ impl Ctx {
         if self.committing.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
-        let confirmed = *self.confirmed.borrow();
+        let confirmed = committable(&self.tl.log, *self.confirmed.borrow());
         self.update_gauges();
         if self.tl.log.cursor(FORWARDED) == Some(confirmed) {
             return;
@@ -474,5 +487,39 @@ mod refusal_tests {
         assert!(r.refused(7, at(10_100)));
         // Another record starts its own count.
         assert!(!r.refused(8, at(20_000)));
+    }
+}
+
+#[cfg(test)]
+mod commit_tests {
+    use std::sync::Arc;
+
+    use ferry_log::memfs::{Fault, MemFs};
+    use ferry_log::{FsyncMode, Log, LogOptions, NewRecord};
+
+    use super::committable;
+
+    fn record(id: &str) -> NewRecord {
+        NewRecord { timestamp_ms: 1, id: id.to_owned(), key: None, headers: vec![], payload: "x".into() }
+    }
+
+    #[test]
+    fn the_forwarded_cursor_is_never_committed_past_what_is_on_disk() {
+        let fs = Arc::new(MemFs::new());
+        let opts = LogOptions { fsync: FsyncMode::Always, readable_before_sync: true, ..LogOptions::default() };
+        let (log, _) = Log::open_with(fs.clone(), "/outbox/orders", opts).unwrap();
+        log.append_blocking(&[record("a")]).unwrap();
+        assert_eq!(committable(&log, 1), 1);
+        // `b` was readable, so forwarded and confirmed, but its sync failed.
+        fs.inject(Fault::Sync(std::io::ErrorKind::Other));
+        log.append_blocking(&[record("b")]).unwrap_err();
+        assert_eq!(log.next_offset(), 2);
+        assert_eq!(committable(&log, 2), 1);
+        // A log synced only now and then is committed as confirmed (its
+        // records are forwarded once written, as before).
+        let opts = LogOptions { fsync: FsyncMode::Never, ..LogOptions::default() };
+        let (never, _) = Log::open_with(fs, "/outbox/audit", opts).unwrap();
+        never.append_blocking(&[record("c"), record("d")]).unwrap();
+        assert_eq!(committable(&never, 2), 2);
     }
 }
