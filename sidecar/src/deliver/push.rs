@@ -410,7 +410,12 @@ mod tests {
             assert_eq!(map.get("ferry-delivery-id").unwrap(), "d-1");
             assert_eq!(map.get("ferry-subscription").unwrap(), "billing");
             let tp = map.get("traceparent").unwrap().to_str().unwrap();
-            assert!(tp.len() == 55 && tp.starts_with("00-") && tp.ends_with("-01"), "{tp}");
+            assert!(tp.len() == 55 && tp.starts_with("00-") && tp.ends_with("-01") && &tp[35..36] == "-", "{tp}");
+            let hex = |s: &str| s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            assert!(hex(&tp[3..35]) && hex(&tp[36..52]), "{tp}");
+            assert_ne!(&tp[36..52], "0000000000000000", "{tp}");
+            let again = binary_headers(&t, &m, "d-1", 3);
+            assert_ne!(again.get("traceparent").unwrap(), tp, "each push without one starts a new trace");
         }
         let m = fetched(&[("content-type", "text/plain"), ("ferry-key", "k1"), ("traceparent", "00-abc-def-01")]);
         let map = binary_headers(&t, &m, "d-2", 1);
