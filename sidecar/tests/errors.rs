@@ -349,6 +349,7 @@ async fn a_message_the_broker_refuses_for_good_is_parked_and_the_topic_goes_on()
     let (status, body, _) = send(big.body(vec![b'x'; 40 << 10])).await;
     assert_error(status, &body, 502, "refused_by_broker");
     assert!(body["error"]["message"].as_str().unwrap().contains("parked"), "{body}");
+    assert_eq!(body["error"]["ids"], serde_json::json!(["too-big"]), "{body}");
     let after = c.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "after").body("small");
     assert_eq!(after.send().await.unwrap().status().as_u16(), 201, "the topic goes on after the refused message");
 
@@ -389,6 +390,47 @@ async fn a_message_over_the_servers_max_payload_produced_while_it_was_down_is_pa
     assert_eq!(stored, ["before", "small", "last"]);
     let (_, body, _) = send(c.get(sc.url("/v1/messages/over"))).await;
     assert_eq!(body["status"], "parked", "{body}");
+}
+
+/// `ack=broker` while the broker is down: 504 after `--broker-ack-timeout`,
+/// naming the ids it stored, generated ones too. They are forwarded once the
+/// broker is back, and a retry that sends them as `Ferry-Id` adds nothing.
+#[tokio::test]
+async fn an_ack_broker_timeout_names_the_ids_it_stored_which_are_forwarded_later() {
+    let mut nats = NatsServer::stopped();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let sc = Launch::new(nats.url(), res.path(), data.path()).arg("--broker-ack-timeout").arg("300ms").start();
+    let c = http();
+    let (status, body, _) = send(c.post(sc.url("/v1/topics/audit/messages?ack=broker")).body("one")).await;
+    assert_error(status, &body, 504, "broker_timeout");
+    let single: Vec<String> = serde_json::from_value(body["error"]["ids"].clone()).expect("ids");
+    assert_eq!(single.len(), 1, "{body}");
+    let batch = c
+        .post(sc.url("/v1/topics/audit/messages:batch?ack=broker"))
+        .header("content-type", "application/x-ndjson")
+        .body("{\"data\":2}\n{\"id\":\"b-3\",\"data\":3}\n");
+    let (status, body, _) = send(batch).await;
+    assert_error(status, &body, 504, "broker_timeout");
+    let batch: Vec<String> = serde_json::from_value(body["error"]["ids"].clone()).expect("ids");
+    assert_eq!(batch.len(), 2, "{body}");
+    assert_eq!(batch[1], "b-3");
+    nats.start_again();
+    // The client retries the first call with the id it was given, until the
+    // broker confirms (each try waits up to the timeout).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let retry = c.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", &single[0]).body("one");
+        let (status, body, _) = send(retry).await;
+        if status == 201 {
+            break;
+        }
+        assert_error(status, &body, 504, "broker_timeout");
+        assert!(std::time::Instant::now() < deadline, "the broker never confirmed");
+    }
+    let js = jetstream(&nats.url()).await;
+    let stored = stored_ids(&js, "FERRY_default_audit").await;
+    assert_eq!(stored, [single[0].clone(), batch[0].clone(), batch[1].clone()]);
 }
 
 /// A refusal that passes (the stream's limit lowered for a moment) parks

@@ -73,9 +73,22 @@ pub enum ApiError {
     #[error("outbox unavailable: {0}")]
     Unavailable(String),
     /// 504: `?ack=broker` and the broker did not confirm in time. The
-    /// message IS stored in the outbox and will be forwarded.
-    #[error("stored locally, but the broker did not confirm within {0:?}; it will be forwarded")]
-    BrokerTimeout(std::time::Duration),
+    /// messages (`ids`) ARE stored in the outbox and will be forwarded.
+    #[error("stored locally, but the broker did not confirm within {timeout:?}; it will be forwarded (to retry, send the same ids as Ferry-Id)")]
+    BrokerTimeout {
+        /// How long the call waited.
+        timeout: std::time::Duration,
+        /// The ids of the messages stored.
+        ids: Vec<String>,
+    },
+    /// 503: `?ack=broker` and the sidecar began to stop before the broker
+    /// confirmed. The messages (`ids`) ARE stored; they are forwarded as it
+    /// drains, or after its restart.
+    #[error("stored locally, but the sidecar is stopping before the broker confirmed; it will be forwarded as the sidecar drains or restarts (to retry, send the same ids as Ferry-Id)")]
+    StoppedBeforeConfirmed {
+        /// The ids of the messages stored.
+        ids: Vec<String>,
+    },
     /// 502: `?ack=broker` and the broker refused a message for good (larger
     /// than a limit lowered after produce checked it). It is parked on the
     /// sidecar's data volume, not forwarded.
@@ -99,10 +112,11 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::OutboxFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::DiskFull => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::ShuttingDown | ApiError::Unavailable(_) | ApiError::BrokerUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ApiError::BrokerTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::ShuttingDown
+            | ApiError::StoppedBeforeConfirmed { .. }
+            | ApiError::Unavailable(_)
+            | ApiError::BrokerUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BrokerTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::RefusedByBroker(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -123,10 +137,19 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::OutboxFull { .. } => "outbox_full",
             ApiError::DiskFull => "disk_full",
-            ApiError::ShuttingDown => "shutting_down",
+            ApiError::ShuttingDown | ApiError::StoppedBeforeConfirmed { .. } => "shutting_down",
             ApiError::Unavailable(_) => "unavailable",
-            ApiError::BrokerTimeout(_) => "broker_timeout",
+            ApiError::BrokerTimeout { .. } => "broker_timeout",
             ApiError::RefusedByBroker(_) => "refused_by_broker",
+        }
+    }
+
+    /// The ids of messages an `ack=broker` call stored before it failed.
+    fn stored_ids(&self) -> Option<Vec<String>> {
+        match self {
+            ApiError::BrokerTimeout { ids, .. } | ApiError::StoppedBeforeConfirmed { ids } => Some(ids.clone()),
+            ApiError::RefusedByBroker(id) => Some(vec![id.clone()]),
+            _ => None,
         }
     }
 
@@ -135,7 +158,7 @@ impl ApiError {
             ApiError::OutboxFull { .. } | ApiError::Unavailable(_) | ApiError::BrokerUnavailable(_) => {
                 Some(RETRY_AFTER_FULL)
             }
-            ApiError::ShuttingDown => Some(RETRY_AFTER_SHUTDOWN),
+            ApiError::ShuttingDown | ApiError::StoppedBeforeConfirmed { .. } => Some(RETRY_AFTER_SHUTDOWN),
             _ => None,
         }
     }
@@ -157,7 +180,11 @@ impl From<ferry_log::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        let mut body = serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        // What was stored although the call failed: the ids to retry with.
+        if let Some(ids) = self.stored_ids() {
+            body["error"]["ids"] = ids.into();
+        }
         let mut resp = (self.status(), Json(body)).into_response();
         if let Some(secs) = self.retry_after() {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));

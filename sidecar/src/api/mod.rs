@@ -170,7 +170,7 @@ async fn produce_one(
         let (status, answer) = match mode {
             AckMode::Local => (StatusCode::ACCEPTED, answer.pending()),
             AckMode::Broker => {
-                wait_confirmed(&s, &topic, range.end).await?;
+                wait_confirmed(&s, &topic, range.end, || vec![id.clone()]).await?;
                 refuse_parked(&s, [id.as_str()])?;
                 (StatusCode::CREATED, answer.forwarded(&s))
             }
@@ -207,7 +207,7 @@ async fn produce_batch(
         let (status, messages): (_, Vec<Produced<'_>>) = match mode {
             AckMode::Local => (StatusCode::ACCEPTED, messages.collect()),
             AckMode::Broker => {
-                wait_confirmed(&s, &topic, range.end).await?;
+                wait_confirmed(&s, &topic, range.end, || records.iter().map(|r| r.id.clone()).collect()).await?;
                 refuse_parked(&s, records.iter().map(|r| r.id.as_str()))?;
                 (StatusCode::CREATED, messages.map(|m| m.forwarded(&s)).collect())
             }
@@ -220,16 +220,17 @@ async fn produce_batch(
     result
 }
 
-/// Waits until the broker confirmed every offset below `end`.
-async fn wait_confirmed(s: &Sidecar, topic: &str, end: u64) -> Result<(), ApiError> {
+/// Waits until the broker confirmed every offset below `end`; on failure
+/// the error names the stored messages (`ids`).
+async fn wait_confirmed(s: &Sidecar, topic: &str, end: u64, ids: impl FnOnce() -> Vec<String>) -> Result<(), ApiError> {
     let timeout = s.config.broker_ack_timeout;
     let mut rx =
         s.confirmed(topic).ok_or_else(|| ApiError::Unavailable(format!("no forwarder for topic {topic:?}")))?;
     let confirmed = tokio::time::timeout(timeout, rx.wait_for(|c| *c >= end)).await.map(|r| r.is_ok());
     match confirmed {
         Ok(true) => Ok(()),
-        Ok(false) => Err(ApiError::ShuttingDown),
-        Err(_) => Err(ApiError::BrokerTimeout(timeout)),
+        Ok(false) => Err(ApiError::StoppedBeforeConfirmed { ids: ids() }),
+        Err(_) => Err(ApiError::BrokerTimeout { timeout, ids: ids() }),
     }
 }
 
