@@ -410,10 +410,10 @@ fn run(s: &Settings) -> Result<(), Error> {
     let mut sc = start_sidecar(s, &nats_server.url(), resources.path(), data.path(), app)?;
     let npid = nats_pid(&nats_server);
     if a.throughput_only {
-        return throughput_only(&rt, s, &nats_server, &mut sc, &rec);
+        return only(&rt, s, &nats_server, &mut sc, &rec, Only::Throughput);
     }
     if a.latency_only {
-        return latency_only(&rt, s, &nats_server, &mut sc, &rec);
+        return only(&rt, s, &nats_server, &mut sc, &rec, Only::Latency);
     }
     let (mut nats, raw, template) = {
         let pid = sc.process.pid();
@@ -471,52 +471,56 @@ fn run(s: &Settings) -> Result<(), Error> {
     Ok(())
 }
 
-/// `--throughput-only`: figure e2e3 alone, each side's rate with the
-/// CPU it took per message.
-fn throughput_only(
-    rt: &tokio::runtime::Runtime,
-    s: &Settings,
-    nats_server: &NatsServer,
-    sc: &mut Sidecar,
-    rec: &Arc<Recorder>,
-) -> Result<(), Error> {
-    let npid = nats_pid(nats_server);
-    warm_up(rt, s, sc, rec)?;
-    let js = rt.block_on(crate::forward::connect(&nats_server.url()))?;
-    let template = rt.block_on(Template::of(&js, STREAM))?;
-    let (ferry, raw) = sustained_pairs(rt, s, sc, npid, &js, &template, rec)?;
-    stop(sc);
-    println!(
-        "throughput-only: ferry {:.0} msg/s ({}) | raw {:.0} msg/s ({}) | ratio {:.3}",
-        ferry.rate,
-        sustained_detail("ferry", &ferry),
-        raw.rate,
-        sustained_detail("raw", &raw),
-        ferry.rate / raw.rate
-    );
-    Ok(())
+/// The diagnosis runs against the nats backend; neither writes figures.
+enum Only {
+    /// `--throughput-only`: figure e2e3 alone, each side's rate with the
+    /// CPU it took per message.
+    Throughput,
+    /// `--latency-only`: figures e2e1/e2e2 alone, Ferry's fixed-rate phase
+    /// then the raw path's.
+    Latency,
 }
 
-/// `--latency-only`: figures e2e1/e2e2 alone, Ferry's fixed-rate phase
-/// then the raw path's.
-fn latency_only(
+fn only(
     rt: &tokio::runtime::Runtime,
     s: &Settings,
     nats_server: &NatsServer,
     sc: &mut Sidecar,
     rec: &Arc<Recorder>,
+    what: Only,
 ) -> Result<(), Error> {
     let npid = nats_pid(nats_server);
     let pid = sc.process.pid();
     warm_up(rt, s, sc, rec)?;
-    let fixed = ferry_fixed(rt, s, sc, rec, sys::CpuMeter::start(pid, npid))?;
+    // As in the full run, Ferry's fixed-rate phase comes before the raw
+    // client connects.
+    let fixed = match what {
+        Only::Latency => Some(ferry_fixed(rt, s, sc, rec, sys::CpuMeter::start(pid, npid))?),
+        Only::Throughput => None,
+    };
     let js = rt.block_on(crate::forward::connect(&nats_server.url()))?;
     let template = rt.block_on(Template::of(&js, STREAM))?;
-    let raw = raw_fixed(rt, s, &js, &template, rec, sys::CpuMeter::start(pid, npid))?;
-    stop(sc);
-    println!("latency-only: {}", fixed_detail("Ferry", &fixed));
-    println!("latency-only: {}", fixed_detail("raw", &raw));
-    println!("latency-only: delivered Ferry {} | raw {}", lat3(&fixed.lat), lat3(&raw.lat));
+    match fixed {
+        None => {
+            let (ferry, raw) = sustained_pairs(rt, s, sc, npid, &js, &template, rec)?;
+            stop(sc);
+            println!(
+                "throughput-only: ferry {:.0} msg/s ({}) | raw {:.0} msg/s ({}) | ratio {:.3}",
+                ferry.rate,
+                sustained_detail("ferry", &ferry),
+                raw.rate,
+                sustained_detail("raw", &raw),
+                ferry.rate / raw.rate
+            );
+        }
+        Some(fixed) => {
+            let raw = raw_fixed(rt, s, &js, &template, rec, sys::CpuMeter::start(pid, npid))?;
+            stop(sc);
+            println!("latency-only: {}", fixed_detail("Ferry", &fixed));
+            println!("latency-only: {}", fixed_detail("raw", &raw));
+            println!("latency-only: delivered Ferry {} | raw {}", lat3(&fixed.lat), lat3(&raw.lat));
+        }
+    }
     Ok(())
 }
 
