@@ -40,6 +40,18 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// `fdatasync` failed for records readers could already see
+    /// ([`crate::LogOptions::readable_before_sync`]): they may have been read
+    /// (and passed on), so they are neither durable nor taken back, and the
+    /// log is poisoned. Not retryable on this log; reopen it.
+    #[error("fdatasync of {path} failed after readers could see its newest records (they may have been passed on); the log refuses appends until reopened")]
+    SyncFailed {
+        /// The segment file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// One record is larger than the log accepts.
     #[error("record of {size} bytes exceeds the limit of {max} bytes")]
     TooLarge {

@@ -295,14 +295,7 @@ impl Writer {
                 // already be in a reader's hands.
                 for p in self.pending.drain(..) {
                     let source = io::Error::new(e.kind(), e.to_string());
-                    answer(
-                        p.reply,
-                        Err(Error::Io {
-                            op: "syncing records readers may have seen, in",
-                            path: self.path.clone(),
-                            source,
-                        }),
-                    );
+                    answer(p.reply, Err(Error::SyncFailed { path: self.path.clone(), source }));
                 }
             }
             Err(e) => {

@@ -654,7 +654,7 @@ fn with_readable_before_sync_a_failed_fsync_poisons_the_log_instead_of_reusing_o
     // A full disk too: not `NoSpace`, which says "taken back, retry".
     fs.inject(Fault::Sync(io::ErrorKind::StorageFull));
     let err = log.append_blocking(&[rec(2, 100)]).expect_err("the sync fails");
-    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert!(matches!(err, Error::SyncFailed { .. }), "{err:?}");
     assert!(!err.is_retryable());
     let waited = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), durable.as_mut()).await });
     let err = waited.expect("the poison wakes whoever waits").expect_err("offset 2 never becomes durable");
@@ -725,7 +725,7 @@ fn with_readable_before_sync_an_append_behind_a_failed_sync_in_its_group_is_refu
         assert_eq!(held_append.join().unwrap().expect("its sync succeeds"), 1..2);
         acked.insert(1, held[0].clone());
         let err = rt.block_on(fits_fut).expect_err("its sync failed");
-        assert!(matches!(err, Error::Io { .. }), "{err:?}");
+        assert!(matches!(err, Error::SyncFailed { .. }), "{err:?}");
         // The log is poisoned by then: `next` is neither written behind the
         // failed records nor acknowledged.
         let err = rt.block_on(next_fut).expect_err("behind a failed sync");

@@ -246,8 +246,10 @@ impl Outbox {
         Ok(report)
     }
 
-    /// Topics whose log failed an `fdatasync` after its records were
-    /// readable, and so refuses appends until the sidecar restarts.
+    /// Topics whose log refuses appends until the sidecar restarts: an
+    /// `fdatasync` failed after its records were readable (or, on a topic
+    /// synced only now and then, at all), or a failed append could not be
+    /// taken back.
     /// `/healthz` fails while there is one, so that Kubernetes restarts the
     /// sidecar.
     pub fn failed_topics(&self) -> Vec<String> {

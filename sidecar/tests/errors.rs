@@ -350,6 +350,7 @@ async fn a_message_the_broker_refuses_for_good_is_parked_and_the_topic_goes_on()
     assert_error(status, &body, 502, "refused_by_broker");
     assert!(body["error"]["message"].as_str().unwrap().contains("parked"), "{body}");
     assert_eq!(body["error"]["ids"], serde_json::json!(["too-big"]), "{body}");
+    assert_eq!(body["error"]["parked"], serde_json::json!(["too-big"]), "{body}");
     let after = c.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "after").body("small");
     assert_eq!(after.send().await.unwrap().status().as_u16(), 201, "the topic goes on after the refused message");
 

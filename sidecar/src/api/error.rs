@@ -81,10 +81,10 @@ pub enum ApiError {
         /// The ids of the messages stored.
         ids: Vec<String>,
     },
-    /// 503: `?ack=broker` and the sidecar began to stop before the broker
-    /// confirmed. The messages (`ids`) ARE stored; they are forwarded as it
-    /// drains, or after its restart.
-    #[error("stored locally, but the sidecar is stopping before the broker confirmed; it will be forwarded as the sidecar drains or restarts (to retry, send the same ids as Ferry-Id)")]
+    /// 503: `?ack=broker` and the sidecar stopped forwarding (its drain
+    /// ended) before the broker confirmed. The messages (`ids`) ARE stored;
+    /// they are forwarded after its restart.
+    #[error("stored locally, but the sidecar stopped before the broker confirmed; it will be forwarded when the sidecar restarts (to retry, send the same ids as Ferry-Id)")]
     StoppedBeforeConfirmed {
         /// The ids of the messages stored.
         ids: Vec<String>,
@@ -92,8 +92,25 @@ pub enum ApiError {
     /// 502: `?ack=broker` and the broker refused a message for good (larger
     /// than a limit lowered after produce checked it). It is parked on the
     /// sidecar's data volume, not forwarded.
-    #[error("the broker refused message {0:?} for good (larger than it takes); it is parked on the sidecar's data volume, not forwarded")]
-    RefusedByBroker(String),
+    #[error("the broker refused {parked:?} for good (larger than it takes); parked on the sidecar's data volume, not forwarded (the call's other messages were)")]
+    RefusedByBroker {
+        /// The ids of the messages parked.
+        parked: Vec<String>,
+        /// The ids of every message the call stored.
+        ids: Vec<String>,
+    },
+    /// 503: the outbox's fdatasync failed after the forwarder could read
+    /// the messages (`ids`): they may reach the broker, and the topic takes
+    /// nothing more until the sidecar restarts.
+    #[error(
+        "outbox unavailable: {why}; the messages may still reach the broker (to retry, send the same ids as Ferry-Id)"
+    )]
+    OutcomeUnknown {
+        /// What failed.
+        why: String,
+        /// The ids of the messages.
+        ids: Vec<String>,
+    },
 }
 
 impl ApiError {
@@ -114,10 +131,11 @@ impl ApiError {
             ApiError::DiskFull => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::ShuttingDown
             | ApiError::StoppedBeforeConfirmed { .. }
+            | ApiError::OutcomeUnknown { .. }
             | ApiError::Unavailable(_)
             | ApiError::BrokerUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BrokerTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::RefusedByBroker(_) => StatusCode::BAD_GATEWAY,
+            ApiError::RefusedByBroker { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -138,17 +156,19 @@ impl ApiError {
             ApiError::OutboxFull { .. } => "outbox_full",
             ApiError::DiskFull => "disk_full",
             ApiError::ShuttingDown | ApiError::StoppedBeforeConfirmed { .. } => "shutting_down",
-            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Unavailable(_) | ApiError::OutcomeUnknown { .. } => "unavailable",
             ApiError::BrokerTimeout { .. } => "broker_timeout",
-            ApiError::RefusedByBroker(_) => "refused_by_broker",
+            ApiError::RefusedByBroker { .. } => "refused_by_broker",
         }
     }
 
-    /// The ids of messages an `ack=broker` call stored before it failed.
+    /// The ids of the messages a call stored (or may have) before it failed.
     fn stored_ids(&self) -> Option<Vec<String>> {
         match self {
-            ApiError::BrokerTimeout { ids, .. } | ApiError::StoppedBeforeConfirmed { ids } => Some(ids.clone()),
-            ApiError::RefusedByBroker(id) => Some(vec![id.clone()]),
+            ApiError::BrokerTimeout { ids, .. }
+            | ApiError::StoppedBeforeConfirmed { ids }
+            | ApiError::OutcomeUnknown { ids, .. }
+            | ApiError::RefusedByBroker { ids, .. } => Some(ids.clone()),
             _ => None,
         }
     }
@@ -181,9 +201,14 @@ impl From<ferry_log::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } });
-        // What was stored although the call failed: the ids to retry with.
+        // What the call stored (or may have) although it failed: sent again
+        // with these ids as `Ferry-Id`, within the stream's duplicate window,
+        // they add nothing.
         if let Some(ids) = self.stored_ids() {
             body["error"]["ids"] = ids.into();
+        }
+        if let ApiError::RefusedByBroker { parked, .. } = &self {
+            body["error"]["parked"] = parked.clone().into();
         }
         let mut resp = (self.status(), Json(body)).into_response();
         if let Some(secs) = self.retry_after() {

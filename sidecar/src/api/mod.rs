@@ -18,6 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::sync::watch;
 
 use self::error::ApiError;
 use self::produce::Limits;
@@ -164,14 +165,20 @@ async fn produce_one(
         let body = read_body(&headers, body, limits.max_payload + ENVELOPE_ALLOWANCE, "request body").await?;
         let record = produce::single(&headers, body, limits)?;
         let id = record.id.clone();
-        let range = s.outbox.append(&tl, std::slice::from_ref(&record)).await?;
+        let confirmations = confirmations(&s, &topic, mode)?;
+        let range = s
+            .outbox
+            .append(&tl, std::slice::from_ref(&record))
+            .await
+            .map_err(|e| append_failed(e, || vec![id.clone()]))?;
         s.metrics.produce_messages.get_or_create(&crate::metrics::TopicLabels { topic: topic.clone() }).inc();
         let answer = Produced::new(&id, range.start).topic(&topic);
         let (status, answer) = match mode {
             AckMode::Local => (StatusCode::ACCEPTED, answer.pending()),
             AckMode::Broker => {
-                wait_confirmed(&s, &topic, range.end, || vec![id.clone()]).await?;
-                refuse_parked(&s, [id.as_str()])?;
+                let ids = || vec![id.clone()];
+                wait_confirmed(&s, confirmations, range.end, ids).await?;
+                refuse_parked(&s, ids())?;
                 (StatusCode::CREATED, answer.forwarded(&s))
             }
         };
@@ -198,7 +205,9 @@ async fn produce_batch(
         check_encoding(&headers)?;
         let body = read_body(&headers, body, s.config.max_batch_bytes, "batch body").await?;
         let records = produce::batch(&headers, &body, limits)?;
-        let range = s.outbox.append(&tl, &records).await?;
+        let ids = || records.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        let confirmations = confirmations(&s, &topic, mode)?;
+        let range = s.outbox.append(&tl, &records).await.map_err(|e| append_failed(e, ids))?;
         s.metrics
             .produce_messages
             .get_or_create(&crate::metrics::TopicLabels { topic: topic.clone() })
@@ -207,8 +216,8 @@ async fn produce_batch(
         let (status, messages): (_, Vec<Produced<'_>>) = match mode {
             AckMode::Local => (StatusCode::ACCEPTED, messages.collect()),
             AckMode::Broker => {
-                wait_confirmed(&s, &topic, range.end, || records.iter().map(|r| r.id.clone()).collect()).await?;
-                refuse_parked(&s, records.iter().map(|r| r.id.as_str()))?;
+                wait_confirmed(&s, confirmations, range.end, ids).await?;
+                refuse_parked(&s, ids())?;
                 (StatusCode::CREATED, messages.map(|m| m.forwarded(&s)).collect())
             }
         };
@@ -220,12 +229,38 @@ async fn produce_batch(
     result
 }
 
+/// With `ack=broker`, the topic's confirmed offset, taken before the call
+/// stores anything (a topic added at run time may not have its forwarder yet).
+fn confirmations(s: &Sidecar, topic: &str, mode: AckMode) -> Result<Option<watch::Receiver<u64>>, ApiError> {
+    match mode {
+        AckMode::Local => Ok(None),
+        AckMode::Broker => s
+            .confirmed(topic)
+            .map(Some)
+            .ok_or_else(|| ApiError::Unavailable(format!("no forwarder for topic {topic:?} yet"))),
+    }
+}
+
+/// The answer to a failed append. After a failed sync of records the
+/// forwarder could already read, they may reach the broker: the answer
+/// names them.
+fn append_failed(e: ferry_log::Error, ids: impl FnOnce() -> Vec<String>) -> ApiError {
+    match e {
+        e @ ferry_log::Error::SyncFailed { .. } => ApiError::OutcomeUnknown { why: crate::error_chain(&e), ids: ids() },
+        other => other.into(),
+    }
+}
+
 /// Waits until the broker confirmed every offset below `end`; on failure
 /// the error names the stored messages (`ids`).
-async fn wait_confirmed(s: &Sidecar, topic: &str, end: u64, ids: impl FnOnce() -> Vec<String>) -> Result<(), ApiError> {
+async fn wait_confirmed(
+    s: &Sidecar,
+    rx: Option<watch::Receiver<u64>>,
+    end: u64,
+    ids: impl FnOnce() -> Vec<String>,
+) -> Result<(), ApiError> {
+    let Some(mut rx) = rx else { return Ok(()) };
     let timeout = s.config.broker_ack_timeout;
-    let mut rx =
-        s.confirmed(topic).ok_or_else(|| ApiError::Unavailable(format!("no forwarder for topic {topic:?}")))?;
     let confirmed = tokio::time::timeout(timeout, rx.wait_for(|c| *c >= end)).await.map(|r| r.is_ok());
     match confirmed {
         Ok(true) => Ok(()),
@@ -234,12 +269,18 @@ async fn wait_confirmed(s: &Sidecar, topic: &str, end: u64, ids: impl FnOnce() -
     }
 }
 
-/// Errs if the forwarder parked one of these confirmed messages (the broker
-/// refused it for good) rather than forwarding it.
-fn refuse_parked<'a>(s: &Sidecar, ids: impl IntoIterator<Item = &'a str>) -> Result<(), ApiError> {
-    match ids.into_iter().find(|id| s.outbox.status(id).is_some_and(|st| st.state == MessageState::Parked)) {
-        Some(id) => Err(ApiError::RefusedByBroker(id.to_owned())),
-        None => Ok(()),
+/// Errs if the forwarder parked some of these confirmed messages (the
+/// broker refused them for good) rather than forwarding them.
+fn refuse_parked(s: &Sidecar, ids: Vec<String>) -> Result<(), ApiError> {
+    let parked: Vec<String> = ids
+        .iter()
+        .filter(|id| s.outbox.status(id).is_some_and(|st| st.state == MessageState::Parked))
+        .cloned()
+        .collect();
+    if parked.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::RefusedByBroker { parked, ids })
     }
 }
 
@@ -308,4 +349,35 @@ async fn message_status(
         }
     }
     Ok(Json(answer))
+}
+
+#[cfg(test)]
+mod answer_tests {
+    use super::*;
+
+    async fn answer(e: ApiError) -> (StatusCode, Option<String>, serde_json::Value) {
+        let resp = e.into_response();
+        let retry_after = resp.headers().get(header::RETRY_AFTER).map(|v| v.to_str().unwrap().to_owned());
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, retry_after, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_sync_that_failed_after_the_forwarder_could_read_names_the_messages() {
+        let io = || std::io::Error::new(std::io::ErrorKind::StorageFull, "no space");
+        let failed = ferry_log::Error::SyncFailed { path: "/d/outbox/t/0.log".into(), source: io() };
+        let (status, retry_after, body) = answer(append_failed(failed, || vec!["a".into(), "b".into()])).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"]["code"], "unavailable");
+        assert_eq!(body["error"]["ids"], json!(["a", "b"]));
+        assert!(body["error"]["message"].as_str().unwrap().contains("may still reach the broker"), "{body}");
+        assert_eq!(retry_after, None, "the topic takes nothing more until a restart");
+        // A full disk before anything was readable stored nothing: 507,
+        // and no ids.
+        let nothing = ferry_log::Error::NoSpace { op: "appending to", path: "/d".into(), source: io() };
+        let (status, _, body) = answer(append_failed(nothing, || vec!["a".into()])).await;
+        assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
+        assert!(body["error"].get("ids").is_none(), "{body}");
+    }
 }
