@@ -22,12 +22,15 @@ use crate::fs::{AppendFile, Fs, ReadAt};
 pub const TORN_UNIT: usize = 512;
 
 /// A fault to inject into the next matching operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
     /// The next `write_all` fails with this kind, having written nothing.
     Write(io::ErrorKind),
     /// The next `sync_data` fails with this kind; nothing becomes durable.
     Sync(io::ErrorKind),
+    /// The next `sync_data` of the file at this path fails with this kind
+    /// (other files' syncs, e.g. a cursor commit running meanwhile, pass).
+    SyncOf(PathBuf, io::ErrorKind),
 }
 
 #[derive(Default)]
@@ -147,6 +150,7 @@ impl MemFs {
 #[derive(Debug)]
 struct MemFile {
     fs: MemFs,
+    path: PathBuf,
     data: FileRef,
 }
 
@@ -201,10 +205,14 @@ impl AppendFile for MemFile {
     fn sync_data(&mut self) -> io::Result<()> {
         let mut s = lock(&self.fs.state);
         s.syncs += 1;
-        if let Some(i) = s.faults.iter().position(|f| matches!(f, Fault::Sync(_))) {
-            if let Some(Fault::Sync(kind)) = s.faults.remove(i) {
-                return Err(io::Error::new(kind, "injected sync fault"));
-            }
+        let path = &self.path;
+        let hit = s.faults.iter().position(|f| match f {
+            Fault::Sync(_) => true,
+            Fault::SyncOf(p, _) => p == path,
+            Fault::Write(_) => false,
+        });
+        if let Some(Fault::Sync(kind) | Fault::SyncOf(_, kind)) = hit.and_then(|i| s.faults.remove(i)) {
+            return Err(io::Error::new(kind, "injected sync fault"));
         }
         let mut d = lock(&self.data);
         d.durable = d.live.clone();
@@ -245,7 +253,7 @@ impl Fs for MemFs {
     }
 
     fn open_read(&self, path: &Path) -> io::Result<Arc<dyn ReadAt>> {
-        Ok(Arc::new(MemFile { fs: self.clone(), data: self.file(path)? }))
+        Ok(Arc::new(MemFile { fs: self.clone(), path: path.to_path_buf(), data: self.file(path)? }))
     }
 
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
@@ -253,7 +261,7 @@ impl Fs for MemFs {
             let mut s = lock(&self.state);
             s.live.entry(path.to_path_buf()).or_default().clone()
         };
-        Ok(Box::new(MemFile { fs: self.clone(), data }))
+        Ok(Box::new(MemFile { fs: self.clone(), path: path.to_path_buf(), data }))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {

@@ -85,3 +85,110 @@ async fn metrics(State(s): State<Arc<Sidecar>>) -> impl IntoResponse {
     }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
 }
+
+#[cfg(test)]
+mod liveness_tests {
+    use std::sync::Arc;
+
+    use clap::Parser;
+    use ferry_log::memfs::{Fault, MemFs};
+    use ferry_log::Fs;
+
+    use crate::config::{Cli, Config};
+
+    /// Two durable topics, no subscription.
+    const MANIFESTS: &str = "apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata:\n  name: orders\nspec: {}\n---\n\
+        apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata:\n  name: audit\nspec: {}\n";
+
+    async fn get(client: &reqwest::Client, url: String) -> (u16, serde_json::Value) {
+        let resp = client.get(url).send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
+    async fn produce(
+        client: &reqwest::Client,
+        api: std::net::SocketAddr,
+        topic: &str,
+        id: &str,
+    ) -> (u16, serde_json::Value) {
+        let resp = client
+            .post(format!("http://{api}/v1/topics/{topic}/messages"))
+            .header("ferry-id", id)
+            .header("content-type", "text/plain")
+            .body(format!("message {id}"))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap_or_default())
+    }
+
+    /// A whole sidecar (embedded broker, real HTTP on loopback) whose outbox
+    /// logs sit on a `MemFs`: the one way here to make an `fdatasync` fail.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_fdatasync_fails_healthz_and_readyz_over_http_and_only_its_topic_refuses() {
+        let data = tempfile::tempdir().unwrap();
+        let manifests = tempfile::tempdir().unwrap();
+        std::fs::write(manifests.path().join("topics.yaml"), MANIFESTS).unwrap();
+        let cli = Cli::try_parse_from([
+            "ferry-sidecar",
+            "--app-id",
+            "shop",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--resources",
+            manifests.path().to_str().unwrap(),
+            "--api-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--shutdown-grace",
+            "1s",
+        ])
+        .unwrap();
+        let config = Config::from_args(cli.sidecar).unwrap();
+        let fs = Arc::new(MemFs::new());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let sidecar = tokio::spawn(crate::run_on(
+            fs.clone(),
+            config,
+            async move {
+                let _ = stop_rx.await;
+            },
+            Some(ready_tx),
+        ));
+        let started = ready_rx.await.expect("the sidecar started");
+        let (api, admin) = (started.api, started.admin);
+        let client = reqwest::Client::new();
+
+        assert_eq!(produce(&client, api, "orders", "a").await.0, 202);
+        assert_eq!(get(&client, format!("http://{admin}/healthz")).await, (200, serde_json::json!({"status": "ok"})));
+
+        // The next sync of the `orders` segment fails (a cursor commit of
+        // the forwarder running meanwhile is left alone).
+        let dir = data.path().join("outbox").join("orders");
+        let segments: Vec<String> = fs.list(&dir).unwrap().into_iter().filter(|n| n.ends_with(".log")).collect();
+        assert_eq!(segments.len(), 1, "{segments:?}");
+        fs.inject(Fault::SyncOf(dir.join(&segments[0]), std::io::ErrorKind::Other));
+        let (status, body) = produce(&client, api, "orders", "b").await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["ids"], serde_json::json!(["b"]), "{body}");
+
+        let (status, body) = get(&client, format!("http://{admin}/healthz")).await;
+        assert_eq!((status, body), (503, serde_json::json!({"status": "failed", "failedTopics": ["orders"]})));
+        let (status, body) = get(&client, format!("http://{admin}/readyz")).await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["ready"], false, "{body}");
+        assert_eq!(body["outbox"]["orders"]["failed"], true, "{body}");
+        assert_eq!(body["outbox"]["audit"]["failed"], false, "{body}");
+
+        // The failed topic takes nothing more until a restart; others go on.
+        let (status, body) = produce(&client, api, "orders", "c").await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(produce(&client, api, "audit", "d").await.0, 202);
+        assert_eq!(get(&client, format!("http://{admin}/healthz")).await.0, 503, "only a restart mends it");
+
+        stop_tx.send(()).unwrap();
+        sidecar.await.unwrap().expect("the sidecar stopped cleanly");
+    }
+}

@@ -271,6 +271,17 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     ready: Option<tokio::sync::oneshot::Sender<Started>>,
 ) -> Result<(), StartError> {
+    run_on(Arc::new(ferry_log::StdFs), config, shutdown, ready).await
+}
+
+/// [`run`] with the outbox's topic logs on `outbox_fs` (a test's `MemFs`,
+/// whose injected faults reach the sidecar's HTTP answers).
+pub(crate) async fn run_on(
+    outbox_fs: Arc<dyn ferry_log::Fs>,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+    ready: Option<tokio::sync::oneshot::Sender<Started>>,
+) -> Result<(), StartError> {
     let resources = match &config.resources {
         Some(dir) => load_dir(dir, &config.namespace).map_err(StartError::Config)?,
         None => Resources::default(),
@@ -286,8 +297,9 @@ pub async fn run(
 
     let topics: BTreeMap<_, _> =
         resources.topics.iter().map(|(n, t)| (n.clone(), (t.persistence, t.partitions))).collect();
-    let (outbox, reports) = Outbox::open(&config.data_dir, config.outbox_max_bytes, config.fsync, &topics)
-        .map_err(|e| StartError::Other(format!("opening the outbox: {e}")))?;
+    let (outbox, reports) =
+        Outbox::open_on(outbox_fs, &config.data_dir, config.outbox_max_bytes, config.fsync, &topics)
+            .map_err(|e| StartError::Other(format!("opening the outbox: {e}")))?;
     for (topic, report) in &reports {
         if !report.is_clean() {
             tracing::warn!(topic, ?report, "outbox recovery repaired or skipped damage");

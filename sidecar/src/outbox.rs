@@ -172,7 +172,7 @@ impl Outbox {
     }
 
     /// [`Outbox::open`] with the topic logs on `fs` (a test's `MemFs`).
-    fn open_on(
+    pub(crate) fn open_on(
         fs: Arc<dyn ferry_log::Fs>,
         data_dir: &Path,
         max_bytes: u64,
