@@ -385,6 +385,19 @@ impl Log {
         })
     }
 
+    /// Sets several named cursors at once, with one durable write of the
+    /// cursor file (see [`Log::commit`]).
+    pub fn commit_many(&self, cursors: &[(&str, u64)]) -> Result<()> {
+        if cursors.iter().any(|(name, _)| name.is_empty() || name.len() > u16::MAX as usize) {
+            return Err(Error::Invalid("cursor name must be 1..=65535 bytes"));
+        }
+        self.update_cursors(|c| {
+            for (name, offset) in cursors {
+                c.insert((*name).to_owned(), *offset);
+            }
+        })
+    }
+
     /// Removes a named cursor (it no longer holds back retention).
     pub fn remove_cursor(&self, name: &str) -> Result<()> {
         self.update_cursors(|c| {

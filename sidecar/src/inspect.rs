@@ -34,6 +34,10 @@ pub fn inspect(data_dir: &Path) -> Result<String, String> {
             stats.next_offset,
             stats.next_offset.saturating_sub(forwarded),
         );
+        if let Some(retained) = log.cursor(crate::outbox::RETAINED) {
+            let _ =
+                writeln!(out, "  replay window (--outbox-retention): forwarded records from offset {retained} kept");
+        }
         for entry in std::fs::read_dir(&path).map_err(|e| e.to_string())?.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
             if file.ends_with(".log") {

@@ -236,16 +236,9 @@ impl Forwarders {
             if self.running.iter().any(|f| f.topic == tl.topic) {
                 continue;
             }
-            let f = Forwarder::start(
-                &s.config.namespace,
-                tl.clone(),
-                s.outbox.clone(),
-                s.broker.clone(),
-                s.metrics.clone(),
-                s.stream_missing.clone(),
-                self.room.clone(),
-            );
+            let f = Forwarder::start(s, tl.clone(), self.room.clone());
             s.confirmed.write().unwrap_or_else(|e| e.into_inner()).insert(tl.topic.clone(), f.confirmed.clone());
+            s.rewinds.write().unwrap_or_else(|e| e.into_inner()).insert(tl.topic.clone(), f.rewind.clone());
             self.running.push(f);
         }
     }
@@ -350,6 +343,7 @@ pub(crate) async fn run_on(
         broker: broker.clone(),
         metrics: metrics.clone(),
         confirmed: RwLock::new(BTreeMap::new()),
+        rewinds: RwLock::new(BTreeMap::new()),
         shutting_down: Default::default(),
         delivery,
         broker_configured: Default::default(),

@@ -16,6 +16,14 @@
 //! until the sidecar restarts ([`Outbox::failed_topics`]); the forwarder
 //! never commits its cursor past what is on disk.
 //!
+//! With `--outbox-retention`, forwarded records stay for a replay window:
+//! a second cursor, `retained`, trails `forwarded` by that long (see
+//! [`crate::forward`]), and segments go only once both passed them. The
+//! window holds no room produce needs: an append refused for room (the
+//! byte limit, or a full disk) first gives up every topic's window and is
+//! tried once more. [`Outbox::replay_start`] finds where a replay (`POST
+//! /v1/topics/{topic}/outbox:replay`) starts.
+//!
 //! A record the broker refuses for good (larger than a limit lowered after
 //! it was produced) would hold its topic back for ever. The forwarder sets
 //! it aside instead: it is appended, durably, to `{data_dir}/parked/{topic}`
@@ -35,6 +43,9 @@ use ferry_log::{Budget, FsyncMode, Log, LogOptions, NewRecord, RecoveryReport};
 
 /// Name of the log cursor holding the first offset not yet confirmed by the broker.
 pub const FORWARDED: &str = "forwarded";
+/// Name of the log cursor below which forwarded records may be deleted
+/// (only with `--outbox-retention`: the replay window's start).
+pub const RETAINED: &str = "retained";
 /// `GET /v1/messages/{id}` remembers the most recent 50 000 to 100 000
 /// message ids: two generations of this many.
 pub const TRACKED_GENERATION: usize = 50_000;
@@ -135,6 +146,24 @@ impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbox").field("dir", &self.dir).finish_non_exhaustive()
     }
+}
+
+/// Moves the `retained` cursor of every topic that has one up to its
+/// `forwarded` cursor, deleting the segments only the replay window kept;
+/// returns the topics whose window was given up.
+fn release_retained(topics: &[Arc<TopicLog>]) -> Vec<String> {
+    let mut released = Vec::new();
+    for tl in topics {
+        let (Some(retained), Some(forwarded)) = (tl.log.cursor(RETAINED), tl.log.cursor(FORWARDED)) else { continue };
+        if retained >= forwarded {
+            continue;
+        }
+        match tl.log.commit(RETAINED, forwarded) {
+            Ok(()) => released.push(tl.topic.clone()),
+            Err(e) => tracing::warn!(topic = %tl.topic, error = %e, "could not give up the replay window"),
+        }
+    }
+    released
 }
 
 /// Log options for a topic with this persistence, under the sidecar's
@@ -274,7 +303,19 @@ impl Outbox {
 
     /// Appends records to a topic's log (one durable write) and tracks their ids.
     pub async fn append(&self, tl: &TopicLog, records: &[NewRecord]) -> Result<std::ops::Range<u64>, ferry_log::Error> {
-        let range = tl.log.append(records).await?;
+        let range = match tl.log.append(records).await {
+            Err(e @ (ferry_log::Error::Full { .. } | ferry_log::Error::NoSpace { .. })) => {
+                // Room held only for replays goes first.
+                let topics = self.topics();
+                let released = tokio::task::spawn_blocking(move || release_retained(&topics)).await.unwrap_or_default();
+                if released.is_empty() {
+                    return Err(e);
+                }
+                tracing::warn!(topics = ?released, error = %e, "the outbox needed room: gave up the replay window of these topics");
+                tl.log.append(records).await?
+            }
+            other => other?,
+        };
         let keys: Vec<IdKey> = records.iter().map(|r| IdKey::of(&r.id)).collect(); // outside the lock
         let mut t = self.lock_tracker();
         let topic = t.number(&tl.topic);
@@ -340,6 +381,31 @@ impl Outbox {
         let log = Arc::new(Log::open(self.parked_dir.join(topic), parked_log_options())?.0);
         parked.insert(topic.to_owned(), log.clone());
         Ok(log)
+    }
+
+    /// Where a replay of `tl` up to `to` (its confirmed offset) starts: the
+    /// first record still in the log produced at or after `since_ms` (the
+    /// first record kept, without `since_ms`), and whether that is every
+    /// record produced since then (false when older records of the window
+    /// asked for were already deleted). Reads the log: call it off the
+    /// runtime's workers.
+    pub fn replay_start(tl: &TopicLog, since_ms: Option<u64>, to: u64) -> Result<(u64, bool), ferry_log::Error> {
+        let first = tl.log.stats().start_offset;
+        let Some(since) = since_ms else { return Ok((first.min(to), true)) };
+        let mut from = first;
+        while from < to {
+            let batch = tl.log.read(from, 1024, 4 << 20)?;
+            if let Some(r) = batch.records.iter().find(|r| r.timestamp_ms >= since) {
+                // Records are deleted oldest first: when one older than
+                // `since` is still here, none deleted was produced later.
+                return Ok((r.offset.min(to), r.offset > first || first == 0));
+            }
+            if batch.next <= from {
+                break;
+            }
+            from = batch.next;
+        }
+        Ok((to, true))
     }
 
     /// Remembers a pending message found in the log after a restart.
@@ -475,6 +541,63 @@ mod open_tests {
 
     fn record(id: &str) -> NewRecord {
         NewRecord { timestamp_ms: 1, id: id.to_owned(), key: None, headers: vec![], payload: "x".into() }
+    }
+
+    fn mib(id: String) -> NewRecord {
+        NewRecord::new(id, vec![7u8; 1 << 20])
+    }
+
+    #[tokio::test]
+    async fn the_replay_window_keeps_forwarded_segments_until_produce_needs_the_room() {
+        use ferry_log::memfs::MemFs;
+        let data = tempfile::tempdir().unwrap();
+        let spec = BTreeMap::from([("orders".to_owned(), (Persistence::Durable, 1))]);
+        let limit = 100 << 20;
+        let (outbox, _) =
+            Outbox::open_on(Arc::new(MemFs::new()), data.path(), limit, FsyncPolicy::Always, &spec).unwrap();
+        let tl = outbox.topic("orders").unwrap();
+        tl.log.commit(RETAINED, 0).unwrap(); // as the forwarder sets it up with a window
+        for i in 0..70 {
+            outbox.append(&tl, &[mib(format!("m{i}"))]).await.unwrap();
+        }
+        tl.log.commit(FORWARDED, 70).unwrap();
+        let held = tl.log.stats();
+        assert!(held.segments >= 2 && held.start_offset == 0, "the window keeps the forwarded segment: {held:?}");
+
+        // 40 MiB more is over the limit with the window, not without it.
+        let batch: Vec<NewRecord> = (70..110).map(|i| mib(format!("m{i}"))).collect();
+        let range = outbox.append(&tl, &batch).await.expect("the window gave way");
+        assert_eq!(range, 70..110);
+        assert_eq!(tl.log.cursor(RETAINED), Some(70), "the window was given up up to what was forwarded");
+        assert!(tl.log.stats().start_offset > 0, "{:?}", tl.log.stats());
+        assert!(outbox.budget().used() <= limit);
+        // A replay from before the first record kept cannot be complete.
+        let first = tl.log.stats().start_offset;
+        assert_eq!(Outbox::replay_start(&tl, Some(0), 110).unwrap(), (first, false));
+
+        // With no window left to give up, a full outbox refuses as before
+        // and stores nothing.
+        let next = tl.log.next_offset();
+        let big: Vec<NewRecord> = (0..60).map(|i| mib(format!("n{i}"))).collect();
+        let err = outbox.append(&tl, &big).await.unwrap_err();
+        assert!(matches!(err, ferry_log::Error::Full { .. }), "{err:?}");
+        assert_eq!(tl.log.next_offset(), next);
+    }
+
+    #[test]
+    fn a_replay_starts_at_the_first_kept_record_produced_since_and_says_if_older_ones_went() {
+        let data = tempfile::tempdir().unwrap();
+        let spec = BTreeMap::from([("orders".to_owned(), (Persistence::Durable, 1))]);
+        let (outbox, _) = Outbox::open(data.path(), 1 << 30, FsyncPolicy::Always, &spec).unwrap();
+        let tl = outbox.topic("orders").unwrap();
+        let at = |id: &str, ms: u64| NewRecord { timestamp_ms: ms, ..record(id) };
+        tl.log.append_blocking(&[at("a", 1_000), at("b", 2_000), at("c", 3_000), at("d", 4_000)]).unwrap();
+        assert_eq!(Outbox::replay_start(&tl, Some(2_500), 4).unwrap(), (2, true));
+        assert_eq!(Outbox::replay_start(&tl, Some(2_000), 4).unwrap(), (1, true));
+        assert_eq!(Outbox::replay_start(&tl, None, 4).unwrap(), (0, true));
+        assert_eq!(Outbox::replay_start(&tl, Some(9_000), 4).unwrap(), (4, true), "nothing that new");
+        // Only what the broker confirmed is replayed (up to `to`).
+        assert_eq!(Outbox::replay_start(&tl, Some(3_500), 2).unwrap(), (2, true));
     }
 
     fn ids(tl: &TopicLog) -> Vec<String> {

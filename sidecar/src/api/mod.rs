@@ -5,6 +5,7 @@
 pub mod deliveries;
 pub mod error;
 pub mod produce;
+pub mod replay;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +36,7 @@ pub fn router(sidecar: Arc<Sidecar>) -> Router {
     Router::new()
         .route("/v1/topics/{topic}/messages", post(produce_one))
         .route("/v1/topics/{topic}/messages:batch", post(produce_batch))
+        .route("/v1/topics/{topic}/outbox:replay", post(replay::replay))
         .route("/v1/messages/{id}", get(message_status))
         .route("/v1/deliveries/{id}/ack", post(deliveries::ack))
         .route("/v1/deliveries/{id}/retry", post(deliveries::retry))

@@ -169,6 +169,12 @@ pub struct SidecarArgs {
     /// Outbox byte limit; beyond it produce answers 429.
     #[arg(long, env = "FERRY_OUTBOX_MAX_BYTES", default_value_t = DEFAULT_OUTBOX_BYTES)]
     pub outbox_max_bytes: u64,
+    /// Replay window: how long forwarded messages stay in the outbox after
+    /// the broker confirmed them (`0s`: deleted at once), so that
+    /// `POST /v1/topics/{topic}/outbox:replay` can send them again after
+    /// the broker lost them. Given up when produce needs the room.
+    #[arg(long, env = "FERRY_OUTBOX_RETENTION", default_value = "0s")]
+    pub outbox_retention: String,
     /// On SIGTERM, how long to keep forwarding the outbox before exiting.
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE)]
     pub shutdown_grace: String,
@@ -264,6 +270,8 @@ pub struct Config {
     pub max_batch_bytes: usize,
     /// Outbox limit.
     pub outbox_max_bytes: u64,
+    /// Replay window of forwarded messages (zero: none).
+    pub outbox_retention: Duration,
     /// Drain time on SIGTERM.
     pub shutdown_grace: Duration,
     /// Wait for `?ack=broker`.
@@ -323,6 +331,7 @@ impl Config {
             }
         };
         let shutdown_grace = duration("--shutdown-grace", &a.shutdown_grace);
+        let outbox_retention = duration("--outbox-retention", &a.outbox_retention);
         let broker_ack_timeout = duration("--broker-ack-timeout", &a.broker_ack_timeout);
         let dedupe_window = duration("--dedupe-window", &a.dedupe_window);
         let resources_poll = duration("--resources-poll", &a.resources_poll);
@@ -413,6 +422,7 @@ impl Config {
             max_message_bytes: a.max_message_bytes,
             max_batch_bytes: a.max_batch_bytes,
             outbox_max_bytes: a.outbox_max_bytes,
+            outbox_retention,
             shutdown_grace,
             broker_ack_timeout,
             dedupe_window,

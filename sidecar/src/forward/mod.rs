@@ -11,19 +11,28 @@
 //! at most that much, and the broker's duplicate window drops the re-sends.
 //! A record the broker refuses for good (too large) is parked and passed,
 //! so it cannot hold its topic back (see [`crate::outbox`]).
+//!
+//! With a replay window (`--outbox-retention`) each commit also moves the
+//! `retained` cursor to what was confirmed at least that long ago, so
+//! forwarded records stay that long after the broker confirmed them (the
+//! broker may lose what it confirmed but had not synced yet). A [`Rewind`]
+//! (a replay) sends the forwarder back to an earlier offset: it forwards
+//! from there again, with the same message ids, so the broker drops what it
+//! still holds within its duplicate window and stores the rest again.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_api::naming;
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::broker::{Broker, BrokerError, OutMessage, PendingAck};
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, TopicLog, FORWARDED};
+use crate::outbox::{Outbox, TopicLog, FORWARDED, RETAINED};
 
 /// Most publishes awaiting confirmation per topic.
 pub const WINDOW: usize = 1024;
@@ -89,6 +98,54 @@ impl Refusals {
     }
 }
 
+/// When forwarded records may go: the confirmed offset at each commit,
+/// and when, kept for the replay window.
+#[derive(Debug)]
+struct Window {
+    keep: Duration,
+    /// (when, confirmed offset), oldest first.
+    marks: VecDeque<(Instant, u64)>,
+}
+
+impl Window {
+    /// Most marks kept: past this many, a new one waits until the last is
+    /// `keep / MAX_MARKS` old (records then stay a little longer).
+    const MAX_MARKS: u32 = 1024;
+
+    fn new(keep: Duration, now: Instant, forwarded: u64) -> Self {
+        Window { keep, marks: VecDeque::from([(now, forwarded)]) }
+    }
+
+    /// Notes that everything below `forwarded` is confirmed at `now`;
+    /// returns the highest offset below which everything was confirmed at
+    /// least `keep` ago, if a mark that old was there.
+    fn retained(&mut self, now: Instant, forwarded: u64) -> Option<u64> {
+        let spacing = (self.keep / Self::MAX_MARKS).max(COMMIT_EVERY);
+        let due = self.marks.back().is_none_or(|&(at, o)| o != forwarded && now.duration_since(at) >= spacing);
+        if due {
+            self.marks.push_back((now, forwarded));
+        }
+        let mut passed = None;
+        while let Some(&(at, offset)) = self.marks.front() {
+            if now.duration_since(at) < self.keep {
+                break;
+            }
+            passed = Some(offset);
+            self.marks.pop_front();
+        }
+        passed
+    }
+}
+
+/// A request to forward again from an earlier offset (a replay).
+#[derive(Debug)]
+pub struct Rewind {
+    /// The offset to forward from (at most the confirmed one).
+    pub from: u64,
+    /// Told the range forwarded again, once the forwarder went back.
+    pub done: oneshot::Sender<std::ops::Range<u64>>,
+}
+
 /// Handle to one topic's forwarder.
 #[derive(Debug)]
 pub struct Forwarder {
@@ -96,24 +153,23 @@ pub struct Forwarder {
     pub topic: String,
     /// First offset not yet confirmed by the broker.
     pub confirmed: watch::Receiver<u64>,
+    /// Sends it back to an earlier offset.
+    pub rewind: mpsc::Sender<Rewind>,
     task: JoinHandle<()>,
     stop: watch::Sender<bool>,
 }
 
 impl Forwarder {
-    /// Starts forwarding a topic.
-    pub fn start(
-        namespace: &str,
-        tl: Arc<TopicLog>,
-        outbox: Arc<Outbox>,
-        broker: Arc<dyn Broker>,
-        metrics: Arc<Metrics>,
-        stream_missing: Arc<tokio::sync::Notify>,
-        room: Arc<Semaphore>,
-    ) -> Self {
+    /// Starts forwarding a topic of the sidecar `s`, within the publishes
+    /// in flight `room` shared with its other topics.
+    pub fn start(s: &crate::state::Sidecar, tl: Arc<TopicLog>, room: Arc<Semaphore>) -> Self {
+        let (outbox, broker, metrics) = (s.outbox.clone(), s.broker.clone(), s.metrics.clone());
+        let retention = s.config.outbox_retention;
         let start = tl.log.cursor(FORWARDED).unwrap_or(0);
         let (confirmed_tx, confirmed) = watch::channel(start);
         let (stop, stop_rx) = watch::channel(false);
+        let (rewind, rewinds) = mpsc::channel(4);
+        let window = (!retention.is_zero()).then(|| Window::new(retention, Instant::now(), start));
         let topic = tl.topic.clone();
         let labels = crate::metrics::TopicLabels { topic: topic.clone() };
         let forwarded = metrics.forward_messages.get_or_create(&labels).clone();
@@ -122,7 +178,7 @@ impl Forwarder {
         let outbox_records = metrics.outbox_records.get_or_create(&labels).clone();
         let outbox_bytes = metrics.outbox_bytes.get_or_create(&labels).clone();
         let ctx = Ctx {
-            namespace: namespace.to_owned(),
+            namespace: s.config.namespace.clone(),
             recovered_end: tl.log.next_offset(),
             forwarded,
             errors,
@@ -130,7 +186,7 @@ impl Forwarder {
             outbox_records,
             outbox_bytes,
             committing: None,
-            stream_missing,
+            stream_missing: s.stream_missing.clone(),
             room,
             refused: Refusals::default(),
             tl,
@@ -139,9 +195,11 @@ impl Forwarder {
             metrics,
             confirmed: confirmed_tx,
             stop: stop_rx,
+            rewinds,
+            window,
         };
         let task = tokio::spawn(ctx.run());
-        Forwarder { topic, confirmed, task, stop }
+        Forwarder { topic, confirmed, rewind, task, stop }
     }
 
     /// Stops the forwarder and commits what was confirmed.
@@ -178,6 +236,10 @@ struct Ctx {
     room: Arc<Semaphore>,
     /// The record the broker refuses as too large, since when and how often.
     refused: Refusals,
+    /// Replays asked for.
+    rewinds: mpsc::Receiver<Rewind>,
+    /// The replay window (`None`: forwarded records go at once).
+    window: Option<Window>,
 }
 
 /// Sets a record the broker refuses for good aside in the outbox's parked
@@ -226,15 +288,21 @@ type Pending = futures::future::BoxFuture<'static, (InFlight, Result<Option<crat
 enum Outcome {
     Stopped,
     Failed(BrokerError),
+    Rewind(Rewind),
 }
 
 impl Ctx {
     async fn run(mut self) {
+        self.set_up_window().await;
         let mut backoff = BACKOFF_MIN;
         loop {
             let before = *self.confirmed.borrow();
             match self.pipeline().await {
                 Outcome::Stopped => break,
+                Outcome::Rewind(r) => {
+                    self.rewind(r).await;
+                    backoff = BACKOFF_MIN;
+                }
                 Outcome::Failed(e) => {
                     if matches!(e, BrokerError::NoStream(_)) {
                         self.stream_missing.notify_one();
@@ -251,6 +319,8 @@ impl Ctx {
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = self.stop.changed() => break,
+                        // Taken at once also while the broker is away.
+                        Some(r) = self.rewinds.recv() => self.rewind(r).await,
                     }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
@@ -262,21 +332,64 @@ impl Ctx {
         self.commit().await;
     }
 
+    /// Goes back to `r.from` (at most the confirmed offset), commits it,
+    /// and says what is forwarded again.
+    async fn rewind(&mut self, r: Rewind) {
+        let to = *self.confirmed.borrow();
+        let from = r.from.min(to);
+        self.confirmed.send_replace(from);
+        self.commit().await;
+        tracing::info!(topic = %self.tl.topic, from, to, "replaying: forwarding these records again");
+        let _ = r.done.send(from..to);
+    }
+
+    /// With a replay window, makes sure the `retained` cursor exists before
+    /// anything is committed (without it, a `forwarded` commit alone would
+    /// let forwarded segments go); without one, removes a `retained` cursor
+    /// left by an earlier run, which would keep them for ever.
+    async fn set_up_window(&mut self) {
+        let tl = self.tl.clone();
+        let on = self.window.is_some();
+        let forwarded = tl.log.cursor(FORWARDED).unwrap_or(0);
+        let result = tokio::task::spawn_blocking(move || match (on, tl.log.cursor(RETAINED)) {
+            (true, None) => tl.log.commit(RETAINED, forwarded),
+            (false, Some(_)) => tl.log.remove_cursor(RETAINED),
+            _ => Ok(()),
+        })
+        .await;
+        if let Ok(Err(e)) = result {
+            // Without it, forwarded records go once confirmed, as without a
+            // window; the next start tries again.
+            tracing::warn!(topic = %self.tl.topic, error = %e, "could not set up the replay window's cursor");
+        }
+    }
+
     /// Starts persisting the confirmed offset as the `forwarded` cursor (and
-    /// so letting retention delete forwarded segments) unless a commit is
-    /// still running.
+    /// with a replay window, the `retained` one; so letting retention delete
+    /// forwarded segments) unless a commit is still running.
     fn start_commit(&mut self) {
         if self.committing.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
         let confirmed = committable(&self.tl.log, *self.confirmed.borrow());
         self.update_gauges();
-        if self.tl.log.cursor(FORWARDED) == Some(confirmed) {
+        let current = self.tl.log.cursor(RETAINED);
+        // Never moved back: the outbox may have given up the window for room.
+        let retained = self
+            .window
+            .as_mut()
+            .and_then(|w| w.retained(Instant::now(), confirmed))
+            .filter(|&r| current.is_some_and(|c| r > c));
+        if self.tl.log.cursor(FORWARDED) == Some(confirmed) && retained.is_none() {
             return;
         }
         let tl = self.tl.clone();
         self.committing = Some(tokio::task::spawn_blocking(move || {
-            if let Err(e) = tl.log.commit(FORWARDED, confirmed) {
+            let result = match retained {
+                Some(r) => tl.log.commit_many(&[(FORWARDED, confirmed), (RETAINED, r)]),
+                None => tl.log.commit(FORWARDED, confirmed),
+            };
+            if let Err(e) = result {
                 tracing::warn!(topic = %tl.topic, error = %e, "could not commit the forwarded offset; will retry");
             }
         }));
@@ -399,6 +512,7 @@ impl Ctx {
             tokio::select! {
                 biased;
                 _ = self.stop.changed() => return Outcome::Stopped,
+                Some(r) = self.rewinds.recv() => return Outcome::Rewind(r),
                 Some(first) = in_flight.next(), if !in_flight.is_empty() => {
                     // Take every ack already there, then move the watermark once.
                     let mut next = Some(first);
@@ -521,5 +635,46 @@ mod commit_tests {
         let (never, _) = Log::open_with(fs, "/outbox/audit", opts).unwrap();
         never.append_blocking(&[record("c"), record("d")]).unwrap();
         assert_eq!(committable(&never, 2), 2);
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn records_are_retained_until_they_were_confirmed_keep_ago() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = Window::new(Duration::from_secs(60), at(0), 10);
+        assert_eq!(w.retained(at(1), 20), None, "nothing was confirmed a minute ago yet");
+        assert_eq!(w.retained(at(30), 50), None);
+        // Everything below 10 was confirmed at 0, below 20 at 1.
+        assert_eq!(w.retained(at(60), 50), Some(10));
+        assert_eq!(w.retained(at(61), 50), Some(20));
+        assert_eq!(w.retained(at(89), 50), None, "50 was first seen at 30");
+        assert_eq!(w.retained(at(90), 50), Some(50));
+        // An unchanged offset adds no mark: nothing more to give.
+        assert_eq!(w.retained(at(500), 50), None);
+        // After a rewind (a replay) the offset is lower: it is marked too,
+        // and the window never hands out more than was confirmed then.
+        assert_eq!(w.retained(at(501), 5), None);
+        assert_eq!(w.retained(at(561), 5), Some(5));
+    }
+
+    #[test]
+    fn marks_are_spaced_so_a_long_window_keeps_a_bounded_number() {
+        let t0 = Instant::now();
+        let keep = Duration::from_secs(24 * 3600);
+        let mut w = Window::new(keep, t0, 0);
+        // A commit every second for a day, each with progress.
+        for s in 1..=24 * 3600u64 {
+            assert_eq!(w.retained(t0 + Duration::from_secs(s) - Duration::from_millis(1), s), None);
+        }
+        assert!(w.marks.len() <= Window::MAX_MARKS as usize + 1, "{} marks", w.marks.len());
+        // A day after the start, what was confirmed then may go; later
+        // records are held at least a day (a little longer, by the spacing).
+        let released = w.retained(t0 + keep + Duration::from_secs(100), 86_500).unwrap();
+        assert!(released <= 100, "{released}");
     }
 }
