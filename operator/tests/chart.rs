@@ -44,6 +44,7 @@ const ALL_OPTIONAL: &[&str] = &[
     "sidecar.logFormat=text",
     "sidecar.dedupeMaxIds=2000000",
     "sidecar.dedupeWindow=1.5h 30mins",
+    "sidecar.outboxRetention=15m",
     "webhook.failurePolicy=Ignore",
     "webhook.reinvocationPolicy=Never",
     "webhook.objectSelector.matchLabels.ferry=yes",
@@ -394,6 +395,7 @@ fn every_sidecar_value_reaches_the_webhooks_inject_config() {
     assert_eq!((cfg["fsync"].as_str(), cfg["logFormat"].as_str()), (Some("interval"), Some("text")));
     assert_eq!(cfg["dedupeMaxIds"], json!(2_000_000));
     assert_eq!(cfg["dedupeWindow"], json!("1.5h 30mins"));
+    assert_eq!(cfg["outboxRetention"], json!("15m"));
 
     // Without sidecar.broker.url the sidecars use the operator's broker.
     let cfg = InjectConfig::from_yaml(&inject_yaml(&render(&["nats.enabled=true"]))).unwrap_or_else(|e| panic!("{e}"));
@@ -643,6 +645,7 @@ fn the_values_schema_refuses_bad_values() {
         ("sidecar.dedupeMaxIds=0", "dedupeMaxIds"),
         ("sidecar.dedupeWindow=soon", "dedupeWindow"),
         ("sidecar.dedupeWindow=10 parsecs", "dedupeWindow"),
+        ("sidecar.outboxRetention=soon", "outboxRetention"),
         ("sidecar.dataVolume.type=hostPath", "type"),
         ("sidecar.dataVolume.sizeLimit=lots", "sizeLimit"),
         ("sidecar.apiPort=70000", "apiPort"),

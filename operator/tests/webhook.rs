@@ -369,6 +369,11 @@ fn each_bad_annotation_is_refused_with_a_message_naming_it_and_the_problem() {
             "ferry.dev/config",
             "longer than 366 days",
         ),
+        (
+            with(asking(), ANNOTATION_CONFIG, r#"{"outboxRetention":"a while"}"#),
+            "ferry.dev/config",
+            "outboxRetention: \"a while\" is not a duration",
+        ),
     ];
     for (annotations, names, problem) in cases {
         let message = refusal(annotations.clone());
@@ -417,7 +422,7 @@ fn refusal_of(review: &Value) -> String {
 fn config_overrides_are_merged_over_the_defaults() {
     let overrides = r#"{"fsync":"never","logFormat":"text","apiPort":9600,"adminPort":9601,
         "image":"registry.example.com/ferry-sidecar:dev","resources":{"limits":{"memory":"256Mi"}},
-        "dataVolume":{"sizeLimit":"5Gi"},"dedupeMaxIds":2000000,"dedupeWindow":"1h"}"#;
+        "dataVolume":{"sizeLimit":"5Gi"},"dedupeMaxIds":2000000,"dedupeWindow":"1h","outboxRetention":"15m"}"#;
     let review = review_with(with(asking(), ANNOTATION_CONFIG, overrides));
     let cfg = InjectConfig { log_format: LogFormat::Json, ..InjectConfig::default() };
     let pod = typed(&patched(&review, &respond(&review, &cfg)));
@@ -426,6 +431,7 @@ fn config_overrides_are_merged_over_the_defaults() {
     assert_eq!((env["FERRY_FSYNC"].as_str(), env["FERRY_LOG_FORMAT"].as_str()), ("never", "text"));
     assert_eq!(env["FERRY_DEDUPE_MAX_IDS"], "2000000", "raised with the memory limit");
     assert_eq!(env["FERRY_DEDUPE_WINDOW"], "1h");
+    assert_eq!(env["FERRY_OUTBOX_RETENTION"], "15m");
     assert_eq!((env["FERRY_API_ADDR"].as_str(), env["FERRY_ADMIN_ADDR"].as_str()), ("127.0.0.1:9600", "0.0.0.0:9601"));
     assert_eq!(env["FERRY_BROKER"], "nats://nats.ferry-system.svc:4222", "not overridden: the default");
     assert_eq!(sc.image.as_deref(), Some("registry.example.com/ferry-sidecar:dev"));

@@ -102,4 +102,7 @@ dedupeMaxIds: {{ . | int64 }}
 {{- with .Values.sidecar.dedupeWindow }}
 dedupeWindow: {{ . | quote }}
 {{- end }}
+{{- with .Values.sidecar.outboxRetention }}
+outboxRetention: {{ . | quote }}
+{{- end }}
 {{- end }}

@@ -38,8 +38,18 @@ pub const OUTBOX_SHARE_PERCENT: u64 = 75;
 /// The fields of [`InjectConfig`] a pod may set in its `ferry.dev/config`
 /// annotation. The broker, the data directory and the pull policy are the
 /// cluster admin's, so they are not among them.
-pub const OVERRIDABLE: &[&str] =
-    &["image", "fsync", "logFormat", "apiPort", "adminPort", "dataVolume", "resources", "dedupeMaxIds", "dedupeWindow"];
+pub const OVERRIDABLE: &[&str] = &[
+    "image",
+    "fsync",
+    "logFormat",
+    "apiPort",
+    "adminPort",
+    "dataVolume",
+    "resources",
+    "dedupeMaxIds",
+    "dedupeWindow",
+    "outboxRetention",
+];
 
 /// How the injected sidecar is configured. Every field has a default, so an
 /// empty file (or no `--inject-config`) is valid; an unknown field is an
@@ -84,6 +94,12 @@ pub struct InjectConfig {
     /// window only holds more ids at low rates.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dedupe_window: Option<String>,
+    /// How long forwarded messages stay in the outbox after the broker
+    /// confirmed them, for a replay after the broker lost them
+    /// (`FERRY_OUTBOX_RETENTION`, a duration like `10m`). Unset: the
+    /// sidecar's default (none). Given up when produce needs the room.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox_retention: Option<String>,
 }
 
 /// The broker the injected sidecars use.
@@ -209,6 +225,7 @@ impl Default for InjectConfig {
             },
             dedupe_max_ids: None,
             dedupe_window: None,
+            outbox_retention: None,
         }
     }
 }
@@ -349,6 +366,11 @@ impl InjectConfig {
                     problems.push(format!("dedupeWindow: {w:?} is longer than 366 days"))
                 }
                 Ok(_) => {}
+            }
+        }
+        if let Some(r) = &self.outbox_retention {
+            if let Err(e) = humantime::parse_duration(r.trim()) {
+                problems.push(format!("outboxRetention: {r:?} is not a duration like 10m ({e})"));
             }
         }
         if problems.is_empty() {

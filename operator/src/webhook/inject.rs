@@ -354,6 +354,9 @@ impl Wanted {
         if let Some(w) = &cfg.dedupe_window {
             env.push(self::env("FERRY_DEDUPE_WINDOW", w.trim().to_owned()));
         }
+        if let Some(r) = &cfg.outbox_retention {
+            env.push(self::env("FERRY_OUTBOX_RETENTION", r.trim().to_owned()));
+        }
         if let Some(bytes) = cfg.data_volume.outbox_bytes().filter(|_| !own_data_volume) {
             env.push(self::env("FERRY_OUTBOX_MAX_BYTES", bytes.to_string()));
         }
