@@ -385,17 +385,12 @@ impl Log {
         })
     }
 
-    /// Sets several named cursors at once, with one durable write of the
-    /// cursor file (see [`Log::commit`]).
-    pub fn commit_many(&self, cursors: &[(&str, u64)]) -> Result<()> {
-        if cursors.iter().any(|(name, _)| name.is_empty() || name.len() > u16::MAX as usize) {
-            return Err(Error::Invalid("cursor name must be 1..=65535 bytes"));
-        }
-        self.update_cursors(|c| {
-            for (name, offset) in cursors {
-                c.insert((*name).to_owned(), *offset);
-            }
-        })
+    /// Changes the cursors with `change`, given the current ones, and
+    /// commits the result with one durable write of the cursor file (see
+    /// [`Log::commit`]): a read-modify-write no other commit of this log
+    /// interleaves with (e.g. "raise this cursor, never lower it").
+    pub fn commit_with(&self, change: impl FnOnce(&mut BTreeMap<String, u64>)) -> Result<()> {
+        self.update_cursors(change)
     }
 
     /// Removes a named cursor (it no longer holds back retention).
@@ -410,6 +405,9 @@ impl Log {
             let mut cursors = self.lock_cursors();
             let mut next = cursors.clone();
             change(&mut next);
+            if next.keys().any(|name| name.is_empty() || name.len() > u16::MAX as usize) {
+                return Err(Error::Invalid("cursor name must be 1..=65535 bytes"));
+            }
             let bytes = cursors::encode(&next);
             if let Err(e) = write_atomic(&*self.shared.fs, &self.shared.dir, CURSORS_FILE, &bytes) {
                 // On a full disk the cursor file cannot be replaced, yet the

@@ -71,21 +71,33 @@ fn retention_deletes_only_segments_every_cursor_passed() {
 }
 
 #[test]
-fn commit_many_sets_every_cursor_in_one_write_and_retention_waits_for_the_slowest() {
+fn commit_with_changes_cursors_in_one_write_and_retention_waits_for_the_slowest() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = Log::open(dir.path(), small_segments()).unwrap();
     for i in 0..60 {
         log.append_blocking(&[rec(i)]).unwrap();
     }
     let before = log.stats();
-    log.commit_many(&[("forwarded", 60), ("retained", 5)]).unwrap();
+    log.commit_with(|c| {
+        c.insert("forwarded".into(), 60);
+        c.insert("retained".into(), 5);
+    })
+    .unwrap();
     assert!(log.stats().start_offset <= 5, "retained at 5 keeps offset 5: {:?}", log.stats());
     assert_eq!(log.stats().segments, before.segments);
-    log.commit_many(&[("forwarded", 60), ("retained", 50)]).unwrap();
+    // Raise one to another, given what they are now.
+    log.commit_with(|c| {
+        let forwarded = c["forwarded"];
+        c.insert("retained".into(), forwarded - 10);
+    })
+    .unwrap();
     let after = log.stats();
     assert!(after.start_offset > 5 && after.start_offset <= 50, "{after:?}");
-    assert!(matches!(log.commit_many(&[("ok", 1), ("", 2)]), Err(Error::Invalid(_))));
-    assert_eq!(log.cursor("ok"), None, "an invalid name commits none of them");
+    let bad = log.commit_with(|c| {
+        c.insert(String::new(), 2);
+    });
+    assert!(matches!(bad, Err(Error::Invalid(_))));
+    assert_eq!(log.cursors().len(), 2, "an invalid name commits nothing");
     drop(log);
     let (log, _) = Log::open(dir.path(), small_segments()).unwrap();
     assert_eq!((log.cursor("forwarded"), log.cursor("retained")), (Some(60), Some(50)));

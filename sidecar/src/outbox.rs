@@ -148,22 +148,36 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
-/// Moves the `retained` cursor of every topic that has one up to its
-/// `forwarded` cursor, deleting the segments only the replay window kept;
-/// returns the topics whose window was given up.
-fn release_retained(topics: &[Arc<TopicLog>]) -> Vec<String> {
-    let mut released = Vec::new();
+/// Raises the `retained` cursor of every topic that has one to its
+/// `forwarded` cursor (in one step with the cursors as they are, so a
+/// forwarder's commit cannot lower it again), deleting the segments only
+/// the replay window kept. Returns whether any topic has a window (an
+/// append refused for room is worth one more try then, even when another
+/// caller gave the room up first), and the topics this call moved.
+fn release_retained(topics: &[Arc<TopicLog>]) -> (bool, Vec<String>) {
+    let (mut any, mut released) = (false, Vec::new());
     for tl in topics {
-        let (Some(retained), Some(forwarded)) = (tl.log.cursor(RETAINED), tl.log.cursor(FORWARDED)) else { continue };
-        if retained >= forwarded {
+        if tl.log.cursor(RETAINED).is_none() {
             continue;
         }
-        match tl.log.commit(RETAINED, forwarded) {
-            Ok(()) => released.push(tl.topic.clone()),
-            Err(e) => tracing::warn!(topic = %tl.topic, error = %e, "could not give up the replay window"),
+        any = true;
+        let mut moved = false;
+        let result = tl.log.commit_with(|c| {
+            let forwarded = c.get(FORWARDED).copied();
+            if let (Some(forwarded), Some(retained)) = (forwarded, c.get_mut(RETAINED)) {
+                moved = *retained < forwarded;
+                *retained = (*retained).max(forwarded);
+            }
+        });
+        match result {
+            Ok(()) if moved => released.push(tl.topic.clone()),
+            Ok(()) => {}
+            // On a full disk the cursor file cannot be written, but the
+            // segments it passed are deleted all the same.
+            Err(e) => tracing::warn!(topic = %tl.topic, error = %e, "could not record giving up the replay window"),
         }
     }
-    released
+    (any, released)
 }
 
 /// Log options for a topic with this persistence, under the sidecar's
@@ -307,11 +321,14 @@ impl Outbox {
             Err(e @ (ferry_log::Error::Full { .. } | ferry_log::Error::NoSpace { .. })) => {
                 // Room held only for replays goes first.
                 let topics = self.topics();
-                let released = tokio::task::spawn_blocking(move || release_retained(&topics)).await.unwrap_or_default();
-                if released.is_empty() {
+                let (any, released) =
+                    tokio::task::spawn_blocking(move || release_retained(&topics)).await.unwrap_or_default();
+                if !any {
                     return Err(e);
                 }
-                tracing::warn!(topics = ?released, error = %e, "the outbox needed room: gave up the replay window of these topics");
+                if !released.is_empty() {
+                    tracing::warn!(topics = ?released, error = %e, "the outbox needed room: gave up the replay window of these topics");
+                }
                 tl.log.append(records).await?
             }
             other => other?,
@@ -370,6 +387,26 @@ impl Outbox {
         reason: &str,
     ) -> Result<(), ferry_log::Error> {
         append_parked(&*self.parked_log(topic)?, rec, reason).await
+    }
+
+    /// The ids of a topic's records parked so far (few: parked messages are
+    /// rare). Reads the parked log: call it off the runtime's workers.
+    pub fn parked_ids(&self, topic: &str) -> Result<std::collections::HashSet<String>, ferry_log::Error> {
+        let mut ids = std::collections::HashSet::new();
+        if !self.parked_dir.join(topic).exists() {
+            return Ok(ids);
+        }
+        let log = self.parked_log(topic)?;
+        let mut from = 0;
+        while from < log.next_offset() {
+            let batch = log.read(from, 1024, 16 << 20)?;
+            ids.extend(batch.records.into_iter().map(|r| r.id));
+            if batch.next <= from {
+                break;
+            }
+            from = batch.next;
+        }
+        Ok(ids)
     }
 
     fn parked_log(&self, topic: &str) -> Result<Arc<Log>, ferry_log::Error> {

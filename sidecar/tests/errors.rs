@@ -361,6 +361,16 @@ async fn a_message_the_broker_refuses_for_good_is_parked_and_the_topic_goes_on()
     let metrics = c.get(format!("{}/metrics", sc.admin)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("ferry_forward_parked_total{topic=\"audit\"} 1"), "{metrics}");
 
+    // A replay of the topic passes the parked message: not sent again, so
+    // not refused and parked again.
+    let (status, body, _) = send(c.post(sc.url("/v1/topics/audit/outbox:replay"))).await;
+    assert_eq!((status, body["from"].as_u64(), body["messages"].as_u64()), (202, Some(0), Some(2)), "{body}");
+    let later = c.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "later").body("small");
+    assert_eq!(later.send().await.unwrap().status().as_u16(), 201);
+    assert_eq!(stored_ids(&js, "FERRY_default_audit").await, ["after", "later"]);
+    let metrics = c.get(format!("{}/metrics", sc.admin)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("ferry_forward_parked_total{topic=\"audit\"} 1"), "{metrics}");
+
     sc.process.kill9();
     let text = inspect_outbox(data.path());
     assert!(text.contains("parked audit: 1 message(s)") && text.contains("too-big (40960 bytes)"), "{text}");

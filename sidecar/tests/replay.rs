@@ -132,3 +132,31 @@ async fn the_replay_window_keeps_forwarded_segments_and_turning_it_off_lets_them
     assert!(!inspected.contains("replay window"), "{inspected}");
     assert!(!inspected.contains("(offsets 0..75)"), "{inspected}");
 }
+
+#[tokio::test]
+async fn forwarded_segments_go_once_the_replay_window_has_passed_them() {
+    let nats = NatsServer::start();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = Launch::new(nats.url(), res.path(), data.path()).arg("--outbox-retention").arg("2s").start();
+    sc.wait_configured();
+    produce_megabytes(&sc, 75).await;
+    // Forwarded at once; the first segment stays about 2 s more, then goes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let bytes = loop {
+        let (_, ready) = json(http().get(format!("{}/readyz", sc.admin)).send().await.unwrap()).await;
+        let bytes = ready["outbox"]["audit"]["bytes"].as_u64().unwrap();
+        if bytes < 64 << 20 || Instant::now() > deadline {
+            break bytes;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(bytes < 64 << 20, "the forwarded segment is still there after 30 s: {bytes} bytes");
+    stop(sc);
+    let inspected = inspect_outbox(data.path());
+    assert!(inspected.contains("topic audit: 1 segment(s)"), "{inspected}");
+    let audit: Vec<&str> = inspected.lines().skip_while(|l| !l.starts_with("topic audit")).take(2).collect();
+    let kept_from: u64 =
+        audit[1].split("from offset ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    assert!(kept_from >= 67, "the window moved past the deleted segment: {inspected}");
+}

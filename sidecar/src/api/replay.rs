@@ -6,7 +6,9 @@
 //! was produced at or after `since` (without it: the first one kept) and
 //! forwards from there with the same message ids. The broker drops what it
 //! still holds within the stream's duplicate window and stores the rest
-//! again; subscribers' dedupe windows drop what their app already acked.
+//! again, after whatever it stored since the loss (so per-key order does
+//! not hold across a replay); subscribers' dedupe windows drop what their
+//! app already acked. Records parked before are passed, not sent again.
 //! How far back this reaches is the outbox's replay window
 //! (`--outbox-retention`; without it, forwarded segments are deleted at
 //! once and only the active segment is left).
@@ -66,6 +68,8 @@ pub async fn replay(
     let stopped = || ApiError::ShuttingDown;
     rewinder.send(Rewind { from, done }).await.map_err(|_| stopped())?;
     let range = went_back.await.map_err(|_| stopped())?;
+    // Segments deleted since (the window given up for room) moved it on.
+    let complete = complete && range.start <= from;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({

@@ -116,6 +116,14 @@ impl Window {
         Window { keep, marks: VecDeque::from([(now, forwarded)]) }
     }
 
+    /// A replay went back to `from`: what is above it is not confirmed
+    /// any more, so no mark may let it go before it is again.
+    fn rewound(&mut self, from: u64) {
+        for mark in &mut self.marks {
+            mark.1 = mark.1.min(from);
+        }
+    }
+
     /// Notes that everything below `forwarded` is confirmed at `now`;
     /// returns the highest offset below which everything was confirmed at
     /// least `keep` ago, if a mark that old was there.
@@ -196,6 +204,8 @@ impl Forwarder {
             confirmed: confirmed_tx,
             stop: stop_rx,
             rewinds,
+            parked_ids: Default::default(),
+            replay_end: 0,
             window,
         };
         let task = tokio::spawn(ctx.run());
@@ -238,6 +248,10 @@ struct Ctx {
     refused: Refusals,
     /// Replays asked for.
     rewinds: mpsc::Receiver<Rewind>,
+    /// During a replay, up to `replay_end`: ids parked before, which are
+    /// passed, not sent again (the broker refused them for good).
+    parked_ids: std::collections::HashSet<String>,
+    replay_end: u64,
     /// The replay window (`None`: forwarded records go at once).
     window: Option<Window>,
 }
@@ -335,10 +349,40 @@ impl Ctx {
     /// Goes back to `r.from` (at most the confirmed offset), commits it,
     /// and says what is forwarded again.
     async fn rewind(&mut self, r: Rewind) {
+        if let Some(h) = self.committing.take() {
+            let _ = h.await;
+        }
         let to = *self.confirmed.borrow();
-        let from = r.from.min(to);
+        // Not below the first record kept (deleted since the caller looked).
+        let from = r.from.max(self.tl.log.stats().start_offset).min(to);
+        let (outbox, topic) = (self.outbox.clone(), self.tl.topic.clone());
+        self.parked_ids = match tokio::task::spawn_blocking(move || outbox.parked_ids(&topic)).await {
+            Ok(Ok(ids)) => ids,
+            _ => {
+                tracing::warn!(topic = %self.tl.topic, "could not read the parked messages; a replay sends them again and they are parked again");
+                Default::default()
+            }
+        };
+        self.replay_end = to;
+        if let Some(w) = &mut self.window {
+            w.rewound(from);
+        }
         self.confirmed.send_replace(from);
-        self.commit().await;
+        // The window's start goes back with it, so the records sent again
+        // are kept for the window again.
+        let (tl, committed) = (self.tl.clone(), committable(&self.tl.log, from));
+        let result = tokio::task::spawn_blocking(move || {
+            tl.log.commit_with(|c| {
+                c.insert(FORWARDED.to_owned(), committed);
+                if let Some(retained) = c.get_mut(RETAINED) {
+                    *retained = (*retained).min(committed);
+                }
+            })
+        })
+        .await;
+        if !matches!(result, Ok(Ok(()))) {
+            tracing::warn!(topic = %self.tl.topic, "could not commit the replay's start; it is committed with the next progress");
+        }
         tracing::info!(topic = %self.tl.topic, from, to, "replaying: forwarding these records again");
         let _ = r.done.send(from..to);
     }
@@ -374,7 +418,6 @@ impl Ctx {
         let confirmed = committable(&self.tl.log, *self.confirmed.borrow());
         self.update_gauges();
         let current = self.tl.log.cursor(RETAINED);
-        // Never moved back: the outbox may have given up the window for room.
         let retained = self
             .window
             .as_mut()
@@ -385,10 +428,14 @@ impl Ctx {
         }
         let tl = self.tl.clone();
         self.committing = Some(tokio::task::spawn_blocking(move || {
-            let result = match retained {
-                Some(r) => tl.log.commit_many(&[(FORWARDED, confirmed), (RETAINED, r)]),
-                None => tl.log.commit(FORWARDED, confirmed),
-            };
+            let result = tl.log.commit_with(|c| {
+                c.insert(FORWARDED.to_owned(), confirmed);
+                // Only raised, and only where it exists: the outbox may have
+                // given the window up for room meanwhile.
+                if let (Some(r), Some(current)) = (retained, c.get_mut(RETAINED)) {
+                    *current = (*current).max(r);
+                }
+            });
             if let Err(e) = result {
                 tracing::warn!(topic = %tl.topic, error = %e, "could not commit the forwarded offset; will retry");
             }
@@ -452,6 +499,13 @@ impl Ctx {
                     Err(e) => return Outcome::Failed(BrokerError::Unavailable(format!("reading the outbox: {e}"))),
                 };
                 for rec in &batch.records {
+                    if rec.offset < self.replay_end && self.parked_ids.contains(&rec.id) {
+                        // Replayed, but parked before: passed in its turn.
+                        let info = InFlight { offset: rec.offset, id: None, sent: Instant::now() };
+                        in_flight.push_back(Box::pin(async move { (info, Ok(None)) }));
+                        next_read = rec.offset + 1;
+                        continue;
+                    }
                     let permit = match self.room.clone().try_acquire_owned() {
                         Ok(p) => p,
                         // Others hold the room: wait for this topic's own acks,
@@ -508,6 +562,9 @@ impl Ctx {
                     }
                 }
                 next_read = batch.next;
+                if next_read >= self.replay_end && !self.parked_ids.is_empty() {
+                    self.parked_ids = Default::default();
+                }
             }
             tokio::select! {
                 biased;
@@ -656,10 +713,22 @@ mod window_tests {
         assert_eq!(w.retained(at(90), 50), Some(50));
         // An unchanged offset adds no mark: nothing more to give.
         assert_eq!(w.retained(at(500), 50), None);
-        // After a rewind (a replay) the offset is lower: it is marked too,
-        // and the window never hands out more than was confirmed then.
-        assert_eq!(w.retained(at(501), 5), None);
-        assert_eq!(w.retained(at(561), 5), Some(5));
+    }
+
+    #[test]
+    fn after_a_replay_nothing_above_its_start_goes_before_it_is_confirmed_again() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = Window::new(Duration::from_secs(60), at(0), 0);
+        assert_eq!(w.retained(at(10), 900), None);
+        assert_eq!(w.retained(at(50), 1000), None);
+        // A replay from 10 at 55: 10..1000 are not confirmed any more.
+        w.rewound(10);
+        assert_eq!(w.retained(at(56), 20), None);
+        assert_eq!(w.retained(at(70), 30), Some(10), "the mark of 900 (at 10) now says 10");
+        assert_eq!(w.retained(at(110), 40), Some(10), "the mark of 1000 (at 50) too");
+        assert_eq!(w.retained(at(116), 40), Some(20), "confirmed again at 56");
+        assert_eq!(w.retained(at(130), 40), Some(30));
     }
 
     #[test]
