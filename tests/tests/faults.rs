@@ -2,8 +2,8 @@
 //! `ferry-sidecar` processes, a real test app on loopback, and faults
 //! injected from outside — `kill -9`, a stopped broker, an app that fails
 //! in every way the contract names, a full disk, a lost pod, hostile input
-//! and a broker that lost its store. Each scenario prints one summary line
-//! (see `ferry_e2e::check`).
+//! and a broker that lost its store (also recovered by a replay). Each
+//! scenario prints one summary line (see `ferry_e2e::check`).
 //!
 //! Short versions run by default; `FERRY_LONG=1` runs the long ones:
 //! `cargo build --release -p ferry-sidecar && FERRY_LONG=1 cargo test -p
@@ -1425,8 +1425,8 @@ async fn store_lost_run(self_heal: Duration, restart: bool) -> StoreLost {
     report.print();
     println!(
         "  measurement: the {before} messages forwarded before the loss are gone from the broker and not re-sent \
-         (the forwarder reads from its watermark only, although {retained_bytes} bytes of them are still in the \
-         outbox); of the {pending_at_loss} pending at the loss {got_b} reached the app"
+         (no replay was asked for, although {retained_bytes} bytes of them are still in the outbox: see \
+         the replay scenario); of the {pending_at_loss} pending at the loss {got_b} reached the app"
     );
     assert_eq!(got_a, before, "everything produced before the loss was delivered before it");
     StoreLost { report, recreated_in, recreated_after_restart, after: (if flowing { after } else { 0 }, got_c) }
@@ -1454,4 +1454,72 @@ async fn after_the_broker_lost_its_store_the_running_sidecar_recreates_its_strea
     assert!(run.recreated_in.is_some(), "the running sidecar never recreated {EVENTS_STREAM}");
     assert_eq!(run.after.1, run.after.0, "messages produced after the loss flow again");
     assert_eq!(run.report.lost.len(), 0, "the pending messages were re-sent after the loss");
+}
+
+/// Messages the broker confirmed but had not delivered yet when it lost
+/// its store (its app was answering 503): with a replay window, a replay
+/// sends them again from the outbox, and the app accepts each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_after_the_broker_lost_its_store_delivers_what_it_had_confirmed_but_not_delivered() {
+    let n = if long() { 5_000 } else { 200 };
+    let started = Instant::now();
+    let mut nats = blocking(NatsServer::start);
+    let res = manifests(&[
+        ("topics.yaml", &topic("events", "{}")),
+        ("subs.yaml", &subscription("work", "events", &["processingTimeout: 2s", "maxDeliveries: 1000"])),
+    ]);
+    let data = tempfile::tempdir().unwrap();
+    // The app is down (503) until the replay; the deliveries it accepted
+    // are the ones answered 200, by delivery id.
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accepted_deliveries = Arc::new(Mutex::new(HashSet::<String>::new()));
+    let app = {
+        let (up, ok) = (up.clone(), accepted_deliveries.clone());
+        TestApp::start_without_history(move |r| {
+            if !up.load(Ordering::Acquire) {
+                return Reply::status(503);
+            }
+            ok.lock().unwrap().insert(r.header("ferry-delivery-id").unwrap_or_default().to_owned());
+            Reply::status(200)
+        })
+        .await
+    };
+    let mut sc = SidecarSpec::new(&nats.url(), res.path(), data.path())
+        .app_port(app.port)
+        .arg("--outbox-retention")
+        .arg("10m")
+        .start();
+    sc.wait_configured();
+    let api = sc.spec.api();
+    let c = http();
+    let since = humantime::format_rfc3339_millis(std::time::SystemTime::now() - Duration::from_secs(1)).to_string();
+    let checker = Checker::new("replay_after_store_lost");
+    for i in 0..n {
+        let id = format!("r-{i:06}");
+        // The last with ack=broker: the broker confirmed them all, in order.
+        let ack = if i + 1 == n { "broker" } else { "local" };
+        let s = produce(&c, &api, "events", &id, None, b"confirmed".to_vec(), ack).await.unwrap();
+        assert!(s == 202 || s == 201, "{id}: {s}");
+        checker.acked(&id, None);
+    }
+    assert!(accepted_deliveries.lock().unwrap().is_empty(), "the app accepted nothing yet");
+    // The loss: the server comes back with an empty store.
+    blocking(|| {
+        nats.stop_gracefully();
+        nats.wipe_store();
+        nats.start_again();
+    });
+    let resp = c.post(format!("{api}/v1/topics/events/outbox:replay?since={since}")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!((body["messages"].as_u64(), body["complete"].as_bool()), (Some(n as u64), Some(true)), "{body}");
+    up.store(true, Ordering::Release);
+    let ok = accepted_deliveries.clone();
+    let success = move |r: &Received| ok.lock().unwrap().contains(r.header("ferry-delivery-id").unwrap_or_default());
+    wait_delivered(&app, &checker.acked_ids(), Duration::from_secs(if long() { 180 } else { 60 }), &success).await;
+    let mut report = checker.report(&app.received(), &success);
+    report.note("confirmed_then_lost", n);
+    report.note("total_s", format!("{:.1}", started.elapsed().as_secs_f64()));
+    report.print();
+    assert!(report.lost.is_empty() && report.duplicates.is_empty(), "{}", report.line());
 }
