@@ -161,9 +161,9 @@ struct ProduceArgs {
     /// generator), the ceiling figure 1 could reach.
     #[arg(long)]
     http_floor: bool,
-    /// Diagnosis: run only this figure of 1-3 (with the raw disk baselines)
-    /// and stop, about 15-20 s, so sidecar builds can be compared in many
-    /// interleaved runs.
+    /// Diagnosis: run only this figure of 1-4 (with the raw disk baselines)
+    /// and stop, about 15-20 s (the forwarder's 5 interleaved runs, about a
+    /// minute), so sidecar builds can be compared in many interleaved runs.
     #[arg(long, value_enum)]
     only: Option<Only>,
     /// Smoke run: 1 s phases, 20k forwarded messages, 1 repeat.
@@ -183,6 +183,8 @@ enum Only {
     Batch,
     /// Figure 3, the fixed-rate p99.
     FixedRate,
+    /// Figure 4, the forwarder against raw publishing (its 5 interleaved runs).
+    Forwarder,
 }
 
 /// Resolved settings.
@@ -417,8 +419,10 @@ fn produce(s: &Settings) -> Result<(), Error> {
     if runs(Only::FixedRate) {
         run.fixed_rate()?;
     }
-    if a.only.is_none() {
+    if runs(Only::Forwarder) {
         run.forwarder()?;
+    }
+    if a.only.is_none() {
         run.rss(idle_rss)?;
     }
     sc.process.signal(15);
