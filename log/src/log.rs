@@ -400,43 +400,42 @@ impl Log {
         })
     }
 
+    /// Segments are deleted with the cursors' lock held, below the minimum
+    /// of the cursors as they are then: a commit that computed a higher
+    /// minimum can never delete past a cursor another commit just lowered.
     fn update_cursors(&self, change: impl FnOnce(&mut BTreeMap<String, u64>)) -> Result<()> {
-        let below = {
-            let mut cursors = self.lock_cursors();
-            let mut next = cursors.clone();
-            change(&mut next);
-            if next.keys().any(|name| name.is_empty() || name.len() > u16::MAX as usize) {
-                return Err(Error::Invalid("cursor name must be 1..=65535 bytes"));
-            }
-            let bytes = cursors::encode(&next);
-            if let Err(e) = write_atomic(&*self.shared.fs, &self.shared.dir, CURSORS_FILE, &bytes) {
-                // On a full disk the cursor file cannot be replaced, yet the
-                // segments every new cursor has passed are what would free
-                // the disk: delete them all the same. Safe: a reader starting
-                // from the older cursor on disk (after a crash) reads from the
-                // first record kept, and the new cursors say nothing below it
-                // is needed. The cursors stay as they were, so the caller
-                // commits again.
-                let below = next.values().copied().min();
-                drop(cursors);
-                self.delete_below(below)?;
-                return Err(Error::io("writing", self.shared.dir.join(CURSORS_FILE), e));
-            }
-            *cursors = next;
-            cursors.values().copied().min()
-        };
-        self.delete_below(below)
+        let mut cursors = self.lock_cursors();
+        let mut next = cursors.clone();
+        change(&mut next);
+        if next.keys().any(|name| name.is_empty() || name.len() > u16::MAX as usize) {
+            return Err(Error::Invalid("cursor name must be 1..=65535 bytes"));
+        }
+        let bytes = cursors::encode(&next);
+        if let Err(e) = write_atomic(&*self.shared.fs, &self.shared.dir, CURSORS_FILE, &bytes) {
+            // On a full disk the cursor file cannot be replaced, yet the
+            // segments every new cursor has passed are what would free
+            // the disk: delete them all the same. Safe: a reader starting
+            // from the older cursor on disk (after a crash) reads from the
+            // first record kept, and the new cursors say nothing below it
+            // is needed. The cursors stay as they were, so the caller
+            // commits again.
+            self.delete_below(next.values().copied().min())?;
+            return Err(Error::io("writing", self.shared.dir.join(CURSORS_FILE), e));
+        }
+        *cursors = next;
+        self.delete_below(cursors.values().copied().min())
     }
 
     /// Deletes sealed segments whose records are all below every cursor.
     /// With no cursor at all nothing is deleted.
     fn apply_retention(&self) -> Result<()> {
-        let below = self.lock_cursors().values().copied().min();
-        self.delete_below(below)
+        let cursors = self.lock_cursors();
+        self.delete_below(cursors.values().copied().min())
     }
 
     /// Deletes sealed segments whose records are all below `min` (nothing
-    /// when `None`).
+    /// when `None`). Called with the cursors' lock held (the state's is
+    /// taken under it; never the other way round).
     fn delete_below(&self, min: Option<u64>) -> Result<()> {
         let Some(min) = min else {
             return Ok(());

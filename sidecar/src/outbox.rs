@@ -51,6 +51,10 @@ pub const RETAINED: &str = "retained";
 pub const TRACKED_GENERATION: usize = 50_000;
 /// The header a parked record carries: why the broker refused it.
 pub const PARKED_REASON: &str = "ferry-parked-reason";
+/// The header a record parked from a topic's outbox carries: its offset
+/// there, so the forwarder passes it when it reads it again (a replay, a
+/// restart before the cursor passed it) instead of sending it again.
+pub const PARKED_OFFSET: &str = "ferry-parked-offset";
 /// Sync interval of `BestEffort` topics.
 pub const BEST_EFFORT_SYNC: Duration = Duration::from_secs(1);
 
@@ -157,10 +161,11 @@ impl std::fmt::Debug for Outbox {
 fn release_retained(topics: &[Arc<TopicLog>]) -> (bool, Vec<String>) {
     let (mut any, mut released) = (false, Vec::new());
     for tl in topics {
-        if tl.log.cursor(RETAINED).is_none() {
-            continue;
-        }
+        let Some(retained) = tl.log.cursor(RETAINED) else { continue };
         any = true;
+        if tl.log.cursor(FORWARDED).is_none_or(|forwarded| retained >= forwarded) {
+            continue; // nothing held: no cursor file written for nothing
+        }
         let mut moved = false;
         let result = tl.log.commit_with(|c| {
             let forwarded = c.get(FORWARDED).copied();
@@ -368,7 +373,7 @@ impl Outbox {
         let last = log.next_offset().checked_sub(1).map(|o| log.read(o, 1, usize::MAX)).transpose()?;
         let parked_again = last.is_some_and(|b| b.records.last().is_some_and(|r| r.id == rec.id));
         if !parked_again {
-            append_parked(&log, rec, reason).await?;
+            append_parked(&log, rec, reason, Some(rec.offset)).await?;
         }
         let key = IdKey::of(&rec.id);
         let mut t = self.lock_tracker();
@@ -386,27 +391,34 @@ impl Outbox {
         rec: &ferry_log::Record,
         reason: &str,
     ) -> Result<(), ferry_log::Error> {
-        append_parked(&*self.parked_log(topic)?, rec, reason).await
+        append_parked(&*self.parked_log(topic)?, rec, reason, None).await
     }
 
-    /// The ids of a topic's records parked so far (few: parked messages are
-    /// rare). Reads the parked log: call it off the runtime's workers.
-    pub fn parked_ids(&self, topic: &str) -> Result<std::collections::HashSet<String>, ferry_log::Error> {
-        let mut ids = std::collections::HashSet::new();
+    /// The records of a topic's outbox parked so far at offsets from
+    /// `from` on: offset → id (few: parked messages are rare). Reads the
+    /// parked log: call it off the runtime's workers.
+    pub fn parked_from(&self, topic: &str, from: u64) -> Result<HashMap<u64, String>, ferry_log::Error> {
+        let mut parked = HashMap::new();
         if !self.parked_dir.join(topic).exists() {
-            return Ok(ids);
+            return Ok(parked);
         }
         let log = self.parked_log(topic)?;
-        let mut from = 0;
-        while from < log.next_offset() {
-            let batch = log.read(from, 1024, 16 << 20)?;
-            ids.extend(batch.records.into_iter().map(|r| r.id));
-            if batch.next <= from {
+        let mut at = 0;
+        while at < log.next_offset() {
+            let batch = log.read(at, 256, 4 << 20)?;
+            for r in batch.records {
+                let offset =
+                    r.headers.iter().find(|(n, _)| n == PARKED_OFFSET).and_then(|(_, v)| v.parse::<u64>().ok());
+                if let Some(offset) = offset.filter(|&o| o >= from) {
+                    parked.insert(offset, r.id);
+                }
+            }
+            if batch.next <= at {
                 break;
             }
-            from = batch.next;
+            at = batch.next;
         }
-        Ok(ids)
+        Ok(parked)
     }
 
     fn parked_log(&self, topic: &str) -> Result<Arc<Log>, ferry_log::Error> {
@@ -476,9 +488,17 @@ pub fn parked_log_options() -> LogOptions {
 }
 
 /// Appends `rec` to a parked log with its `reason`.
-async fn append_parked(log: &Log, rec: &ferry_log::Record, reason: &str) -> Result<(), ferry_log::Error> {
+async fn append_parked(
+    log: &Log,
+    rec: &ferry_log::Record,
+    reason: &str,
+    offset: Option<u64>,
+) -> Result<(), ferry_log::Error> {
     let mut headers = rec.headers.clone();
     headers.push((PARKED_REASON.to_owned(), reason.to_owned()));
+    if let Some(offset) = offset {
+        headers.push((PARKED_OFFSET.to_owned(), offset.to_string()));
+    }
     let parked = NewRecord {
         timestamp_ms: rec.timestamp_ms,
         id: rec.id.clone(),
@@ -619,6 +639,26 @@ mod open_tests {
         let err = outbox.append(&tl, &big).await.unwrap_err();
         assert!(matches!(err, ferry_log::Error::Full { .. }), "{err:?}");
         assert_eq!(tl.log.next_offset(), next);
+    }
+
+    #[tokio::test]
+    async fn parked_records_are_known_by_offset_and_id_so_a_re_read_passes_them() {
+        let data = tempfile::tempdir().unwrap();
+        let spec = BTreeMap::from([("orders".to_owned(), (Persistence::Durable, 1))]);
+        let (outbox, _) = Outbox::open(data.path(), 1 << 30, FsyncPolicy::Always, &spec).unwrap();
+        let tl = outbox.topic("orders").unwrap();
+        let ids: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
+        tl.log.append(&ids.iter().map(|id| record(id)).collect::<Vec<_>>()).await.unwrap();
+        let recs = tl.log.read(0, 8, 1 << 20).unwrap().records;
+        assert!(outbox.parked_from("orders", 0).unwrap().is_empty(), "nothing parked yet");
+        outbox.park_record("orders", &recs[3], "too large").await.unwrap();
+        outbox.park_record("orders", &recs[7], "too large").await.unwrap();
+        outbox.park_record("orders", &recs[7], "too large").await.unwrap(); // again after a restart: once
+                                                                            // A dead letter parked on the same topic is no record of its outbox.
+        outbox.park_dead_letter("orders", &recs[5], "dead letter too large").await.unwrap();
+        assert_eq!(outbox.parked_from("orders", 0).unwrap(), HashMap::from([(3, "m3".into()), (7, "m7".into())]));
+        assert_eq!(outbox.parked_from("orders", 4).unwrap(), HashMap::from([(7, "m7".into())]));
+        assert!(outbox.parked_from("audit", 0).unwrap().is_empty());
     }
 
     #[test]

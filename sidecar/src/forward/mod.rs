@@ -204,8 +204,7 @@ impl Forwarder {
             confirmed: confirmed_tx,
             stop: stop_rx,
             rewinds,
-            parked_ids: Default::default(),
-            replay_end: 0,
+            parked_skip: Default::default(),
             window,
         };
         let task = tokio::spawn(ctx.run());
@@ -248,10 +247,11 @@ struct Ctx {
     refused: Refusals,
     /// Replays asked for.
     rewinds: mpsc::Receiver<Rewind>,
-    /// During a replay, up to `replay_end`: ids parked before, which are
-    /// passed, not sent again (the broker refused them for good).
-    parked_ids: std::collections::HashSet<String>,
-    replay_end: u64,
+    /// Records at or after the confirmed offset that were parked before
+    /// (offset → id): read again (a replay, a restart before the cursor
+    /// passed them), they are passed, not sent again (the broker refused
+    /// them for good). Usually empty.
+    parked_skip: std::collections::HashMap<u64, String>,
     /// The replay window (`None`: forwarded records go at once).
     window: Option<Window>,
 }
@@ -308,6 +308,8 @@ enum Outcome {
 impl Ctx {
     async fn run(mut self) {
         self.set_up_window().await;
+        let start = *self.confirmed.borrow();
+        self.load_parked(start).await;
         let mut backoff = BACKOFF_MIN;
         loop {
             let before = *self.confirmed.borrow();
@@ -355,15 +357,7 @@ impl Ctx {
         let to = *self.confirmed.borrow();
         // Not below the first record kept (deleted since the caller looked).
         let from = r.from.max(self.tl.log.stats().start_offset).min(to);
-        let (outbox, topic) = (self.outbox.clone(), self.tl.topic.clone());
-        self.parked_ids = match tokio::task::spawn_blocking(move || outbox.parked_ids(&topic)).await {
-            Ok(Ok(ids)) => ids,
-            _ => {
-                tracing::warn!(topic = %self.tl.topic, "could not read the parked messages; a replay sends them again and they are parked again");
-                Default::default()
-            }
-        };
-        self.replay_end = to;
+        self.load_parked(from).await;
         if let Some(w) = &mut self.window {
             w.rewound(from);
         }
@@ -383,8 +377,23 @@ impl Ctx {
         if !matches!(result, Ok(Ok(()))) {
             tracing::warn!(topic = %self.tl.topic, "could not commit the replay's start; it is committed with the next progress");
         }
+        // Segments deleted before that commit (the window given up for room
+        // meanwhile) are not replayed: say where it really starts.
+        let from = from.max(self.tl.log.stats().start_offset).min(to);
         tracing::info!(topic = %self.tl.topic, from, to, "replaying: forwarding these records again");
         let _ = r.done.send(from..to);
+    }
+
+    /// Loads the records parked at offsets from `from` on, to be passed.
+    async fn load_parked(&mut self, from: u64) {
+        let (outbox, topic) = (self.outbox.clone(), self.tl.topic.clone());
+        self.parked_skip = match tokio::task::spawn_blocking(move || outbox.parked_from(&topic, from)).await {
+            Ok(Ok(parked)) => parked,
+            _ => {
+                tracing::warn!(topic = %self.tl.topic, "could not read the parked messages; any read again are sent again and parked again");
+                Default::default()
+            }
+        };
     }
 
     /// With a replay window, makes sure the `retained` cursor exists before
@@ -417,6 +426,11 @@ impl Ctx {
         }
         let confirmed = committable(&self.tl.log, *self.confirmed.borrow());
         self.update_gauges();
+        if !self.parked_skip.is_empty() {
+            // Passed for good once confirmed (a failure before re-reads them).
+            let passed = *self.confirmed.borrow();
+            self.parked_skip.retain(|&offset, _| offset >= passed);
+        }
         let current = self.tl.log.cursor(RETAINED);
         let retained = self
             .window
@@ -499,8 +513,8 @@ impl Ctx {
                     Err(e) => return Outcome::Failed(BrokerError::Unavailable(format!("reading the outbox: {e}"))),
                 };
                 for rec in &batch.records {
-                    if rec.offset < self.replay_end && self.parked_ids.contains(&rec.id) {
-                        // Replayed, but parked before: passed in its turn.
+                    if self.parked_skip.get(&rec.offset).is_some_and(|id| *id == rec.id) {
+                        // Parked before: passed in its turn.
                         let info = InFlight { offset: rec.offset, id: None, sent: Instant::now() };
                         in_flight.push_back(Box::pin(async move { (info, Ok(None)) }));
                         next_read = rec.offset + 1;
@@ -562,9 +576,6 @@ impl Ctx {
                     }
                 }
                 next_read = batch.next;
-                if next_read >= self.replay_end && !self.parked_ids.is_empty() {
-                    self.parked_ids = Default::default();
-                }
             }
             tokio::select! {
                 biased;
