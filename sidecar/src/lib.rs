@@ -244,6 +244,10 @@ impl Forwarders {
     }
 }
 
+/// The file in the data dir that keeps the broker's `max_payload` across
+/// restarts.
+pub const BROKER_MAX_PAYLOAD_FILE: &str = "broker-max-payload";
+
 /// Where a started sidecar listens, for whoever started it.
 #[derive(Debug, Clone)]
 pub struct Started {
@@ -305,7 +309,8 @@ pub(crate) async fn run_on(
     } else {
         let n = NatsBroker::connect(&config.broker, &format!("ferry-sidecar/{}/{}", config.namespace, config.app_id))
             .await
-            .map_err(|e| StartError::Other(e.to_string()))?;
+            .map_err(|e| StartError::Other(e.to_string()))?
+            .remembering_max_payload(config.data_dir.join(BROKER_MAX_PAYLOAD_FILE));
         nats = Some(n.clone());
         Arc::new(n)
     };
@@ -363,6 +368,9 @@ pub(crate) async fn run_on(
         let (s, r) = (sidecar.clone(), resources.clone());
         tokio::spawn(async move {
             configure_broker(s.clone(), r.clone()).await;
+            // Keeps the server's largest message for a restart while the
+            // broker is away (the NATS backend writes it down).
+            let _ = s.broker.max_message_bytes();
             // Subscriptions start once their streams exist; the sidecar is
             // ready once they run (a pull before that would find none).
             s.delivery.reconcile(&r).await;

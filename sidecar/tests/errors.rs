@@ -403,6 +403,36 @@ async fn a_message_over_the_servers_max_payload_produced_while_it_was_down_is_pa
     assert_eq!(body["status"], "parked", "{body}");
 }
 
+/// A sidecar that once reached the broker keeps its `max_payload`: started
+/// again while the broker is away, it refuses at the door (413, nothing
+/// stored) what the broker would refuse, instead of storing and parking it.
+#[tokio::test]
+async fn a_sidecar_restarted_while_the_broker_is_away_refuses_what_it_last_heard_the_broker_would() {
+    let mut nats = NatsServer::stopped_with_config("max_payload: 65536\n");
+    nats.start_again();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    sc.wait_configured();
+    sc.process.signal(15);
+    assert!(sc.process.wait_exit(START_TIMEOUT).success());
+    nats.stop();
+
+    let sc = Launch::new(nats.url(), res.path(), data.path()).start();
+    let c = http();
+    let over = c.post(sc.url("/v1/topics/audit/messages")).header("ferry-id", "over").body(vec![b'x'; 100 << 10]);
+    let (status, body, _) = send(over).await;
+    assert_error(status, &body, 413, "too_large");
+    let small = c.post(sc.url("/v1/topics/audit/messages")).header("ferry-id", "small").body("x");
+    assert_eq!(small.send().await.unwrap().status().as_u16(), 202);
+    let (status, _, _) = send(c.get(sc.url("/v1/messages/over"))).await;
+    assert_eq!(status, 404, "nothing of the refused message was stored");
+    nats.start_again();
+    let last = c.post(sc.url("/v1/topics/audit/messages?ack=broker")).header("ferry-id", "last").body("x");
+    assert_eq!(send(last).await.0, 201);
+    assert_eq!(stored_ids(&jetstream(&nats.url()).await, "FERRY_default_audit").await, ["small", "last"]);
+}
+
 /// `ack=broker` while the broker is down: 504 after `--broker-ack-timeout`,
 /// naming the ids it stored, generated ones too. They are forwarded once the
 /// broker is back, and a retry that sends them as `Ferry-Id` adds nothing.

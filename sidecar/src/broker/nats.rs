@@ -32,6 +32,43 @@ pub const MAX_ACKS_IN_FLIGHT: usize = 1 << 20;
 pub struct NatsBroker {
     client: async_nats::Client,
     js: jetstream::Context,
+    last_max_payload: Arc<LastMaxPayload>,
+}
+
+/// The server's `max_payload` as last seen, kept in a file on the data
+/// volume: a sidecar restarted while the broker is away then refuses at
+/// the door (413) what the broker would refuse, instead of storing it and
+/// parking it once the broker says no. NATS's default (1 MiB) only when
+/// this sidecar never reached the broker.
+#[derive(Debug, Default)]
+struct LastMaxPayload {
+    file: Option<std::path::PathBuf>,
+    /// 0: none known.
+    value: std::sync::atomic::AtomicUsize,
+}
+
+impl LastMaxPayload {
+    fn load(file: std::path::PathBuf) -> Self {
+        let value = std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse::<usize>().ok()).unwrap_or(0);
+        LastMaxPayload { file: Some(file), value: value.into() }
+    }
+
+    fn get(&self) -> Option<usize> {
+        Some(self.value.load(std::sync::atomic::Ordering::Relaxed)).filter(|&v| v > 0)
+    }
+
+    /// Notes the value the server sent; writes the file when it changed
+    /// (rarely: a tiny write, temp file and rename).
+    fn note(&self, v: usize) {
+        if self.value.swap(v, std::sync::atomic::Ordering::Relaxed) == v {
+            return;
+        }
+        let Some(file) = &self.file else { return };
+        let tmp = file.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, v.to_string()).and_then(|()| std::fs::rename(&tmp, file)) {
+            tracing::debug!(file = %file.display(), error = %e, "could not keep the broker's max_payload");
+        }
+    }
 }
 
 impl NatsBroker {
@@ -72,7 +109,14 @@ impl NatsBroker {
             .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        Ok(NatsBroker { client, js })
+        Ok(NatsBroker { client, js, last_max_payload: Default::default() })
+    }
+
+    /// Keeps the server's `max_payload` in `file` across restarts (see
+    /// [`LastMaxPayload`]), starting from what it holds.
+    pub fn remembering_max_payload(mut self, file: std::path::PathBuf) -> Self {
+        self.last_max_payload = Arc::new(LastMaxPayload::load(file));
+        self
     }
 
     /// The JetStream context (for tests and tools).
@@ -145,10 +189,17 @@ impl Broker for NatsBroker {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// The server's `max_payload`; before the first connection, NATS's
-    /// default (1 MiB), which async-nats checks publishes against.
+    /// The server's `max_payload`. Before this process first heard from
+    /// the server: the value it had last time (see [`LastMaxPayload`]),
+    /// else NATS's default (1 MiB), which async-nats checks publishes
+    /// against.
     fn max_message_bytes(&self) -> Option<usize> {
-        Some(self.client.max_payload())
+        if self.client.try_server_info().is_some() {
+            let v = self.client.max_payload();
+            self.last_max_payload.note(v);
+            return Some(v);
+        }
+        Some(self.last_max_payload.get().unwrap_or_else(|| self.client.max_payload()))
     }
 
     async fn count_dead_letter(&self, namespace: &str, subscription: &str) {
