@@ -45,12 +45,14 @@ struct LastMaxPayload {
     file: Option<std::path::PathBuf>,
     /// 0: none known.
     value: std::sync::atomic::AtomicUsize,
+    /// This process has been connected (the client's value is the server's).
+    heard: std::sync::atomic::AtomicBool,
 }
 
 impl LastMaxPayload {
     fn load(file: std::path::PathBuf) -> Self {
         let value = std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse::<usize>().ok()).unwrap_or(0);
-        LastMaxPayload { file: Some(file), value: value.into() }
+        LastMaxPayload { file: Some(file), value: value.into(), heard: false.into() }
     }
 
     fn get(&self) -> Option<usize> {
@@ -194,9 +196,12 @@ impl Broker for NatsBroker {
     /// else NATS's default (1 MiB), which async-nats checks publishes
     /// against.
     fn max_message_bytes(&self) -> Option<usize> {
-        if self.client.try_server_info().is_some() {
+        // Cheap on every produce call: two atomics, no copy of the server info.
+        let last = &self.last_max_payload;
+        if last.heard.load(std::sync::atomic::Ordering::Relaxed) || self.is_connected() {
+            last.heard.store(true, std::sync::atomic::Ordering::Relaxed);
             let v = self.client.max_payload();
-            self.last_max_payload.note(v);
+            last.note(v);
             return Some(v);
         }
         Some(self.last_max_payload.get().unwrap_or_else(|| self.client.max_payload()))
