@@ -45,14 +45,17 @@ struct LastMaxPayload {
     file: Option<std::path::PathBuf>,
     /// 0: none known.
     value: std::sync::atomic::AtomicUsize,
-    /// This process has been connected (the client's value is the server's).
+    /// This process has heard from the server (the client's value is the
+    /// server's).
     heard: std::sync::atomic::AtomicBool,
+    /// Serializes writes of the file (one temp name).
+    writing: std::sync::Mutex<()>,
 }
 
 impl LastMaxPayload {
     fn load(file: std::path::PathBuf) -> Self {
         let value = std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse::<usize>().ok()).unwrap_or(0);
-        LastMaxPayload { file: Some(file), value: value.into(), heard: false.into() }
+        LastMaxPayload { file: Some(file), value: value.into(), ..Default::default() }
     }
 
     fn get(&self) -> Option<usize> {
@@ -62,6 +65,10 @@ impl LastMaxPayload {
     /// Notes the value the server sent; writes the file when it changed
     /// (rarely: a tiny write, temp file and rename).
     fn note(&self, v: usize) {
+        if self.value.load(std::sync::atomic::Ordering::Relaxed) == v {
+            return; // every produce call: a read only
+        }
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         if self.value.swap(v, std::sync::atomic::Ordering::Relaxed) == v {
             return;
         }
@@ -196,10 +203,15 @@ impl Broker for NatsBroker {
     /// else NATS's default (1 MiB), which async-nats checks publishes
     /// against.
     fn max_message_bytes(&self) -> Option<usize> {
-        // Cheap on every produce call: two atomics, no copy of the server info.
+        // Once heard, every produce call reads two atomics. Before that the
+        // server info is asked for: async-nats sets the client's value before
+        // it publishes the info (but after it reports the state Connected).
         let last = &self.last_max_payload;
-        if last.heard.load(std::sync::atomic::Ordering::Relaxed) || self.is_connected() {
-            last.heard.store(true, std::sync::atomic::Ordering::Relaxed);
+        let heard = last.heard.load(std::sync::atomic::Ordering::Relaxed);
+        if heard || self.client.try_server_info().is_some() {
+            if !heard {
+                last.heard.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             let v = self.client.max_payload();
             last.note(v);
             return Some(v);
