@@ -237,8 +237,7 @@ impl Forwarders {
                 continue;
             }
             let f = Forwarder::start(s, tl.clone(), self.room.clone());
-            s.confirmed.write().unwrap_or_else(|e| e.into_inner()).insert(tl.topic.clone(), f.confirmed.clone());
-            s.rewinds.write().unwrap_or_else(|e| e.into_inner()).insert(tl.topic.clone(), f.rewind.clone());
+            s.forwarding.write().unwrap_or_else(|e| e.into_inner()).insert(tl.topic.clone(), f.link.clone());
             self.running.push(f);
         }
     }
@@ -347,8 +346,7 @@ pub(crate) async fn run_on(
         outbox: outbox.clone(),
         broker: broker.clone(),
         metrics: metrics.clone(),
-        confirmed: RwLock::new(BTreeMap::new()),
-        rewinds: RwLock::new(BTreeMap::new()),
+        forwarding: RwLock::new(BTreeMap::new()),
         shutting_down: Default::default(),
         delivery,
         broker_configured: Default::default(),

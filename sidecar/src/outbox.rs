@@ -653,8 +653,9 @@ mod open_tests {
         assert!(outbox.parked_from("orders", 0).unwrap().is_empty(), "nothing parked yet");
         outbox.park_record("orders", &recs[3], "too large").await.unwrap();
         outbox.park_record("orders", &recs[7], "too large").await.unwrap();
-        outbox.park_record("orders", &recs[7], "too large").await.unwrap(); // again after a restart: once
-                                                                            // A dead letter parked on the same topic is no record of its outbox.
+        // Parked again after a restart: kept once.
+        outbox.park_record("orders", &recs[7], "too large").await.unwrap();
+        // A dead letter parked on the same topic is no record of its outbox.
         outbox.park_dead_letter("orders", &recs[5], "dead letter too large").await.unwrap();
         assert_eq!(outbox.parked_from("orders", 0).unwrap(), HashMap::from([(3, "m3".into()), (7, "m7".into())]));
         assert_eq!(outbox.parked_from("orders", 4).unwrap(), HashMap::from([(7, "m7".into())]));

@@ -24,10 +24,8 @@ pub struct Sidecar {
     pub broker: Arc<dyn Broker>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Per topic: first offset not yet confirmed by the broker.
-    pub confirmed: RwLock<BTreeMap<String, watch::Receiver<u64>>>,
-    /// Per topic: sends its forwarder back for a replay.
-    pub rewinds: RwLock<BTreeMap<String, tokio::sync::mpsc::Sender<crate::forward::Rewind>>>,
+    /// Per topic: its forwarder's confirmed offset and rewind handle.
+    pub forwarding: RwLock<BTreeMap<String, crate::forward::Link>>,
     /// Set on SIGTERM: produce answers 503 from then on.
     pub shutting_down: AtomicBool,
     /// Subscription runners and deliveries awaiting callbacks.
@@ -47,12 +45,16 @@ impl std::fmt::Debug for Sidecar {
 impl Sidecar {
     /// The confirmed-offset watch of a topic.
     pub fn confirmed(&self, topic: &str) -> Option<watch::Receiver<u64>> {
-        self.confirmed.read().unwrap_or_else(|e| e.into_inner()).get(topic).cloned()
+        self.link(topic).map(|l| l.confirmed)
     }
 
     /// The handle that sends a topic's forwarder back for a replay.
     pub fn rewinder(&self, topic: &str) -> Option<tokio::sync::mpsc::Sender<crate::forward::Rewind>> {
-        self.rewinds.read().unwrap_or_else(|e| e.into_inner()).get(topic).cloned()
+        self.link(topic).map(|l| l.rewind)
+    }
+
+    fn link(&self, topic: &str) -> Option<crate::forward::Link> {
+        self.forwarding.read().unwrap_or_else(|e| e.into_inner()).get(topic).cloned()
     }
 
     /// The spec of a topic, if configured.

@@ -48,7 +48,7 @@ struct LastMaxPayload {
     /// This process has heard from the server (the client's value is the
     /// server's).
     heard: std::sync::atomic::AtomicBool,
-    /// Serializes writes of the file (one temp name).
+    /// Serializes writes of the file (`write_atomic` uses one temp name).
     writing: std::sync::Mutex<()>,
 }
 
@@ -63,7 +63,7 @@ impl LastMaxPayload {
     }
 
     /// Notes the value the server sent; writes the file when it changed
-    /// (rarely: a tiny write, temp file and rename).
+    /// (rarely: a tiny file, replaced atomically as the log's cursors are).
     fn note(&self, v: usize) {
         if self.value.load(std::sync::atomic::Ordering::Relaxed) == v {
             return; // every produce call: a read only
@@ -73,8 +73,8 @@ impl LastMaxPayload {
             return;
         }
         let Some(file) = &self.file else { return };
-        let tmp = file.with_extension("tmp");
-        if let Err(e) = std::fs::write(&tmp, v.to_string()).and_then(|()| std::fs::rename(&tmp, file)) {
+        let (Some(dir), Some(name)) = (file.parent(), file.file_name().and_then(|n| n.to_str())) else { return };
+        if let Err(e) = ferry_log::fs::write_atomic(&ferry_log::StdFs, dir, name, v.to_string().as_bytes()) {
             tracing::debug!(file = %file.display(), error = %e, "could not keep the broker's max_payload");
         }
     }
@@ -216,7 +216,7 @@ impl Broker for NatsBroker {
             last.note(v);
             return Some(v);
         }
-        Some(self.last_max_payload.get().unwrap_or_else(|| self.client.max_payload()))
+        Some(last.get().unwrap_or_else(|| self.client.max_payload()))
     }
 
     async fn count_dead_letter(&self, namespace: &str, subscription: &str) {

@@ -154,15 +154,22 @@ pub struct Rewind {
     pub done: oneshot::Sender<std::ops::Range<u64>>,
 }
 
+/// What the rest of the sidecar holds of a topic's forwarder.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// First offset not yet confirmed by the broker.
+    pub confirmed: watch::Receiver<u64>,
+    /// Sends it back to an earlier offset (a replay).
+    pub rewind: mpsc::Sender<Rewind>,
+}
+
 /// Handle to one topic's forwarder.
 #[derive(Debug)]
 pub struct Forwarder {
     /// Topic.
     pub topic: String,
-    /// First offset not yet confirmed by the broker.
-    pub confirmed: watch::Receiver<u64>,
-    /// Sends it back to an earlier offset.
-    pub rewind: mpsc::Sender<Rewind>,
+    /// Its confirmed offset and its rewind handle.
+    pub link: Link,
     task: JoinHandle<()>,
     stop: watch::Sender<bool>,
 }
@@ -208,7 +215,7 @@ impl Forwarder {
             window,
         };
         let task = tokio::spawn(ctx.run());
-        Forwarder { topic, confirmed, rewind, task, stop }
+        Forwarder { topic, link: Link { confirmed, rewind }, task, stop }
     }
 
     /// Stops the forwarder and commits what was confirmed.
