@@ -35,6 +35,9 @@ pub mod headers {
     pub const ORIGIN_TOPIC: &str = "ferry-origin-topic";
     /// On a dead letter: the subscription that gave up on it.
     pub const ORIGIN_SUBSCRIPTION: &str = "ferry-origin-subscription";
+    /// On a dead letter: the message's own id (the dead letter's id is
+    /// `{consumer}:{id}`, so that each subscription's letter is kept).
+    pub const ORIGIN_ID: &str = "ferry-origin-id";
     /// On a dead letter: how many attempts were made.
     pub const ATTEMPTS: &str = "ferry-attempts";
     /// On a dead letter: the app's last HTTP status (or `timeout`, `refused`).

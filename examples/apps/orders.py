@@ -78,6 +78,7 @@ class Handler(BaseHTTPRequestHandler):
         order = self.headers.get("ce-id")
         attempt = int(self.headers.get("ferry-attempt", "1"))
         if self.path == "/dead-letters":
+            order = self.headers.get("ferry-origin-id")  # the letter's own id is "{subscription}:{id}"
             say(f"dead letter: {order} from subscription {self.headers.get('ferry-origin-subscription')} after "
                 f"{self.headers.get('ferry-attempts')} attempt(s): {self.headers.get('ferry-last-status')} "
                 f"{self.headers.get('ferry-last-error')}")

@@ -195,7 +195,8 @@ async fn a_422_is_dead_lettered_at_once_with_headers_naming_its_origin() {
     let m = &dl[0];
     assert_eq!(&m.payload[..], b"payload");
     for (name, want) in [
-        ("Nats-Msg-Id", "bad-1"),
+        ("Nats-Msg-Id", "billing:bad-1"),
+        ("ferry-origin-id", "bad-1"),
         ("ferry-origin-topic", "orders"),
         ("ferry-origin-subscription", "billing"),
         ("ferry-attempts", "1"),
@@ -206,6 +207,34 @@ async fn a_422_is_dead_lettered_at_once_with_headers_naming_its_origin() {
         assert_eq!(header(m, name).as_deref(), Some(want), "{name}");
     }
     assert_eq!(app.received().len(), 1, "a rejected message is not retried");
+}
+
+#[tokio::test]
+async fn two_subscriptions_rejecting_one_message_into_one_dead_letter_topic_each_leave_their_letter() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&format!("{}{}", subscription("billing", ""), subscription("shipping", "")));
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::start(|_, _| Reply::status(422).with_body("no")).await;
+    let sc = start(&nats, &res, &data, &app).await;
+    produce(&sc, "bad-1", None, "payload").await;
+    app.wait_for(2, WAIT).await;
+    wait_settled(&nats, "billing").await;
+    wait_settled(&nats, "shipping").await;
+    let dl = dead_letters(&nats).await;
+    let mut letters: Vec<(Option<String>, Option<String>, Option<String>)> = dl
+        .iter()
+        .map(|m| (header(m, "Nats-Msg-Id"), header(m, "ferry-origin-id"), header(m, "ferry-origin-subscription")))
+        .collect();
+    letters.sort();
+    let some = |s: &str| Some(s.to_owned());
+    assert_eq!(
+        letters,
+        [
+            (some("billing:bad-1"), some("bad-1"), some("billing")),
+            (some("shipping:bad-1"), some("bad-1"), some("shipping"))
+        ],
+        "each subscription's dead letter is kept, not dropped as the other's duplicate"
+    );
 }
 
 #[tokio::test]

@@ -472,7 +472,8 @@ async fn pull_long_polls_and_its_deliveries_are_acked_retried_and_rejected_by_ca
     wait_settled(&nats, "pulled").await;
     let dl = dead_letters(&nats).await;
     assert_eq!(dl.len(), 1);
-    assert_eq!(header(&dl[0], "Nats-Msg-Id").as_deref(), Some("p-3"));
+    assert_eq!(header(&dl[0], "Nats-Msg-Id").as_deref(), Some("pulled:p-3"));
+    assert_eq!(header(&dl[0], "ferry-origin-id").as_deref(), Some("p-3"));
     assert_eq!(header(&dl[0], "ferry-last-error").as_deref(), Some("x"));
     assert_eq!(header(&dl[0], "ferry-origin-subscription").as_deref(), Some("pulled"));
 
@@ -582,7 +583,8 @@ async fn bulk_push_sends_cloudevent_batches_and_dead_letters_only_the_message_th
     }
     let dl = dead_letters(&nats).await;
     let dead = msg_ids(&dl);
-    assert_eq!(dead, ["b-3"]);
+    assert_eq!(dead, ["bulk:b-3"]);
+    assert_eq!(header(&dl[0], "ferry-origin-id").as_deref(), Some("b-3"));
     assert_eq!(header(&dl[0], "ferry-last-status").as_deref(), Some("422"));
     assert_eq!(metric(&sc, &deliveries("bulk", "acked")).await, Some(9.0));
     assert_eq!(metric(&sc, &deliveries("bulk", "dead_lettered")).await, Some(1.0));
@@ -627,6 +629,66 @@ async fn a_bulk_push_whose_per_message_results_are_cut_off_is_tried_again_whole(
     wait_settled(&nats, "bulk").await;
     assert!(dead_letters(&nats).await.is_empty());
     assert_eq!(metric(&sc, &deliveries("bulk", "acked")).await, Some(3.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_push_keeps_its_messages_leased_while_the_app_takes_its_time() {
+    let nats = NatsServer::start();
+    // Filling the batch takes 1 s, the app 1.5 s more: longer than the
+    // processing timeout (the broker's ack wait) from the fetch.
+    let res = manifests_with(&subscription(
+        "bulk",
+        "orders",
+        &["batch: {maxMessages: 10, maxWait: 1s}", "processingTimeout: 2s"],
+    ));
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::start(|_, _| Reply::slow(200, Duration::from_millis(1500)).with_body("[]")).await;
+    let sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
+    produce_to(&sc, "orders", "slow-1", None, "x").await;
+    app.wait_for(1, WAIT).await;
+    wait_settled(&nats, "bulk").await;
+    assert_eq!(metric(&sc, &deliveries("bulk", "acked")).await, Some(1.0));
+    // Had the lease run out (2 s after the fetch, before the app answered),
+    // the broker would have sent the message a second time.
+    let info = consumer_info(&nats, "FERRY_default_orders", "bulk").await;
+    assert_eq!(info.delivered.consumer_sequence, 1, "deliveries by the broker");
+    assert_eq!(app.received().len(), 1);
+}
+
+/// `POST`s to the sidecar's API with a blocking socket (from inside an app
+/// handler); returns the answer's status line.
+fn post_blocking(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "POST {path} HTTP/1.1\r\nhost: ferry\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_made_while_the_push_is_still_open_settles_the_delivery_at_once() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription("inline", "orders", &["processingTimeout: 3s"]));
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::ok().await;
+    let sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (port, seen) = (sc.api_port, answers.clone());
+    // The handler acks by callback and waits for that answer before it
+    // answers the push itself, with a 500 the callback has overtaken.
+    app.set_policy(move |r, _| {
+        let line = post_blocking(port, &format!("/v1/deliveries/{}/ack", r.delivery_id()));
+        seen.lock().unwrap().push(line);
+        Reply::status(500)
+    });
+    produce_to(&sc, "orders", "cb-1", None, "x").await;
+    app.wait_for(1, WAIT).await;
+    wait_settled(&nats, "inline").await;
+    assert_eq!(answers.lock().unwrap().clone(), ["HTTP/1.1 200 OK"], "the callback's answer");
+    assert_eq!(metric(&sc, &deliveries("inline", "acked")).await, Some(1.0));
+    assert_eq!(app.received().len(), 1, "acked by the callback: the 500 after it does not retry it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -521,7 +521,7 @@ async fn app_faults_are_acked_retried_or_dead_lettered_as_the_contract_says() {
     app.wait_scan(Duration::from_secs(60), |new| {
         for r in new {
             if r.path == "/dlq" {
-                dead.insert(r.id().to_owned());
+                dead.insert(r.header("ferry-origin-id").unwrap_or_default().to_owned());
             } else {
                 *attempts.entry(r.id().to_owned()).or_insert(0) += 1;
             }
@@ -569,7 +569,8 @@ async fn app_faults_are_acked_retried_or_dead_lettered_as_the_contract_says() {
             let gap = w[1].at - w[0].at;
             assert!(gap >= f.least_gap(), "{id}: attempt {} came {gap:?} after {}", w[1].attempt(), w[0].attempt());
         }
-        let letters: Vec<&Received> = received.iter().filter(|r| r.path == "/dlq" && r.id() == id).collect();
+        let letters: Vec<&Received> =
+            received.iter().filter(|r| r.path == "/dlq" && r.header("ferry-origin-id") == Some(id.as_str())).collect();
         match end {
             End::Acked => assert!(letters.is_empty(), "{id} was dead-lettered"),
             End::DeadLettered(status) => {

@@ -74,7 +74,7 @@ async fn resolve(s: &Sidecar, id: &str, verdict: Verdict) -> Result<Json<Value>,
     let done = s.delivery.callbacks().resolve(id, verdict).ok_or_else(|| ApiError::UnknownDelivery(id.to_owned()))?;
     match done.await {
         Ok(Ok(())) => Ok(Json(json!({ "deliveryId": id, "status": what }))),
-        Ok(Err(e)) => Err(ApiError::BrokerUnavailable(e)),
+        Ok(Err(e)) => Err(ApiError::DeliverySettled(e)),
         Err(_) => Err(ApiError::ShuttingDown),
     }
 }

@@ -32,6 +32,10 @@ pub enum ApiError {
     /// 404: no delivery awaits a callback under this id.
     #[error("no delivery {0:?} awaits a callback (unknown, already settled, or timed out)")]
     UnknownDelivery(String),
+    /// 409: the push's own answer, which came with this callback, settled
+    /// the delivery.
+    #[error("{0}")]
+    DeliverySettled(String),
     /// 404: no such subscription of this app (or not a pull subscription).
     #[error("no pull subscription {0:?} for this app")]
     UnknownSubscription(String),
@@ -125,6 +129,7 @@ impl ApiError {
             | ApiError::UnknownSubscription(_)
             | ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::DeliverySettled(_) => StatusCode::CONFLICT,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::OutboxFull { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -147,6 +152,7 @@ impl ApiError {
             ApiError::UnknownTopic(_) => "topic_not_found",
             ApiError::UnknownMessage(_) => "message_not_found",
             ApiError::UnknownDelivery(_) => "delivery_not_found",
+            ApiError::DeliverySettled(_) => "delivery_settled",
             ApiError::UnknownSubscription(_) => "subscription_not_found",
             ApiError::BrokerUnavailable(_) => "broker_unavailable",
             ApiError::NoRoute => "not_found",

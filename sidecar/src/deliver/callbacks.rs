@@ -25,7 +25,8 @@ pub enum Verdict {
 pub struct Callback {
     /// The verdict.
     pub verdict: Verdict,
-    /// Answered once the broker has the settlement (or it failed).
+    /// Answered once the delivery is settled by this callback, or with
+    /// why it was settled otherwise (the push's answer came with it).
     pub done: oneshot::Sender<Result<(), String>>,
 }
 

@@ -82,6 +82,8 @@ impl Runner {
 pub struct Ctx {
     /// Subscription name.
     pub name: String,
+    /// Its consumer's name (the subscription's, or per pod for `fanout: pod`).
+    consumer_name: String,
     /// Its spec.
     pub spec: SubscriptionSpec,
     deps: Deps,
@@ -134,8 +136,10 @@ impl Ctx {
             .deliveries
             .get_or_create(&DeliveryLabels { subscription: name.to_owned(), result: "acked" })
             .clone();
+        let consumer_name = ferry_api::consumer_plan(&deps.namespace, name, &spec, Some(&deps.pod_name)).name;
         Ok(Ctx {
             name: name.to_owned(),
+            consumer_name,
             deps: deps.clone(),
             target,
             dlq_partitions,
@@ -529,15 +533,28 @@ impl Ctx {
             let started = Instant::now();
             // Registered before the push: an app may call back before its
             // 202 answer reaches us.
-            let callback = self.deps.callbacks.register(&delivery_id);
-            let outcome =
-                self.leased(&msg, push::push(&self.deps.client, &self.target, &msg, &delivery_id, attempt)).await;
+            let mut callback = self.deps.callbacks.register(&delivery_id);
+            let mut pushed =
+                Box::pin(self.leased(&msg, push::push(&self.deps.client, &self.target, &msg, &delivery_id, attempt)));
+            // An app may call back while its push is still open (some call
+            // from inside their handler and answer only then): the callback
+            // settles the delivery at once; the push is not waited for.
+            let answered = tokio::select! {
+                biased;
+                outcome = &mut pushed => Ok(outcome),
+                Ok(cb) = &mut callback => Err(cb),
+            };
+            drop(pushed);
             self.deps.metrics.push_duration.observe(started.elapsed().as_secs_f64());
-            let (outcome, done) = match outcome {
-                Outcome::Deferred => self.await_callback(&msg, &delivery_id, callback).await,
-                other => {
-                    self.deps.callbacks.forget(&delivery_id);
+            let (outcome, done) = match answered {
+                Ok(Outcome::Deferred) => self.await_callback(&msg, &delivery_id, callback).await,
+                Ok(other) => {
+                    self.forget_answered(&delivery_id, callback, &other);
                     (Some(other), None)
+                }
+                Err(cb) => {
+                    self.deps.callbacks.forget(&delivery_id);
+                    (Some(verdict_outcome(cb.verdict)), Some(cb.done))
                 }
             };
             self.in_flight.dec();
@@ -568,6 +585,18 @@ impl Ctx {
                     local_retries += 1;
                 }
             }
+        }
+    }
+
+    /// Forgets a delivery its push's answer settles; a callback that came
+    /// with that answer is told so (409), not left without one.
+    fn forget_answered(&self, delivery_id: &str, mut callback: tokio::sync::oneshot::Receiver<Callback>, answer: &Outcome) {
+        self.deps.callbacks.forget(delivery_id);
+        if let Ok(cb) = callback.try_recv() {
+            let _ = cb.done.send(Err(format!(
+                "delivery {delivery_id} was settled by the push's own answer ({}), which came with this callback",
+                outcome_word(answer)
+            )));
         }
     }
 
@@ -633,16 +662,7 @@ impl Ctx {
         // all the same: once forgotten, no other can come.
         let waited = waited.or_else(|| rx.try_recv().ok());
         match waited {
-            Some(Callback { verdict, done }) => {
-                let outcome = match verdict {
-                    Verdict::Ack => Outcome::Ack,
-                    Verdict::Retry(after) => {
-                        Outcome::Retry { after, status: "202".into(), error: "the app asked to retry".into() }
-                    }
-                    Verdict::Reject(reason) => Outcome::Reject { status: "202".into(), error: reason },
-                };
-                (Some(outcome), Some(done))
-            }
+            Some(Callback { verdict, done }) => (Some(verdict_outcome(verdict)), Some(done)),
             None if self.stopped() => (None, None),
             None => (
                 Some(Outcome::Retry {
@@ -713,6 +733,7 @@ impl Ctx {
         let error: String = error.chars().filter(|c| !c.is_control()).take(500).collect();
         hdrs.push((headers::ORIGIN_TOPIC.into(), self.spec.topic.clone()));
         hdrs.push((headers::ORIGIN_SUBSCRIPTION.into(), self.name.clone()));
+        hdrs.push((headers::ORIGIN_ID.into(), msg.id.clone()));
         hdrs.push((headers::ATTEMPTS.into(), attempts.to_string()));
         hdrs.push((headers::LAST_STATUS.into(), status.to_owned()));
         hdrs.push((headers::LAST_ERROR.into(), error));
@@ -723,7 +744,12 @@ impl Ctx {
                 dlq,
                 naming::partition_of(key.as_deref(), self.dlq_partitions),
             ),
-            id: msg.id.clone(),
+            // Its own id per consumer: the broker keeps one message per id
+            // within the duplicate window, so two subscriptions (or two
+            // pods of `fanout: pod`) giving up on one message into one
+            // dead-letter topic must not share it; a re-send of the same
+            // letter still does.
+            id: format!("{}:{}", self.consumer_name, msg.id),
             headers: hdrs,
             payload: msg.payload.clone(),
         };
@@ -780,12 +806,18 @@ impl Ctx {
 
     /// Bulk push: one request, settled per message.
     async fn deliver_batch(self: Arc<Self>, messages: Vec<Fetched>) {
-        let mut fresh = Vec::new();
-        for m in messages {
-            if !self.settled_before_push(&m, m.delivered).await {
-                fresh.push(m);
-            }
-        }
+        // Leased from here until each is settled: a dead-letter publish
+        // before the push, or the push itself, may take long.
+        let keep = self
+            .all_leased(&messages, async {
+                let mut keep = Vec::with_capacity(messages.len());
+                for m in &messages {
+                    keep.push(!self.settled_before_push(m, m.delivered).await);
+                }
+                keep
+            })
+            .await;
+        let fresh: Vec<Fetched> = messages.into_iter().zip(keep).filter_map(|(m, k)| k.then_some(m)).collect();
         if fresh.is_empty() {
             return;
         }
@@ -794,7 +826,7 @@ impl Ctx {
         let mut callbacks: Vec<_> = batch.iter().map(|(_, id, _)| Some(self.deps.callbacks.register(id))).collect();
         self.attempts.inc_by(batch.len() as u64);
         let started = Instant::now();
-        let outcomes = push::push_batch(&self.deps.client, &self.target, &batch).await;
+        let outcomes = self.all_leased(&fresh, push::push_batch(&self.deps.client, &self.target, &batch)).await;
         self.deps.metrics.push_duration.observe(started.elapsed().as_secs_f64());
         let mut settles = Vec::new();
         for (((m, delivery_id, attempt), outcome), callback) in batch.iter().zip(outcomes).zip(callbacks.iter_mut()) {
@@ -806,7 +838,7 @@ impl Ctx {
                 let (outcome, done) = match outcome {
                     Outcome::Deferred => ctx.await_callback(m, &delivery_id, callback).await,
                     other => {
-                        ctx.deps.callbacks.forget(&delivery_id);
+                        ctx.forget_answered(&delivery_id, callback, &other);
                         (Some(other), None)
                     }
                 };
@@ -852,6 +884,25 @@ impl Ctx {
             });
         }
         Ok(out)
+    }
+}
+
+/// What an app's callback asks for, as an outcome.
+fn verdict_outcome(verdict: Verdict) -> Outcome {
+    match verdict {
+        Verdict::Ack => Outcome::Ack,
+        Verdict::Retry(after) => Outcome::Retry { after, status: "202".into(), error: "the app asked to retry".into() },
+        Verdict::Reject(reason) => Outcome::Reject { status: "202".into(), error: reason },
+    }
+}
+
+/// How an outcome settles a delivery, in a few words.
+fn outcome_word(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Ack => "acked".into(),
+        Outcome::Deferred => "deferred".into(),
+        Outcome::Retry { status, .. } => format!("{status}: retrying"),
+        Outcome::Reject { status, .. } => format!("{status}: rejected"),
     }
 }
 
