@@ -370,8 +370,10 @@ pub(crate) async fn run_on(
             // broker is away (the NATS backend writes it down).
             let _ = s.broker.max_message_bytes();
             // Subscriptions start once their streams exist; the sidecar is
-            // ready once they run (a pull before that would find none).
-            s.delivery.reconcile(&r).await;
+            // ready once they run (a pull before that would find none). A
+            // change applied meanwhile is not undone: the latest resources run.
+            let latest = s.resources.read().unwrap_or_else(|e| e.into_inner()).clone();
+            s.delivery.reconcile(&latest).await;
             s.broker_configured.store(true, Ordering::Release);
             tracing::info!(topics = r.topics.len(), "broker configured");
             if let Some(tx) = ready {
@@ -463,6 +465,14 @@ async fn watch_resources(s: Arc<Sidecar>, forwarders: Arc<tokio::sync::Mutex<For
             Err(StartError::Config(e)) => Err(e),
             Err(e) => Err(vec![e.to_string()]),
         });
+        let loaded = loaded.and_then(|r| {
+            let refused = s.resources.read().unwrap_or_else(|e| e.into_inner()).immutable_changes(&r);
+            if refused.is_empty() {
+                Ok(r)
+            } else {
+                Err(refused)
+            }
+        });
         match loaded {
             Ok(new) => {
                 last_error = None;
@@ -524,12 +534,19 @@ async fn drain(s: &Sidecar, grace: Duration) {
 }
 
 /// Creates the streams of every topic and the consumers of this app's
-/// subscriptions, retrying with backoff until the broker takes them all.
+/// subscriptions, retrying with backoff while the broker is away. An object
+/// the broker refuses (an immutable field changed, a limit) is logged and
+/// left out: it does not keep the others, or a later change, from applying.
 async fn configure_broker(s: Arc<Sidecar>, resources: Resources) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match apply_resources(&*s.broker, &s.config, &resources).await {
-            Ok(()) => return,
+            Ok(refused) => {
+                for (object, error) in refused {
+                    tracing::error!(%object, %error, "the broker refuses this object; the others are configured, it is not");
+                }
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "could not configure the broker yet");
                 tokio::time::sleep(backoff).await;
@@ -539,14 +556,26 @@ async fn configure_broker(s: Arc<Sidecar>, resources: Resources) {
     }
 }
 
-/// Ensures streams and consumers for `resources` (pure mapping from `ferry-api`).
+/// Ensures streams and consumers for `resources` (pure mapping from
+/// `ferry-api`). Returns the objects the broker refused, with why; fails
+/// (to be tried again whole) only when the broker is unavailable.
 pub async fn apply_resources(
     broker: &dyn Broker,
     config: &Config,
     resources: &Resources,
-) -> Result<(), broker::BrokerError> {
+) -> Result<Vec<(String, broker::BrokerError)>, broker::BrokerError> {
+    let mut refused = Vec::new();
+    let mut check = |object: String, r: Result<(), broker::BrokerError>| match r {
+        Ok(()) => Ok(()),
+        Err(e @ broker::BrokerError::Unavailable(_)) => Err(e),
+        Err(e) => {
+            refused.push((object, e));
+            Ok(())
+        }
+    };
     for (name, spec) in &resources.topics {
-        broker.ensure_stream(&ferry_api::stream_plan(&config.namespace, name, spec)).await?;
+        let r = broker.ensure_stream(&ferry_api::stream_plan(&config.namespace, name, spec)).await;
+        check(format!("topic {name}"), r)?;
     }
     for (name, spec) in resources.subscriptions_of(&config.app_id) {
         // A subscription whose topic is gone (deleted while the config
@@ -557,7 +586,8 @@ pub async fn apply_resources(
             continue;
         }
         let plan = ferry_api::consumer_plan(&config.namespace, name, spec, Some(&config.pod_name));
-        broker.ensure_consumer(&plan).await?;
+        let r = broker.ensure_consumer(&plan).await;
+        check(format!("subscription {name}"), r)?;
     }
-    Ok(())
+    Ok(refused)
 }

@@ -238,6 +238,38 @@ async fn two_subscriptions_rejecting_one_message_into_one_dead_letter_topic_each
 }
 
 #[tokio::test]
+async fn a_subscription_the_broker_refuses_does_not_keep_the_others_or_a_later_change_from_applying() {
+    let nats = NatsServer::start();
+    // The broker already holds a consumer `stuck` that starts at the
+    // earliest message; its manifest says Latest, an edit JetStream refuses.
+    let js = jetstream(&nats.url()).await;
+    let spec = ferry_api::topic::TopicSpec { partitions: 2, ..Default::default() };
+    let stream = js.create_stream(ferry_api::stream_plan("default", "orders", &spec).to_jetstream()).await.unwrap();
+    let stuck = ferry_api::subscription::SubscriptionSpec::new("orders", "shop");
+    let mut config = ferry_api::consumer_plan("default", "stuck", &stuck, None).to_jetstream();
+    config.deliver_policy = async_nats::jetstream::consumer::DeliverPolicy::All;
+    stream.create_consumer(config).await.unwrap();
+
+    let res = manifests_with(&format!("{}{}", subscription("billing", ""), subscription("stuck", "")));
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::start(|_, _| Reply::status(200)).await;
+    let mut sc = start(&nats, &res, &data, &app).await;
+    let refused = sc.process.wait_for_line("the broker refuses this object", WAIT);
+    assert!(refused.contains("subscription stuck"), "{refused}");
+    produce(&sc, "o-1", None, "one").await;
+    app.wait_until(WAIT, |rs| rs.iter().any(|r| r.path == "/billing" && r.id() == "o-1")).await;
+    // A later change still applies: a new subscription starts.
+    std::fs::write(res.path().join("later.yaml"), subscription("later", "")).unwrap();
+    sc.process.wait_for_line("starting subscription subscription=later", WAIT);
+    produce(&sc, "o-2", None, "two").await;
+    app.wait_until(WAIT, |rs| rs.iter().any(|r| r.path == "/later" && r.id() == "o-2")).await;
+    // An edit a running consumer cannot take is refused whole, with its field.
+    std::fs::write(res.path().join("later.yaml"), subscription("later", "  startPosition: Earliest\n")).unwrap();
+    let line = sc.process.wait_for_line("changed manifests are invalid", WAIT);
+    assert!(line.contains("Subscription later: spec.startPosition cannot be changed"), "{line}");
+}
+
+#[tokio::test]
 async fn errors_are_retried_with_backoff_exactly_max_deliveries_times_then_dead_lettered() {
     let nats = NatsServer::start();
     let res = manifests_with(&subscription("billing", "  maxDeliveries: 3\n"));

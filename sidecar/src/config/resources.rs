@@ -25,6 +25,33 @@ impl Resources {
     pub fn subscriptions_of<'a>(&'a self, app_id: &'a str) -> impl Iterator<Item = (&'a String, &'a SubscriptionSpec)> {
         self.subscriptions.iter().filter(move |(_, s)| s.app == app_id)
     }
+
+    /// The edits in `next` that an object already running cannot take (the
+    /// CRDs refuse the same ones): a stream's storage; a subscription's
+    /// topic, app, fanout and start position (the broker keeps a
+    /// consumer's start). One message per field.
+    pub fn immutable_changes(&self, next: &Resources) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut field = |kind: &str, name: &str, path: &str, changed: bool| {
+            if changed {
+                errors.push(format!("{kind} {name}: {path} cannot be changed (delete the {kind} and create it again)"));
+            }
+        };
+        for (name, old) in &self.topics {
+            if let Some(new) = next.topics.get(name) {
+                field("Topic", name, "spec.storage", old.storage != new.storage);
+            }
+        }
+        for (name, old) in &self.subscriptions {
+            if let Some(new) = next.subscriptions.get(name) {
+                field("Subscription", name, "spec.topic", old.topic != new.topic);
+                field("Subscription", name, "spec.app", old.app != new.app);
+                field("Subscription", name, "spec.fanout", old.fanout != new.fanout);
+                field("Subscription", name, "spec.startPosition", old.start_position != new.start_position);
+            }
+        }
+        errors
+    }
 }
 
 /// Reads every `*.yaml` / `*.yml` file in `dir` (not recursive, in name order).
@@ -152,6 +179,30 @@ mod tests {
 
     fn parse(text: &str) -> Result<Resources, Vec<String>> {
         parse_sources(&[("m.yaml".to_owned(), text.to_owned())], "default")
+    }
+
+    #[test]
+    fn edits_a_running_object_cannot_take_are_named_and_others_pass() {
+        let topic = "apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {name: orders}\nspec: {partitions: 2}\n---\n";
+        let sub = |extra: &str| {
+            format!(
+                "{topic}apiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: billing}}\n\
+                 spec: {{topic: orders, app: shop{extra}}}\n"
+            )
+        };
+        let running = parse(&sub("")).unwrap();
+        assert!(running.immutable_changes(&parse(&sub(", maxInFlight: 8")).unwrap()).is_empty());
+        assert!(running.immutable_changes(&parse(topic).unwrap()).is_empty(), "a removal is no edit");
+        let errors = running.immutable_changes(&parse(&sub(", startPosition: Earliest, fanout: Pod")).unwrap());
+        assert_eq!(
+            errors,
+            [
+                "Subscription billing: spec.fanout cannot be changed (delete the Subscription and create it again)",
+                "Subscription billing: spec.startPosition cannot be changed (delete the Subscription and create it again)"
+            ]
+        );
+        let mem = "apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {name: orders}\nspec: {partitions: 2, storage: Memory}\n";
+        assert_eq!(running.immutable_changes(&parse(mem).unwrap()).len(), 1);
     }
 
     #[test]

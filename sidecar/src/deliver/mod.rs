@@ -64,6 +64,10 @@ pub struct Deps {
 pub struct Delivery {
     deps: Deps,
     running: Mutex<BTreeMap<String, (SubscriptionSpec, Runner)>>,
+    /// Set by [`Delivery::stop_all`]: nothing starts afterwards.
+    closed: std::sync::atomic::AtomicBool,
+    /// One reconcile at a time (the start-up one and a change's can meet).
+    reconciling: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -75,7 +79,12 @@ impl std::fmt::Debug for Delivery {
 impl Delivery {
     /// No subscription running yet.
     pub fn new(deps: Deps) -> Self {
-        Delivery { deps, running: Mutex::new(BTreeMap::new()) }
+        Delivery {
+            deps,
+            running: Mutex::new(BTreeMap::new()),
+            closed: Default::default(),
+            reconciling: Default::default(),
+        }
     }
 
     /// The callbacks registry.
@@ -90,6 +99,7 @@ impl Delivery {
     /// Starts, restarts and stops runners so that exactly this app's
     /// subscriptions in `resources` run, each with its current spec.
     pub async fn reconcile(&self, resources: &Resources) {
+        let _one_at_a_time = self.reconciling.lock().await;
         let wanted: BTreeMap<String, SubscriptionSpec> =
             resources.subscriptions_of(&self.deps.app_id).map(|(n, s)| (n.clone(), s.clone())).collect();
         let stale: Vec<(String, Runner)> = {
@@ -116,9 +126,14 @@ impl Delivery {
                 spec.dead_letter_topic.as_ref().and_then(|t| resources.topics.get(t)).map_or(1, |t| t.partitions);
             match Ctx::new(&self.deps, &name, spec.clone(), dlq_partitions) {
                 Ok(ctx) => {
+                    // Checked under the lock stop_all takes its runners with:
+                    // a reconcile racing a shutdown starts nothing after it.
+                    let mut running = self.lock();
+                    if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+                        return;
+                    }
                     tracing::info!(subscription = %name, topic = %spec.topic, mode = ?spec.mode, "starting subscription");
-                    let runner = Runner::start(ctx);
-                    self.lock().insert(name, (spec, runner));
+                    running.insert(name, (spec, Runner::start(ctx)));
                 }
                 Err(e) => tracing::error!(subscription = %name, error = %e, "cannot start subscription"),
             }
@@ -137,7 +152,11 @@ impl Delivery {
 
     /// Stops fetching everywhere and hands back what is not finished.
     pub async fn stop_all(&self) {
-        let all: Vec<Runner> = std::mem::take(&mut *self.lock()).into_values().map(|(_, r)| r).collect();
+        let all: Vec<Runner> = {
+            let mut running = self.lock();
+            self.closed.store(true, std::sync::atomic::Ordering::Release);
+            std::mem::take(&mut *running).into_values().map(|(_, r)| r).collect()
+        };
         for r in all {
             r.stop().await;
         }

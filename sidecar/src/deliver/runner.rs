@@ -72,9 +72,17 @@ impl Runner {
     }
 
     /// Stops fetching, hands back waiting messages, waits for pushes under way.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Runner {
+    /// A runner dropped without [`Runner::stop`] (its owner's task was
+    /// aborted) still stops: it must not fetch for a subscription nobody runs.
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
     }
 }
 
