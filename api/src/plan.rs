@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::naming;
-use crate::subscription::{Fanout, StartPosition, SubscriptionSpec};
+use crate::subscription::{Fanout, Ordering, StartPosition, SubscriptionSpec};
 use crate::topic::{Storage, TopicSpec};
 
 /// The stream a Topic becomes.
@@ -55,7 +55,9 @@ pub struct ConsumerPlan {
     /// unacked and undelivered before Ferry could dead-letter it.
     pub max_deliver: i64,
     /// Unacked messages the broker lets out across all pods of the group:
-    /// enough for 16 sidecars at `maxInFlight` each, at least 1000.
+    /// enough for 16 sidecars at `maxInFlight` each, at least 1000; 1 for
+    /// `ordering: Strict`, so that of all the pods sharing the consumer only
+    /// one has a message, and the next is handed out once it is acked.
     pub max_ack_pending: i64,
     /// For per-pod consumers: removed after this long without a fetch.
     pub inactive_threshold: Option<Duration>,
@@ -92,7 +94,12 @@ pub fn consumer_plan(namespace: &str, subscription: &str, spec: &SubscriptionSpe
         start: spec.start_position,
         ack_wait: spec.processing_timeout.get(),
         max_deliver: -1,
-        max_ack_pending: (spec.max_in_flight as i64 * 16).max(1000),
+        max_ack_pending: match spec.ordering {
+            // Each sidecar pushes one at a time already; this keeps two pods
+            // of a group from each holding one.
+            Ordering::Strict => 1,
+            Ordering::None | Ordering::Key => (spec.max_in_flight as i64 * 16).max(1000),
+        },
         inactive_threshold,
     }
 }
@@ -137,10 +144,40 @@ pub fn validate_topic(namespace: &str, name: &str, spec: &TopicSpec) -> Vec<Fiel
         "spec.maxMessageSize",
         "must be 1 to 67108864 bytes",
     );
-    check(&mut e, !spec.duplicate_window.get().is_zero(), "spec.duplicateWindow", "must be more than 0");
+    // JetStream's own rules for a stream, which it would refuse on every
+    // reconcile: no age limit or dedupe window under 100 ms, and no id kept
+    // for dedupe longer than its message is.
+    let window = spec.duplicate_window;
+    check_duration(&mut e, "spec.duplicateWindow", window);
+    if let Some(max_age) = spec.retention.max_age {
+        check_duration(&mut e, "spec.retention.maxAge", max_age);
+        check(
+            &mut e,
+            window <= max_age,
+            "spec.duplicateWindow",
+            format!(
+                "must not be longer than spec.retention.maxAge ({max_age}), which the broker refuses; \
+                 it is {window} (2m when unset): set it to at most {max_age}"
+            ),
+        );
+    }
     check(&mut e, spec.retention.max_bytes.is_none_or(|b| b > 0), "spec.retention.maxBytes", "must be positive");
     check(&mut e, spec.retention.max_messages.is_none_or(|m| m > 0), "spec.retention.maxMessages", "must be positive");
     e
+}
+
+/// The least age limit and dedupe window JetStream takes.
+pub const MIN_STREAM_DURATION: Duration = Duration::from_millis(100);
+
+/// A stream duration: from [`MIN_STREAM_DURATION`] to [`crate::duration::MAX`].
+fn check_duration(errors: &mut Vec<FieldError>, field: &str, d: crate::Duration) {
+    check(errors, d.get() >= MIN_STREAM_DURATION, field, "must be at least 100ms (the broker's least)");
+    check_at_most_max(errors, field, d);
+}
+
+/// Any duration of a spec: at most [`crate::duration::MAX`].
+fn check_at_most_max(errors: &mut Vec<FieldError>, field: &str, d: crate::Duration) {
+    check(errors, d <= crate::duration::MAX, field, "must be at most 100 years");
 }
 
 /// Checks a Subscription beyond what its schema says; every problem is listed.
@@ -158,6 +195,10 @@ pub fn validate_subscription(namespace: &str, name: &str, spec: &SubscriptionSpe
     check(&mut e, (1..=10_000).contains(&spec.max_in_flight), "spec.maxInFlight", "must be 1 to 10000");
     check(&mut e, (1..=1000).contains(&spec.max_deliveries), "spec.maxDeliveries", "must be 1 to 1000");
     check(&mut e, !spec.processing_timeout.get().is_zero(), "spec.processingTimeout", "must be more than 0");
+    check_at_most_max(&mut e, "spec.processingTimeout", spec.processing_timeout);
+    check_at_most_max(&mut e, "spec.backoff.initial", spec.backoff.initial);
+    check_at_most_max(&mut e, "spec.backoff.max", spec.backoff.max);
+    check_at_most_max(&mut e, "spec.batch.maxWait", spec.batch.max_wait);
     check(&mut e, spec.backoff.initial <= spec.backoff.max, "spec.backoff", "initial must not exceed max");
     check(&mut e, (1..=1000).contains(&spec.batch.max_messages), "spec.batch.maxMessages", "must be 1 to 1000");
     check(
@@ -225,6 +266,21 @@ mod tests {
         assert_eq!(plan.inactive_threshold, None);
     }
 
+    /// Every pod of a group pulls from one consumer: only the broker can
+    /// keep two of them from each having a message of a strictly ordered
+    /// subscription in flight.
+    #[test]
+    fn a_strictly_ordered_subscription_lets_one_message_out_at_a_time_across_all_pods() {
+        let mut spec = SubscriptionSpec::new("orders", "ledger");
+        spec.max_in_flight = 100;
+        spec.ordering = Ordering::Strict;
+        assert_eq!(consumer_plan("shop", "ledger", &spec, None).max_ack_pending, 1);
+        spec.fanout = Fanout::Pod;
+        assert_eq!(consumer_plan("shop", "ledger", &spec, Some("ledger-0")).max_ack_pending, 1, "per pod too");
+        spec.ordering = Ordering::Key;
+        assert_eq!(consumer_plan("shop", "ledger", &spec, None).max_ack_pending, 1600, "keys run in parallel");
+    }
+
     #[test]
     fn a_pod_fanout_subscription_gets_a_consumer_per_pod_that_expires() {
         let mut spec = SubscriptionSpec::new("orders", "audit");
@@ -232,6 +288,71 @@ mod tests {
         let plan = consumer_plan("shop", "audit", &spec, Some("audit-5f7c"));
         assert_eq!(plan.name, "audit--audit-5f7c");
         assert_eq!(plan.inactive_threshold, Some(POD_CONSUMER_INACTIVE));
+    }
+
+    fn topic_errors(spec: &TopicSpec) -> Vec<FieldError> {
+        validate_topic("shop", "orders", spec)
+    }
+
+    fn fields(errors: &[FieldError]) -> Vec<&str> {
+        errors.iter().map(|e| e.field.as_str()).collect()
+    }
+
+    /// JetStream refuses a stream whose dedupe window outlasts its age limit,
+    /// or with either under 100 ms: refused here, such a Topic is an
+    /// invalid spec rather than a broker refusal retried for ever.
+    #[test]
+    fn a_topics_dedupe_window_must_fit_its_max_age_and_both_take_at_least_100ms() {
+        let with = |max_age: Option<D>, window: D| TopicSpec {
+            retention: Retention { max_age, ..Retention::default() },
+            duplicate_window: window,
+            ..TopicSpec::default()
+        };
+        // `maxAge: 1m` with the default window of 2m.
+        let errors = topic_errors(&with(Some(D::from_secs(60)), TopicSpec::default().duplicate_window));
+        assert_eq!(fields(&errors), ["spec.duplicateWindow"]);
+        let message = &errors[0].message;
+        assert!(message.contains("spec.retention.maxAge (1m)") && message.contains("it is 2m"), "{message}");
+        assert!(topic_errors(&with(Some(D::from_secs(60)), D::from_secs(60))).is_empty(), "equal is fine");
+        assert!(topic_errors(&with(Some(D::from_millis(100)), D::from_millis(100))).is_empty());
+        assert!(topic_errors(&with(None, D::from_millis(100))).is_empty());
+        let errors = topic_errors(&with(None, D::from_millis(99)));
+        assert_eq!(fields(&errors), ["spec.duplicateWindow"]);
+        assert!(errors[0].message.contains("at least 100ms"), "{errors:?}");
+        let errors = topic_errors(&with(Some(D::from_millis(50)), D::from_millis(50)));
+        assert_eq!(fields(&errors), ["spec.duplicateWindow", "spec.retention.maxAge"]);
+        let errors = topic_errors(&with(Some(D::from_secs(0)), D::from_millis(100)));
+        assert_eq!(fields(&errors), ["spec.retention.maxAge", "spec.duplicateWindow"], "0s is no \"unlimited\"");
+    }
+
+    /// A schema-valid duration can be 31,000 years (`999999999999s`); no
+    /// spec needs more than 100, and JetStream cannot hold 300.
+    #[test]
+    fn durations_longer_than_100_years_are_refused() {
+        let century = crate::duration::MAX;
+        let longer = D(century.get() + Duration::from_secs(1));
+        let at = |max_age: D| TopicSpec {
+            retention: Retention { max_age: Some(max_age), ..Retention::default() },
+            ..TopicSpec::default()
+        };
+        assert!(topic_errors(&at(century)).is_empty());
+        assert_eq!(fields(&topic_errors(&at(longer))), ["spec.retention.maxAge"]);
+        let mut spec = SubscriptionSpec::new("orders", "billing");
+        spec.processing_timeout = longer;
+        spec.backoff.initial = longer;
+        spec.backoff.max = longer;
+        spec.batch.max_wait = longer;
+        let errors = validate_subscription("shop", "billing", &spec);
+        assert_eq!(
+            fields(&errors),
+            ["spec.processingTimeout", "spec.backoff.initial", "spec.backoff.max", "spec.batch.maxWait"]
+        );
+        assert!(errors.iter().all(|e| e.message == "must be at most 100 years"), "{errors:?}");
+        spec.processing_timeout = century;
+        spec.backoff.initial = century;
+        spec.backoff.max = century;
+        spec.batch.max_wait = century;
+        assert!(validate_subscription("shop", "billing", &spec).is_empty());
     }
 
     #[test]

@@ -87,7 +87,10 @@ pub struct SubscriptionSpec {
     pub fanout: Fanout,
     /// Where a new subscription starts: `Latest` (default: messages produced
     /// from now on) or `Earliest` (everything the topic still holds).
+    /// Cannot be changed (JetStream fixes a consumer's deliver policy when
+    /// it is made): make a new Subscription instead.
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.startPosition cannot be changed"))]
     pub start_position: StartPosition,
     /// Bulk push: deliver several messages in one request.
     #[serde(default)]
@@ -177,7 +180,7 @@ impl Default for Batch {
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SubscriptionStatus {
-    /// `Ready` with a reason (e.g. `Reconciled`, `TopicNotFound`, `BrokerUnavailable`).
+    /// `Ready` with a reason (e.g. `Reconciled`, `TopicNotFound`, `BrokerUnavailable`, `ImmutableField`).
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// The generation of the spec this status describes.

@@ -43,7 +43,8 @@ pub struct TopicSpec {
     #[schemars(range(min = 1, max = 5))]
     pub replicas: u8,
     /// Window in which a message id produced again is dropped as a duplicate
-    /// by the broker (default `2m`).
+    /// by the broker (default `2m`; at least `100ms`, and no longer than
+    /// `retention.maxAge` when that is set).
     #[serde(default = "default_duplicate_window")]
     pub duplicate_window: Duration,
     /// Largest accepted message payload in bytes (default 1048576 = 1 MiB).
@@ -74,7 +75,8 @@ pub struct TopicSpec {
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Retention {
-    /// Oldest message age kept (e.g. `24h`). Unset: no age limit.
+    /// Oldest message age kept (e.g. `24h`; at least `100ms`, and no
+    /// shorter than `duplicateWindow`). Unset: no age limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age: Option<Duration>,
     /// Most bytes kept; older messages are removed first. Unset: no limit.

@@ -4,7 +4,7 @@
 //! a test rather than a cluster.
 
 use ferry_api::naming::{validate_label, LABEL_PATTERN};
-use ferry_api::subscription::{Fanout, Ordering};
+use ferry_api::subscription::{Fanout, Ordering, StartPosition};
 use ferry_api::topic::Storage;
 use ferry_api::{Subscription, SubscriptionSpec, Topic, TopicSpec};
 use kube::CustomResourceExt;
@@ -43,7 +43,7 @@ fn a_subscription_whose_fields_contradict_each_other_is_refused() {
 }
 
 #[test]
-fn topic_app_and_fanout_of_a_subscription_cannot_change_and_the_rest_can() {
+fn topic_app_fanout_and_start_position_of_a_subscription_cannot_change_and_the_rest_can() {
     let old = subscription("invoices", SubscriptionSpec::new("orders", "billing"));
     let changed = |f: &dyn Fn(&mut SubscriptionSpec)| {
         let mut new = old.clone();
@@ -53,6 +53,8 @@ fn topic_app_and_fanout_of_a_subscription_cannot_change_and_the_rest_can() {
     assert!(changed(&|s| s.topic = "payments".into()).contains("spec.topic cannot be changed"));
     assert!(changed(&|s| s.app = "audit".into()).contains("spec.app cannot be changed"));
     assert!(changed(&|s| s.fanout = Fanout::Pod).contains("spec.fanout cannot be changed"));
+    // JetStream refuses to change a consumer's deliver policy (err 10012).
+    assert!(changed(&|s| s.start_position = StartPosition::Earliest).contains("spec.startPosition cannot be changed"));
     assert_eq!(changed(&|s| s.max_in_flight = 7), "");
     assert_eq!(changed(&|s| s.dead_letter_topic = Some("orders-dlq".into())), "");
 }

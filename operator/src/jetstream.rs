@@ -2,7 +2,7 @@
 //! entries to JetStream, level-based and idempotent — nothing is written
 //! when the broker already matches.
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, consumer, kv, stream};
 use ferry_api::naming;
 use ferry_api::topic::DeletionPolicy;
 
@@ -15,9 +15,12 @@ pub enum ApplyError {
     #[error("broker unavailable: {0}")]
     BrokerUnavailable(String),
     /// A field the broker cannot change in place was changed.
-    #[error("{field} cannot be changed on an existing stream (is {current}, spec says {desired}); delete and recreate the resource")]
+    #[error("{field} cannot be changed on an existing {object} (is {current}, spec says {desired}); delete and recreate the resource")]
     ImmutableField {
-        /// The spec field.
+        /// The broker object: `stream` or `consumer`.
+        object: &'static str,
+        /// The spec field (or, for a setting Ferry never varies, the
+        /// broker's name for it).
         field: &'static str,
         /// What the broker has.
         current: String,
@@ -129,6 +132,7 @@ impl JetStream {
                 let have = s.info().await.map_err(|e| classify(&self.client, e))?.config.clone();
                 if have.storage != want.storage {
                     return Err(ApplyError::ImmutableField {
+                        object: "stream",
                         field: "spec.storage",
                         current: format!("{:?}", have.storage),
                         desired: format!("{:?}", want.storage),
@@ -182,6 +186,13 @@ impl JetStream {
             let same = match stream.consumer_info(&plan.name).await {
                 Ok(info) => {
                     let have = &info.config;
+                    // Before any update: JetStream would refuse it, and so
+                    // would every sidecar that makes the consumer from the
+                    // new spec in the config entry (which therefore stays
+                    // as it was).
+                    if let Some(e) = immutable_consumer_change(have, &want) {
+                        return Err(e);
+                    }
                     have.ack_wait == want.ack_wait
                         && have.max_deliver == want.max_deliver
                         && have.max_ack_pending == want.max_ack_pending
@@ -200,6 +211,10 @@ impl JetStream {
 
     /// Deletes a Subscription's consumer (if its stream still exists) and KV
     /// entries. Names NATS cannot hold are skipped, as in [`Self::delete_topic`].
+    /// The sidecars' config entry goes first: a sidecar still running it
+    /// would re-create a consumer deleted before it, left behind once the
+    /// finalizer is gone, and adopted, position and all, by the next
+    /// Subscription of that name.
     pub async fn delete_subscription(
         &self,
         namespace: &str,
@@ -211,6 +226,7 @@ impl JetStream {
             return Ok(());
         }
         self.connected()?;
+        self.withdraw_subscription(namespace, app, name).await?;
         if valid_names(&[topic]) {
             if let Ok(stream) = self.js.get_stream(naming::stream_name(namespace, topic)).await {
                 match stream.delete_consumer(&naming::consumer_name(name)).await {
@@ -220,7 +236,6 @@ impl JetStream {
                 }
             }
         }
-        self.withdraw_subscription(namespace, app, name).await?;
         self.delete_key(&naming::dead_letter_count_key(namespace, name)).await
     }
 
@@ -264,6 +279,37 @@ impl JetStream {
 /// Whether each name is one Ferry could have made broker objects under.
 fn valid_names(names: &[&str]) -> bool {
     names.iter().all(|n| naming::validate_label("name", n).is_ok())
+}
+
+/// The first setting of an existing consumer that JetStream refuses to
+/// update (err 10012: deliver policy with its start sequence or time, ack
+/// policy, replay policy, pull or push) and that differs from the plan's.
+/// Ferry varies only the deliver policy (`spec.startPosition`); the others
+/// it sets alike for every consumer, so a difference there means the
+/// consumer was made by something else. (The filter subject can be updated
+/// since NATS 2.10.)
+fn immutable_consumer_change(have: &consumer::Config, want: &consumer::pull::Config) -> Option<ApplyError> {
+    let immutable = |field: &'static str, current: String, desired: String| {
+        (current != desired).then_some(ApplyError::ImmutableField { object: "consumer", field, current, desired })
+    };
+    immutable("spec.startPosition", start_position(&have.deliver_policy), start_position(&want.deliver_policy))
+        .or_else(|| immutable("ack policy", format!("{:?}", have.ack_policy), format!("{:?}", want.ack_policy)))
+        .or_else(|| {
+            immutable("replay policy", format!("{:?}", have.replay_policy), format!("{:?}", want.replay_policy))
+        })
+        .or_else(|| {
+            let kind = |push: bool| if push { "push" } else { "pull" }.to_owned();
+            immutable("consumer kind", kind(have.deliver_subject.is_some()), kind(false))
+        })
+}
+
+/// A deliver policy as the `startPosition` it comes from, when it does.
+fn start_position(policy: &consumer::DeliverPolicy) -> String {
+    match policy {
+        consumer::DeliverPolicy::New => "Latest".to_owned(),
+        consumer::DeliverPolicy::All => "Earliest".to_owned(),
+        other => format!("{other:?}"),
+    }
 }
 
 /// Whether the stream config already matches on every field Ferry sets.

@@ -44,7 +44,7 @@ fn the_subscription_crd_has_its_names_columns_validation_and_descriptions() {
     let rules: Vec<&str> =
         spec["x-kubernetes-validations"].as_array().unwrap().iter().map(|r| r["rule"].as_str().unwrap()).collect();
     assert!(rules.iter().any(|r| r.contains("self.deadLetterTopic != self.topic")), "{rules:?}");
-    for field in ["topic", "app", "fanout"] {
+    for field in ["topic", "app", "fanout", "startPosition"] {
         assert_eq!(spec["properties"][field]["x-kubernetes-validations"][0]["rule"], "self == oldSelf", "{field}");
     }
     for (field, schema) in spec["properties"].as_object().unwrap() {
@@ -66,6 +66,12 @@ fn the_topic_crd_has_its_names_columns_and_ranges() {
     let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
     assert_eq!(spec["properties"]["partitions"]["maximum"], 256.0);
     assert_eq!(spec["properties"]["storage"]["enum"], serde_json::json!(["File", "Memory"]));
+    // Bounded, so every duration the API server takes is one the operator
+    // can decode (one it cannot would fail the whole list it comes in).
+    for duration in [&spec["properties"]["duplicateWindow"], &spec["properties"]["retention"]["properties"]["maxAge"]] {
+        assert_eq!(duration["pattern"], ferry_api::duration::PATTERN, "{duration}");
+        assert_eq!(duration["maxLength"], ferry_api::duration::MAX_LENGTH, "{duration}");
+    }
     for (field, schema) in spec["properties"].as_object().unwrap() {
         assert!(schema["description"].as_str().is_some_and(|d| !d.is_empty()), "spec.{field} has no description");
     }

@@ -2,12 +2,14 @@
 //! consumers and KV entries created, left alone, updated and deleted as the
 //! resources say.
 
-use ferry_api::subscription::SubscriptionSpec;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+use ferry_api::subscription::{Ordering, StartPosition, SubscriptionSpec};
 use ferry_api::topic::{DeletionPolicy, Storage, TopicSpec};
 use ferry_api::Duration as D;
 use ferry_e2e::NatsServer;
 use ferry_operator::build;
 use ferry_operator::jetstream::{ApplyError, JetStream};
+use futures::StreamExt;
 
 async fn connect(nats: &NatsServer) -> (JetStream, async_nats::jetstream::Context) {
     let client = async_nats::connect(nats.url()).await.unwrap();
@@ -74,6 +76,158 @@ async fn a_subscription_gets_its_consumer_and_kv_entry_and_loses_them_on_delete(
     op.delete_subscription("shop", "invoices", "orders", "billing").await.unwrap();
     assert!(stream.consumer_info("invoices").await.is_err());
     assert!(kv.get("shop.app.billing.invoices").await.unwrap().is_none());
+}
+
+/// JetStream refuses to change a consumer's deliver policy (err 10012), and
+/// so would every sidecar making the consumer from a changed config entry:
+/// a changed `startPosition` is reported, and neither the consumer nor the
+/// sidecars' entry is touched.
+#[tokio::test]
+async fn a_changed_start_position_is_an_immutable_field_and_leaves_consumer_and_entry_alone() {
+    let nats = NatsServer::start();
+    let (op, js) = connect(&nats).await;
+    op.apply_topic(&build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let latest = SubscriptionSpec::new("orders", "billing");
+    op.apply_subscription(&build::subscription("shop", "invoices", &latest).unwrap()).await.unwrap();
+    let kv = js.get_key_value("ferry-config").await.unwrap();
+    let entry = kv.get("shop.app.billing.invoices").await.unwrap().expect("an entry");
+
+    let earliest = SubscriptionSpec { start_position: StartPosition::Earliest, ..latest.clone() };
+    let err = op.apply_subscription(&build::subscription("shop", "invoices", &earliest).unwrap()).await.unwrap_err();
+    assert!(
+        matches!(&err, ApplyError::ImmutableField { object: "consumer", field: "spec.startPosition", .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.category(), "ImmutableField");
+    assert_eq!(err.retry(std::time::Duration::from_secs(1), std::time::Duration::from_secs(1)), None);
+    assert!(err.to_string().contains("is Latest, spec says Earliest"), "{err}");
+    let stream = js.get_stream("FERRY_shop_orders").await.unwrap();
+    let info = stream.consumer_info("invoices").await.unwrap();
+    assert_eq!(info.config.deliver_policy, DeliverPolicy::New, "the consumer is as it was");
+    assert_eq!(kv.get("shop.app.billing.invoices").await.unwrap(), Some(entry), "and so is the sidecars' entry");
+
+    // Back to the spec the consumer was made from: ready again.
+    op.apply_subscription(&build::subscription("shop", "invoices", &latest).unwrap()).await.unwrap();
+}
+
+/// A consumer of the same name that Ferry did not make (another ack policy)
+/// is reported the same way rather than refused on every reconcile.
+#[tokio::test]
+async fn a_consumer_made_with_another_ack_policy_is_an_immutable_field() {
+    let nats = NatsServer::start();
+    let (op, js) = connect(&nats).await;
+    op.apply_topic(&build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let stream = js.get_stream("FERRY_shop_orders").await.unwrap();
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("invoices".into()),
+            ack_policy: AckPolicy::All,
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let spec = SubscriptionSpec::new("orders", "billing");
+    let err = op.apply_subscription(&build::subscription("shop", "invoices", &spec).unwrap()).await.unwrap_err();
+    assert!(matches!(&err, ApplyError::ImmutableField { field: "ack policy", .. }), "{err:?}");
+}
+
+/// Deleting a Subscription withdraws the sidecars' config entry before it
+/// deletes the consumer, so no sidecar re-creates the consumer from the
+/// entry. Shown with an operator that may not delete consumers: the
+/// deletion fails, and the entry is gone all the same.
+#[tokio::test]
+async fn deleting_a_subscription_withdraws_its_config_entry_before_its_consumer() {
+    let mut nats = NatsServer::stopped_with_config(
+        "authorization {\n  users = [\n    {user: admin, password: admin}\n    \
+         {user: op, password: op, permissions: {publish: {allow: \">\", deny: \"$JS.API.CONSUMER.DELETE.>\"}}}\n  ]\n}\n",
+    );
+    nats.start_again();
+    let as_user =
+        |user: &str| async_nats::ConnectOptions::with_user_and_password(user.into(), user.into()).connect(nats.url());
+    let admin = as_user("admin").await.unwrap();
+    let (full, js) = (JetStream::new(admin.clone()), async_nats::jetstream::new(admin));
+    full.apply_topic(&build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let spec = SubscriptionSpec::new("orders", "billing");
+    full.apply_subscription(&build::subscription("shop", "invoices", &spec).unwrap()).await.unwrap();
+    let kv = js.get_key_value("ferry-config").await.unwrap();
+    assert!(kv.get("shop.app.billing.invoices").await.unwrap().is_some());
+
+    let op = JetStream::new(as_user("op").await.unwrap());
+    op.delete_subscription("shop", "invoices", "orders", "billing").await.expect_err("may not delete the consumer");
+    let stream = js.get_stream("FERRY_shop_orders").await.unwrap();
+    assert!(stream.consumer_info("invoices").await.is_ok(), "the consumer is still there");
+    assert!(kv.get("shop.app.billing.invoices").await.unwrap().is_none(), "the sidecars' entry went first");
+}
+
+/// `ordering: Strict` sets `max_ack_pending` 1 on the group consumer, which
+/// every pod pulls from: while one pod holds a message, another pod's fetch
+/// waits out its expiry and ends empty (not in an error, which would make a
+/// sidecar drop its consumer and back off), and the next message goes out
+/// once the first is acked.
+#[tokio::test]
+async fn a_strict_subscriptions_consumer_lets_one_message_out_at_a_time_across_pods() {
+    let nats = NatsServer::start();
+    let (op, js) = connect(&nats).await;
+    op.apply_topic(&build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let spec = SubscriptionSpec { ordering: Ordering::Strict, ..SubscriptionSpec::new("orders", "ledger") };
+    op.apply_subscription(&build::subscription("shop", "ledger", &spec).unwrap()).await.unwrap();
+    for i in 0..3 {
+        js.publish(format!("ferry.shop.orders.{i}"), "m".into()).await.unwrap().await.unwrap();
+    }
+    let pod = || async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        let stream = js.get_stream("FERRY_shop_orders").await.unwrap();
+        stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("ledger").await.unwrap()
+    };
+    let fetch = |c: async_nats::jetstream::consumer::PullConsumer| async move {
+        let batch = c.fetch().max_messages(10).expires(std::time::Duration::from_millis(500)).messages().await;
+        let messages: Vec<_> = batch.unwrap().collect().await;
+        messages.into_iter().collect::<Result<Vec<_>, _>>().expect("an empty fetch, not an error")
+    };
+    let (a, b) = (pod().await, pod().await);
+    let first = fetch(a.clone()).await;
+    assert_eq!(first.len(), 1, "one message out, though 10 were asked for");
+    assert!(fetch(b.clone()).await.is_empty(), "the other pod gets none while it is unacked");
+    assert!(fetch(a.clone()).await.is_empty(), "nor does the same pod");
+    first[0].double_ack().await.unwrap();
+    let second = fetch(b).await;
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].info().unwrap().stream_sequence, 2, "in order");
+}
+
+/// What `validate_topic` refuses of a stream's age limit and dedupe window
+/// is what JetStream refuses, no more and no less.
+#[tokio::test]
+async fn topic_validation_refuses_the_age_limits_and_dedupe_windows_the_broker_refuses() {
+    let nats = NatsServer::start();
+    let (_op, js) = connect(&nats).await;
+    let ms = D::from_millis;
+    let cases = [
+        (Some(ms(60_000)), ms(120_000)),
+        (Some(ms(60_000)), ms(60_000)),
+        (Some(ms(120_000)), ms(60_000)),
+        (None, ms(99)),
+        (None, ms(100)),
+        (Some(ms(99)), ms(99)),
+        (Some(ms(100)), ms(100)),
+        (Some(ferry_api::duration::MAX), ms(120_000)),
+    ];
+    for (i, (max_age, window)) in cases.into_iter().enumerate() {
+        let spec = TopicSpec {
+            retention: ferry_api::topic::Retention { max_age, ..Default::default() },
+            duplicate_window: window,
+            ..TopicSpec::default()
+        };
+        let name = format!("t{i}");
+        let refused_here = ferry_api::plan::validate_topic("shop", &name, &spec);
+        let refused_there = js.create_stream(ferry_api::stream_plan("shop", &name, &spec).to_jetstream()).await.err();
+        assert_eq!(
+            refused_here.is_empty(),
+            refused_there.is_none(),
+            "maxAge {max_age:?}, duplicateWindow {window}: here {refused_here:?}, broker {refused_there:?}"
+        );
+    }
 }
 
 #[tokio::test]

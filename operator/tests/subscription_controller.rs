@@ -179,6 +179,36 @@ async fn a_pod_fanout_subscription_is_not_ready_while_its_topics_stream_is_missi
     }
 }
 
+/// A `startPosition` changed on a live Subscription (the CRD refuses it
+/// now; an older CRD did not): JetStream cannot change the consumer's
+/// deliver policy, so the status says so, once, rather than Ready.
+#[tokio::test]
+async fn a_changed_start_position_reports_immutable_field_and_waits_for_a_new_spec() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    ctx.js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let live = subscription();
+    ctx.js
+        .apply_subscription(&ferry_operator::build::subscription("shop", "invoices", &live.spec).unwrap())
+        .await
+        .unwrap();
+    let mut s = (*live).clone();
+    s.spec.start_position = ferry_api::subscription::StartPosition::Earliest;
+    let s = Arc::new(s);
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx));
+    let topic = serde_json::to_value(Topic::new("orders", TopicSpec::default())).unwrap();
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic)).await;
+    let ev = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    assert_eq!((ev["type"].as_str(), ev["reason"].as_str()), (Some("Warning"), Some("ImmutableField")), "{ev}");
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&*s).unwrap())).await;
+    let cond = &status["status"]["conditions"][0];
+    assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("ImmutableField")), "{cond}");
+    assert!(cond["message"].as_str().unwrap().contains("spec.startPosition"), "{cond}");
+    assert_eq!(run.await.unwrap().unwrap(), Action::await_change());
+    expect_no_more(&mut handle).await;
+}
+
 /// A Subscription made before the CRD refused such names (`app` with a
 /// space, a topic with a dot) never got broker objects; deleting it must not
 /// wait for the broker to accept names it cannot hold.

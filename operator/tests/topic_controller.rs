@@ -95,6 +95,35 @@ async fn a_changed_storage_reports_immutable_field_with_a_warning_and_no_requeue
     assert_eq!(run.await.unwrap().unwrap(), Action::await_change());
 }
 
+/// `retention.maxAge: 1m` with the default 2m dedupe window: JetStream
+/// would refuse the stream on every refresh; the Topic is an invalid spec,
+/// reported once, and nothing is made until the spec changes.
+#[tokio::test]
+async fn a_dedupe_window_longer_than_the_max_age_is_an_invalid_spec_that_waits_for_a_new_spec() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    let spec = TopicSpec {
+        retention: ferry_api::topic::Retention {
+            max_age: Some(ferry_api::Duration::from_secs(60)),
+            ..Default::default()
+        },
+        ..TopicSpec::default()
+    };
+    let t = topic(spec, true, false);
+    let run = tokio::spawn(ferry_operator::topic::reconcile(t.clone(), ctx));
+    let ev = expect(&mut handle, Method::POST, EVENTS, None).await;
+    assert_eq!((ev["type"].as_str(), ev["reason"].as_str()), (Some("Warning"), Some("InvalidSpec")), "{ev}");
+    let status = expect(&mut handle, Method::PATCH, STATUS, Some(serde_json::to_value(&*t).unwrap())).await;
+    let cond = &status["status"]["conditions"][0];
+    assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("InvalidSpec")), "{cond}");
+    let message = cond["message"].as_str().unwrap();
+    assert!(message.contains("spec.duplicateWindow") && message.contains("spec.retention.maxAge"), "{message}");
+    assert_eq!(run.await.unwrap().unwrap(), Action::await_change());
+    expect_no_more(&mut handle).await;
+    let raw = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    assert!(raw.get_stream("FERRY_shop_orders").await.is_err(), "no stream is made");
+}
+
 #[tokio::test]
 async fn a_refused_stream_is_reported_and_looked_at_again_on_the_refresh_period() {
     let nats = NatsServer::start();

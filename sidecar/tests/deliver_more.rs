@@ -809,11 +809,10 @@ async fn full_dedupe_stores_forget_their_oldest_ids_and_count_them_within_one_ca
     assert!(counts.values().all(|&n| n == 2), "each subscription got each message once: {counts:?}");
 }
 
-/// Strict ordering across a stop: the broker redelivers in the order
-/// messages are handed back, so the message under way is settled (handed
-/// back) before the one fetched ahead behind it, and the next pod gets them
-/// in order. Pod a's app takes 2 s to fail the first message; pod a is
-/// stopped meanwhile.
+/// Strict ordering across pods and a stop: the broker lets one message of
+/// a strict subscription out at a time (to any pod), so while pod a pushes
+/// o-1, o-2 waits at the broker; pod a is stopped meanwhile (its app takes
+/// 2 s to fail o-1), hands o-1 back, and pod b gets o-1 then o-2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_strict_ordering_hands_messages_back_in_stream_order() {
     let nats = NatsServer::start();
@@ -825,14 +824,12 @@ async fn sigterm_under_strict_ordering_hands_messages_back_in_stream_order() {
     produce(&sc_a, "o-1", None).await;
     produce(&sc_a, "o-2", None).await;
     app_a.wait_for(1, WAIT).await;
-    // Both are leased to pod a: o-1 under way, o-2 fetched ahead of its slot.
-    let deadline = Instant::now() + WAIT;
-    while consumer_info(&nats, "FERRY_default_orders", "strict").await.num_ack_pending < 2 {
-        assert!(Instant::now() < deadline, "o-2 was never fetched ahead");
-        // The broker offers no event for "fetched"; poll its info.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let sc_b = start(&nats, res.path(), data_b.path(), Some(&app_b), &["--pod-name", "shop-b"]);
+    // Pod a would fetch o-2 ahead of its free slot, and pod b has started:
+    // yet only o-1 is out; o-2 waits at the broker.
+    let info = consumer_info(&nats, "FERRY_default_orders", "strict").await;
+    assert_eq!((info.num_ack_pending, info.num_pending), (1, 1), "one message out at a time, across pods");
+    assert!(app_b.received().is_empty(), "pod b got nothing while o-1 is under way at pod a");
     sc_a.process.signal(15);
     assert!(sc_a.process.wait_exit(START_TIMEOUT).success());
     app_b.wait_for(2, WAIT).await;

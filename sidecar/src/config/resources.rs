@@ -183,7 +183,8 @@ mod tests {
 
     #[test]
     fn edits_a_running_object_cannot_take_are_named_and_others_pass() {
-        let topic = "apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {name: orders}\nspec: {partitions: 2}\n---\n";
+        let topic =
+            "apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {name: orders}\nspec: {partitions: 2}\n---\n";
         let sub = |extra: &str| {
             format!(
                 "{topic}apiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: billing}}\n\

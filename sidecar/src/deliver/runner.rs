@@ -598,7 +598,12 @@ impl Ctx {
 
     /// Forgets a delivery its push's answer settles; a callback that came
     /// with that answer is told so (409), not left without one.
-    fn forget_answered(&self, delivery_id: &str, mut callback: tokio::sync::oneshot::Receiver<Callback>, answer: &Outcome) {
+    fn forget_answered(
+        &self,
+        delivery_id: &str,
+        mut callback: tokio::sync::oneshot::Receiver<Callback>,
+        answer: &Outcome,
+    ) {
         self.deps.callbacks.forget(delivery_id);
         if let Ok(cb) = callback.try_recv() {
             let _ = cb.done.send(Err(format!(
