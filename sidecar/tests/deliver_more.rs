@@ -809,6 +809,42 @@ async fn full_dedupe_stores_forget_their_oldest_ids_and_count_them_within_one_ca
     assert!(counts.values().all(|&n| n == 2), "each subscription got each message once: {counts:?}");
 }
 
+/// A subscription restarted for a change while a push has been under way
+/// longer than the stop waits (10 s): that push is abandoned and its
+/// message handed back at once, not left leased until the broker's ack wait
+/// (30 s) runs out; nothing of it stays counted as in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_still_under_way_when_its_subscription_restarts_is_handed_back() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription("slowpoke", "orders", &["processingTimeout: 30s"]));
+    let data = tempfile::tempdir().unwrap();
+    // The app records a request once answered: its arrival is told here.
+    let arrived = std::sync::Arc::new(tokio::sync::Notify::new());
+    let first = arrived.clone();
+    let app = TestApp::start(move |r, _| {
+        if r.attempt() == 1 {
+            first.notify_one();
+            Reply::slow(200, Duration::from_secs(25))
+        } else {
+            Reply::status(200)
+        }
+    })
+    .await;
+    let sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
+    produce(&sc, "o-1", None).await;
+    tokio::time::timeout(WAIT, arrived.notified()).await.expect("the first push");
+    let pushed = Instant::now();
+    let changed = subscription("slowpoke", "orders", &["processingTimeout: 30s", "maxInFlight: 8"]);
+    std::fs::write(res.path().join("subs.yaml"), changed).unwrap();
+    let got = app.wait_until(WAIT, |rs| rs.iter().any(|r| r.attempt() == 2)).await;
+    let again = got.iter().find(|r| r.attempt() == 2).unwrap();
+    assert_eq!(again.id(), "o-1");
+    let gap = again.at - pushed;
+    assert!(gap < Duration::from_secs(20), "handed back {gap:?} after the first push, not at the ack wait's end");
+    wait_settled(&nats, "slowpoke").await;
+    assert_eq!(metric(&sc, "ferry_deliveries_in_flight{subscription=\"slowpoke\"}").await, Some(0.0));
+}
+
 /// Strict ordering across pods and a stop: the broker lets one message of
 /// a strict subscription out at a time (to any pod), so while pod a pushes
 /// o-1, o-2 waits at the broker; pod a is stopped meanwhile (its app takes

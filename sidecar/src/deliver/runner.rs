@@ -22,7 +22,7 @@ use super::callbacks::{Callback, Verdict};
 use super::dedupe::{Dedupe, DedupeMetrics};
 use super::push::{self, Outcome, Target};
 use super::Deps;
-use crate::broker::{BrokerError, Consumer, Fetched, OutMessage, Settlement};
+use crate::broker::{BrokerError, Consumer, Fetched, OutMessage, Settle, Settlement};
 use crate::metrics::{DeliveryLabels, SubscriptionLabels};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -37,7 +37,8 @@ pub const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// About the most bytes of messages fetched ahead of the free push slots
 /// (by the size of recent messages): with large messages, fewer wait.
 pub const AHEAD_BYTES: usize = 8 << 20;
-/// How long stopping waits for pushes under way.
+/// How long stopping waits for pushes under way; those left are then
+/// abandoned and their messages handed back.
 pub const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// How many messages the next fetch asks for (0: none now). Enough for the
@@ -106,6 +107,8 @@ pub struct Ctx {
     keys: Mutex<HashMap<String, VecDeque<(Fetched, OwnedSemaphorePermit)>>>,
     stop_tx: watch::Sender<bool>,
     stop: watch::Receiver<bool>,
+    /// Messages of deliveries abandoned unsettled when stopping, to hand back.
+    abandoned: Mutex<Vec<Arc<dyn Settle>>>,
     /// This subscription's series of the hot metrics, looked up once.
     attempts: Counter,
     in_flight: Gauge,
@@ -158,6 +161,7 @@ impl Ctx {
             keys: Mutex::new(HashMap::new()),
             stop_tx,
             stop,
+            abandoned: Mutex::new(Vec::new()),
             spec,
             attempts,
             in_flight: in_flight_gauge,
@@ -292,7 +296,9 @@ impl Ctx {
                 let held: Vec<_> = permits.by_ref().take(messages.len()).collect();
                 let ctx = self.clone();
                 tasks.spawn(async move {
-                    ctx.deliver_batch(messages).await;
+                    let unsettled = HandBack::new(&ctx, &messages);
+                    ctx.clone().deliver_batch(messages).await;
+                    unsettled.settled();
                     drop(held);
                 });
                 continue;
@@ -314,16 +320,34 @@ impl Ctx {
         let mut waiting: Vec<Fetched> = fetched_ahead.into_iter().chain(queued).collect();
         if self.spec.ordering == Ordering::None {
             self.release(waiting).await;
-            let _ = tokio::time::timeout(STOP_WAIT, async { while tasks.join_next().await.is_some() {} }).await;
+            self.finish(&mut tasks).await;
             return;
         }
         // Ordered: the broker redelivers in the order messages are handed
         // back, so what waited goes back after the pushes under way are
-        // settled, and in stream order; meanwhile it stays leased.
+        // settled (or abandoned and handed back), and in stream order;
+        // meanwhile it stays leased.
         waiting.sort_by_key(|m| m.sequence);
-        let finished = tokio::time::timeout(STOP_WAIT, async { while tasks.join_next().await.is_some() {} });
-        let _ = self.all_leased(&waiting, finished).await;
+        self.all_leased(&waiting, self.finish(&mut tasks)).await;
         self.release(waiting).await;
+    }
+
+    /// Waits up to [`STOP_WAIT`] for the deliveries under way, then aborts
+    /// the rest and hands their messages back (their tasks' guards listed
+    /// them), so none stays leased until the broker's ack wait runs out.
+    async fn finish(&self, tasks: &mut JoinSet<()>) {
+        let all = tokio::time::timeout(STOP_WAIT, async { while tasks.join_next().await.is_some() {} }).await;
+        if all.is_err() {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        let abandoned = std::mem::take(&mut *self.abandoned.lock().unwrap_or_else(|e| e.into_inner()));
+        if !abandoned.is_empty() {
+            tracing::warn!(subscription = %self.name, count = abandoned.len(), wait = ?STOP_WAIT, "pushes still under way when stopping were abandoned; their messages are handed back");
+        }
+        for settle in abandoned {
+            let _ = settle.settle(Settlement::Release).await;
+        }
     }
 
     /// A fetch failed: logs it, drops the consumer (made again on the next
@@ -475,7 +499,9 @@ impl Ctx {
             // once, not on every hand-over of the task (spawn, task cell,
             // output), which showed as 2-3% of the sidecar's CPU in memmove.
             tasks.spawn(async move {
+                let unsettled = HandBack::new(&ctx, [&msg]);
                 Box::pin(ctx.deliver(msg, false)).await;
+                unsettled.settled();
                 drop(permit);
             });
             return;
@@ -492,7 +518,9 @@ impl Ctx {
         tasks.spawn(async move {
             let mut current = Some((msg, permit));
             while let Some((msg, permit)) = current.take() {
+                let unsettled = HandBack::new(&ctx, [&msg]);
                 Box::pin(ctx.deliver(msg, true)).await;
+                unsettled.settled();
                 drop(permit);
                 let mut keys = ctx.keys.lock().unwrap_or_else(|e| e.into_inner());
                 match keys.get_mut(&key).and_then(VecDeque::pop_front) {
@@ -537,11 +565,14 @@ impl Ctx {
             }
             let delivery_id = uuid::Uuid::now_v7().to_string();
             self.attempts.inc();
-            self.in_flight.inc();
+            let in_flight = InFlight::new(&self.in_flight);
             let started = Instant::now();
             // Registered before the push: an app may call back before its
             // 202 answer reaches us.
             let mut callback = self.deps.callbacks.register(&delivery_id);
+            // Forgotten however this attempt ends, also when its task is
+            // aborted (stopping): no entry is left behind.
+            let _registered = Registered(&self.deps.callbacks, &delivery_id);
             let mut pushed =
                 Box::pin(self.leased(&msg, push::push(&self.deps.client, &self.target, &msg, &delivery_id, attempt)));
             // An app may call back while its push is still open (some call
@@ -565,7 +596,7 @@ impl Ctx {
                     (Some(verdict_outcome(cb.verdict)), Some(cb.done))
                 }
             };
-            self.in_flight.dec();
+            drop(in_flight);
             let Some(outcome) = outcome else {
                 // Stopping while the app holds it: hand it back.
                 let _ = msg.settle.settle(Settlement::Release).await;
@@ -897,6 +928,58 @@ impl Ctx {
             });
         }
         Ok(out)
+    }
+}
+
+/// The messages of a delivery task until they are settled: dropped before
+/// [`HandBack::settled`] (the task aborted when stopping), it lists them
+/// on the runner to hand back.
+struct HandBack {
+    ctx: Arc<Ctx>,
+    settles: Vec<Arc<dyn Settle>>,
+}
+
+impl HandBack {
+    fn new<'m>(ctx: &Arc<Ctx>, messages: impl IntoIterator<Item = &'m Fetched>) -> HandBack {
+        HandBack { ctx: ctx.clone(), settles: messages.into_iter().map(|m| m.settle.clone()).collect() }
+    }
+
+    /// The delivery ended on its own (settled, or handed back itself).
+    fn settled(mut self) {
+        self.settles.clear();
+    }
+}
+
+impl Drop for HandBack {
+    fn drop(&mut self) {
+        if !self.settles.is_empty() {
+            self.ctx.abandoned.lock().unwrap_or_else(|e| e.into_inner()).append(&mut self.settles);
+        }
+    }
+}
+
+/// A delivery id registered for callbacks, forgotten when dropped.
+struct Registered<'a>(&'a super::callbacks::Callbacks, &'a str);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.0.forget(self.1);
+    }
+}
+
+/// One push under way in the in-flight gauge, counted down when dropped.
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn new(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
