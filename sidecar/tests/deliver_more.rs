@@ -845,6 +845,61 @@ async fn a_push_still_under_way_when_its_subscription_restarts_is_handed_back() 
     assert_eq!(metric(&sc, "ferry_deliveries_in_flight{subscription=\"slowpoke\"}").await, Some(0.0));
 }
 
+/// A delivery waiting for the app's callback (202) when its subscription
+/// restarts for a change: the app still has the stop's wait to call back,
+/// and its ack settles the message instead of a 404 and a redelivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_made_while_its_subscription_restarts_still_settles_the_delivery() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription("deferred", "orders", &["processingTimeout: 30s"]));
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::start(|_, _| Reply::status(202)).await;
+    let mut sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
+    produce(&sc, "o-1", None).await;
+    let got = app.wait_for(1, WAIT).await;
+    let changed = subscription("deferred", "orders", &["processingTimeout: 30s", "maxInFlight: 8"]);
+    std::fs::write(res.path().join("subs.yaml"), changed).unwrap();
+    sc.process.wait_for_line("stopping subscription", WAIT);
+    let resp = http().post(sc.url(&format!("/v1/deliveries/{}/ack", got[0].delivery_id()))).send().await.unwrap();
+    let (status, body) = json(resp).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("acked")), "{body}");
+    sc.process.wait_for_line("starting subscription", WAIT);
+    wait_settled(&nats, "deferred").await;
+    assert_eq!(app.received().len(), 1, "not pushed again");
+    assert_eq!(metric(&sc, &deliveries("deferred", "acked")).await, Some(1.0));
+}
+
+/// A long poll open when its subscription restarts for a change ends with
+/// 503 (try again): it does not hand the app a message the stopping
+/// subscription has already given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_open_while_its_subscription_restarts_ends_with_503() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription("pulled", "orders", &["mode: Pull"]));
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = start(&nats, res.path(), data.path(), None, &[]);
+    sc.process.wait_for_line("starting subscription subscription=pulled", START_TIMEOUT);
+    let poll = tokio::spawn(http().get(sc.url("/v1/subscriptions/pulled/messages?max=5&wait=20s")).send());
+    let deadline = Instant::now() + WAIT;
+    // No event says "the pull is waiting"; the broker's consumer info does.
+    while consumer_info(&nats, "FERRY_default_orders", "pulled").await.num_waiting == 0 {
+        assert!(Instant::now() < deadline, "the pull never reached the broker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let changed = subscription("pulled", "orders", &["mode: Pull", "maxInFlight: 8"]);
+    std::fs::write(res.path().join("subs.yaml"), changed).unwrap();
+    sc.process.wait_for_line("stopping subscription", WAIT);
+    produce(&sc, "o-1", None).await;
+    let (status, body) = json(poll.await.unwrap().unwrap()).await;
+    assert_eq!(status, 503, "{body}");
+    // The message waits for the next poll, at the new subscription.
+    let resp = http().get(sc.url("/v1/subscriptions/pulled/messages?max=5&wait=10s")).send().await.unwrap();
+    let (status, body) = json(resp).await;
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<&str> = body.as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(ids, ["o-1"], "{body}");
+}
+
 /// Strict ordering across pods and a stop: the broker lets one message of
 /// a strict subscription out at a time (to any pod), so while pod a pushes
 /// o-1, o-2 waits at the broker; pod a is stopped meanwhile (its app takes

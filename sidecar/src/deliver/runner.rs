@@ -697,7 +697,12 @@ impl Ctx {
                 tokio::select! {
                     cb = &mut rx => cb.ok(),
                     _ = tokio::time::sleep(timeout) => None,
-                    _ = stop.wait_for(|s| *s) => None,
+                    // Stopping (a change, or SIGTERM) leaves the app the
+                    // stop's wait to call back, then hands the message back.
+                    _ = async {
+                        let _ = stop.wait_for(|s| *s).await;
+                        tokio::time::sleep(STOP_WAIT).await;
+                    } => None,
                 }
             })
             .await;
@@ -902,13 +907,23 @@ impl Ctx {
                 return Err(e);
             }
         };
-        let fetched = match consumer.fetch(max, wait).await {
-            Ok(f) => f,
-            Err(e) => {
-                self.reset_consumer().await;
-                return Err(e);
-            }
+        let stopping = || BrokerError::Unavailable(format!("subscription {} is restarting or stopping", self.name));
+        let mut stop = self.stop.clone();
+        let fetched = tokio::select! {
+            r = consumer.fetch(max, wait) => match r {
+                Ok(f) => f,
+                Err(e) => {
+                    self.reset_consumer().await;
+                    return Err(e);
+                }
+            },
+            () = async { let _ = stop.wait_for(|s| *s).await; } => return Err(stopping()),
         };
+        // Stopped during the fetch: what came goes back, not to the app.
+        if self.stopped() {
+            self.release(fetched).await;
+            return Err(stopping());
+        }
         let mut out = Vec::new();
         for msg in fetched {
             let attempt = msg.delivered;
