@@ -110,7 +110,11 @@ impl Delivery {
         };
         for (name, runner) in stale {
             tracing::info!(subscription = %name, "stopping subscription (removed or changed)");
-            runner.stop().await;
+            if wanted.contains_key(&name) {
+                runner.stop_for_change().await;
+            } else {
+                runner.stop().await;
+            }
             if !wanted.contains_key(&name) {
                 // Gone for good: its ids no longer count (a changed one's
                 // reopened store sets the gauge itself).

@@ -72,6 +72,14 @@ impl Runner {
         Runner { ctx, stop, task }
     }
 
+    /// Stops for a changed spec: as [`Runner::stop`], but a delivery
+    /// waiting for the app's callback keeps waiting up to [`STOP_WAIT`]
+    /// (the app is not going away) before it is handed back.
+    pub async fn stop_for_change(self) {
+        self.ctx.restarting.store(true, std::sync::atomic::Ordering::Release);
+        self.stop().await;
+    }
+
     /// Stops fetching, hands back waiting messages, waits for pushes under way.
     pub async fn stop(mut self) {
         let _ = self.stop.send(true);
@@ -109,6 +117,8 @@ pub struct Ctx {
     stop: watch::Receiver<bool>,
     /// Messages of deliveries abandoned unsettled when stopping, to hand back.
     abandoned: Mutex<Vec<Arc<dyn Settle>>>,
+    /// Stopping for a changed spec (not for good): see [`Runner::stop_for_change`].
+    restarting: std::sync::atomic::AtomicBool,
     /// This subscription's series of the hot metrics, looked up once.
     attempts: Counter,
     in_flight: Gauge,
@@ -162,6 +172,7 @@ impl Ctx {
             stop_tx,
             stop,
             abandoned: Mutex::new(Vec::new()),
+            restarting: Default::default(),
             spec,
             attempts,
             in_flight: in_flight_gauge,
@@ -697,11 +708,14 @@ impl Ctx {
                 tokio::select! {
                     cb = &mut rx => cb.ok(),
                     _ = tokio::time::sleep(timeout) => None,
-                    // Stopping (a change, or SIGTERM) leaves the app the
-                    // stop's wait to call back, then hands the message back.
+                    // Stopping for good (SIGTERM, removed) hands it back at
+                    // once, so another pod gets it; a restart for a change
+                    // leaves the app the stop's wait to call back first.
                     _ = async {
                         let _ = stop.wait_for(|s| *s).await;
-                        tokio::time::sleep(STOP_WAIT).await;
+                        if self.restarting.load(std::sync::atomic::Ordering::Acquire) {
+                            tokio::time::sleep(STOP_WAIT).await;
+                        }
                     } => None,
                 }
             })
