@@ -245,23 +245,24 @@ async fn strict_ordering_pushes_one_at_a_time_in_produce_order_with_a_retry_hold
 /// behind `s-a`'s local retry (1.5-3 s, with jitter) for longer than the processing
 /// timeout (1 s): had its lease run out, the broker would have delivered it
 /// a second time (the consumer's delivery count) and the sidecar would have
-/// dropped the copy as a duplicate.
+/// dropped the copy as a duplicate. (Per-key ordering, one key: `Strict`
+/// lets only one message out of the broker at a time, none ahead.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_fetched_ahead_stays_leased_while_it_waits_for_a_slot() {
     let nats = NatsServer::start();
     let res = manifests_with(&subscription(
         "ahead",
         "orders",
-        &["ordering: Strict", "processingTimeout: 1s", "backoff: {initial: 3s, max: 3s}"],
+        &["ordering: Key", "processingTimeout: 1s", "backoff: {initial: 3s, max: 3s}"],
     ));
     let data = tempfile::tempdir().unwrap();
     let app = TestApp::start(|r, _| Reply::status(if r.id() == "s-a" && r.attempt() == 1 { 500 } else { 200 })).await;
     let sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
-    produce(&sc, "s-a", None).await;
-    produce(&sc, "s-b", None).await;
+    produce(&sc, "s-a", Some("k")).await;
+    produce(&sc, "s-b", Some("k")).await;
     app.wait_until(WAIT, |r| r.iter().any(|r| r.id() == "s-b")).await;
     // A redelivery of s-b would come before anything produced later.
-    produce(&sc, "s-c", None).await;
+    produce(&sc, "s-c", Some("k")).await;
     app.wait_until(WAIT, |r| r.iter().any(|r| r.id() == "s-c")).await;
     wait_settled(&nats, "ahead").await;
     let seen: Vec<String> = app.received().iter().map(|r| format!("{}#{}", r.id(), r.attempt())).collect();
