@@ -50,6 +50,11 @@ pub struct RunArgs {
     /// PEM file of the CA that signed the broker's certificate (turns TLS on).
     #[arg(long, env = "FERRY_BROKER_TLS_CA")]
     pub broker_tls_ca: Option<PathBuf>,
+    /// Replicas of the `ferry-config` KV bucket (the sidecars' config): 3 in
+    /// a clustered NATS of 3 or more servers, so losing one keeps every
+    /// sidecar's config watch. An existing bucket is set to this.
+    #[arg(long, env = "FERRY_CONFIG_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub config_replicas: u8,
     /// Watch only this namespace (default: all).
     #[arg(long, env = "FERRY_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
@@ -108,6 +113,16 @@ mod tests {
         assert!(!args.leader_election);
         assert_eq!(args.operator_namespace, "ferry-system");
         assert!(args.webhook_addr.is_none());
+        assert_eq!(args.config_replicas, 1);
+    }
+
+    #[test]
+    fn config_replicas_takes_one_to_five() {
+        let parse =
+            |n: &str| Cli::try_parse_from(["ferry-operator", "run", "--broker", "nats://n", "--config-replicas", n]);
+        let Cmd::Run(args) = parse("3").unwrap().command else { panic!("not run") };
+        assert_eq!(args.config_replicas, 3);
+        assert!(parse("0").is_err() && parse("6").is_err());
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! entries to JetStream, level-based and idempotent — nothing is written
 //! when the broker already matches.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use async_nats::jetstream::{self, consumer, kv, stream};
 use ferry_api::naming;
 use ferry_api::topic::DeletionPolicy;
@@ -45,6 +48,12 @@ impl ApplyError {
         }
     }
 
+    /// Whether the retry should back off (the broker is out of reach:
+    /// retrying every object at a fixed short interval only adds load).
+    pub fn backs_off(&self) -> bool {
+        matches!(self, ApplyError::BrokerUnavailable(_))
+    }
+
     /// The condition reason and metric label.
     pub fn category(&self) -> &'static str {
         match self {
@@ -72,13 +81,68 @@ pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub struct JetStream {
     client: async_nats::Client,
     js: jetstream::Context,
+    /// Replicas of the config bucket (`--config-replicas`).
+    config_replicas: usize,
+    /// Whether the config bucket was made, or its replicas checked, already.
+    bucket_checked: Arc<AtomicBool>,
 }
 
 impl JetStream {
-    /// Wraps a connected client.
+    /// Wraps a connected client; the config bucket has 1 replica.
     pub fn new(client: async_nats::Client) -> Self {
         let js = jetstream::ContextBuilder::new().timeout(REQUEST_TIMEOUT).build(client.clone());
-        JetStream { client, js }
+        JetStream { client, js, config_replicas: 1, bucket_checked: Arc::default() }
+    }
+
+    /// The same with `replicas` replicas of the config bucket (in a
+    /// clustered NATS, more than one keeps the sidecars' config watch alive
+    /// when a server goes).
+    #[must_use]
+    pub fn with_config_replicas(mut self, replicas: usize) -> Self {
+        self.config_replicas = replicas.max(1);
+        self.bucket_checked = Arc::default();
+        self
+    }
+
+    /// Makes the config bucket with `--config-replicas` replicas, or sets an
+    /// existing one's replicas (its stream `KV_ferry-config`) to that when
+    /// they differ. A refusal (e.g. more replicas than the broker has
+    /// servers) says which setting asked for what.
+    pub async fn ensure_bucket(&self) -> Result<(), ApplyError> {
+        let replicas = self.config_replicas;
+        let refused = |e: ApplyError| match e {
+            ApplyError::Refused(text) => ApplyError::Refused(format!(
+                "config bucket {} with {replicas} replica(s) (--config-replicas): {text}",
+                naming::CONFIG_BUCKET
+            )),
+            other => other,
+        };
+        let stream_name = format!("KV_{}", naming::CONFIG_BUCKET);
+        match self.js.get_stream(&stream_name).await {
+            Ok(mut s) => {
+                let mut config = s.info().await.map_err(|e| classify(&self.client, e))?.config.clone();
+                if config.num_replicas != replicas {
+                    let from = config.num_replicas;
+                    config.num_replicas = replicas;
+                    self.js.update_stream(config).await.map_err(|e| refused(classify(&self.client, e)))?;
+                    tracing::info!(bucket = naming::CONFIG_BUCKET, from, to = replicas, "config bucket replicas set");
+                }
+            }
+            Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => {
+                self.js
+                    .create_key_value(kv::Config {
+                        bucket: naming::CONFIG_BUCKET.into(),
+                        history: 1,
+                        num_replicas: replicas,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| refused(classify(&self.client, e)))?;
+            }
+            Err(e) => return Err(classify(&self.client, e)),
+        }
+        self.bucket_checked.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Fails fast while disconnected rather than waiting out a timeout.
@@ -90,16 +154,16 @@ impl JetStream {
         }
     }
 
-    /// The config bucket, created on first use.
+    /// The config bucket, made (or its replicas set) on first use, see
+    /// [`Self::ensure_bucket`].
     pub async fn bucket(&self) -> Result<kv::Store, ApplyError> {
-        match self.js.get_key_value(naming::CONFIG_BUCKET).await {
-            Ok(store) => Ok(store),
-            Err(_) => self
-                .js
-                .create_key_value(kv::Config { bucket: naming::CONFIG_BUCKET.into(), history: 1, ..Default::default() })
-                .await
-                .map_err(|e| classify(&self.client, e)),
+        if self.bucket_checked.load(Ordering::Acquire) {
+            if let Ok(store) = self.js.get_key_value(naming::CONFIG_BUCKET).await {
+                return Ok(store);
+            }
         }
+        self.ensure_bucket().await?;
+        self.js.get_key_value(naming::CONFIG_BUCKET).await.map_err(|e| classify(&self.client, e))
     }
 
     /// Puts a KV entry unless it already holds exactly this value.

@@ -5,7 +5,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use ferry_api::{Subscription, Topic};
 use futures::StreamExt;
@@ -20,9 +19,12 @@ use crate::context::{Context, Error};
 use crate::jetstream::JetStream;
 use crate::metrics::Metrics;
 
-fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(error = %error, category = error.category(), "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
+/// A failed reconcile is retried after the object's backoff (5 s doubling
+/// to 5 min), so a lasting failure does not retry every object every 5 s.
+pub fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let after = ctx.backoff(&*obj);
+    tracing::warn!(error = %error, category = error.category(), retry_in = ?after, "reconcile failed");
+    Action::requeue(after)
 }
 
 /// Wraps a reconcile function so every run is counted and timed.
@@ -160,11 +162,17 @@ pub async fn run(client: kube::Client, nats: async_nats::Client, args: &crate::c
         tracing::info!("leading: starting the controllers");
     }
     metrics.set_leader(true);
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        js: JetStream::new(nats),
-        reporter: Reporter { controller: "ferry-operator".into(), instance: args.pod_name.clone() },
-    });
+    let js = JetStream::new(nats).with_config_replicas(args.config_replicas.into());
+    // Said once here; until it succeeds each Topic and Subscription reports
+    // it too (their reconciles make or fix the bucket).
+    if let Err(e) = js.ensure_bucket().await {
+        tracing::error!(error = %e, category = e.category(), "cannot make the config bucket as configured");
+    }
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        js,
+        Reporter { controller: "ferry-operator".into(), instance: args.pod_name.clone() },
+    ));
     let controllers = controllers(client, ctx, args.namespace.clone(), metrics.clone(), stopped);
     match &mut leadership {
         None => {

@@ -16,12 +16,10 @@ use kube::runtime::finalizer::{finalizer, Event as Finalize};
 use kube::{Resource, ResourceExt};
 
 use crate::build;
-use crate::context::{ready_condition, Context, Error, FIELD_MANAGER, FINALIZER};
+use crate::context::{ready_condition, Context, Error, FIELD_MANAGER, FINALIZER, RETRY_MIN};
 
 /// How often status counters are refreshed for a ready Subscription.
 pub const REFRESH: Duration = Duration::from_secs(30);
-/// Retry delay while the broker is unreachable or the Topic is missing.
-pub const RETRY: Duration = Duration::from_secs(5);
 
 /// Why a Subscription is not ready: reason, message, when to look again.
 type NotReady = (&'static str, String, Option<Duration>);
@@ -53,7 +51,7 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
         for (field, topic) in std::iter::once(("spec.topic", &s.spec.topic))
             .chain(s.spec.dead_letter_topic.iter().map(|t| ("spec.deadLetterTopic", t)))
         {
-            if topics.get_opt(topic).await.map_err(|e| ("KubeApi", e.to_string(), Some(RETRY)))?.is_none() {
+            if topics.get_opt(topic).await.map_err(|e| ("KubeApi", e.to_string(), Some(ctx.backoff(s))))?.is_none() {
                 let mut message = format!("{field}: no Topic {topic:?} in namespace {ns:?}");
                 // Without its topic the sidecars cannot run it: take it out of
                 // their config (a Topic deleted after the Subscription would
@@ -64,14 +62,16 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
                         Err(e) => message.push_str(&format!("; not yet withdrawn from the sidecars' config: {e}")),
                     }
                 }
-                return Err(("TopicNotFound", message, Some(RETRY)));
+                // Backs off per Subscription (5 s doubling to 5 min) until the Topic appears
+                // (which wakes it at once).
+                return Err(("TopicNotFound", message, Some(ctx.backoff(s))));
             }
         }
-        let changed = ctx
-            .js
-            .apply_subscription(&desired)
-            .await
-            .map_err(|e| (e.category(), e.to_string(), e.retry(RETRY, REFRESH)))?;
+        let changed = ctx.js.apply_subscription(&desired).await.map_err(|e| {
+            let retry = if e.backs_off() { Some(ctx.backoff(s)) } else { e.retry(RETRY_MIN, REFRESH) };
+            (e.category(), e.to_string(), retry)
+        })?;
+        ctx.reset_backoff(s);
         if let Some(plan) = &desired.consumer {
             status.consumer = Some(plan.name.clone());
             if let Ok((pending, in_flight, redelivered)) = ctx.js.consumer_counts(&plan.stream, &plan.name).await {
@@ -110,6 +110,7 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
 async fn cleanup(s: &Subscription, ctx: &Context) -> Result<Action, Error> {
     let ns = s.namespace().unwrap_or_default();
     ctx.js.delete_subscription(&ns, &s.name_any(), &s.spec.topic, &s.spec.app).await.map_err(Error::Apply)?;
+    ctx.reset_backoff(s);
     ctx.event(s, EventType::Normal, "Deleted", "consumer and sidecar config removed").await;
     Ok(Action::await_change())
 }

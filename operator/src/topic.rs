@@ -13,12 +13,10 @@ use kube::runtime::finalizer::{finalizer, Event as Finalize};
 use kube::{Resource, ResourceExt};
 
 use crate::build;
-use crate::context::{ready_condition, Context, Error, FIELD_MANAGER, FINALIZER};
+use crate::context::{ready_condition, Context, Error, FIELD_MANAGER, FINALIZER, RETRY_MIN};
 
 /// How often status counters are refreshed for a ready Topic.
 pub const REFRESH: Duration = Duration::from_secs(60);
-/// Retry delay while the broker is unreachable.
-pub const BROKER_RETRY: Duration = Duration::from_secs(5);
 
 /// Reconciles one Topic.
 pub async fn reconcile(topic: Arc<Topic>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -45,6 +43,7 @@ async fn apply(api: &Api<Topic>, t: &Topic, ctx: &Context) -> Result<Action, Err
         }
         Ok(desired) => match ctx.js.apply_topic(&desired).await {
             Ok(changed) => {
+                ctx.reset_backoff(t);
                 status.stream = Some(desired.stream.name.clone());
                 if let Ok((messages, bytes)) = ctx.js.topic_counts(&ns, &name).await {
                     status.messages = Some(messages);
@@ -61,7 +60,11 @@ async fn apply(api: &Api<Topic>, t: &Topic, ctx: &Context) -> Result<Action, Err
                 }
                 (true, "Reconciled", format!("stream {} ready", desired.stream.name), Some(REFRESH))
             }
-            Err(e) => (false, e.category(), e.to_string(), e.retry(BROKER_RETRY, REFRESH)),
+            Err(e) => {
+                // Backs off per Topic (5 s doubling to 5 min) while the broker is out of reach.
+                let retry = if e.backs_off() { Some(ctx.backoff(t)) } else { e.retry(RETRY_MIN, REFRESH) };
+                (false, e.category(), e.to_string(), retry)
+            }
         },
     };
     let previous = t.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
@@ -83,6 +86,7 @@ async fn apply(api: &Api<Topic>, t: &Topic, ctx: &Context) -> Result<Action, Err
 async fn cleanup(t: &Topic, ctx: &Context) -> Result<Action, Error> {
     let ns = t.namespace().unwrap_or_default();
     ctx.js.delete_topic(&ns, &t.name_any(), t.spec.deletion_policy).await.map_err(Error::Apply)?;
+    ctx.reset_backoff(t);
     ctx.event(
         t,
         EventType::Normal,

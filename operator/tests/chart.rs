@@ -45,11 +45,13 @@ const ALL_OPTIONAL: &[&str] = &[
     "sidecar.dedupeMaxIds=2000000",
     "sidecar.dedupeWindow=1.5h 30mins",
     "sidecar.outboxRetention=15m",
+    "sidecar.maxMessageBytes=8388608",
     "webhook.failurePolicy=Ignore",
     "webhook.reinvocationPolicy=Never",
     "webhook.objectSelector.matchLabels.ferry=yes",
     "imagePullSecrets[0].name=registry",
     "operator.priorityClassName=ferry-critical",
+    "operator.configReplicas=3",
     "operator.podAnnotations.team=messaging",
     "serviceAccount.annotations.owner=messaging",
     "metrics.service.annotations.prometheus\\.io/path=/metrics",
@@ -274,6 +276,7 @@ fn the_operators_args_and_env_are_accepted_by_its_own_flag_parser() {
     find(&docs, "Service", &args.webhook_service);
     find(&docs, "MutatingWebhookConfiguration", &args.webhook_config);
     assert_eq!(args.webhook_secret, "ferry-webhook-tls");
+    assert_eq!(args.config_replicas, 1, "a config bucket of 1 replica by default");
     let inject = args.inject_config.expect("an inject config");
     assert_eq!(inject.parent().and_then(|p| p.to_str()), Some(mount_of(&container, "inject-config")));
     assert_eq!(inject.file_name(), Some(OsStr::new("inject.yaml")));
@@ -291,6 +294,8 @@ fn the_operators_args_and_env_are_accepted_by_its_own_flag_parser() {
     assert_eq!(certificate["spec"]["secretName"], args.webhook_secret.as_str());
     let dns = format!("{}.{NAMESPACE}.svc", args.webhook_service);
     assert!(certificate["spec"]["dnsNames"].as_array().unwrap().contains(&json!(dns)), "{certificate:#}");
+
+    assert_eq!(args.config_replicas, 3, "operator.configReplicas");
 
     let args = operator_args(&render(WATCH_ONE_NAMESPACE));
     assert_eq!(args.namespace.as_deref(), Some("shop"));
@@ -396,6 +401,7 @@ fn every_sidecar_value_reaches_the_webhooks_inject_config() {
     assert_eq!(cfg["dedupeMaxIds"], json!(2_000_000));
     assert_eq!(cfg["dedupeWindow"], json!("1.5h 30mins"));
     assert_eq!(cfg["outboxRetention"], json!("15m"));
+    assert_eq!(cfg["maxMessageBytes"], json!(8_388_608));
 
     // Without sidecar.broker.url the sidecars use the operator's broker.
     let cfg = InjectConfig::from_yaml(&inject_yaml(&render(&["nats.enabled=true"]))).unwrap_or_else(|e| panic!("{e}"));
@@ -654,6 +660,10 @@ fn the_values_schema_refuses_bad_values() {
         ("nats.jetstream.syncInterval=sometimes", "syncInterval"),
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("operator.logLevl=debug", "logLevl"),
+        ("operator.configReplicas=0", "configReplicas"),
+        ("sidecar.maxMessageBytes=0", "maxMessageBytes"),
+        ("sidecar.maxMessageBytes=67108865", "maxMessageBytes"),
+        ("operator.configReplicas=7", "configReplicas"),
     ] {
         let err = template(&[set]).expect_err(set);
         assert!(err.contains("schema") && err.contains(field), "--set {set}: {err}");

@@ -238,3 +238,56 @@ async fn a_broker_that_is_down_is_reported_as_unavailable() {
     let err = op.apply_topic(&build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap_err();
     assert_eq!(err.category(), "BrokerUnavailable", "{err:?}");
 }
+
+/// `--config-replicas`: the config bucket is made with that many replicas.
+#[tokio::test]
+async fn the_config_bucket_is_made_with_the_configured_replicas() {
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let op = JetStream::new(client.clone()).with_config_replicas(1);
+    op.apply_topic(&build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut s = js.get_stream("KV_ferry-config").await.unwrap();
+    let config = s.info().await.unwrap().config.clone();
+    assert_eq!((config.num_replicas, config.max_messages_per_subject), (1, 1));
+}
+
+/// Three replicas on a single, non-clustered server: the server refuses a
+/// new bucket; the operator says which setting asked for what, and what the
+/// server said, as a refusal (looked at again on the refresh period) — no
+/// panic, and no bucket of 1 replica made behind the flag's back.
+#[tokio::test]
+async fn more_config_replicas_than_the_broker_has_servers_is_a_clear_refusal() {
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let three = JetStream::new(client.clone()).with_config_replicas(3);
+    let err = three.apply_topic(&build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap_err();
+    assert_eq!(err.category(), "BrokerRefused", "{err}");
+    let text = err.to_string();
+    assert!(text.contains("config bucket ferry-config with 3 replica(s) (--config-replicas)"), "{text}");
+    assert!(text.contains("replicas > 1 not supported in non-clustered mode"), "{text}");
+    assert!(js.get_stream("KV_ferry-config").await.is_err(), "no bucket is made");
+}
+
+/// An existing bucket whose replica count differs from `--config-replicas`
+/// is updated to it. (nats-server 2.12 takes the update of an existing
+/// stream to 3 replicas even when not clustered: it records 3 and keeps
+/// the one copy it can; a cluster makes the copies.)
+#[tokio::test]
+async fn an_existing_config_bucket_gets_the_configured_replicas() {
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let replicas = || async {
+        let mut s = js.get_stream("KV_ferry-config").await.unwrap();
+        s.info().await.unwrap().config.num_replicas
+    };
+    JetStream::new(client.clone()).bucket().await.unwrap().put("k", "v".into()).await.unwrap();
+    assert_eq!(replicas().await, 1);
+    let store = JetStream::new(client.clone()).with_config_replicas(3).bucket().await.unwrap();
+    assert_eq!(replicas().await, 3, "updated to --config-replicas");
+    assert_eq!(store.get("k").await.unwrap().as_deref(), Some(&b"v"[..]), "the entries stay");
+    JetStream::new(client.clone()).with_config_replicas(1).bucket().await.unwrap();
+    assert_eq!(replicas().await, 1, "and back");
+}

@@ -48,7 +48,7 @@ async fn a_subscription_before_its_topic_reports_topic_not_found_and_retries() {
         expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&*s).unwrap())).await;
     let cond = &status["status"]["conditions"][0];
     assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("TopicNotFound")));
-    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::subscription::RETRY));
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::context::RETRY_MIN));
 }
 
 #[tokio::test]
@@ -143,7 +143,7 @@ async fn a_subscription_whose_topic_was_deleted_leaves_the_sidecars_config_and_k
     let cond = &status["status"]["conditions"][0];
     assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("TopicNotFound")));
     assert!(cond["message"].as_str().unwrap().contains("withdrawn from the sidecars' config"), "{cond}");
-    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::subscription::RETRY));
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::context::RETRY_MIN));
 
     assert!(kv.get("shop.app.billing.invoices").await.unwrap().is_none(), "the sidecars' entry is withdrawn");
     let stream = raw.get_stream("FERRY_shop_orders").await.unwrap();
@@ -230,4 +230,48 @@ async fn deleting_a_subscription_with_names_nats_cannot_hold_removes_the_finaliz
         expect(&mut handle, Method::PATCH, OBJECT, StatusCode::OK, Some(serde_json::to_value(&gone).unwrap())).await;
     assert!(patch.to_string().contains("finalizers"), "the finalizer is removed: {patch}");
     assert_eq!(run.await.unwrap().unwrap(), Action::await_change());
+}
+
+/// A missing Topic is retried later each time (5 s, then 10 s), its repeated
+/// Warning aggregated into one Event; once the Subscription reconciles, the
+/// backoff starts over.
+#[tokio::test]
+async fn topic_not_found_backs_off_and_a_success_resets_the_backoff() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    let s = subscription();
+    let reply = Some(serde_json::to_value(&*s).unwrap());
+
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx.clone()));
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::NOT_FOUND, Some(not_found())).await;
+    let first = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    assert_eq!(first["reason"], "TopicNotFound", "{first}");
+    expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, reply.clone()).await;
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(std::time::Duration::from_secs(5)));
+    let warning = format!("{EVENTS}/{}", first["metadata"]["name"].as_str().unwrap());
+
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx.clone()));
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::NOT_FOUND, Some(not_found())).await;
+    let again = expect(&mut handle, Method::PATCH, &warning, StatusCode::OK, None).await;
+    assert_eq!(again["series"]["count"], 2, "{again}");
+    expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, reply.clone()).await;
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(std::time::Duration::from_secs(10)));
+
+    // The Topic appears: ready, and the backoff is forgotten.
+    ctx.js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx.clone()));
+    let topic = serde_json::to_value(Topic::new("orders", TopicSpec::default())).unwrap();
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic)).await;
+    expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, reply.clone()).await;
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::subscription::REFRESH));
+
+    // Gone again: back to 5 s (the Warning still counts on the same Event).
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx.clone()));
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::NOT_FOUND, Some(not_found())).await;
+    let third = expect(&mut handle, Method::PATCH, &warning, StatusCode::OK, None).await;
+    assert_eq!(third["series"]["count"], 3, "{third}");
+    expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, reply).await;
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(std::time::Duration::from_secs(5)));
+    expect_no_more(&mut handle).await;
 }

@@ -149,7 +149,7 @@ async fn with_the_broker_down_the_status_says_broker_unavailable_and_it_retries(
     assert_eq!(ev["reason"], "BrokerUnavailable");
     let status = expect(&mut handle, Method::PATCH, STATUS, Some(serde_json::to_value(&*t).unwrap())).await;
     assert_eq!(status["status"]["conditions"][0]["reason"], "BrokerUnavailable");
-    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::topic::BROKER_RETRY));
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::context::RETRY_MIN));
 }
 
 #[tokio::test]
@@ -192,4 +192,42 @@ async fn deleting_a_topic_whose_name_nats_cannot_hold_removes_the_finalizer() {
     let patch = expect(&mut handle, Method::PATCH, path, Some(serde_json::to_value(&gone).unwrap())).await;
     assert!(patch.to_string().contains("finalizers"), "the finalizer is removed: {patch}");
     run.await.unwrap().unwrap();
+}
+
+/// During a broker outage a Topic is looked at again later each time (5 s
+/// doubling to 5 min), and its repeated Warning is one Event whose series
+/// counts the repeats (a PATCH), not a new Event object each time.
+#[tokio::test]
+async fn with_the_broker_down_retries_back_off_and_the_repeated_warning_is_one_aggregated_event() {
+    let mut nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    nats.stop();
+    let t = topic(TopicSpec::default(), true, false);
+    let reply = Some(serde_json::to_value(&*t).unwrap());
+
+    let run = tokio::spawn(ferry_operator::topic::reconcile(t.clone(), ctx.clone()));
+    let first = expect(&mut handle, Method::POST, EVENTS, None).await;
+    assert_eq!(first["reason"], "BrokerUnavailable", "{first}");
+    expect(&mut handle, Method::PATCH, STATUS, reply.clone()).await;
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(std::time::Duration::from_secs(5)));
+
+    let run = tokio::spawn(ferry_operator::topic::reconcile(t.clone(), ctx.clone()));
+    let name = first["metadata"]["name"].as_str().expect("the event has a name");
+    let again = expect(&mut handle, Method::PATCH, &format!("{EVENTS}/{name}"), None).await;
+    assert_eq!(again["series"]["count"], 2, "{again}");
+    expect(&mut handle, Method::PATCH, STATUS, reply).await;
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(std::time::Duration::from_secs(10)));
+    expect_no_more(&mut handle).await;
+
+    // It keeps doubling, up to 5 min.
+    let next: Vec<u64> = (0..6).map(|_| ctx.backoff(&*t).as_secs()).collect();
+    assert_eq!(next, [20, 40, 80, 160, 300, 300]);
+    // The error policy (a failed reconcile) uses the same backoff.
+    let err = ferry_operator::context::Error::MissingNamespace;
+    assert_eq!(
+        ferry_operator::run::error_policy(t.clone(), &err, ctx.clone()),
+        Action::requeue(ferry_operator::context::RETRY_MAX)
+    );
+    ctx.reset_backoff(&*t);
+    assert_eq!(ferry_operator::run::error_policy(t, &err, ctx), Action::requeue(ferry_operator::context::RETRY_MIN));
 }

@@ -360,6 +360,17 @@ fn each_bad_annotation_is_refused_with_a_message_naming_it_and_the_problem() {
         (with(asking(), ANNOTATION_CONFIG, r#"{"apiPort":7601}"#), "ferry.dev/config", "apiPort and adminPort"),
         (with(asking(), ANNOTATION_CONFIG, r#"{"dedupeMaxIds":0}"#), "ferry.dev/config", "dedupeMaxIds: must be"),
         (
+            with(asking(), ANNOTATION_CONFIG, r#"{"maxMessageBytes":0}"#),
+            "ferry.dev/config",
+            "maxMessageBytes: 0 must be",
+        ),
+        (
+            with(asking(), ANNOTATION_CONFIG, r#"{"maxMessageBytes":67108865}"#),
+            "ferry.dev/config",
+            "maxMessageBytes: 67108865 must be 1 to 67108864",
+        ),
+        (with(asking(), ANNOTATION_CONFIG, r#"{"maxMessageBytes":-1}"#), "ferry.dev/config", "maxMessageBytes"),
+        (
             with(asking(), ANNOTATION_CONFIG, r#"{"dedupeWindow":"a while"}"#),
             "ferry.dev/config",
             "dedupeWindow: \"a while\" is not a duration",
@@ -416,6 +427,31 @@ fn refusal_of(review: &Value) -> String {
     let response = respond(review, &InjectConfig::default());
     assert_eq!(response["allowed"], false, "{response}");
     response["status"]["message"].as_str().unwrap().to_owned()
+}
+
+/// A Topic's `maxMessageSize` above the sidecar's default 1 MiB needs the
+/// sidecar's own limit raised: `maxMessageBytes` (chart default, or per pod)
+/// becomes `FERRY_MAX_MESSAGE_BYTES`, and above the sidecar's 16 MiB batch
+/// limit `FERRY_MAX_BATCH_BYTES` too (the sidecar refuses a smaller one).
+#[test]
+fn max_message_bytes_sets_the_sidecars_message_limit() {
+    let env_of = |annotations: Value, cfg: &InjectConfig| {
+        let review = review_with(annotations);
+        let pod = typed(&patched(&review, &respond(&review, cfg)));
+        let env = env_map(sidecar(&pod).env.as_ref().unwrap());
+        env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect::<BTreeMap<String, String>>()
+    };
+    let env = env_of(asking(), &InjectConfig::default());
+    assert!(!env.contains_key("FERRY_MAX_MESSAGE_BYTES") && !env.contains_key("FERRY_MAX_BATCH_BYTES"), "{env:?}");
+
+    let cfg = InjectConfig { max_message_bytes: Some(4 << 20), ..InjectConfig::default() };
+    let env = env_of(asking(), &cfg);
+    assert_eq!(env["FERRY_MAX_MESSAGE_BYTES"], "4194304", "the chart's default");
+    assert!(!env.contains_key("FERRY_MAX_BATCH_BYTES"), "within the sidecar's batch limit");
+
+    let env = env_of(with(asking(), ANNOTATION_CONFIG, r#"{"maxMessageBytes":33554432}"#), &cfg);
+    assert_eq!(env["FERRY_MAX_MESSAGE_BYTES"], "33554432", "the pod's override");
+    assert_eq!(env["FERRY_MAX_BATCH_BYTES"], "33554432", "a batch holds at least one message");
 }
 
 #[test]

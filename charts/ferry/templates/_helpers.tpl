@@ -105,4 +105,7 @@ dedupeWindow: {{ . | quote }}
 {{- with .Values.sidecar.outboxRetention }}
 outboxRetention: {{ . | quote }}
 {{- end }}
+{{- with .Values.sidecar.maxMessageBytes }}
+maxMessageBytes: {{ . | int64 }}
+{{- end }}
 {{- end }}

@@ -27,6 +27,14 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/ferry";
 /// claim's storage request.
 pub const DEFAULT_DATA_SIZE: &str = "1Gi";
 
+/// Largest `maxMessageBytes`: the sidecar's own bound on
+/// `FERRY_MAX_MESSAGE_BYTES` (64 MiB).
+pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 64 << 20;
+/// The sidecar's default batch body limit (`FERRY_MAX_BATCH_BYTES`, 16
+/// MiB), which must be at least its message limit: a larger
+/// `maxMessageBytes` raises it too.
+pub const SIDECAR_DEFAULT_BATCH_BYTES: u64 = 16 << 20;
+
 /// Share of a sized data volume (percent) the outbox may fill: the
 /// injected `FERRY_OUTBOX_MAX_BYTES`. The rest is for the sidecar's other
 /// files (the dedupe stores of acked ids, segment indexes, the space a log
@@ -49,6 +57,7 @@ pub const OVERRIDABLE: &[&str] = &[
     "dedupeMaxIds",
     "dedupeWindow",
     "outboxRetention",
+    "maxMessageBytes",
 ];
 
 /// How the injected sidecar is configured. Every field has a default, so an
@@ -100,6 +109,14 @@ pub struct InjectConfig {
     /// sidecar's default (none). Given up when produce needs the room.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbox_retention: Option<String>,
+    /// Largest message body the sidecar takes, in bytes
+    /// (`FERRY_MAX_MESSAGE_BYTES`, 1 to 64 MiB; above 16 MiB the batch
+    /// limit `FERRY_MAX_BATCH_BYTES` is raised to it too). Unset: the
+    /// sidecar's default (1 MiB). A Topic's `maxMessageSize` above it is
+    /// refused by the sidecar, so raise it for such topics (and the NATS
+    /// server's `max_payload` with it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<u64>,
 }
 
 /// The broker the injected sidecars use.
@@ -226,6 +243,7 @@ impl Default for InjectConfig {
             dedupe_max_ids: None,
             dedupe_window: None,
             outbox_retention: None,
+            max_message_bytes: None,
         }
     }
 }
@@ -358,6 +376,11 @@ impl InjectConfig {
         }
         if self.dedupe_max_ids == Some(0) {
             problems.push("dedupeMaxIds: must be at least 1".to_owned());
+        }
+        if let Some(n) = self.max_message_bytes {
+            if n == 0 || n > MAX_MESSAGE_BYTES_LIMIT {
+                problems.push(format!("maxMessageBytes: {n} must be 1 to {MAX_MESSAGE_BYTES_LIMIT} (64 MiB)"));
+            }
         }
         if let Some(w) = &self.dedupe_window {
             match humantime::parse_duration(w.trim()) {

@@ -357,6 +357,13 @@ impl Wanted {
         if let Some(r) = &cfg.outbox_retention {
             env.push(self::env("FERRY_OUTBOX_RETENTION", r.trim().to_owned()));
         }
+        if let Some(n) = cfg.max_message_bytes {
+            env.push(self::env("FERRY_MAX_MESSAGE_BYTES", n.to_string()));
+            // The sidecar refuses a batch limit below its message limit.
+            if n > super::config::SIDECAR_DEFAULT_BATCH_BYTES {
+                env.push(self::env("FERRY_MAX_BATCH_BYTES", n.to_string()));
+            }
+        }
         if let Some(bytes) = cfg.data_volume.outbox_bytes().filter(|_| !own_data_volume) {
             env.push(self::env("FERRY_OUTBOX_MAX_BYTES", bytes.to_string()));
         }

@@ -34,7 +34,7 @@ pub async fn context(nats: &NatsServer) -> (Arc<Context>, Handle) {
     let (client, handle) = mock_client();
     let js = JetStream::new(async_nats::connect(nats.url()).await.unwrap());
     let reporter = Reporter { controller: "ferry-operator".into(), instance: None };
-    (Arc::new(Context { client, js, reporter }), handle)
+    (Arc::new(Context::new(client, js, reporter)), handle)
 }
 
 /// The next call: asserts method and path, answers 200 with `reply` (or
