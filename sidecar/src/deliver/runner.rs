@@ -307,7 +307,7 @@ impl Ctx {
                 let held: Vec<_> = permits.by_ref().take(messages.len()).collect();
                 let ctx = self.clone();
                 tasks.spawn(async move {
-                    let unsettled = HandBack::new(&ctx, &messages);
+                    let unsettled = HandBack::many(&ctx, &messages);
                     ctx.clone().deliver_batch(messages).await;
                     unsettled.settled();
                     drop(held);
@@ -510,7 +510,7 @@ impl Ctx {
             // once, not on every hand-over of the task (spawn, task cell,
             // output), which showed as 2-3% of the sidecar's CPU in memmove.
             tasks.spawn(async move {
-                let unsettled = HandBack::new(&ctx, [&msg]);
+                let unsettled = HandBack::one(&ctx, &msg);
                 Box::pin(ctx.deliver(msg, false)).await;
                 unsettled.settled();
                 drop(permit);
@@ -529,7 +529,7 @@ impl Ctx {
         tasks.spawn(async move {
             let mut current = Some((msg, permit));
             while let Some((msg, permit)) = current.take() {
-                let unsettled = HandBack::new(&ctx, [&msg]);
+                let unsettled = HandBack::one(&ctx, &msg);
                 Box::pin(ctx.deliver(msg, true)).await;
                 unsettled.settled();
                 drop(permit);
@@ -584,17 +584,20 @@ impl Ctx {
             // Forgotten however this attempt ends, also when its task is
             // aborted (stopping): no entry is left behind.
             let _registered = Registered(&self.deps.callbacks, &delivery_id);
-            let mut pushed =
-                Box::pin(self.leased(&msg, push::push(&self.deps.client, &self.target, &msg, &delivery_id, attempt)));
             // An app may call back while its push is still open (some call
             // from inside their handler and answer only then): the callback
-            // settles the delivery at once; the push is not waited for.
-            let answered = tokio::select! {
-                biased;
-                outcome = &mut pushed => Ok(outcome),
-                Ok(cb) = &mut callback => Err(cb),
+            // settles the delivery at once; the push is not waited for (it
+            // is dropped at the end of this block).
+            let answered = {
+                let pushed =
+                    self.leased(&msg, push::push(&self.deps.client, &self.target, &msg, &delivery_id, attempt));
+                tokio::pin!(pushed);
+                tokio::select! {
+                    biased;
+                    outcome = &mut pushed => Ok(outcome),
+                    Ok(cb) = &mut callback => Err(cb),
+                }
             };
-            drop(pushed);
             self.deps.metrics.push_duration.observe(started.elapsed().as_secs_f64());
             let (outcome, done) = match answered {
                 Ok(Outcome::Deferred) => self.await_callback(&msg, &delivery_id, callback).await,
@@ -965,24 +968,34 @@ impl Ctx {
 /// on the runner to hand back.
 struct HandBack {
     ctx: Arc<Ctx>,
-    settles: Vec<Arc<dyn Settle>>,
+    /// A single push's message (no allocation on the hot path)...
+    one: Option<Arc<dyn Settle>>,
+    /// ...or a bulk push's.
+    many: Vec<Arc<dyn Settle>>,
 }
 
 impl HandBack {
-    fn new<'m>(ctx: &Arc<Ctx>, messages: impl IntoIterator<Item = &'m Fetched>) -> HandBack {
-        HandBack { ctx: ctx.clone(), settles: messages.into_iter().map(|m| m.settle.clone()).collect() }
+    fn one(ctx: &Arc<Ctx>, message: &Fetched) -> HandBack {
+        HandBack { ctx: ctx.clone(), one: Some(message.settle.clone()), many: Vec::new() }
+    }
+
+    fn many(ctx: &Arc<Ctx>, messages: &[Fetched]) -> HandBack {
+        HandBack { ctx: ctx.clone(), one: None, many: messages.iter().map(|m| m.settle.clone()).collect() }
     }
 
     /// The delivery ended on its own (settled, or handed back itself).
     fn settled(mut self) {
-        self.settles.clear();
+        self.one = None;
+        self.many.clear();
     }
 }
 
 impl Drop for HandBack {
     fn drop(&mut self) {
-        if !self.settles.is_empty() {
-            self.ctx.abandoned.lock().unwrap_or_else(|e| e.into_inner()).append(&mut self.settles);
+        if self.one.is_some() || !self.many.is_empty() {
+            let mut abandoned = self.ctx.abandoned.lock().unwrap_or_else(|e| e.into_inner());
+            abandoned.extend(self.one.take());
+            abandoned.append(&mut self.many);
         }
     }
 }
