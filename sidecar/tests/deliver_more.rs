@@ -656,6 +656,28 @@ async fn a_bulk_push_keeps_its_messages_leased_while_the_app_takes_its_time() {
     assert_eq!(app.received().len(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_batch_stays_leased_while_it_waits_to_fill() {
+    let nats = NatsServer::start();
+    // The batch waits 2.5 s for more messages: longer than the processing
+    // timeout (the broker's ack wait).
+    let res = manifests_with(&subscription(
+        "bulk",
+        "orders",
+        &["batch: {maxMessages: 10, maxWait: 2500ms}", "processingTimeout: 1s"],
+    ));
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::start(|_, _| Reply::status(200).with_body("[]")).await;
+    let sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
+    produce_to(&sc, "orders", "lone-1", None, "x").await;
+    app.wait_for(1, WAIT).await;
+    wait_settled(&nats, "bulk").await;
+    let info = consumer_info(&nats, "FERRY_default_orders", "bulk").await;
+    assert_eq!(info.delivered.consumer_sequence, 1, "deliveries by the broker");
+    let events: Vec<Value> = serde_json::from_slice(&app.received()[0].body).unwrap();
+    assert_eq!(events.len(), 1, "one copy in the batch: {events:?}");
+}
+
 /// `POST`s to the sidecar's API with a blocking socket (from inside an app
 /// handler); returns the answer's status line.
 fn post_blocking(port: u16, path: &str) -> String {

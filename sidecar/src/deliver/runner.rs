@@ -271,15 +271,26 @@ impl Ctx {
                     self.deps.metrics.fetch_messages.observe(m.len() as f64);
                     backoff = Duration::from_millis(100);
                     if batched && !m.is_empty() {
-                        // A partial batch stays open up to maxWait from its first message.
+                        // A partial batch stays open up to maxWait from its first
+                        // message, which stays leased meanwhile (maxWait may be
+                        // longer than the processing timeout).
                         let until = tokio::time::Instant::now() + wait;
+                        let mut leased_at = Instant::now();
                         while m.len() < permits.len() {
                             let left = until.saturating_duration_since(tokio::time::Instant::now());
                             if left.is_zero() {
                                 break;
                             }
+                            if leased_at.elapsed() >= self.heartbeat_every() {
+                                for msg in &m {
+                                    let _ = msg.settle.settle(Settlement::Progress).await;
+                                }
+                                leased_at = Instant::now();
+                            }
+                            let want = permits.len() - m.len();
+                            let left = left.min(self.heartbeat_every());
                             let more = tokio::select! {
-                                r = async { self.consumer().await?.fetch(permits.len() - m.len(), left).await } => r,
+                                r = async { self.consumer().await?.fetch(want, left).await } => r,
                                 _ = stop.changed() => break,
                             };
                             match more {
