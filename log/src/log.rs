@@ -1,7 +1,7 @@
 //! The [`Log`] handle: append, read, cursors, retention.
 
 use std::collections::BTreeMap;
-use std::ops::Range;
+use std::ops::{ControlFlow, Range};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -308,6 +308,26 @@ impl Log {
         }
         out.next = entries.last().map_or(from, |e| seg_base + e.rel as u64 + 1);
         Ok(out)
+    }
+
+    /// Calls `visit` with each record from `from` on, in offset order, read
+    /// in batches as [`Log::read`] reads them (damaged records skipped), up to
+    /// the end of the log or until `visit` breaks; returns what it broke with.
+    pub fn scan<B>(&self, from: u64, mut visit: impl FnMut(Record) -> ControlFlow<B>) -> Result<Option<B>> {
+        let mut from = from;
+        while from < self.next_offset() {
+            let batch = self.read(from, 1024, 4 << 20)?;
+            for r in batch.records {
+                if let ControlFlow::Break(b) = visit(r) {
+                    return Ok(Some(b));
+                }
+            }
+            if batch.next <= from {
+                break;
+            }
+            from = batch.next;
+        }
+        Ok(None)
     }
 
     /// Offset the next appended record will get (one past the last readable).

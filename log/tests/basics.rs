@@ -45,6 +45,39 @@ fn appended_records_read_back_in_order_after_reopen() {
 }
 
 #[test]
+fn scan_visits_every_record_from_an_offset_across_segments_until_it_breaks() {
+    use std::ops::ControlFlow;
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(dir.path(), small_segments()).unwrap();
+    for i in 0..53 {
+        log.append_blocking(&[rec(i)]).unwrap();
+    }
+    assert!(log.stats().segments >= 3, "{:?}", log.stats());
+    let mut seen = Vec::new();
+    let none = log
+        .scan(5, |r| {
+            seen.push((r.offset, r.id));
+            ControlFlow::<()>::Continue(())
+        })
+        .unwrap();
+    assert_eq!(none, None, "ran to the end");
+    assert_eq!(seen, (5..53).map(|i| (i, format!("id-{i}"))).collect::<Vec<_>>());
+    let mut visited = 0;
+    let found = log
+        .scan(0, |r| {
+            visited += 1;
+            if r.offset == 40 {
+                ControlFlow::Break(r.id)
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!((found.as_deref(), visited), (Some("id-40"), 41), "stops where it breaks");
+    assert_eq!(log.scan(53, |_| ControlFlow::Break(())).unwrap(), None, "nothing past the end");
+}
+
+#[test]
 fn retention_deletes_only_segments_every_cursor_passed() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = Log::open(dir.path(), small_segments()).unwrap();

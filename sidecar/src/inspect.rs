@@ -82,15 +82,12 @@ fn parked(data_dir: &Path, out: &mut String) -> Result<(), String> {
             stats.records,
             path.display()
         );
-        let mut from = stats.start_offset;
-        while from < stats.next_offset {
-            let batch = log.read(from, 256, 1 << 20).map_err(|e| format!("{}: {e}", path.display()))?;
-            for r in &batch.records {
-                let reason = r.headers.iter().find(|(n, _)| n == PARKED_REASON).map_or("", |(_, v)| v.as_str());
-                let _ = writeln!(out, "  {} ({} bytes): {reason}", r.id, r.payload.len());
-            }
-            from = batch.next.max(from + 1);
-        }
+        log.scan(stats.start_offset, |r| {
+            let reason = r.headers.iter().find(|(n, _)| n == PARKED_REASON).map_or("", |(_, v)| v.as_str());
+            let _ = writeln!(out, "  {} ({} bytes): {reason}", r.id, r.payload.len());
+            std::ops::ControlFlow::<()>::Continue(())
+        })
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
 }

@@ -32,6 +32,7 @@
 //! is parked; nothing deletes it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -402,22 +403,13 @@ impl Outbox {
         if !self.parked_dir.join(topic).exists() {
             return Ok(parked);
         }
-        let log = self.parked_log(topic)?;
-        let mut at = 0;
-        while at < log.next_offset() {
-            let batch = log.read(at, 256, 4 << 20)?;
-            for r in batch.records {
-                let offset =
-                    r.headers.iter().find(|(n, _)| n == PARKED_OFFSET).and_then(|(_, v)| v.parse::<u64>().ok());
-                if let Some(offset) = offset.filter(|&o| o >= from) {
-                    parked.insert(offset, r.id);
-                }
+        self.parked_log(topic)?.scan(0, |r| {
+            let offset = r.headers.iter().find(|(n, _)| n == PARKED_OFFSET).and_then(|(_, v)| v.parse::<u64>().ok());
+            if let Some(offset) = offset.filter(|&o| o >= from) {
+                parked.insert(offset, r.id);
             }
-            if batch.next <= at {
-                break;
-            }
-            at = batch.next;
-        }
+            ControlFlow::<()>::Continue(())
+        })?;
         Ok(parked)
     }
 
@@ -441,20 +433,21 @@ impl Outbox {
     pub fn replay_start(tl: &TopicLog, since_ms: Option<u64>, to: u64) -> Result<(u64, bool), ferry_log::Error> {
         let first = tl.log.stats().start_offset;
         let Some(since) = since_ms else { return Ok((first.min(to), true)) };
-        let mut from = first;
-        while from < to {
-            let batch = tl.log.read(from, 1024, 4 << 20)?;
-            if let Some(r) = batch.records.iter().find(|r| r.timestamp_ms >= since) {
+        if first >= to {
+            return Ok((to, true));
+        }
+        let found = tl.log.scan(first, |r| {
+            if r.timestamp_ms >= since {
                 // Records are deleted oldest first: when one older than
                 // `since` is still here, none deleted was produced later.
-                return Ok((r.offset.min(to), r.offset > first || first == 0));
+                ControlFlow::Break((r.offset.min(to), r.offset > first || first == 0))
+            } else if r.offset >= to {
+                ControlFlow::Break((to, true))
+            } else {
+                ControlFlow::Continue(())
             }
-            if batch.next <= from {
-                break;
-            }
-            from = batch.next;
-        }
-        Ok((to, true))
+        })?;
+        Ok(found.unwrap_or((to, true)))
     }
 
     /// Remembers a pending message found in the log after a restart.

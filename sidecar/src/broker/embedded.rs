@@ -202,18 +202,16 @@ impl Stream {
     /// enough in practice; the scan starts at the oldest retained record).
     fn reload_ids(&self, window: Duration) -> Result<(), BrokerError> {
         let oldest = now_ms().saturating_sub(window.as_millis() as u64);
-        let mut from = self.log.stats().start_offset;
         let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
-        while from < self.log.next_offset() {
-            let batch = self.log.read(from, 4096, 4 << 20).map_err(unavailable)?;
-            for r in batch.records {
+        self.log
+            .scan(self.log.stats().start_offset, |r| {
                 if r.timestamp_ms >= oldest {
                     let seq = r.offset + 1;
                     ids.insert(IdKey::of(&r.id), seq, r.timestamp_ms);
                 }
-            }
-            from = batch.next;
-        }
+                std::ops::ControlFlow::<()>::Continue(())
+            })
+            .map_err(unavailable)?;
         Ok(())
     }
 
