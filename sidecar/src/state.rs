@@ -48,12 +48,9 @@ impl Sidecar {
         self.link(topic).map(|l| l.confirmed)
     }
 
-    /// The handle that sends a topic's forwarder back for a replay.
-    pub fn rewinder(&self, topic: &str) -> Option<tokio::sync::mpsc::Sender<crate::forward::Rewind>> {
-        self.link(topic).map(|l| l.rewind)
-    }
-
-    fn link(&self, topic: &str) -> Option<crate::forward::Link> {
+    /// A topic's link to its forwarder: its confirmed offset, and the
+    /// handle that sends it back for a replay.
+    pub fn link(&self, topic: &str) -> Option<crate::forward::Link> {
         self.forwarding.read().unwrap_or_else(|e| e.into_inner()).get(topic).cloned()
     }
 

@@ -58,15 +58,15 @@ pub async fn replay(
     }
     let unknown = || ApiError::UnknownTopic(topic.clone());
     let tl = s.outbox.topic(&topic).ok_or_else(unknown)?;
-    let rewinder = s.rewinder(&topic).ok_or_else(unknown)?;
-    let to = s.confirmed(&topic).map_or(0, |rx| *rx.borrow());
+    let link = s.link(&topic).ok_or_else(unknown)?;
+    let to = *link.confirmed.borrow();
     let (from, complete) = tokio::task::spawn_blocking(move || Outbox::replay_start(&tl, since_ms, to))
         .await
         .map_err(|e| ApiError::Unavailable(format!("finding where to replay from: {e}")))?
         .map_err(|e| ApiError::Unavailable(format!("reading the outbox: {e}")))?;
     let (done, went_back) = tokio::sync::oneshot::channel();
     let stopped = || ApiError::ShuttingDown;
-    rewinder.send(Rewind { from, done }).await.map_err(|_| stopped())?;
+    link.rewind.send(Rewind { from, done }).await.map_err(|_| stopped())?;
     let range = went_back.await.map_err(|_| stopped())?;
     // Segments deleted since (the window given up for room) moved it on.
     let complete = complete && range.start <= from;

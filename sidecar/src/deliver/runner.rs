@@ -616,10 +616,8 @@ impl Ctx {
                     self.forget_answered(&delivery_id, callback, &other);
                     (Some(other), None)
                 }
-                Err(cb) => {
-                    self.deps.callbacks.forget(&delivery_id);
-                    (Some(verdict_outcome(cb.verdict)), Some(cb.done))
-                }
+                // Its entry went with the callback (`Callbacks::resolve`).
+                Err(cb) => (Some(verdict_outcome(cb.verdict)), Some(cb.done)),
             };
             drop(in_flight);
             let Some(outcome) = outcome else {
