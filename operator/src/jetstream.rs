@@ -36,22 +36,21 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
-    /// When to look again: soon (`unavailable`) for a broker out of reach,
-    /// on the refresh period for a refusal, which can pass (JetStream
-    /// answers 503 just after a restart); never for a field that cannot
-    /// change, which waits for a new spec.
-    pub fn retry(&self, unavailable: std::time::Duration, refresh: std::time::Duration) -> Option<std::time::Duration> {
+    /// When to look again: after the object's backoff (`unavailable`, asked
+    /// only then) for a broker out of reach, on the refresh period for a
+    /// refusal, which can pass (JetStream answers 503 just after a
+    /// restart); never for a field that cannot change, which waits for a
+    /// new spec.
+    pub fn retry(
+        &self,
+        unavailable: impl FnOnce() -> std::time::Duration,
+        refresh: std::time::Duration,
+    ) -> Option<std::time::Duration> {
         match self {
-            ApplyError::BrokerUnavailable(_) => Some(unavailable),
+            ApplyError::BrokerUnavailable(_) => Some(unavailable()),
             ApplyError::Refused(_) => Some(refresh),
             ApplyError::ImmutableField { .. } => None,
         }
-    }
-
-    /// Whether the retry should back off (the broker is out of reach:
-    /// retrying every object at a fixed short interval only adds load).
-    pub fn backs_off(&self) -> bool {
-        matches!(self, ApplyError::BrokerUnavailable(_))
     }
 
     /// The condition reason and metric label.

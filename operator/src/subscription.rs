@@ -16,7 +16,7 @@ use kube::runtime::finalizer::{finalizer, Event as Finalize};
 use kube::{Resource, ResourceExt};
 
 use crate::build;
-use crate::context::{ready_condition, Context, Error, FIELD_MANAGER, FINALIZER, RETRY_MIN};
+use crate::context::{ready_condition, Context, Error, FIELD_MANAGER, FINALIZER};
 
 /// How often status counters are refreshed for a ready Subscription.
 pub const REFRESH: Duration = Duration::from_secs(30);
@@ -67,10 +67,11 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
                 return Err(("TopicNotFound", message, Some(ctx.backoff(s))));
             }
         }
-        let changed = ctx.js.apply_subscription(&desired).await.map_err(|e| {
-            let retry = if e.backs_off() { Some(ctx.backoff(s)) } else { e.retry(RETRY_MIN, REFRESH) };
-            (e.category(), e.to_string(), retry)
-        })?;
+        let changed = ctx
+            .js
+            .apply_subscription(&desired)
+            .await
+            .map_err(|e| (e.category(), e.to_string(), e.retry(|| ctx.backoff(s), REFRESH)))?;
         ctx.reset_backoff(s);
         if let Some(plan) = &desired.consumer {
             status.consumer = Some(plan.name.clone());

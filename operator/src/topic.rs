@@ -13,7 +13,7 @@ use kube::runtime::finalizer::{finalizer, Event as Finalize};
 use kube::{Resource, ResourceExt};
 
 use crate::build;
-use crate::context::{ready_condition, Context, Error, FIELD_MANAGER, FINALIZER, RETRY_MIN};
+use crate::context::{ready_condition, Context, Error, FIELD_MANAGER, FINALIZER};
 
 /// How often status counters are refreshed for a ready Topic.
 pub const REFRESH: Duration = Duration::from_secs(60);
@@ -62,7 +62,7 @@ async fn apply(api: &Api<Topic>, t: &Topic, ctx: &Context) -> Result<Action, Err
             }
             Err(e) => {
                 // Backs off per Topic (5 s doubling to 5 min) while the broker is out of reach.
-                let retry = if e.backs_off() { Some(ctx.backoff(t)) } else { e.retry(RETRY_MIN, REFRESH) };
+                let retry = e.retry(|| ctx.backoff(t), REFRESH);
                 (false, e.category(), e.to_string(), retry)
             }
         },

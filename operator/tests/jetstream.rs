@@ -99,7 +99,7 @@ async fn a_changed_start_position_is_an_immutable_field_and_leaves_consumer_and_
         "{err:?}"
     );
     assert_eq!(err.category(), "ImmutableField");
-    assert_eq!(err.retry(std::time::Duration::from_secs(1), std::time::Duration::from_secs(1)), None);
+    assert_eq!(err.retry(|| std::time::Duration::from_secs(1), std::time::Duration::from_secs(1)), None);
     assert!(err.to_string().contains("is Latest, spec says Earliest"), "{err}");
     let stream = js.get_stream("FERRY_shop_orders").await.unwrap();
     let info = stream.consumer_info("invoices").await.unwrap();
