@@ -52,9 +52,32 @@ impl fmt::Debug for Duration {
     }
 }
 
+/// Prints in the units the schema takes (`d h m s ms us ns`, largest first,
+/// no spaces: `"7d"`, `"1m30s"`, `"1d2h"`, `"0s"`), so a duration Ferry
+/// writes back (a default, a resolved config) is one the CRDs accept.
+/// humantime's own printer says `1day`, `2months`, `1year`, which they refuse.
 impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
+        let secs = self.0.as_secs();
+        let nanos = self.0.subsec_nanos() as u64;
+        if secs == 0 && nanos == 0 {
+            return f.write_str("0s");
+        }
+        let parts = [
+            (secs / 86_400, "d"),
+            (secs % 86_400 / 3_600, "h"),
+            (secs % 3_600 / 60, "m"),
+            (secs % 60, "s"),
+            (nanos / 1_000_000, "ms"),
+            (nanos / 1_000 % 1_000, "us"),
+            (nanos % 1_000, "ns"),
+        ];
+        for (n, unit) in parts {
+            if n > 0 {
+                write!(f, "{n}{unit}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -103,12 +126,43 @@ mod tests {
     fn durations_parse_and_print_in_humantime_form() {
         let d: Duration = "1m30s".parse().unwrap();
         assert_eq!(d.get(), StdDuration::from_secs(90));
-        assert_eq!(d.to_string(), "1m 30s");
+        assert_eq!(d.to_string(), "1m30s");
         assert_eq!(serde_json::to_string(&Duration::from_millis(500)).unwrap(), "\"500ms\"");
         let back: Duration = serde_json::from_str("\"2m\"").unwrap();
         assert_eq!(back, Duration::from_secs(120));
         assert!("soon".parse::<Duration>().is_err());
         assert!(serde_json::from_str::<Duration>("30").is_err());
+    }
+
+    /// What Ferry prints is what the schema takes and reads back the same,
+    /// from nanoseconds to [`MAX`] (humantime's printer said `1day`).
+    #[test]
+    fn every_printed_duration_is_taken_by_the_schema_and_reads_back() {
+        let pattern = regex::Regex::new(PATTERN).unwrap();
+        let cases = [
+            (StdDuration::ZERO, "0s"),
+            (StdDuration::from_nanos(1), "1ns"),
+            (StdDuration::from_millis(1500), "1s500ms"),
+            (StdDuration::from_secs(86_400), "1d"),
+            (StdDuration::from_secs(7 * 86_400), "7d"),
+            (StdDuration::from_secs(30 * 86_400 + 3_661), "30d1h1m1s"),
+            (StdDuration::from_secs(365 * 86_400), "365d"),
+        ];
+        for (d, text) in cases {
+            assert_eq!(Duration(d).to_string(), text);
+        }
+        let longest = MAX.get() - StdDuration::from_nanos(1);
+        let mut all: Vec<StdDuration> = cases.iter().map(|(d, _)| *d).collect();
+        all.extend([MAX.get(), longest, StdDuration::new(86_399, 999_999_999)]);
+        for d in all {
+            let text = Duration(d).to_string();
+            assert!(schema_takes(&pattern, &text), "{text} ({d:?}) must be taken by the schema");
+            assert_eq!(text.parse::<Duration>().unwrap().get(), d, "{text}");
+            assert_eq!(
+                serde_json::from_value::<Duration>(serde_json::to_value(Duration(d)).unwrap()).unwrap().get(),
+                d
+            );
+        }
     }
 
     fn schema_takes(pattern: &regex::Regex, s: &str) -> bool {
