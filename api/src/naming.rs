@@ -19,6 +19,18 @@
 /// The JetStream KV bucket holding the resolved configuration.
 pub const CONFIG_BUCKET: &str = "ferry-config";
 
+/// KV bucket where sidecars note the messages they handed back without
+/// pushing them, so the next delivery's attempt count leaves that one out
+/// (JetStream counts every delivery). Made by the first sidecar that needs it.
+pub const RETURNS_BUCKET: &str = "ferry-returns";
+
+/// Key in [`RETURNS_BUCKET`] of one message (its stream sequence) of one
+/// consumer, made at `created` (seconds since the Unix epoch, so a consumer
+/// or stream made again under the same name starts afresh).
+pub fn returns_key(stream: &str, consumer: &str, created: i64, sequence: u64) -> String {
+    format!("{stream}.{consumer}.{created}.{sequence}")
+}
+
 /// Header names Ferry reads and writes (HTTP and broker messages).
 pub mod headers {
     /// Idempotency id of a produced message (HTTP request header).

@@ -234,6 +234,35 @@ async fn state_survives_a_broker_restart(mut h: Harness) {
     assert_eq!(r2.delivered, 2, "the delivery count survived");
 }
 
+/// A message handed back before the app got it is no attempt: its next
+/// delivery has the count it had (JetStream counts every delivery; the
+/// nats backend notes such hand-backs in the returns bucket). Also when
+/// another consumer handle, as another sidecar of the group would, and
+/// after a broker restart.
+async fn a_message_handed_back_unpushed_keeps_its_attempt_count(mut h: Harness) {
+    let plan = h.setup(Duration::from_secs(5)).await;
+    h.publish("waits").await;
+    let c = h.consumer(&plan).await;
+    let first = fetch_n(&c, 1, Duration::from_secs(5)).await;
+    assert_eq!((ids(&first), first[0].delivered), (vec!["waits".to_owned()], 1));
+    first[0].settle.settle(Settlement::ReleaseUnpushed).await.unwrap();
+    let second = fetch_n(&c, 1, Duration::from_secs(5)).await;
+    assert_eq!((ids(&second), second[0].delivered), (vec!["waits".to_owned()], 1), "handed back unpushed: no attempt");
+    second[0].settle.settle(Settlement::Release).await.unwrap();
+    let third = fetch_n(&c, 1, Duration::from_secs(5)).await;
+    assert_eq!(third[0].delivered, 2, "released after it was pushed: an attempt");
+    third[0].settle.settle(Settlement::ReleaseUnpushed).await.unwrap();
+    let other = h.consumer(&plan).await;
+    let fourth = fetch_n(&other, 1, Duration::from_secs(5)).await;
+    assert_eq!(fourth[0].delivered, 2, "another sidecar of the group sees the same count");
+    fourth[0].settle.settle(Settlement::ReleaseUnpushed).await.unwrap();
+    h.restart().await;
+    let c = h.consumer(&plan).await;
+    let fifth = fetch_n(&c, 1, Duration::from_secs(5)).await;
+    assert_eq!((ids(&fifth), fifth[0].delivered), (vec!["waits".to_owned()], 2), "and after a broker restart");
+    fifth[0].settle.settle(Settlement::Ack).await.unwrap();
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod nats {
@@ -261,6 +290,7 @@ conformance!(
     an_unsettled_message_is_redelivered_after_the_ack_wait_and_progress_extends_it,
     two_consumers_of_one_group_share_the_messages_each_once,
     state_survives_a_broker_restart,
+    a_message_handed_back_unpushed_keeps_its_attempt_count,
 );
 
 /// The embedded broker forgets an id once its duplicate window passed, in

@@ -771,6 +771,46 @@ async fn sigterm_hands_a_delivery_held_with_202_to_another_sidecar_at_once() {
     assert_eq!(app_a.received().len(), 1);
 }
 
+/// Messages waiting behind their key and handed back on SIGTERM never
+/// reached the app: the next pod pushes them as attempt 1, and with
+/// `maxDeliveries: 1` they are not dead-lettered unpushed (JetStream counted
+/// those deliveries; the returns bucket says they were none). The message
+/// the app held with 202 was an attempt: handed back too, it has none left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_back_messages_never_pushed_without_counting_an_attempt() {
+    let nats = NatsServer::start();
+    let fields = ["ordering: Key", "maxDeliveries: 1", "processingTimeout: 2s"];
+    let res = manifests_with(&subscription("waits", "orders", &fields));
+    let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let app_a = TestApp::start(|_, _| Reply::status(202)).await;
+    let app_b = TestApp::ok().await;
+    let mut sc_a = start(&nats, res.path(), data_a.path(), Some(&app_a), &["--pod-name", "shop-a"]);
+    for id in ["k-0", "k-1", "k-2"] {
+        produce(&sc_a, id, Some("one-key")).await;
+    }
+    app_a.wait_for(1, WAIT).await;
+    // k-0 is held by the app (202), k-1 and k-2 wait behind it: all leased.
+    let deadline = Instant::now() + WAIT;
+    while consumer_info(&nats, "FERRY_default_orders", "waits").await.num_ack_pending < 3 {
+        assert!(Instant::now() < deadline, "the sidecar never fetched the messages behind the key");
+        // The broker offers no event for this; poll its info.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sc_b = start(&nats, res.path(), data_b.path(), Some(&app_b), &["--pod-name", "shop-b"]);
+    sc_a.process.signal(15);
+    assert!(sc_a.process.wait_exit(START_TIMEOUT).success());
+    let got = app_b.wait_until(WAIT, |got| got.len() >= 2).await;
+    wait_settled(&nats, "waits").await;
+    let attempts: Vec<(&str, u32)> = got.iter().map(|r| (r.id(), r.attempt())).collect();
+    assert_eq!(attempts, [("k-1", 1), ("k-2", 1)]);
+    assert_eq!(app_a.received().iter().map(|r| r.id().to_owned()).collect::<Vec<_>>(), ["k-0"]);
+    let letters = dead_letters(&nats).await;
+    let origins: Vec<_> =
+        letters.iter().map(|m| m.headers.get(ferry_api::naming::headers::ORIGIN_ID).unwrap().to_string()).collect();
+    assert_eq!(origins, ["k-0"], "only the message the app had was out of attempts");
+    drop(sc_b);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_deliveries_by_subscription_and_result() {
     let nats = NatsServer::start();

@@ -564,6 +564,13 @@ impl ConsumerState {
             Settlement::Release => {
                 l.due.insert(seq, now);
             }
+            Settlement::ReleaseUnpushed => {
+                // Not an attempt: the next delivery counts this one again.
+                if let Some(n) = l.snap.delivered.get_mut(&seq) {
+                    *n = n.saturating_sub(1);
+                }
+                l.due.insert(seq, now);
+            }
             Settlement::Progress => {
                 let wait = l.ack_wait;
                 l.due.insert(seq, now + wait);

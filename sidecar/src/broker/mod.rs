@@ -67,8 +67,15 @@ pub enum Settlement {
     /// Deliver it again after this delay (nak with delay; never a bare nak,
     /// which JetStream redelivers at once).
     Retry(std::time::Duration),
-    /// Hand it back now, e.g. on shutdown, so another consumer gets it at once.
+    /// Hand it back now, e.g. on shutdown, so another consumer gets it at
+    /// once. The app had it (a push under way or held with 202): this
+    /// delivery was an attempt.
     Release,
+    /// Hand back, now, a message the app never got (it waited behind the
+    /// free push slots or its key): this delivery is no attempt, and the
+    /// next one says the count it had before. A crash cannot say so: a
+    /// message fetched by a sidecar that died counts one more.
+    ReleaseUnpushed,
     /// Never deliver it again, without success (after dead-lettering).
     Reject,
     /// Still working on it: restart the ack timer.

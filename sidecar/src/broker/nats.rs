@@ -27,12 +27,102 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// subscription's `maxInFlight`.
 pub const MAX_ACKS_IN_FLIGHT: usize = 1 << 20;
 
+/// How long the returns bucket keeps a note: far longer than a handed-back
+/// message waits for its next delivery (at once, if any pod is there).
+pub const RETURNS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// After the returns bucket could not be opened, how long before trying again.
+const RETURNS_RETRY: Duration = Duration::from_secs(30);
+
 /// A JetStream connection.
 #[derive(Clone, Debug)]
 pub struct NatsBroker {
     client: async_nats::Client,
     js: jetstream::Context,
     last_max_payload: Arc<LastMaxPayload>,
+    returns: Arc<Returns>,
+}
+
+/// The bucket where handed-back, never-pushed messages are counted
+/// ([`Settlement::ReleaseUnpushed`]; JetStream itself counts every
+/// delivery). Opened, or made, on first use. Without it (the broker away,
+/// no permission) a hand-back counts as JetStream counts it: one attempt.
+#[derive(Debug, Default)]
+struct Returns {
+    state: tokio::sync::Mutex<(Option<jetstream::kv::Store>, Option<std::time::Instant>)>,
+}
+
+impl Returns {
+    async fn store(&self, js: &jetstream::Context) -> Option<jetstream::kv::Store> {
+        let mut state = self.state.lock().await;
+        if let Some(kv) = &state.0 {
+            return Some(kv.clone());
+        }
+        if state.1.is_some_and(|at| at.elapsed() < RETURNS_RETRY) {
+            return None;
+        }
+        let bucket = ferry_api::naming::RETURNS_BUCKET;
+        let opened = match js.get_key_value(bucket).await {
+            Ok(kv) => Ok(kv),
+            Err(_) => {
+                let config = jetstream::kv::Config {
+                    bucket: bucket.into(),
+                    history: 1,
+                    max_age: RETURNS_MAX_AGE,
+                    ..Default::default()
+                };
+                match js.create_key_value(config).await {
+                    Ok(kv) => Ok(kv),
+                    // Made meanwhile by another sidecar?
+                    Err(e) => js.get_key_value(bucket).await.map_err(|_| e.to_string()),
+                }
+            }
+        };
+        match opened {
+            Ok(kv) => {
+                state.0 = Some(kv.clone());
+                Some(kv)
+            }
+            Err(e) => {
+                tracing::warn!(bucket, error = %e, "cannot open the returns bucket: a message handed back unpushed counts as an attempt");
+                state.1 = Some(std::time::Instant::now());
+                None
+            }
+        }
+    }
+}
+
+/// What a consumer's fetched messages need to note or read a return.
+#[derive(Debug)]
+struct ReturnsOf {
+    broker: NatsBroker,
+    stream: String,
+    consumer: String,
+    created: i64,
+}
+
+impl ReturnsOf {
+    fn key(&self, sequence: u64) -> String {
+        ferry_api::naming::returns_key(&self.stream, &self.consumer, self.created, sequence)
+    }
+
+    /// How many times the message at `sequence` was handed back unpushed.
+    async fn count(&self, sequence: u64) -> u32 {
+        let Some(kv) = self.broker.returns.store(&self.broker.js).await else { return 0 };
+        match kv.get(self.key(sequence)).await {
+            Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|t| t.parse().ok()).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Notes one more unpushed hand-back of the message at `sequence`.
+    /// Only the sidecar holding the message writes its key, so no
+    /// compare-and-set.
+    async fn note(&self, sequence: u64) -> Result<(), String> {
+        let kv = self.broker.returns.store(&self.broker.js).await.ok_or("no returns bucket")?;
+        let key = self.key(sequence);
+        let n = self.count(sequence).await;
+        kv.put(key, (n + 1).to_string().into()).await.map(|_| ()).map_err(|e| e.to_string())
+    }
 }
 
 /// The server's `max_payload` as last seen, kept in a file on the data
@@ -118,7 +208,7 @@ impl NatsBroker {
             .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        Ok(NatsBroker { client, js, last_max_payload: Default::default() })
+        Ok(NatsBroker { client, js, last_max_payload: Default::default(), returns: Default::default() })
     }
 
     /// Keeps the server's `max_payload` in `file` across restarts (see
@@ -191,7 +281,14 @@ impl Broker for NatsBroker {
     async fn consumer(&self, plan: &ConsumerPlan) -> Result<Arc<dyn Consumer>, BrokerError> {
         let stream = self.js.get_stream(&plan.stream).await.map_err(|e| self.classify(e))?;
         let consumer = stream.create_consumer(plan.to_jetstream()).await.map_err(|e| self.classify(e))?;
-        Ok(Arc::new(NatsConsumer { consumer, broker: self.clone() }))
+        let created = consumer.cached_info().created.unix_timestamp();
+        let returns = Arc::new(ReturnsOf {
+            broker: self.clone(),
+            stream: plan.stream.clone(),
+            consumer: plan.name.clone(),
+            created,
+        });
+        Ok(Arc::new(NatsConsumer { consumer, broker: self.clone(), returns }))
     }
 
     fn is_connected(&self) -> bool {
@@ -259,22 +356,34 @@ fn exceeds_maximum(e: &async_nats::jetstream::context::PublishError) -> bool {
 struct NatsConsumer {
     consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
     broker: NatsBroker,
+    returns: Arc<ReturnsOf>,
 }
 
-struct NatsSettle(Acker);
+struct NatsSettle {
+    acker: Acker,
+    sequence: u64,
+    returns: Arc<ReturnsOf>,
+}
 
 #[async_trait]
 impl Settle for NatsSettle {
     async fn settle(&self, how: Settlement) -> Result<(), BrokerError> {
+        if how == Settlement::ReleaseUnpushed {
+            // Noted before the nak, so the next delivery finds it. A note
+            // that fails leaves this one counted as an attempt.
+            if let Err(e) = self.returns.note(self.sequence).await {
+                tracing::debug!(sequence = self.sequence, error = %e, "hand-back not noted");
+            }
+        }
         let kind = match how {
             Settlement::Ack => AckKind::Ack,
             // A bare Nak redelivers at once; always give a delay.
             Settlement::Retry(delay) => AckKind::Nak(Some(delay.max(Duration::from_millis(1)))),
-            Settlement::Release => AckKind::Nak(Some(Duration::from_millis(1))),
+            Settlement::Release | Settlement::ReleaseUnpushed => AckKind::Nak(Some(Duration::from_millis(1))),
             Settlement::Reject => AckKind::Term,
             Settlement::Progress => AckKind::Progress,
         };
-        self.0.ack_with(kind).await.map_err(|e| BrokerError::Unavailable(e.to_string()))
+        self.acker.ack_with(kind).await.map_err(|e| BrokerError::Unavailable(e.to_string()))
     }
 }
 
@@ -297,7 +406,7 @@ impl Consumer for NatsConsumer {
         let mut out = Vec::new();
         while let Some(next) = batch.next().await {
             let msg = next.map_err(|e| self.broker.classify(e))?;
-            let (sequence, delivered, published_ms) = match msg.info() {
+            let (sequence, mut delivered, published_ms) = match msg.info() {
                 Ok(info) => (
                     info.stream_sequence,
                     u32::try_from(info.delivered).unwrap_or(u32::MAX),
@@ -305,6 +414,10 @@ impl Consumer for NatsConsumer {
                 ),
                 Err(_) => continue,
             };
+            if delivered > 1 {
+                // Deliveries that were handed back unpushed were no attempts.
+                delivered = delivered.saturating_sub(self.returns.count(sequence).await).max(1);
+            }
             let (message, acker) = msg.split();
             let mut headers = Vec::new();
             let mut id = None;
@@ -327,7 +440,7 @@ impl Consumer for NatsConsumer {
                 sequence,
                 delivered,
                 published_ms,
-                settle: Arc::new(NatsSettle(acker)),
+                settle: Arc::new(NatsSettle { acker, sequence, returns: self.returns.clone() }),
             });
         }
         Ok(out)

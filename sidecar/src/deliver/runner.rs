@@ -341,7 +341,7 @@ impl Ctx {
             .collect();
         let mut waiting: Vec<Fetched> = fetched_ahead.into_iter().chain(queued).collect();
         if self.spec.ordering == Ordering::None {
-            self.release(waiting).await;
+            self.release_unpushed(waiting).await;
             self.finish(&mut tasks).await;
             return;
         }
@@ -351,7 +351,7 @@ impl Ctx {
         // meanwhile it stays leased.
         waiting.sort_by_key(|m| m.sequence);
         self.all_leased(&waiting, self.finish(&mut tasks)).await;
-        self.release(waiting).await;
+        self.release_unpushed(waiting).await;
     }
 
     /// Waits up to [`STOP_WAIT`] for the deliveries under way, then aborts
@@ -382,10 +382,11 @@ impl Ctx {
         wait
     }
 
-    /// Hands messages back to the broker (redelivered at once, to any pod).
-    async fn release(&self, messages: Vec<Fetched>) {
+    /// Hands back messages that were never pushed (redelivered at once, to
+    /// any pod), each without it counting as an attempt.
+    async fn release_unpushed(&self, messages: Vec<Fetched>) {
         for m in messages {
-            let _ = m.settle.settle(Settlement::Release).await;
+            let _ = m.settle.settle(Settlement::ReleaseUnpushed).await;
         }
     }
 
@@ -947,7 +948,7 @@ impl Ctx {
         };
         // Stopped during the fetch: what came goes back, not to the app.
         if self.stopped() {
-            self.release(fetched).await;
+            self.release_unpushed(fetched).await;
             return Err(stopping());
         }
         let mut out = Vec::new();
