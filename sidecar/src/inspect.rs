@@ -8,8 +8,22 @@ use ferry_log::{Budget, Log};
 use crate::outbox::{log_options, parked_log_options, FORWARDED, PARKED_REASON};
 
 /// A text report of every topic log under `{data_dir}/outbox`. Opening a log
-/// runs its recovery (a torn tail is truncated, as a restart would).
+/// runs its recovery (a torn tail is truncated, as a restart would), so it
+/// takes the data dir's lock first and refuses while a sidecar holds it:
+/// beside a running writer, recovery would cut off records it is appending
+/// (answered 202) at the end of its active segment.
 pub fn inspect(data_dir: &Path) -> Result<String, String> {
+    if !data_dir.is_dir() {
+        return Err(format!("{}: no such data directory", data_dir.display()));
+    }
+    let _lock = crate::lock_dir(data_dir).map_err(|e| match e {
+        crate::StartError::Locked(dir) => format!(
+            "data directory {dir} is in use by a running ferry-sidecar: stop it first (inspecting a log \
+             runs its recovery, which would cut off what the running sidecar is appending); while it runs, \
+             its /readyz and /metrics show the outbox"
+        ),
+        other => other.to_string(),
+    })?;
     let dir = data_dir.join("outbox");
     let names = subdirs(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut out = String::new();

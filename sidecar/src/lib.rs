@@ -189,7 +189,12 @@ pub async fn shutdown_signal() {
 }
 
 fn lock_data_dir(config: &Config) -> Result<File, StartError> {
-    let dir = &config.data_dir;
+    lock_dir(&config.data_dir)
+}
+
+/// Takes the data directory's `LOCK` file (made if missing), held for as
+/// long as the file stays open: one process at a time uses a data dir.
+pub(crate) fn lock_dir(dir: &std::path::Path) -> Result<File, StartError> {
     std::fs::create_dir_all(dir).map_err(|e| StartError::Other(format!("creating {}: {e}", dir.display())))?;
     let path = dir.join("LOCK");
     let file = File::options()

@@ -2,6 +2,8 @@
 
 mod support;
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -63,6 +65,49 @@ async fn sigterm_with_the_broker_down_exits_0_after_the_grace_and_says_what_is_l
     let out = sc.process.output().join("\n");
     assert!(out.contains("messages left in the outbox") && out.contains("pending=3"), "{out}");
     // They are still there for the next start.
+    let text = inspect_outbox(data.path());
+    assert!(text.contains("topic audit:") && text.contains("3 not forwarded"), "{text}");
+}
+
+/// Every file under `dir` with its length.
+fn sizes(dir: &Path) -> BTreeMap<PathBuf, u64> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(sizes(&path));
+        } else {
+            out.insert(path.clone(), std::fs::metadata(&path).unwrap().len());
+        }
+    }
+    out
+}
+
+/// `outbox inspect` runs each log's recovery, which beside a running
+/// sidecar would cut off (truncate) what it is appending: it refuses a
+/// data dir in use, and changes no file.
+#[tokio::test]
+async fn outbox_inspect_refuses_a_data_dir_a_running_sidecar_uses_and_changes_nothing() {
+    let nats = NatsServer::stopped();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = Launch::new(nats.url(), res.path(), data.path()).arg("--shutdown-grace").arg("300ms").start();
+    for _ in 0..3 {
+        let resp = http().post(sc.url("/v1/topics/audit/messages")).body("x").send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+    }
+    let before = sizes(data.path());
+    let report = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
+        .args(["outbox", "inspect", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&report.stderr);
+    assert!(!report.status.success(), "inspect ran beside the sidecar: {}", String::from_utf8_lossy(&report.stdout));
+    assert!(stderr.contains("in use by a running ferry-sidecar"), "{stderr}");
+    assert_eq!(sizes(data.path()), before, "inspect changed files of the running sidecar");
+    sc.process.signal(SIGTERM);
+    assert!(sc.process.wait_exit(Duration::from_secs(30)).success());
     let text = inspect_outbox(data.path());
     assert!(text.contains("topic audit:") && text.contains("3 not forwarded"), "{text}");
 }

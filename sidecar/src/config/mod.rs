@@ -82,7 +82,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum OutboxCommand {
     /// Print segments, records per topic, the forwarded watermark and any
-    /// damage found. Do not run it against a data dir a sidecar is using.
+    /// damage found. Refused while a sidecar uses the data dir.
     Inspect {
         /// The sidecar's data directory.
         #[arg(long, env = "FERRY_DATA_DIR")]
