@@ -105,6 +105,8 @@ pub struct LogStats {
     pub bytes: u64,
     /// Segment files.
     pub segments: usize,
+    /// First offset of the active segment (the one appends go to).
+    pub active_base: u64,
 }
 
 /// An open log. Cheap to share behind an `Arc`; every method takes `&self`.
@@ -250,6 +252,20 @@ impl Log {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Sync(tx))?;
         rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Seals the active segment, if it holds a record, and starts a new one;
+    /// then deletes the sealed segments every cursor has passed. Returns
+    /// whether it sealed. Retention deletes only sealed segments, so records
+    /// every cursor has passed still hold their bytes (and their budget)
+    /// while their segment is active: a caller short of room seals it, and
+    /// its bytes go once the cursors pass its last record.
+    pub async fn seal_active(&self) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Seal(tx))?;
+        let sealed = rx.await.map_err(|_| Error::Closed)??;
+        self.apply_retention()?;
+        Ok(sealed)
     }
 
     /// [`Log::sync`] for threads outside an async runtime.
@@ -487,6 +503,7 @@ impl Log {
             records: st.segments.iter().map(|s| s.index.len() as u64).sum(),
             bytes: st.segments.iter().map(|s| s.len).sum(),
             segments: st.segments.len(),
+            active_base: st.segments.last().map_or(0, |s| s.base),
         }
     }
 }

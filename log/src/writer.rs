@@ -44,6 +44,9 @@ pub(crate) enum Command {
     Append(Request),
     /// Make everything written so far durable, then answer.
     Sync(oneshot::Sender<Result<()>>),
+    /// Seal the active segment if it holds a record (answer true), so
+    /// retention may delete it once every cursor has passed it.
+    Seal(oneshot::Sender<Result<bool>>),
 }
 
 struct Pending {
@@ -135,6 +138,7 @@ impl Writer {
             let mut gathered = 0usize;
             let mut requests = 0usize;
             let mut syncs = Vec::new();
+            let mut seals = Vec::new();
             let mut next = Some(first);
             let waited_until = Instant::now() + GATHER_WAIT;
             while let Some(cmd) = next.take() {
@@ -145,6 +149,7 @@ impl Writer {
                         self.stage(req);
                     }
                     Command::Sync(tx) => syncs.push(tx),
+                    Command::Seal(tx) => seals.push(tx),
                 }
                 if gathered < self.shared.opts.group_bytes {
                     next = rx.try_recv().ok();
@@ -166,6 +171,16 @@ impl Writer {
                 let r = self.sync_unsynced();
                 for tx in syncs {
                     let _ = tx.send(r.as_ref().map(|_| ()).map_err(|_| Error::Poisoned));
+                }
+            }
+            if !seals.is_empty() {
+                // Everything staged is written (flush above): seal only a
+                // segment that holds a record (an empty one frees nothing).
+                let mut r = if self.next_offset > self.base { self.roll().map(|()| true) } else { Ok(false) };
+                for tx in seals {
+                    // One roll for all: the others learn it sealed, or that
+                    // it did not (an error goes to the first).
+                    let _ = tx.send(std::mem::replace(&mut r, Ok(false)));
                 }
             }
             if let (FsyncMode::Interval(every), Some(since)) = (self.shared.opts.fsync, self.first_unsynced) {

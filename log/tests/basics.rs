@@ -157,6 +157,41 @@ fn an_append_over_the_budget_fails_with_full_and_writes_nothing() {
     log.append_blocking(&[rec(ok)]).unwrap();
 }
 
+/// Records every cursor passed still hold their budget while their segment
+/// is active (retention deletes sealed segments only): with a budget below
+/// one segment, appends stay refused however far the cursor goes, until
+/// the active segment is sealed; then the cursor frees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealing_the_active_segment_lets_retention_free_what_every_cursor_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Budget::new(600);
+    let (log, _) = Log::open(dir.path(), LogOptions { budget: budget.clone(), ..small_segments() }).unwrap();
+    let mut ok = 0;
+    while log.append(&[rec(ok)]).await.is_ok() {
+        ok += 1;
+    }
+    log.commit("fwd", ok).unwrap();
+    assert_eq!(log.stats().segments, 1, "all in the active segment");
+    assert!(matches!(log.append(&[rec(ok)]).await, Err(Error::Full { .. })), "the cursor alone frees nothing");
+
+    assert!(log.seal_active().await.unwrap(), "a segment with records is sealed");
+    let stats = log.stats();
+    assert_eq!((stats.segments, stats.records, stats.start_offset), (1, 0, ok), "and deleted: {stats:?}");
+    log.append(&[rec(ok)]).await.expect("room again");
+    assert_eq!(log.read(ok, 10, usize::MAX).unwrap().records[0].id, format!("id-{ok}"));
+
+    // A sealed segment with records not yet passed stays until they are.
+    assert!(log.seal_active().await.unwrap());
+    assert_eq!(log.stats().segments, 2);
+    log.commit("fwd", ok + 1).unwrap();
+    assert_eq!(log.stats().segments, 1);
+    assert!(!log.seal_active().await.unwrap(), "an empty active segment is not sealed");
+    drop(log);
+    let (log, report) = Log::open(dir.path(), small_segments()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(log.next_offset(), ok + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appenders_share_syncs_and_every_offset_is_unique() {
     let dir = tempfile::tempdir().unwrap();

@@ -186,6 +186,27 @@ fn release_retained(topics: &[Arc<TopicLog>]) -> (bool, Vec<String>) {
     (any, released)
 }
 
+/// Seals the active segment of every topic whose active segment holds
+/// forwarded records no replay window keeps, so retention deletes them now
+/// (or, for a segment with records still to forward, once they are). The
+/// budget counts every segment byte: without this, an outbox limit below
+/// the active segments' size (a small volume, many topics) refuses every
+/// append for good, with nothing left to forward. True if any was sealed.
+async fn seal_forwarded(topics: &[Arc<TopicLog>]) -> bool {
+    let mut any = false;
+    for tl in topics {
+        let stats = tl.log.stats();
+        let kept_from = tl.log.cursors().values().copied().min().unwrap_or(0);
+        if stats.next_offset > stats.active_base && kept_from > stats.active_base {
+            match tl.log.seal_active().await {
+                Ok(sealed) => any |= sealed,
+                Err(e) => tracing::warn!(topic = %tl.topic, error = %e, "could not seal a forwarded segment"),
+            }
+        }
+    }
+    any
+}
+
 /// Log options for a topic with this persistence, under the sidecar's
 /// `--fsync` policy (which can only lower it). Segment space is
 /// preallocated only where every append is synced: elsewhere a sync is
@@ -327,13 +348,18 @@ impl Outbox {
             Err(e @ (ferry_log::Error::Full { .. } | ferry_log::Error::NoSpace { .. })) => {
                 // Room held only for replays goes first.
                 let topics = self.topics();
-                let (any, released) =
-                    tokio::task::spawn_blocking(move || release_retained(&topics)).await.unwrap_or_default();
-                if !any {
-                    return Err(e);
-                }
+                let (any, released) = {
+                    let topics = topics.clone();
+                    tokio::task::spawn_blocking(move || release_retained(&topics)).await.unwrap_or_default()
+                };
                 if !released.is_empty() {
                     tracing::warn!(topics = ?released, error = %e, "the outbox needed room: gave up the replay window of these topics");
+                }
+                // Then forwarded records in active segments, which
+                // retention cannot delete until their segment is sealed.
+                let sealed = seal_forwarded(&topics).await;
+                if !any && !sealed {
+                    return Err(e);
                 }
                 tl.log.append(records).await?
             }
@@ -632,6 +658,50 @@ mod open_tests {
         let err = outbox.append(&tl, &big).await.unwrap_err();
         assert!(matches!(err, ferry_log::Error::Full { .. }), "{err:?}");
         assert_eq!(tl.log.next_offset(), next);
+    }
+
+    /// Forwarded records in the active segment hold their room until it is
+    /// sealed (retention deletes sealed segments only). With an outbox
+    /// limit below one segment (a small volume: the webhook sets 75% of
+    /// it), an append that finds the outbox full seals it, and appends go
+    /// on as long as the forwarder keeps up; without, every append was
+    /// refused for good after the limit's worth of traffic, with nothing
+    /// left to forward.
+    #[tokio::test]
+    async fn forwarded_records_in_the_active_segment_make_room_when_the_outbox_is_full() {
+        use ferry_log::memfs::MemFs;
+        let data = tempfile::tempdir().unwrap();
+        let spec = BTreeMap::from([("orders".to_owned(), (Persistence::Durable, 1))]);
+        let limit = 2 << 20;
+        let (outbox, _) =
+            Outbox::open_on(Arc::new(MemFs::new()), data.path(), limit, FsyncPolicy::Always, &spec).unwrap();
+        let tl = outbox.topic("orders").unwrap();
+        assert!(tl.log.options().segment_bytes > limit, "the case: a segment is larger than the limit");
+        let batch = |name: String| -> Vec<NewRecord> {
+            (0..64).map(|j| NewRecord::new(format!("{name}-{j}"), vec![1u8; 1024])).collect()
+        };
+        for i in 0..80u64 {
+            let range = outbox.append(&tl, &batch(format!("m{i}"))).await.unwrap_or_else(|e| panic!("batch {i}: {e}"));
+            tl.log.commit(FORWARDED, range.end).unwrap(); // the forwarder keeps up
+        }
+        assert_eq!(tl.log.next_offset(), 80 * 64, "5 MiB through a 2 MiB outbox");
+        assert!(outbox.budget().used() <= limit);
+
+        // Records not forwarded count: a full outbox of them refuses, and
+        // stores nothing; once they are forwarded, there is room again.
+        let next = tl.log.next_offset();
+        let mut refused = None;
+        for i in 0..40u64 {
+            if let Err(e) = outbox.append(&tl, &batch(format!("p{i}"))).await {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        let (i, err) = refused.expect("pending records fill the outbox");
+        assert!(matches!(err, ferry_log::Error::Full { .. }), "{err:?}");
+        assert_eq!(tl.log.next_offset(), next + i * 64, "the refused batch stored nothing");
+        tl.log.commit(FORWARDED, tl.log.next_offset()).unwrap();
+        outbox.append(&tl, &batch("after".into())).await.expect("room once forwarded");
     }
 
     #[tokio::test]
