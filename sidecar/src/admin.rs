@@ -37,7 +37,7 @@ async fn healthz(State(s): State<Arc<Sidecar>>) -> impl IntoResponse {
 /// Readiness detail: broker connection, broker config applied, outbox depth per topic.
 pub fn readiness(s: &Sidecar) -> (bool, serde_json::Value) {
     let connected = s.broker.is_connected();
-    let configured = s.broker_configured.load(Ordering::Acquire);
+    let configured = s.broker_configured.load(Ordering::Acquire) && s.is_config_loaded();
     let shutting_down = s.is_shutting_down();
     let failed = s.outbox.failed_topics();
     let mut outbox = serde_json::Map::new();

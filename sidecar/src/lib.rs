@@ -355,6 +355,8 @@ pub(crate) async fn run_on(
         shutting_down: Default::default(),
         delivery,
         broker_configured: Default::default(),
+        // Only the KV bucket comes later; manifests are read above.
+        config_loaded: std::sync::atomic::AtomicBool::new(!(config.resources.is_none() && nats.is_some())),
         stream_missing: Default::default(),
     });
 
@@ -504,9 +506,13 @@ async fn watch_kv(
     while let Some(new) = rx.recv().await {
         if let Err(e) = check_resources(&s.config, &new) {
             tracing::error!(error = %e, "the resolved configuration cannot run here; keeping the running configuration");
+            s.config_loaded.store(true, Ordering::Release);
             continue;
         }
         apply_change(&s, &forwarders, new).await;
+        if !s.config_loaded.swap(true, Ordering::AcqRel) {
+            tracing::info!("configuration loaded from the config bucket");
+        }
     }
     watcher.abort();
 }

@@ -34,6 +34,11 @@ pub struct Sidecar {
     pub stream_missing: Arc<tokio::sync::Notify>,
     /// Set once every stream and consumer of the resources exists on the broker.
     pub broker_configured: AtomicBool,
+    /// Set once the resources are known: at start from a manifest
+    /// directory; with the operator's KV bucket, once its first whole
+    /// snapshot (or an empty namespace) came. Until then an unknown topic or
+    /// subscription may only be not loaded yet: 503, not 404.
+    pub config_loaded: AtomicBool,
 }
 
 impl std::fmt::Debug for Sidecar {
@@ -67,5 +72,10 @@ impl Sidecar {
     /// True after SIGTERM.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Whether the resources are known (see [`Sidecar::config_loaded`]).
+    pub fn is_config_loaded(&self) -> bool {
+        self.config_loaded.load(Ordering::Acquire)
     }
 }

@@ -26,6 +26,66 @@ fn sidecar_of_app_shop(nats: &NatsServer, app: &TestApp, data: &std::path::Path)
     (Process::spawn("ferry-sidecar", cmd), api)
 }
 
+/// A sidecar of app `shop` following the KV bucket, started: the process,
+/// its API and its admin base URLs.
+fn kv_sidecar(nats: &NatsServer, app: &TestApp, data: &std::path::Path) -> (Process, String, String) {
+    let (api, admin) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
+    cmd.env_remove("RUST_LOG")
+        .args(["--app-id", "shop", "--broker", &nats.url(), "--app-port", &app.port.to_string()])
+        .args(["--api-addr", &format!("127.0.0.1:{api}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
+        .arg("--data-dir")
+        .arg(data);
+    let mut sc = Process::spawn("ferry-sidecar", cmd);
+    sc.wait_for_line("ferry-sidecar started", START_TIMEOUT);
+    (sc, format!("http://127.0.0.1:{api}"), format!("http://127.0.0.1:{admin}"))
+}
+
+async fn status_of(req: reqwest::RequestBuilder) -> (u16, Option<String>) {
+    let resp = req.send().await.unwrap();
+    let retry_after = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+    (resp.status().as_u16(), retry_after)
+}
+
+/// Until the config bucket's state has been read whole, a topic the app
+/// names may only not be loaded yet: the sidecar is not ready, and a
+/// produce is 503 with `Retry-After`, not 404 (which an app takes as final).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_the_config_bucket_is_read_the_sidecar_is_not_ready_and_produce_is_503() {
+    let nats = NatsServer::start();
+    let app = TestApp::ok().await;
+    let data = tempfile::tempdir().unwrap();
+    let (mut sc, api, admin) = kv_sidecar(&nats, &app, data.path());
+    sc.wait_for_line("event: connected", START_TIMEOUT);
+    // No operator has made the bucket yet.
+    let c = http();
+    assert_eq!(status_of(c.get(format!("{admin}/readyz"))).await.0, 503);
+    let produce = || c.post(format!("{api}/v1/topics/orders/messages")).body("x");
+    assert_eq!(status_of(produce()).await, (503, Some("1".to_owned())));
+
+    let op = JetStream::new(async_nats::connect(nats.url()).await.unwrap());
+    op.apply_topic(&build::topic("default", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    sc.wait_for_line("configuration loaded from the config bucket", START_TIMEOUT);
+    assert_eq!(status_of(c.get(format!("{admin}/readyz"))).await.0, 200);
+    assert_eq!(status_of(produce()).await.0, 202);
+}
+
+/// A namespace with no entry in the bucket is a whole state too: ready,
+/// and an unknown topic is 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_namespace_in_the_config_bucket_is_loaded_and_an_unknown_topic_is_404() {
+    let nats = NatsServer::start();
+    let op = JetStream::new(async_nats::connect(nats.url()).await.unwrap());
+    op.apply_topic(&build::topic("elsewhere", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let app = TestApp::ok().await;
+    let data = tempfile::tempdir().unwrap();
+    let (mut sc, api, admin) = kv_sidecar(&nats, &app, data.path());
+    sc.wait_for_line("configuration loaded from the config bucket", START_TIMEOUT);
+    let c = http();
+    assert_eq!(status_of(c.get(format!("{admin}/readyz"))).await.0, 200);
+    assert_eq!(status_of(c.post(format!("{api}/v1/topics/orders/messages")).body("x")).await, (404, None));
+}
+
 /// Produces `id` to `orders` with `ack=broker` and waits for the app to
 /// get it (as its first message) on `path`.
 async fn produce_and_see_it_pushed(api: u16, app: &TestApp, id: &str, path: &str) {

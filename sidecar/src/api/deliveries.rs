@@ -146,7 +146,7 @@ pub async fn pull(
             s.resources.read().unwrap_or_else(|e| e.into_inner()).subscriptions.get(&name).is_some_and(|sub| {
                 sub.app == s.config.app_id && sub.mode == ferry_api::subscription::DeliveryMode::Pull
             });
-        return Err(if configured {
+        return Err(if configured || !s.is_config_loaded() {
             ApiError::Unavailable(format!("subscription {name:?} is starting"))
         } else {
             ApiError::UnknownSubscription(name)

@@ -126,8 +126,15 @@ fn admit(s: &Sidecar, topic: &str) -> Result<(Arc<crate::outbox::TopicLog>, Limi
     if s.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
-    let spec = s.topic_spec(topic).ok_or_else(|| ApiError::UnknownTopic(topic.to_owned()))?;
-    let tl = s.outbox.topic(topic).ok_or_else(|| ApiError::UnknownTopic(topic.to_owned()))?;
+    let unknown = || {
+        if s.is_config_loaded() {
+            ApiError::UnknownTopic(topic.to_owned())
+        } else {
+            ApiError::Unavailable("the sidecar is starting: its configuration is not loaded yet".into())
+        }
+    };
+    let spec = s.topic_spec(topic).ok_or_else(unknown)?;
+    let tl = s.outbox.topic(topic).ok_or_else(unknown)?;
     let max_payload = s.config.max_message_bytes.min(spec.max_message_size as usize);
     Ok((tl, Limits::new(max_payload, s.broker.max_message_bytes())))
 }

@@ -45,6 +45,16 @@ pub fn resolve(entries: &BTreeMap<String, Bytes>, namespace: &str, app_id: &str)
     r
 }
 
+/// Whether the bucket holds no entry (nor delete marker) of `namespace`.
+/// False when that cannot be told: the watch then says.
+async fn namespace_is_empty(js: &jetstream::Context, namespace: &str) -> bool {
+    let Ok(stream) = js.get_stream(format!("KV_{CONFIG_BUCKET}")).await else { return false };
+    match stream.info_with_subjects(format!("$KV.{CONFIG_BUCKET}.{namespace}.>")).await {
+        Ok(mut subjects) => subjects.next().await.is_none(),
+        Err(_) => false,
+    }
+}
+
 /// Watches the bucket for ever, sending the resources whenever they change.
 pub async fn watch(js: jetstream::Context, namespace: String, app_id: String, tx: mpsc::Sender<Resources>) {
     loop {
@@ -66,6 +76,16 @@ pub async fn watch(js: jetstream::Context, namespace: String, app_id: String, tx
         };
         let mut entries = BTreeMap::new();
         let mut sent: Option<Resources> = None;
+        // A namespace with no entry yields nothing to watch: its (empty)
+        // state is whole now. Asked after the watch started, so an entry
+        // written meanwhile still comes through it.
+        if namespace_is_empty(&js, &namespace).await {
+            let r = resolve(&entries, &namespace, &app_id);
+            if tx.send(r.clone()).await.is_err() {
+                return;
+            }
+            sent = Some(r);
+        }
         while let Some(next) = updates.next().await {
             let entry = match next {
                 Ok(e) => e,
