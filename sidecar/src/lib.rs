@@ -289,6 +289,11 @@ pub(crate) async fn run_on(
     };
     check_resources(&config, &resources)?;
     let _lock = lock_data_dir(&config)?;
+    let mut config = config;
+    if config.pod_name.is_empty() {
+        config.pod_name = config::pod_name_of(&config.data_dir, &config.app_id)
+            .map_err(|e| StartError::Other(format!("pod name file in {}: {e}", config.data_dir.display())))?;
+    }
     if config.fsync != config::FsyncPolicy::Always {
         tracing::warn!(
             fsync = ?config.fsync,

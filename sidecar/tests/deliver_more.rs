@@ -387,6 +387,50 @@ async fn fanout_pod_gives_every_sidecar_of_the_app_every_message() {
     assert_eq!(counts(&app_b.received()), want, "pod b");
 }
 
+/// Without `--pod-name` and `$HOSTNAME` (a laptop: bash does not export
+/// it) a standalone sidecar's pod name is made once and kept in its data
+/// dir: restarted, it keeps its per-pod consumer and gets what came
+/// meanwhile (a name from the process id left the old consumer behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_sidecar_without_a_pod_name_keeps_its_per_pod_consumer() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription("cache", "orders", &["fanout: Pod"]));
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::ok().await;
+    let launch = || {
+        let mut l = Launch::new(nats.url(), res.path(), data.path()).arg("--app-port").arg(&app.port.to_string());
+        l.without_env = vec!["HOSTNAME".into(), "FERRY_POD_NAME".into()];
+        let mut sc = l.start();
+        sc.wait_configured();
+        sc
+    };
+    let mut sc = launch();
+    produce(&sc, "before", None).await;
+    app.wait_for(1, WAIT).await;
+    let consumers = || async {
+        let js = jetstream(&nats.url()).await;
+        let mut stream = js.get_stream("FERRY_default_orders").await.unwrap();
+        let names: Vec<String> =
+            futures::StreamExt::collect(futures::StreamExt::map(stream.consumer_names(), |n| n.unwrap())).await;
+        names
+    };
+    let first = consumers().await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first[0].starts_with("cache--shop-"), "{first:?}");
+    sc.process.signal(15);
+    assert!(sc.process.wait_exit(START_TIMEOUT).success());
+
+    // Produced while no sidecar runs (to the stream, by another producer).
+    let js = jetstream(&nats.url()).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "meanwhile");
+    js.publish_with_headers("ferry.default.orders.0", headers, "m".into()).await.unwrap().await.unwrap();
+    let _sc = launch();
+    let got = app.wait_for(2, WAIT).await;
+    assert_eq!(got.iter().map(|r| r.id().to_owned()).collect::<Vec<_>>(), ["before", "meanwhile"]);
+    assert_eq!(consumers().await, first, "the same per-pod consumer after the restart");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_long_polls_and_its_deliveries_are_acked_retried_and_rejected_by_callback() {
     let nats = NatsServer::start();

@@ -111,7 +111,10 @@ pub struct SidecarArgs {
     /// Kubernetes namespace of the app (names streams and config keys).
     #[arg(long, env = "FERRY_NAMESPACE", default_value = "default")]
     pub namespace: String,
-    /// Name of this pod (per-pod consumers); defaults to the host name.
+    /// Name of this pod (per-pod consumers of `fanout: Pod`); defaults to
+    /// `$HOSTNAME` (in Kubernetes, the pod's name), else a name made once
+    /// and kept in the data dir (`pod-name`), so a restarted standalone
+    /// sidecar keeps its per-pod consumers.
     #[arg(long, env = "FERRY_POD_NAME")]
     pub pod_name: Option<String>,
     /// Directory for the outbox and delivery state (a volume in Kubernetes).
@@ -246,7 +249,8 @@ pub struct Config {
     pub app_port: Option<u16>,
     /// Namespace.
     pub namespace: String,
-    /// Pod name.
+    /// Pod name (empty until [`pod_name_of`] has found it, when neither
+    /// `--pod-name` nor `$HOSTNAME` gives one).
     pub pod_name: String,
     /// Data directory.
     pub data_dir: PathBuf,
@@ -392,10 +396,9 @@ impl Config {
                 errors.push(format!("--resources: {} is not a directory", dir.display()));
             }
         }
-        let pod_name = a
-            .pod_name
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_else(|| format!("{}-{}", app_id, std::process::id()));
+        // Empty: made once and kept in the data dir, see `pod_name_of`.
+        let pod_name =
+            a.pod_name.or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty())).unwrap_or_default();
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -506,4 +509,21 @@ mod tests {
         }
         assert_eq!(errors.len(), 8, "{text}");
     }
+}
+
+/// The pod name kept in `data_dir` (file `pod-name`), made on first use as
+/// `{app_id}-{8 hex digits}`: stable across restarts of a standalone
+/// sidecar (its per-pod consumers stay its own), different for every data
+/// dir (two sidecars never share one).
+pub fn pod_name_of(data_dir: &std::path::Path, app_id: &str) -> std::io::Result<String> {
+    let file = data_dir.join("pod-name");
+    match std::fs::read_to_string(&file) {
+        Ok(name) if !name.trim().is_empty() => return Ok(name.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let name = format!("{app_id}-{:08x}", uuid::Uuid::new_v4().as_u128() as u32);
+    ferry_log::fs::write_atomic(&ferry_log::StdFs, data_dir, "pod-name", name.as_bytes())?;
+    Ok(name)
 }

@@ -44,11 +44,13 @@ pub struct Launch<'a> {
     pub data_dir: &'a Path,
     pub extra: Vec<String>,
     pub api_port: Option<u16>,
+    /// Environment variables the process does not inherit.
+    pub without_env: Vec<String>,
 }
 
 impl<'a> Launch<'a> {
     pub fn new(broker: String, resources: &'a Path, data_dir: &'a Path) -> Self {
-        Launch { broker, resources, data_dir, extra: Vec::new(), api_port: None }
+        Launch { broker, resources, data_dir, extra: Vec::new(), api_port: None, without_env: Vec::new() }
     }
 
     pub fn arg(mut self, a: &str) -> Self {
@@ -70,6 +72,9 @@ impl<'a> Launch<'a> {
             .arg("--data-dir")
             .arg(self.data_dir)
             .args(&self.extra);
+        for name in &self.without_env {
+            cmd.env_remove(name);
+        }
         let mut process = Process::spawn("ferry-sidecar", cmd);
         process.wait_for_line("ferry-sidecar started", START_TIMEOUT);
         Sidecar {
