@@ -75,7 +75,8 @@ pub enum Error {
 impl Error {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         let path = path.into();
-        if source.kind() == io::ErrorKind::StorageFull {
+        // A full disk, or a full quota (a quota'd volume): room may come back.
+        if matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded) {
             Error::NoSpace { op, path, source }
         } else {
             Error::Io { op, path, source }

@@ -161,6 +161,17 @@ fn seg_path(base: u64) -> PathBuf {
 
 #[test]
 fn a_write_failing_with_enospc_changes_nothing_and_the_log_stays_usable() {
+    a_write_failing_for_room_changes_nothing_and_the_log_stays_usable(io::ErrorKind::StorageFull);
+}
+
+/// A full quota (EDQUOT, on a quota'd volume) is a full disk too: retryable,
+/// `NoSpace` (the sidecar answers 507 and gives up replay windows for room).
+#[test]
+fn a_write_failing_with_edquot_is_no_space_and_changes_nothing() {
+    a_write_failing_for_room_changes_nothing_and_the_log_stays_usable(io::ErrorKind::QuotaExceeded);
+}
+
+fn a_write_failing_for_room_changes_nothing_and_the_log_stays_usable(kind: io::ErrorKind) {
     let fs = MemFs::new();
     let (log, _) = open(&fs, always());
     let mut acked = Acked::new();
@@ -170,7 +181,7 @@ fn a_write_failing_with_enospc_changes_nothing_and_the_log_stays_usable() {
     let before = files(&fs);
     let stats = log.stats();
 
-    fs.inject(Fault::Write(io::ErrorKind::StorageFull));
+    fs.inject(Fault::Write(kind));
     let err = log.append_blocking(&[rec(5, 100), rec(6, 100)]).expect_err("the write fails");
     assert!(matches!(&err, Error::NoSpace { path, .. } if *path == seg_path(0)), "{err:?}");
     assert!(err.is_retryable());

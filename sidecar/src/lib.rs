@@ -289,6 +289,12 @@ pub(crate) async fn run_on(
     };
     check_resources(&config, &resources)?;
     let _lock = lock_data_dir(&config)?;
+    if config.broker.is_embedded() && config.resources.is_none() {
+        tracing::warn!(
+            "the embedded broker and no --resources (FERRY_RESOURCES): no topics, so every produce call will be 404; \
+             give the directory of your Topic and Subscription manifests"
+        );
+    }
     let mut config = config;
     if config.pod_name.is_empty() {
         config.pod_name = config::pod_name_of(&config.data_dir, &config.app_id)

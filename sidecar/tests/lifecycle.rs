@@ -69,6 +69,23 @@ async fn sigterm_with_the_broker_down_exits_0_after_the_grace_and_says_what_is_l
     assert!(text.contains("topic audit:") && text.contains("3 not forwarded"), "{text}");
 }
 
+/// The embedded broker without manifests has no topic at all: the sidecar
+/// says so at start rather than answering 404 to every produce unexplained.
+#[tokio::test]
+async fn the_embedded_broker_without_resources_warns_at_start() {
+    let data = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
+    cmd.env_remove("RUST_LOG")
+        .env_remove("FERRY_RESOURCES")
+        .args(["--app-id", "shop", "--api-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(data.path());
+    let mut sc = Process::spawn("ferry-sidecar", cmd);
+    let line = sc.wait_for_line("no --resources", START_TIMEOUT);
+    assert!(line.contains("WARN") && line.contains("404"), "{line}");
+}
+
 /// Every file under `dir` with its length.
 fn sizes(dir: &Path) -> BTreeMap<PathBuf, u64> {
     let mut out = BTreeMap::new();

@@ -250,7 +250,12 @@ impl Stream {
         let mut headers = msg.headers;
         headers.push((SUBJECT_HEADER.to_owned(), msg.subject));
         let record = NewRecord { timestamp_ms: now, id: msg.id, key: None, headers, payload: msg.payload };
-        let ticket = self.log.submit(std::slice::from_ref(&record)).map_err(unavailable)?;
+        // Larger than a stream segment takes: refused for good (parked by
+        // the forwarder), not a broker away (retried for ever).
+        let ticket = self.log.submit(std::slice::from_ref(&record)).map_err(|e| match e {
+            ferry_log::Error::TooLarge { .. } => BrokerError::TooLarge(e.to_string()),
+            e => unavailable(e),
+        })?;
         let fut: AckFuture =
             async move { ticket.await.map(|r| r.start + 1).map_err(|e| e.to_string()) }.boxed().shared();
         ids.begin(key, fut.clone(), now);
@@ -722,6 +727,27 @@ mod tests {
             headers: Vec::new(),
             payload: bytes::Bytes::from_static(b"{}"),
         }
+    }
+
+    /// A message larger than a stream segment can never be stored: refused
+    /// for good (`TooLarge`, which the forwarder parks), not `Unavailable`
+    /// (retried for ever, holding back its topic).
+    #[tokio::test]
+    async fn a_message_larger_than_a_segment_is_refused_as_too_large() {
+        let tmp = tempfile::tempdir().unwrap();
+        let broker = EmbeddedBroker::open(tmp.path()).unwrap();
+        let _ = stream_and_plan(&broker).await;
+        let huge = OutMessage {
+            payload: bytes::Bytes::from(vec![0u8; ferry_log::DEFAULT_SEGMENT_BYTES as usize]),
+            ..message("huge")
+        };
+        let refused = match broker.publish(huge).await {
+            Ok(pending) => pending.await.err(),
+            Err(e) => Some(e),
+        };
+        assert!(matches!(refused, Some(BrokerError::TooLarge(_))), "{refused:?}");
+        let small = broker.publish(message("small")).await.unwrap().await.unwrap();
+        assert_eq!(small.sequence, 1, "nothing was stored for the refused one");
     }
 
     #[tokio::test]
