@@ -89,6 +89,7 @@ async fn metrics(State(s): State<Arc<Sidecar>>) -> impl IntoResponse {
 #[cfg(test)]
 mod liveness_tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use clap::Parser;
     use ferry_log::memfs::{Fault, MemFs};
@@ -120,6 +121,92 @@ mod liveness_tests {
             .await
             .unwrap();
         (resp.status().as_u16(), resp.json().await.unwrap_or_default())
+    }
+
+    /// A topic added while the disk is full gets no outbox: its produce
+    /// calls are 503 (configured, not unknown: 404 would tell the app it
+    /// does not exist), and once there is room it is opened and forwarded
+    /// without another config change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_topic_whose_outbox_cannot_be_opened_is_503_and_opened_once_there_is_room() {
+        let data = tempfile::tempdir().unwrap();
+        let manifests = tempfile::tempdir().unwrap();
+        std::fs::write(manifests.path().join("topics.yaml"), MANIFESTS).unwrap();
+        let cli = Cli::try_parse_from([
+            "ferry-sidecar",
+            "--app-id",
+            "shop",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--resources",
+            manifests.path().to_str().unwrap(),
+            "--resources-poll",
+            "50ms",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--shutdown-grace",
+            "1s",
+        ])
+        .unwrap();
+        let config = Config::from_args(cli.sidecar).unwrap();
+        let fs = Arc::new(MemFs::new());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let sidecar = tokio::spawn(crate::run_on(
+            fs.clone(),
+            config,
+            async move {
+                let _ = stop_rx.await;
+            },
+            Some(ready_tx),
+        ));
+        let started = ready_rx.await.expect("the sidecar started");
+        let client = reqwest::Client::new();
+        let api = started.api;
+
+        fs.set_capacity(Some(0)); // the disk is full
+        let added = format!(
+            "{MANIFESTS}---\napiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata:\n  name: late\nspec: {{}}\n"
+        );
+        std::fs::write(manifests.path().join("topics.yaml"), added).unwrap();
+        // The new topic is configured (the reload polls every 50 ms), without an outbox.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let (status, body) = loop {
+            let (status, body) = produce(&client, api, "late", "l-1").await;
+            if status != 404 || std::time::Instant::now() > deadline {
+                break (status, body);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(status, 503, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("could not be opened"), "{body}");
+
+        fs.set_capacity(None);
+        // Opened again within REOPEN_EVERY; no event says when.
+        let deadline = std::time::Instant::now() + crate::REOPEN_EVERY * 3;
+        let status = loop {
+            let (status, _) = produce(&client, api, "late", "l-1").await;
+            if status == 202 || std::time::Instant::now() > deadline {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(status, 202);
+        // And its forwarder runs: the message reaches the broker.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let body = loop {
+            let (_, body) = get(&client, format!("http://{api}/v1/messages/l-1")).await;
+            if body["status"] == "forwarded" || std::time::Instant::now() > deadline {
+                break body;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(body["status"], "forwarded", "{body}");
+
+        stop_tx.send(()).unwrap();
+        sidecar.await.unwrap().expect("the sidecar stopped cleanly");
     }
 
     /// A whole sidecar (embedded broker, real HTTP on loopback) whose outbox

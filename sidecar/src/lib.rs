@@ -222,6 +222,23 @@ fn check_resources(config: &Config, resources: &Resources) -> Result<(), StartEr
     Ok(())
 }
 
+/// How often a configured topic whose outbox could not be opened (a full
+/// disk) is tried again.
+pub const REOPEN_EVERY: Duration = Duration::from_secs(5);
+
+/// Opens, every [`REOPEN_EVERY`], the outbox (and starts the forwarder) of
+/// configured topics that have none: their first open failed. Without
+/// this, such a topic stayed without an outbox until the next config change.
+async fn reopen_outboxes(s: Arc<Sidecar>, forwarders: Arc<tokio::sync::Mutex<Forwarders>>) {
+    loop {
+        tokio::time::sleep(REOPEN_EVERY).await;
+        let resources = s.resources.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if resources.topics.keys().any(|t| s.outbox.topic(t).is_none()) {
+            forwarders.lock().await.ensure(&s, &resources);
+        }
+    }
+}
+
 /// The forwarders, one per topic log, growing as topics are added.
 struct Forwarders {
     running: Vec<Forwarder>,
@@ -413,6 +430,7 @@ pub(crate) async fn run_on(
             }
         })
     };
+    let reopen = tokio::spawn(reopen_outboxes(sidecar.clone(), forwarders.clone()));
     // Config source: the manifest directory (standalone), else the broker's
     // KV bucket the operator writes (cluster).
     let reload = match (&config.resources, nats) {
@@ -445,6 +463,7 @@ pub(crate) async fn run_on(
     if let Some(r) = reload {
         r.abort();
     }
+    reopen.abort();
     // Stop fetching first and hand back unfinished deliveries, so another
     // pod gets them at once; then drain what the app produced.
     sidecar.delivery.stop_all().await;

@@ -280,8 +280,16 @@ impl Outbox {
         let mut reports = Vec::new();
         for name in names {
             let (persistence, partitions) = topics.get(&name).copied().unwrap_or((Persistence::Durable, 1));
-            let report = outbox.open_topic(&name, persistence, partitions)?;
-            reports.push((name, report));
+            let new = outbox.fs.list(&outbox.dir.join(&name)).map_or(true, |files| files.is_empty());
+            match outbox.open_topic(&name, persistence, partitions) {
+                Ok(report) => reports.push((name, report)),
+                // A topic with nothing stored yet (e.g. on a full disk) is
+                // opened again later; the others, and their backlog, go on.
+                Err(e) if new => {
+                    tracing::error!(topic = %name, error = %e, "cannot open the outbox of a new topic; trying again later")
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok((outbox, reports))
     }

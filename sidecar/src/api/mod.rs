@@ -134,7 +134,14 @@ fn admit(s: &Sidecar, topic: &str) -> Result<(Arc<crate::outbox::TopicLog>, Limi
         }
     };
     let spec = s.topic_spec(topic).ok_or_else(unknown)?;
-    let tl = s.outbox.topic(topic).ok_or_else(unknown)?;
+    // Configured, but its outbox could not be opened (a full disk): the
+    // sidecar tries again (see `reopen_outboxes`); not a 404.
+    let tl = s.outbox.topic(topic).ok_or_else(|| {
+        ApiError::Unavailable(format!(
+            "the outbox of topic {topic:?} could not be opened (the sidecar's log says why); it is tried again every {}s",
+            crate::REOPEN_EVERY.as_secs()
+        ))
+    })?;
     let max_payload = s.config.max_message_bytes.min(spec.max_message_size as usize);
     Ok((tl, Limits::new(max_payload, s.broker.max_message_bytes())))
 }
