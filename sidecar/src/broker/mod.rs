@@ -149,6 +149,15 @@ pub trait Broker: Send + Sync + 'static {
     async fn publish(&self, msg: OutMessage) -> Result<PendingAck, BrokerError>;
     /// True while connected.
     fn is_connected(&self) -> bool;
+    /// Changes whenever the connection to the broker is lost or made
+    /// again. A publish sent on a connection that then dropped may be lost
+    /// without an error until its ack times out, while later publishes on
+    /// the new connection are stored: a forwarder that sees this change
+    /// with publishes unconfirmed sends again from the first of them, so the
+    /// stream keeps the outbox's order. Constant for an in-process broker.
+    fn connection_epoch(&self) -> u64 {
+        0
+    }
     /// The largest message the broker takes, headers and payload together
     /// (NATS's `max_payload`); `None` when it sets no such limit.
     fn max_message_bytes(&self) -> Option<usize> {

@@ -40,6 +40,9 @@ pub struct NatsBroker {
     js: jetstream::Context,
     last_max_payload: Arc<LastMaxPayload>,
     returns: Arc<Returns>,
+    /// Counts connection losses and reconnections (see
+    /// [`Broker::connection_epoch`]).
+    epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The bucket where handed-back, never-pushed messages are counted
@@ -181,6 +184,14 @@ impl NatsBroker {
             .connection_timeout(Duration::from_secs(2))
             .request_timeout(Some(REQUEST_TIMEOUT))
             .reconnect_delay_callback(|attempts| Duration::from_millis((100 * attempts as u64).min(2000)));
+        let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen = epoch.clone();
+        opts = opts.event_callback(move |event| {
+            if matches!(event, async_nats::Event::Disconnected | async_nats::Event::Connected) {
+                seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            }
+            std::future::ready(())
+        });
         if let Some(path) = &cfg.creds {
             opts = opts
                 .credentials_file(path)
@@ -208,7 +219,7 @@ impl NatsBroker {
             .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        Ok(NatsBroker { client, js, last_max_payload: Default::default(), returns: Default::default() })
+        Ok(NatsBroker { client, js, last_max_payload: Default::default(), returns: Default::default(), epoch })
     }
 
     /// Keeps the server's `max_payload` in `file` across restarts (see
@@ -293,6 +304,10 @@ impl Broker for NatsBroker {
 
     fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn connection_epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The server's `max_payload`. Before this process first heard from

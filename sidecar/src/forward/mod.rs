@@ -505,6 +505,9 @@ impl Ctx {
         // A record refused before it was sent waits in the ack queue: until
         // its turn, nothing is read past it.
         let mut held = false;
+        // The broker connection the publishes in flight went out on; all of
+        // them on one (see `Broker::connection_epoch`).
+        let mut sent_on: Option<u64> = None;
         let mut last_commit = Instant::now();
         let mut ticker = tokio::time::interval(COMMIT_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -543,6 +546,19 @@ impl Ctx {
                     };
                     if rec.offset < self.recovered_end {
                         self.outbox.pending_seen(&self.tl.topic, &rec.id, rec.offset);
+                    }
+                    // The connection dropped and came back with publishes
+                    // unconfirmed: one may be lost, its ack due only at its
+                    // timeout. Sending this one now would store it before
+                    // that one's re-send: send again from the first, in order
+                    // (those that did arrive are duplicates, dropped).
+                    let epoch = self.broker.connection_epoch();
+                    if in_flight.is_empty() {
+                        sent_on = Some(epoch);
+                    } else if sent_on.is_some_and(|e| e != epoch) {
+                        return Outcome::Failed(BrokerError::Unavailable(
+                            "the broker connection was lost and made again while publishes were unconfirmed".into(),
+                        ));
                     }
                     let pending: PendingAck = match self.broker.publish(self.message(rec)).await {
                         Ok(p) => p,
