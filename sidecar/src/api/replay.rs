@@ -33,6 +33,35 @@ pub struct ReplayQuery {
     since: Option<String>,
 }
 
+/// Milliseconds since the Unix epoch of an RFC 3339 time, in UTC (`Z`) or
+/// with an offset (`+01:00`, as `date -Iseconds` prints it; a `+` sent
+/// unescaped in a query string arrives as a space, taken as `+` here).
+/// humantime reads UTC only.
+fn since_ms(t: &str) -> Result<u64, String> {
+    let t = t.trim();
+    let b = t.as_bytes();
+    let n = b.len();
+    let offset = (n > 6 && b[n - 3] == b':' && matches!(b[n - 6], b'+' | b'-' | b' '))
+        .then(|| {
+            let hours: i64 = t[n - 5..n - 3].parse().ok()?;
+            let minutes: i64 = t[n - 2..].parse().ok()?;
+            let sign = if b[n - 6] == b'-' { -1 } else { 1 };
+            (hours < 24 && minutes < 60).then_some(sign * (hours * 3600 + minutes * 60))
+        })
+        .flatten();
+    let (local, offset_secs) = match offset {
+        Some(secs) => (&t[..n - 6], secs),
+        None => (t, 0),
+    };
+    if offset.is_some() && local.ends_with(['Z', 'z']) {
+        return Err("both Z and an offset".into());
+    }
+    let at = humantime::parse_rfc3339_weak(local).map_err(|e| e.to_string())?;
+    let ms = at.duration_since(std::time::UNIX_EPOCH).map_err(|_| "before 1970".to_owned())?.as_millis() as i64;
+    // 10:00+01:00 is 09:00 UTC.
+    Ok((ms - offset_secs * 1000).max(0) as u64)
+}
+
 /// Sends the topic's forwarder back; answers 202 with the range it forwards
 /// again: `{"topic", "from", "to", "messages", "complete"}` (`complete` is
 /// false when messages produced since `since` were already deleted).
@@ -46,10 +75,11 @@ pub async fn replay(
     let since_ms = match q.since.as_deref() {
         None => None,
         Some(t) => {
-            let at = humantime::parse_rfc3339_weak(t).map_err(|e| {
-                ApiError::BadRequest(format!("since={t:?} is not an RFC 3339 time like 2026-12-07T10:00:00Z ({e})"))
+            let ms = since_ms(t).map_err(|e| {
+                ApiError::BadRequest(format!(
+                    "since={t:?} is not an RFC 3339 time like 2026-12-07T10:00:00Z or 2026-12-07T11:00:00+01:00 ({e})"
+                ))
             })?;
-            let ms = at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             Some(ms)
         }
     };
@@ -80,4 +110,22 @@ pub async fn replay(
             "complete": complete,
         })),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::since_ms;
+
+    #[test]
+    fn since_takes_utc_and_offsets() {
+        let utc = since_ms("2026-12-07T09:00:00Z").unwrap();
+        assert_eq!(since_ms("2026-12-07T10:00:00+01:00"), Ok(utc));
+        assert_eq!(since_ms("2026-12-07T10:00:00 01:00"), Ok(utc), "a + unescaped in a query string");
+        assert_eq!(since_ms("2026-12-07T04:30:00-04:30"), Ok(utc));
+        assert_eq!(since_ms("2026-12-07T09:00:00.250Z"), Ok(utc + 250));
+        assert_eq!(since_ms("2026-12-07T09:00:00+00:00"), Ok(utc));
+        for bad in ["yesterday", "2026-12-07T10:00:00Z+01:00", "2026-12-07T10:00:00+25:00", "2026-12-07"] {
+            assert!(since_ms(bad).is_err(), "{bad}");
+        }
+    }
 }
