@@ -86,6 +86,32 @@ async fn the_embedded_broker_without_resources_warns_at_start() {
     assert!(line.contains("WARN") && line.contains("404"), "{line}");
 }
 
+/// A produce call whose body was still coming in when SIGTERM came is
+/// refused (503), not stored after the drain began and answered 202.
+#[tokio::test]
+async fn a_slow_upload_finished_after_sigterm_is_refused_and_stores_nothing() {
+    use std::io::{Read, Write};
+    let nats = NatsServer::stopped();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = Launch::new(nats.url(), res.path(), data.path()).arg("--shutdown-grace").arg("300ms").start();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", sc.api_port)).unwrap();
+    write!(
+        conn,
+        "POST /v1/topics/audit/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\nferry-id: slow\r\n\r\nhalf-"
+    )
+    .unwrap();
+    sc.process.signal(SIGTERM);
+    sc.process.wait_for_line("shutting down", Duration::from_secs(10));
+    conn.write_all(b"done!").unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(sc.process.wait_exit(Duration::from_secs(30)).success());
+    let text = inspect_outbox(data.path());
+    assert!(text.contains("topic audit:") && text.contains("0 record(s) held"), "{text}");
+}
+
 /// Every file under `dir` with its length.
 fn sizes(dir: &Path) -> BTreeMap<PathBuf, u64> {
     let mut out = BTreeMap::new();

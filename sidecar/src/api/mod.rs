@@ -164,6 +164,16 @@ pub fn arg<T, R: std::fmt::Display>(r: Result<T, R>) -> Result<T, ApiError> {
     r.map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
+/// Checked again once the body is in (a slow upload may outlast the start
+/// of a shutdown): an append after the drain began could be answered 202
+/// and never forwarded before the process exits.
+fn still_open(s: &Sidecar) -> Result<(), ApiError> {
+    if s.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    Ok(())
+}
+
 async fn produce_one(
     State(s): State<Arc<Sidecar>>,
     path: PathArg<String>,
@@ -181,6 +191,7 @@ async fn produce_one(
         let body = read_body(&headers, body, limits.max_payload + ENVELOPE_ALLOWANCE, "request body").await?;
         let record = produce::single(&headers, body, limits)?;
         let id = record.id.clone();
+        still_open(&s)?;
         let confirmations = confirmations(&s, &topic, mode)?;
         let range = s
             .outbox
@@ -222,6 +233,7 @@ async fn produce_batch(
         let body = read_body(&headers, body, s.config.max_batch_bytes, "batch body").await?;
         let records = produce::batch(&headers, &body, limits)?;
         let ids = || records.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        still_open(&s)?;
         let confirmations = confirmations(&s, &topic, mode)?;
         let range = s.outbox.append(&tl, &records).await.map_err(|e| append_failed(e, ids))?;
         s.metrics
