@@ -11,7 +11,7 @@ use ferry_api::{consumer_plan, stream_plan, ConsumerPlan, Duration as D, Subscri
 use ferry_e2e::NatsServer;
 use ferry_sidecar::broker::embedded::EmbeddedBroker;
 use ferry_sidecar::broker::nats::NatsBroker;
-use ferry_sidecar::broker::{Broker, Consumer, Fetched, OutMessage, Settlement};
+use ferry_sidecar::broker::{Broker, BrokerError, Consumer, Fetched, OutMessage, Settlement};
 use ferry_sidecar::config::BrokerConfig;
 
 struct Harness {
@@ -263,6 +263,23 @@ async fn a_message_handed_back_unpushed_keeps_its_attempt_count(mut h: Harness) 
     fifth[0].settle.settle(Settlement::Ack).await.unwrap();
 }
 
+/// A consumer's start position cannot change: asked for with another one,
+/// it is refused (JetStream's rule; the embedded broker kept the old state
+/// silently), also after a restart; the same plan still opens it.
+async fn a_consumer_asked_for_with_another_start_position_is_refused(mut h: Harness) {
+    let plan = h.setup(Duration::from_secs(5)).await; // Earliest
+    let latest = ConsumerPlan { start: StartPosition::Latest, ..plan.clone() };
+    for round in ["running", "after a restart"] {
+        match h.broker.ensure_consumer(&latest).await {
+            Err(BrokerError::Refused(_)) => {}
+            other => panic!("{round}: {other:?}"),
+        }
+        assert!(h.broker.consumer(&latest).await.is_err(), "{round}");
+        h.broker.ensure_consumer(&plan).await.unwrap_or_else(|e| panic!("{round}: {e}"));
+        h.restart().await;
+    }
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod nats {
@@ -291,6 +308,7 @@ conformance!(
     two_consumers_of_one_group_share_the_messages_each_once,
     state_survives_a_broker_restart,
     a_message_handed_back_unpushed_keeps_its_attempt_count,
+    a_consumer_asked_for_with_another_start_position_is_refused,
 );
 
 /// The embedded broker forgets an id once its duplicate window passed, in

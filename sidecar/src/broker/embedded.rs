@@ -133,6 +133,15 @@ struct Stream {
     dir: PathBuf,
 }
 
+/// A consumer asked for with another start position than it has.
+fn start_changed(plan: &ConsumerPlan, has: StartPosition) -> BrokerError {
+    BrokerError::Refused(format!(
+        "consumer {} exists with startPosition {has:?}, asked for {:?}: a start position cannot change \
+         (give the subscription a new name for a new consumer)",
+        plan.name, plan.start
+    ))
+}
+
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
@@ -298,6 +307,9 @@ impl Broker for EmbeddedBroker {
         let stream = self.stream(&plan.stream)?;
         let mut consumers = stream.consumers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = consumers.get(&plan.name) {
+            if let Some(start) = c.lock().snap.start.filter(|s| *s != plan.start) {
+                return Err(start_changed(plan, start));
+            }
             c.update(plan);
             return Ok(Arc::new(EmbeddedConsumer(c.clone())));
         }
@@ -336,6 +348,12 @@ struct Snapshot {
     settled: BTreeSet<u64>,
     /// Delivery counts of delivered, unsettled sequences.
     delivered: BTreeMap<u64, u32>,
+    /// Where the consumer started, which JetStream cannot change on an
+    /// existing consumer either: a plan asking for another is refused, not
+    /// silently given the old state. (`None`: saved by an earlier version;
+    /// the next plan's is taken.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    start: Option<StartPosition>,
 }
 
 /// `settled` on disk as runs of consecutive sequences, `[first, last]`:
@@ -438,8 +456,13 @@ impl ConsumerState {
                 // the new consumer's, and could be lost and sent again.
                 StartPosition::Latest => stream.log.durable_offset() + 1,
             };
-            Snapshot { floor: start, next: start, ..Snapshot::default() }
+            Snapshot { floor: start, next: start, start: Some(plan.start), ..Snapshot::default() }
         };
+        match snap.start {
+            Some(start) if start != plan.start => return Err(start_changed(plan, start)),
+            Some(_) => {}
+            None => snap.start = Some(plan.start),
+        }
         // A power loss can take messages this consumer was given while
         // their sync ran (never acked: acks wait for the disk). Their
         // sequences go to the messages published next (the forwarder's
@@ -866,6 +889,7 @@ mod tests {
             next: 9,
             settled: BTreeSet::from([2, 3, 4, 6, 8]),
             delivered: BTreeMap::from([(1, 3), (5, 1), (7, 1)]),
+            start: None,
         };
         let json = serde_json::to_string(&snap).unwrap();
         assert!(json.contains(r#""settled":[[2,4],[6,6],[8,8]]"#), "{json}");
@@ -883,6 +907,7 @@ mod tests {
             next: 1_000_002,
             settled: (2..=1_000_001).collect(),
             delivered: BTreeMap::from([(1, 7)]),
+            start: Some(StartPosition::Earliest),
         };
         let bytes = serde_json::to_vec(&snap).unwrap();
         assert!(bytes.len() < 100, "{} bytes", bytes.len());
@@ -896,9 +921,11 @@ mod tests {
         fill(&stream, 8).await;
         std::fs::create_dir_all(&stream.dir).unwrap();
         let legacy = stream.dir.join(format!("{}.json", plan.name));
-        let old = Snapshot { floor: 7, next: 9, settled: BTreeSet::new(), delivered: BTreeMap::from([(8, 2)]) };
+        let mut old =
+            Snapshot { floor: 7, next: 9, settled: BTreeSet::new(), delivered: BTreeMap::from([(8, 2)]), start: None };
         std::fs::write(&legacy, serde_json::to_vec(&old).unwrap()).unwrap();
         let c = ConsumerState::open(stream.clone(), &plan).unwrap();
+        old.start = Some(plan.start); // an earlier version's state takes the plan's start
         assert_eq!(c.lock().snap, old);
         assert!(!legacy.exists(), "taken over into the journal");
         drop(c);
