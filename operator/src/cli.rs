@@ -59,7 +59,7 @@ pub struct RunArgs {
     #[arg(long, env = "FERRY_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
     /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "FERRY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "FERRY_METRICS_ADDR", default_value = "[::]:8080")]
     pub metrics_addr: SocketAddr,
     /// The namespace the operator runs in: its Lease, and the Secret and
     /// Service of the webhook, live there.

@@ -75,11 +75,24 @@ async fn serve_admin(addr: std::net::SocketAddr, metrics: Arc<Metrics>, ready: A
                 async move { ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text) }
             }),
         );
-    match tokio::net::TcpListener::bind(addr).await {
+    match bind(addr).await {
         Ok(listener) => {
             let _ = axum::serve(listener, router).await;
         }
         Err(e) => tracing::error!(%addr, error = %e, "cannot bind the metrics address"),
+    }
+}
+
+/// Binds `addr`; `[::]` (the chart's default, for IPv6 and dual-stack
+/// clusters) falls back to `0.0.0.0` on a kernel without IPv6.
+pub(crate) async fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let v6_any = addr.ip() == std::net::Ipv6Addr::UNSPECIFIED;
+    match tokio::net::TcpListener::bind(addr).await {
+        Err(e) if v6_any => {
+            tracing::info!(%addr, error = %e, "no IPv6 here: listening on IPv4 only");
+            tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, addr.port())).await
+        }
+        other => other,
     }
 }
 

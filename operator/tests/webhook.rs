@@ -272,7 +272,7 @@ fn an_annotated_pod_gets_the_native_sidecar_its_volume_its_env_and_ferry_url_in_
         ("FERRY_BROKER", "nats://nats.ferry-system.svc:4222"),
         ("FERRY_DATA_DIR", "/var/lib/ferry"),
         ("FERRY_API_ADDR", "127.0.0.1:7600"),
-        ("FERRY_ADMIN_ADDR", "0.0.0.0:7601"),
+        ("FERRY_ADMIN_ADDR", "[::]:7601"),
         ("FERRY_FSYNC", "always"),
         ("FERRY_LOG_FORMAT", "json"),
         // Three quarters of the 1Gi volume: the outbox is full before the
@@ -468,7 +468,7 @@ fn config_overrides_are_merged_over_the_defaults() {
     assert_eq!(env["FERRY_DEDUPE_MAX_IDS"], "2000000", "raised with the memory limit");
     assert_eq!(env["FERRY_DEDUPE_WINDOW"], "1h");
     assert_eq!(env["FERRY_OUTBOX_RETENTION"], "15m");
-    assert_eq!((env["FERRY_API_ADDR"].as_str(), env["FERRY_ADMIN_ADDR"].as_str()), ("127.0.0.1:9600", "0.0.0.0:9601"));
+    assert_eq!((env["FERRY_API_ADDR"].as_str(), env["FERRY_ADMIN_ADDR"].as_str()), ("127.0.0.1:9600", "[::]:9601"));
     assert_eq!(env["FERRY_BROKER"], "nats://nats.ferry-system.svc:4222", "not overridden: the default");
     assert_eq!(sc.image.as_deref(), Some("registry.example.com/ferry-sidecar:dev"));
     let startup = sc.startup_probe.as_ref().unwrap().http_get.as_ref().unwrap();

@@ -222,6 +222,20 @@ fn check_resources(config: &Config, resources: &Resources) -> Result<(), StartEr
     Ok(())
 }
 
+/// Binds `addr`; for `[::]` (the default admin address: probes reach a
+/// pod on its IPv4 or IPv6 address, and Linux takes both on `[::]`) on a
+/// kernel without IPv6, `0.0.0.0` on the same port instead.
+async fn bind_any_family(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            let v4 = std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
+            tracing::info!(%addr, error = %e, instead = %v4, "no IPv6 here: listening on IPv4 only");
+            TcpListener::bind(v4).await
+        }
+        other => other,
+    }
+}
+
 /// How often a configured topic whose outbox could not be opened (a full
 /// disk) is tried again.
 pub const REOPEN_EVERY: Duration = Duration::from_secs(5);
@@ -351,7 +365,7 @@ pub(crate) async fn run_on(
     let api_listener = TcpListener::bind(config.api_addr)
         .await
         .map_err(|e| StartError::Other(format!("binding the API on {}: {e}", config.api_addr)))?;
-    let admin_listener = TcpListener::bind(config.admin_addr)
+    let admin_listener = bind_any_family(config.admin_addr)
         .await
         .map_err(|e| StartError::Other(format!("binding the admin port on {}: {e}", config.admin_addr)))?;
     let api_addr = api_listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;

@@ -409,7 +409,7 @@ async fn a_restarted_sidecar_without_a_pod_name_keeps_its_per_pod_consumer() {
     app.wait_for(1, WAIT).await;
     let consumers = || async {
         let js = jetstream(&nats.url()).await;
-        let mut stream = js.get_stream("FERRY_default_orders").await.unwrap();
+        let stream = js.get_stream("FERRY_default_orders").await.unwrap();
         let names: Vec<String> =
             futures::StreamExt::collect(futures::StreamExt::map(stream.consumer_names(), |n| n.unwrap())).await;
         names

@@ -112,6 +112,29 @@ async fn a_slow_upload_finished_after_sigterm_is_refused_and_stores_nothing() {
     assert!(text.contains("topic audit:") && text.contains("0 record(s) held"), "{text}");
 }
 
+/// The admin port on `[::]` (the default, and what the webhook injects)
+/// answers on IPv4 and IPv6 alike: kubelet probes reach a pod on its IPv6
+/// address in an IPv6 cluster, on IPv4 elsewhere.
+#[tokio::test]
+async fn the_admin_port_on_the_any_address_answers_on_ipv4_and_ipv6() {
+    let data = tempfile::tempdir().unwrap();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
+    cmd.env_remove("RUST_LOG")
+        .args(["--app-id", "shop", "--api-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin-addr", &format!("[::]:{port}"), "--resources"])
+        .arg(res.path())
+        .arg("--data-dir")
+        .arg(data.path());
+    let mut sc = Process::spawn("ferry-sidecar", cmd);
+    sc.wait_for_line("ferry-sidecar started", START_TIMEOUT);
+    for host in ["127.0.0.1", "[::1]"] {
+        let resp = http().get(format!("http://{host}:{port}/healthz")).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{host}");
+    }
+}
+
 /// Every file under `dir` with its length.
 fn sizes(dir: &Path) -> BTreeMap<PathBuf, u64> {
     let mut out = BTreeMap::new();

@@ -344,7 +344,7 @@ impl Wanted {
             self::env("FERRY_BROKER", cfg.broker.url.trim().to_owned()),
             self::env("FERRY_DATA_DIR", cfg.data_dir.clone()),
             self::env("FERRY_API_ADDR", format!("127.0.0.1:{}", cfg.api_port)),
-            self::env("FERRY_ADMIN_ADDR", format!("0.0.0.0:{}", cfg.admin_port)),
+            self::env("FERRY_ADMIN_ADDR", format!("[::]:{}", cfg.admin_port)),
             self::env("FERRY_FSYNC", cfg.fsync.as_str().to_owned()),
             self::env("FERRY_LOG_FORMAT", cfg.log_format.as_str().to_owned()),
         ];

@@ -114,7 +114,7 @@ impl Webhook {
     /// Binds `addr` (port 0: any free port) and checks the certificate.
     pub async fn bind(addr: SocketAddr, tls: &TlsMaterial, cfg: Arc<InjectConfig>) -> Result<Self, Error> {
         let certificate = Arc::new(Certificate::new(tls)?);
-        let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+        let listener = crate::run::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
         Ok(Webhook { listener, certificate, cfg, ca_bundle: None })
     }
 

@@ -16,9 +16,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub const EXIT_CONFIG: u8 = 64;
 /// Default app-facing API address: loopback only, the app is in the same pod.
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:7600";
-/// Default admin address (health, readiness, metrics): all interfaces, so
-/// the kubelet and Prometheus can reach it.
-pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:7601";
+/// Default admin address (health, readiness, metrics): all interfaces, IPv6
+/// and IPv4 (IPv4 only where the kernel has no IPv6), so the kubelet and
+/// Prometheus reach it on an IPv4, IPv6 or dual-stack cluster.
+pub const DEFAULT_ADMIN_ADDR: &str = "[::]:7601";
 /// Default largest message body: 1 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// Default largest batch request body: 16 MiB.
@@ -437,6 +438,23 @@ impl Config {
     }
 }
 
+/// The pod name kept in `data_dir` (file `pod-name`), made on first use as
+/// `{app_id}-{8 hex digits}`: stable across restarts of a standalone
+/// sidecar (its per-pod consumers stay its own), different for every data
+/// dir (two sidecars never share one).
+pub fn pod_name_of(data_dir: &std::path::Path, app_id: &str) -> std::io::Result<String> {
+    let file = data_dir.join("pod-name");
+    match std::fs::read_to_string(&file) {
+        Ok(name) if !name.trim().is_empty() => return Ok(name.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let name = format!("{app_id}-{:08x}", uuid::Uuid::new_v4().as_u128() as u32);
+    ferry_log::fs::write_atomic(&ferry_log::StdFs, data_dir, "pod-name", name.as_bytes())?;
+    Ok(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,21 +527,4 @@ mod tests {
         }
         assert_eq!(errors.len(), 8, "{text}");
     }
-}
-
-/// The pod name kept in `data_dir` (file `pod-name`), made on first use as
-/// `{app_id}-{8 hex digits}`: stable across restarts of a standalone
-/// sidecar (its per-pod consumers stay its own), different for every data
-/// dir (two sidecars never share one).
-pub fn pod_name_of(data_dir: &std::path::Path, app_id: &str) -> std::io::Result<String> {
-    let file = data_dir.join("pod-name");
-    match std::fs::read_to_string(&file) {
-        Ok(name) if !name.trim().is_empty() => return Ok(name.trim().to_owned()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let name = format!("{app_id}-{:08x}", uuid::Uuid::new_v4().as_u128() as u32);
-    ferry_log::fs::write_atomic(&ferry_log::StdFs, data_dir, "pod-name", name.as_bytes())?;
-    Ok(name)
 }
