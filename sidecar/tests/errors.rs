@@ -201,6 +201,60 @@ async fn a_body_over_the_limit_gets_413_and_stores_nothing() {
     }
 }
 
+/// The peak resident memory of process `pid`, in bytes (`VmHWM`).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the sidecar is running");
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in {status}"));
+    kib << 10
+}
+
+/// A batch body of millions of tiny entries (`{}` is 3 bytes, a built
+/// message some hundred) is refused while it is parsed: it once took over
+/// a gigabyte before its count was checked, and the pod's memory limit
+/// (128 Mi) killed the sidecar. Each format on a sidecar of its own: the
+/// peak includes start-up and reading the body (twice its size, as chunks
+/// and then in one piece), and freed bodies are not all handed back at once.
+#[tokio::test]
+async fn a_batch_of_millions_of_tiny_entries_is_refused_while_parsing_in_little_memory() {
+    const BODY: usize = 15 << 20;
+    const PEAK: u64 = 64 << 20;
+    // The default batch limit takes the bodies.
+    const { assert!(BODY + 16 < ferry_sidecar::config::DEFAULT_MAX_BATCH_BYTES) };
+    let nats = NatsServer::start();
+    let res = manifests(&[("topics.yaml", TOPICS)]);
+    // Long enough for a sidecar that builds every entry first to answer.
+    let c = reqwest::Client::builder().timeout(std::time::Duration::from_secs(300)).build().unwrap();
+    let array = |entry: &str| format!("[{}{entry}]", format!("{entry},").repeat(BODY / (entry.len() + 1) - 1));
+    let bodies = [
+        ("application/x-ndjson", "{}\n".repeat(BODY / 3)),
+        ("application/json", array("{}")),
+        ("application/cloudevents-batch+json", array("{}")),
+    ];
+    let want = format!("a batch holds at most {} messages", ferry_sidecar::api::produce::MAX_BATCH_MESSAGES);
+    for (content_type, body) in bodies {
+        assert!(body.len().abs_diff(BODY) < 16, "{}", body.len());
+        let data = tempfile::tempdir().unwrap();
+        let sc = Launch::new(nats.url(), res.path(), data.path()).start();
+        let pid = sc.process.pid();
+        let started = peak_rss(pid);
+        let req = c.post(sc.url("/v1/topics/audit/messages:batch")).header("content-type", content_type).body(body);
+        let (status, answer, _) = send(req).await;
+        assert_error(status, &answer, 400, "bad_request");
+        assert_eq!(answer["error"]["message"], want.as_str(), "{content_type}");
+        let health = c.get(format!("{}/healthz", sc.admin)).send().await.expect("the sidecar answers /healthz");
+        assert_eq!(health.status().as_u16(), 200, "{content_type}");
+        let peak = peak_rss(pid);
+        eprintln!("{content_type}: peak RSS {} KiB ({} KiB after start)", peak >> 10, started >> 10);
+        assert!(peak < PEAK, "{content_type}: the sidecar's peak RSS is {} KiB", peak >> 10);
+        assert_eq!(next_offset(&sc, "audit").await, 0, "{content_type}: nothing stored");
+    }
+}
+
 #[tokio::test]
 async fn a_full_outbox_answers_429_with_retry_after_and_takes_nothing_more() {
     let nats = NatsServer::stopped();

@@ -4,13 +4,17 @@
 //! Stored headers: `content-type`, and for CloudEvents every attribute as
 //! `ce-{name}` (the binary-mode names), so delivery can rebuild the event.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
 
 use axum::http::HeaderMap;
 use base64::Engine;
 use bytes::Bytes;
 use ferry_api::naming::headers;
 use ferry_log::{now_ms, NewRecord};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -353,28 +357,38 @@ fn entry(e: Entry<'_>, body: &Bytes, limits: Limits) -> Result<NewRecord, ApiErr
 }
 
 /// The messages of a batch request, all or nothing, each within `limits`.
+///
+/// More than [`MAX_BATCH_MESSAGES`] are refused while parsing, before any
+/// per-message structure is built: a body of millions of tiny entries
+/// (`{}` is 3 bytes) would otherwise take some hundred bytes of memory
+/// each before the count was checked.
 pub fn batch(h: &HeaderMap, body: &Bytes, limits: Limits) -> Result<Vec<NewRecord>, ApiError> {
     let media = media_type(h).unwrap_or_default();
     let records: Vec<NewRecord> = match media.as_str() {
         CE_BATCH => {
-            let items: Vec<&RawValue> =
-                serde_json::from_slice(body).map_err(|e| bad(format!("invalid CloudEvents batch: {e}")))?;
+            let items: Vec<&RawValue> = capped_array(body).map_err(|e| match e {
+                ArrayError::TooMany => too_many(),
+                ArrayError::Json(e) => bad(format!("invalid CloudEvents batch: {e}")),
+            })?;
             items
                 .into_iter()
                 .enumerate()
                 .map(|(i, v)| structured(v.get(), limits).map_err(|e| at(i, e)))
                 .collect::<Result<_, _>>()?
         }
-        "application/json" => match serde_json::from_slice::<Vec<Entry<'_>>>(body) {
+        "application/json" => match capped_array::<Entry<'_>>(body) {
             Ok(entries) => entries
                 .into_iter()
                 .enumerate()
                 .map(|(i, e)| entry(e, body, limits).map_err(|e| at(i, e)))
                 .collect::<Result<_, _>>()?,
+            Err(ArrayError::TooMany) => return Err(too_many()),
             // Parsed again, slowly, only to say which entry is wrong.
-            Err(whole) => {
-                let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
-                    .map_err(|_| bad(format!("a batch is a JSON array of entries: {whole}")))?;
+            Err(ArrayError::Json(whole)) => {
+                let items: Vec<&RawValue> = capped_array(body).map_err(|e| match e {
+                    ArrayError::TooMany => too_many(),
+                    ArrayError::Json(_) => bad(format!("a batch is a JSON array of entries: {whole}")),
+                })?;
                 for (i, item) in items.iter().enumerate() {
                     parse_entry(item.get(), body, limits).map_err(|e| at(i, e))?;
                 }
@@ -383,8 +397,12 @@ pub fn batch(h: &HeaderMap, body: &Bytes, limits: Limits) -> Result<Vec<NewRecor
         },
         "application/x-ndjson" | "application/ndjson" => {
             let text = std::str::from_utf8(body).map_err(|_| bad("NDJSON batch is not UTF-8"))?;
-            text.lines()
-                .filter(|l| !l.trim().is_empty())
+            let lines = || text.lines().filter(|l| !l.trim().is_empty());
+            // Counted first, without allocating, up to one past the most.
+            if lines().nth(MAX_BATCH_MESSAGES).is_some() {
+                return Err(too_many());
+            }
+            lines()
                 .enumerate()
                 .map(|(i, line)| parse_entry(line, body, limits).map_err(|e| at(i, e)))
                 .collect::<Result<_, _>>()?
@@ -398,11 +416,75 @@ pub fn batch(h: &HeaderMap, body: &Bytes, limits: Limits) -> Result<Vec<NewRecor
     if records.is_empty() {
         return Err(bad("empty batch"));
     }
-    if records.len() > MAX_BATCH_MESSAGES {
-        return Err(bad(format!("a batch holds at most {MAX_BATCH_MESSAGES} messages")));
-    }
+    debug_assert!(records.len() <= MAX_BATCH_MESSAGES, "refused while parsing");
     check_sizes(&records, limits)?;
     Ok(records)
+}
+
+/// The answer to a batch of more than [`MAX_BATCH_MESSAGES`].
+fn too_many() -> ApiError {
+    bad(format!("a batch holds at most {MAX_BATCH_MESSAGES} messages"))
+}
+
+/// Why a JSON array did not become a batch's elements.
+enum ArrayError {
+    /// It has more than [`MAX_BATCH_MESSAGES`] elements.
+    TooMany,
+    /// It is not a JSON array of such elements.
+    Json(serde_json::Error),
+}
+
+/// The elements of the JSON array `body`, if it has at most
+/// [`MAX_BATCH_MESSAGES`]. Parsing stops at the first element past that,
+/// which is only checked to be JSON, never built: at most that many
+/// elements are ever held, whatever the body's size.
+fn capped_array<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<Vec<T>, ArrayError> {
+    let over = Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = Capped { over: &over, element: PhantomData }.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+    match parsed {
+        Ok(items) => Ok(items),
+        Err(_) if over.get() => Err(ArrayError::TooMany),
+        Err(e) => Err(ArrayError::Json(e)),
+    }
+}
+
+/// A sequence of at most [`MAX_BATCH_MESSAGES`] `T`s; sets `over` when it
+/// fails for having more.
+struct Capped<'f, T> {
+    over: &'f Cell<bool>,
+    element: PhantomData<T>,
+}
+
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for Capped<'_, T> {
+    type Value = Vec<T>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<T>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for Capped<'_, T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a sequence")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let mut items = Vec::new();
+        while items.len() < MAX_BATCH_MESSAGES {
+            match seq.next_element()? {
+                Some(item) => items.push(item),
+                None => return Ok(items),
+            }
+        }
+        if seq.next_element::<IgnoredAny>()?.is_some() {
+            self.over.set(true);
+            return Err(de::Error::custom(format_args!("more than {MAX_BATCH_MESSAGES} elements")));
+        }
+        Ok(items)
+    }
 }
 
 /// One entry, `text`, a part of `body`.
@@ -569,6 +651,37 @@ mod tests {
         let structured = r#"{"specversion":"1.0","id":"e","source":"/s","type":"t","ferryattempt":"9"}"#;
         let h = hdrs(&[("content-type", "application/cloudevents+json")]);
         assert!(matches!(single(&h, structured.into(), L), Err(ApiError::BadRequest(_))));
+    }
+
+    #[test]
+    fn a_batch_of_the_most_messages_is_taken_and_one_more_refused_in_every_format() {
+        fn array(n: usize, element: &str) -> String {
+            format!("[{}]", vec![element; n].join(","))
+        }
+        let body = |ct: &str, n: usize| match ct {
+            // Blank lines are no messages.
+            "application/x-ndjson" => "{}\n \n".repeat(n),
+            CE_BATCH => array(n, r#"{"specversion":"1.0","id":"e","source":"/s","type":"t"}"#),
+            _ => array(n, "{}"),
+        };
+        for ct in ["application/json", "application/x-ndjson", CE_BATCH] {
+            let h = hdrs(&[("content-type", ct)]);
+            let r = batch(&h, &Bytes::from(body(ct, MAX_BATCH_MESSAGES)), L).unwrap();
+            assert_eq!(r.len(), MAX_BATCH_MESSAGES, "{ct}");
+            let want = format!("a batch holds at most {MAX_BATCH_MESSAGES} messages");
+            for n in [MAX_BATCH_MESSAGES + 1, 100_000] {
+                let got = batch(&h, &Bytes::from(body(ct, n)), L);
+                assert!(matches!(&got, Err(ApiError::BadRequest(m)) if *m == want), "{ct}, {n}: {got:?}");
+            }
+        }
+        // Past the most, a bad entry (the slow path) still gets the limit...
+        let bad_first = format!("[{{\"colour\":1}},{}]", vec!["{}"; MAX_BATCH_MESSAGES].join(","));
+        let got = batch(&hdrs(&[("content-type", "application/json")]), &Bytes::from(bad_first), L);
+        assert!(matches!(&got, Err(ApiError::BadRequest(m)) if m.contains("at most")), "{got:?}");
+        // ... and JSON that is no array of entries still says so.
+        let not_json = format!("[{},{{]", vec!["{}"; MAX_BATCH_MESSAGES].join(","));
+        let got = batch(&hdrs(&[("content-type", "application/json")]), &Bytes::from(not_json), L);
+        assert!(matches!(&got, Err(ApiError::BadRequest(m)) if m.starts_with("a batch is a JSON array")), "{got:?}");
     }
 
     #[test]
