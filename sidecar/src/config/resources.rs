@@ -1,6 +1,8 @@
 //! Topic and Subscription manifests from a directory: the same YAML one
 //! would `kubectl apply` (multi-document files allowed). Every problem is
-//! reported with its file, document and field.
+//! reported with its file, document and field. Like `kubectl apply` (strict
+//! field validation), an unknown field in a `spec` is an error, not ignored:
+//! a misspelled `deadLetter:` must not quietly mean no dead-letter topic.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -97,8 +99,8 @@ pub fn parse_sources(sources: &[(String, String)], namespace: &str) -> Result<Re
                     continue;
                 }
             };
-            if let Err(e) = add_document(&mut res, value, namespace) {
-                errors.push(format!("{at}: {e}"));
+            if let Err(es) = add_document(&mut res, value, namespace) {
+                errors.extend(es.into_iter().map(|e| format!("{at}: {e}")));
             }
         }
     }
@@ -118,50 +120,79 @@ pub fn parse_sources(sources: &[(String, String)], namespace: &str) -> Result<Re
     }
 }
 
-fn typed<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, String> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
+/// `value` as a `T`. A field under `spec` that `T` does not have is an
+/// error, one per field; elsewhere (`metadata`'s many fields, `status`)
+/// what Ferry does not read passes, as Kubernetes keeps it.
+fn typed<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, Vec<String>> {
+    let mut unknown = Vec::new();
+    let mut note = |path: serde_ignored::Path<'_>| {
+        let path = field_path(&path);
+        if path.split(['.', '[']).next() == Some("spec") {
+            unknown.push(format!("{path}: unknown field"));
+        }
+    };
+    let t = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(value, &mut note)).map_err(|e| {
         let path = e.path().to_string();
-        format!("{path}: {}", e.into_inner())
-    })
+        vec![format!("{path}: {}", e.into_inner())]
+    })?;
+    if unknown.is_empty() {
+        Ok(t)
+    } else {
+        Err(unknown)
+    }
 }
 
-fn add_document(res: &mut Resources, value: serde_yaml::Value, namespace: &str) -> Result<(), String> {
+/// A field's path as the other errors write it: `spec.backoff.max`, `a[0].b`.
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => match field_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
+fn add_document(res: &mut Resources, value: serde_yaml::Value, namespace: &str) -> Result<(), Vec<String>> {
     let api_version = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
     let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
     if api_version != API_VERSION {
-        return Err(format!("apiVersion: expected {API_VERSION:?}, found {api_version:?}"));
+        return Err(vec![format!("apiVersion: expected {API_VERSION:?}, found {api_version:?}")]);
     }
     let (name, ns, problems) = match kind.as_str() {
         "Topic" => {
             let t: Topic = typed(value)?;
-            let (name, ns) = meta(&t.metadata, namespace)?;
+            let (name, ns) = meta(&t.metadata, namespace).map_err(|e| vec![e])?;
             let problems = validate_topic(&ns, &name, &t.spec);
             if problems.is_empty() && res.topics.insert(name.clone(), t.spec).is_some() {
-                return Err(format!("Topic {name:?} is defined twice"));
+                return Err(vec![format!("Topic {name:?} is defined twice")]);
             }
             (name, ns, problems)
         }
         "Subscription" => {
             let s: Subscription = typed(value)?;
-            let (name, ns) = meta(&s.metadata, namespace)?;
+            let (name, ns) = meta(&s.metadata, namespace).map_err(|e| vec![e])?;
             let problems = validate_subscription(&ns, &name, &s.spec);
             if problems.is_empty() && res.subscriptions.insert(name.clone(), s.spec).is_some() {
-                return Err(format!("Subscription {name:?} is defined twice"));
+                return Err(vec![format!("Subscription {name:?} is defined twice")]);
             }
             (name, ns, problems)
         }
-        other => return Err(format!("kind: expected Topic or Subscription, found {other:?}")),
+        other => return Err(vec![format!("kind: expected Topic or Subscription, found {other:?}")]),
     };
     if ns != namespace {
-        return Err(format!(
+        return Err(vec![format!(
             "{kind} {name:?}: metadata.namespace: {ns:?} is not this sidecar's namespace {namespace:?}"
-        ));
+        )]);
     }
     if problems.is_empty() {
         Ok(())
     } else {
         let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        Err(format!("{kind} {name:?}: {}", list.join("; ")))
+        Err(vec![format!("{kind} {name:?}: {}", list.join("; "))])
     }
 }
 
@@ -233,6 +264,70 @@ mod tests {
         .unwrap_err();
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].starts_with("m.yaml (document 2): spec.maxDeliveries: invalid type"), "{}", errors[0]);
+    }
+
+    const ORDERS: &str = "apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {name: orders}\nspec: {}\n---\n";
+
+    fn subscription(spec: &str) -> String {
+        format!(
+            "{ORDERS}apiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: billing}}\nspec: {spec}\n"
+        )
+    }
+
+    #[test]
+    fn an_unknown_spec_field_is_an_error_as_kubectl_apply_makes_it() {
+        for (field, spec) in [
+            ("spec.maxInflight", "{topic: orders, app: billing, maxInflight: 8}"),
+            ("spec.deadLetter", "{topic: orders, app: billing, deadLetter: orders}"),
+            ("spec.procesingTimeout", "{topic: orders, app: billing, procesingTimeout: 5s}"),
+            ("spec.backoff.maximum", "{topic: orders, app: billing, backoff: {initial: 1s, maximum: 9s}}"),
+        ] {
+            assert_eq!(
+                parse(&subscription(spec)).unwrap_err(),
+                [format!("m.yaml (document 2): {field}: unknown field")],
+                "{spec}"
+            );
+        }
+        // In a Topic too, and each unknown field is named.
+        let topic = "apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {name: orders}\n\
+                     spec: {partition: 2, retention: {maxAge: 1h, maxMessage: 5}}\n";
+        assert_eq!(
+            parse(topic).unwrap_err(),
+            [
+                "m.yaml (document 1): spec.partition: unknown field",
+                "m.yaml (document 1): spec.retention.maxMessage: unknown field"
+            ]
+        );
+    }
+
+    #[test]
+    fn what_kubernetes_keeps_outside_spec_still_loads() {
+        // As `kubectl get -o yaml` prints it: metadata Kubernetes fills in, a status.
+        let exported = "apiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata:\n  name: billing\n  \
+                        namespace: default\n  labels: {team: shop}\n  annotations: {note: x}\n  uid: 5f0c\n  \
+                        resourceVersion: \"42\"\n  generation: 3\n  creationTimestamp: \"2024-01-01T00:00:00Z\"\n  \
+                        finalizers: [ferry.dev/cleanup]\n  managedFields: [{manager: kubectl, operation: Apply}]\n\
+                        spec:\n  topic: orders\n  app: billing\n  maxInFlight: 8\n  deadLetterTopic: orders-dlq\n\
+                        status:\n  consumer: c\n  conditions: []\n  somethingNewer: 1\n";
+        let dlq = "apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {name: orders-dlq}\nspec: {}\n---\n";
+        let r = parse(&format!("{ORDERS}{dlq}{exported}")).unwrap();
+        let s = &r.subscriptions["billing"];
+        assert_eq!((s.max_in_flight, s.dead_letter_topic.as_deref()), (8, Some("orders-dlq")));
+    }
+
+    #[test]
+    fn a_reload_with_an_unknown_field_is_refused_whole_and_the_running_config_stays() {
+        // The watcher keeps what runs whenever `load_dir` is an error.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m.yaml");
+        std::fs::write(&file, subscription("{topic: orders, app: billing, maxInFlight: 4}")).unwrap();
+        let running = load_dir(dir.path(), "default").unwrap();
+        assert_eq!(running.subscriptions["billing"].max_in_flight, 4);
+        std::fs::write(&file, subscription("{topic: orders, app: billing, maxInflight: 8}")).unwrap();
+        let errors = load_dir(dir.path(), "default").unwrap_err();
+        assert_eq!(errors, [format!("{} (document 2): spec.maxInflight: unknown field", file.display())]);
+        std::fs::write(&file, subscription("{topic: orders, app: billing, maxInFlight: 8}")).unwrap();
+        assert_eq!(load_dir(dir.path(), "default").unwrap().subscriptions["billing"].max_in_flight, 8);
     }
 
     #[test]
