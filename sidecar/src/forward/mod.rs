@@ -651,6 +651,13 @@ impl Ctx {
                     if let Some(c) = confirmed {
                         let _ = self.confirmed.send(c);
                     }
+                    // While a backlog drains an ack is ready at every turn
+                    // and the ticker below never is: commit from here too,
+                    // or no segment is freed until the drain ends.
+                    if last_commit.elapsed() >= COMMIT_EVERY {
+                        self.start_commit();
+                        last_commit = Instant::now();
+                    }
                 }
                 _ = end.changed(), if in_flight.len() < WINDOW => {}
                 _ = ticker.tick() => {
