@@ -111,10 +111,16 @@ impl ReturnsOf {
     /// How many times the message at `sequence` was handed back unpushed.
     async fn count(&self, sequence: u64) -> u32 {
         let Some(kv) = self.broker.returns.store(&self.broker.js).await else { return 0 };
-        match kv.get(self.key(sequence)).await {
+        let n = match kv.get(self.key(sequence)).await {
             Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|t| t.parse().ok()).unwrap_or(0),
-            _ => 0,
-        }
+            Ok(None) => 0,
+            Err(e) => {
+                tracing::debug!(key = self.key(sequence), error = %e, "returns count not read");
+                0
+            }
+        };
+        tracing::debug!(key = self.key(sequence), n, "returns count");
+        n
     }
 
     /// Notes one more unpushed hand-back of the message at `sequence`.
@@ -124,6 +130,7 @@ impl ReturnsOf {
         let kv = self.broker.returns.store(&self.broker.js).await.ok_or("no returns bucket")?;
         let key = self.key(sequence);
         let n = self.count(sequence).await;
+        tracing::debug!(key, n = n + 1, "noting a return");
         kv.put(key, (n + 1).to_string().into()).await.map(|_| ()).map_err(|e| e.to_string())
     }
 }

@@ -545,13 +545,24 @@ impl Ctx {
                 Box::pin(ctx.deliver(msg, true)).await;
                 unsettled.settled();
                 drop(permit);
-                let mut keys = ctx.keys.lock().unwrap_or_else(|e| e.into_inner());
-                match keys.get_mut(&key).and_then(VecDeque::pop_front) {
-                    Some(next) => current = Some(next),
-                    None => {
-                        keys.remove(&key);
+                let waiting = {
+                    let mut keys = ctx.keys.lock().unwrap_or_else(|e| e.into_inner());
+                    if ctx.stopped() {
+                        // Stopping (and the runner may not have taken this
+                        // key's queue yet): no new push starts; what waits
+                        // goes back unpushed, after the one just settled.
+                        keys.remove(&key).unwrap_or_default()
+                    } else {
+                        match keys.get_mut(&key).and_then(VecDeque::pop_front) {
+                            Some(next) => current = Some(next),
+                            None => {
+                                keys.remove(&key);
+                            }
+                        }
+                        VecDeque::new()
                     }
-                }
+                };
+                ctx.release_unpushed(waiting.into_iter().map(|(m, _)| m).collect()).await;
             }
         });
     }
