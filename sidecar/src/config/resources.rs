@@ -36,7 +36,10 @@ impl Resources {
         let mut errors = Vec::new();
         let mut field = |kind: &str, name: &str, path: &str, changed: bool| {
             if changed {
-                errors.push(format!("{kind} {name}: {path} cannot be changed (delete the {kind} and create it again)"));
+                errors.push(format!(
+                    "{kind} {name}: {path} cannot be changed: give the {kind} a new name (the broker keeps \
+                     the old one's stream or consumer when it is removed from the manifests)"
+                ));
             }
         };
         for (name, old) in &self.topics {
@@ -229,8 +232,10 @@ mod tests {
         assert_eq!(
             errors,
             [
-                "Subscription billing: spec.fanout cannot be changed (delete the Subscription and create it again)",
-                "Subscription billing: spec.startPosition cannot be changed (delete the Subscription and create it again)"
+                "Subscription billing: spec.fanout cannot be changed: give the Subscription a new name (the broker \
+                 keeps the old one's stream or consumer when it is removed from the manifests)",
+                "Subscription billing: spec.startPosition cannot be changed: give the Subscription a new name (the \
+                 broker keeps the old one's stream or consumer when it is removed from the manifests)"
             ]
         );
         let mem = "apiVersion: ferry.dev/v1alpha1\nkind: Topic\nmetadata: {name: orders}\nspec: {partitions: 2, storage: Memory}\n";
