@@ -427,8 +427,18 @@ impl Consumer for NatsConsumer {
             .map_err(|e| self.broker.classify(e))?;
         let mut out = Vec::new();
         while let Some(next) = batch.next().await {
-            let msg = next.map_err(|e| self.broker.classify(e))?;
-            let (sequence, mut delivered, published_ms) = match msg.info() {
+            let msg = match next {
+                Ok(msg) => msg,
+                // The messages already here are leased to us: dropped, they
+                // would come back only after their ack wait, behind later
+                // ones of their key. The next fetch meets the error again.
+                Err(e) if !out.is_empty() => {
+                    tracing::debug!(error = %e, fetched = out.len(), "a fetch ended early; keeping what came");
+                    break;
+                }
+                Err(e) => return Err(self.broker.classify(e)),
+            };
+            let (sequence, delivered, published_ms) = match msg.info() {
                 Ok(info) => (
                     info.stream_sequence,
                     u32::try_from(info.delivered).unwrap_or(u32::MAX),
@@ -436,10 +446,6 @@ impl Consumer for NatsConsumer {
                 ),
                 Err(_) => continue,
             };
-            if delivered > 1 {
-                // Deliveries that were handed back unpushed were no attempts.
-                delivered = delivered.saturating_sub(self.returns.count(sequence).await).max(1);
-            }
             let (message, acker) = msg.split();
             let mut headers = Vec::new();
             let mut id = None;
@@ -464,6 +470,25 @@ impl Consumer for NatsConsumer {
                 published_ms,
                 settle: Arc::new(NatsSettle { acker, sequence, returns: self.returns.clone() }),
             });
+        }
+        // Deliveries that were handed back unpushed were no attempts. Asked
+        // once the batch is in, never while it comes: async-nats ends a
+        // batch at its own timer whatever is still buffered, and a message
+        // left behind stays leased, out of its key's order, until its ack
+        // wait runs out.
+        if out.iter().all(|m| m.delivered <= 1) {
+            return Ok(out);
+        }
+        let counts = futures::future::join_all(out.iter().map(|m| async move {
+            if m.delivered > 1 {
+                self.returns.count(m.sequence).await
+            } else {
+                0
+            }
+        }))
+        .await;
+        for (m, returned) in out.iter_mut().zip(counts) {
+            m.delivered = m.delivered.saturating_sub(returned).max(1);
         }
         Ok(out)
     }
