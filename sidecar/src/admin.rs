@@ -123,48 +123,69 @@ mod liveness_tests {
         (resp.status().as_u16(), resp.json().await.unwrap_or_default())
     }
 
+    /// A whole sidecar in this process (embedded broker, real HTTP on
+    /// loopback, the `MANIFESTS` polled every 50 ms) whose outbox logs sit
+    /// on a `MemFs`, to make its disk fail.
+    struct InProcess {
+        fs: Arc<MemFs>,
+        data: tempfile::TempDir,
+        manifests: tempfile::TempDir,
+        started: crate::Started,
+        stop: tokio::sync::oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<Result<(), crate::StartError>>,
+    }
+
+    impl InProcess {
+        async fn start() -> InProcess {
+            let data = tempfile::tempdir().unwrap();
+            let manifests = tempfile::tempdir().unwrap();
+            std::fs::write(manifests.path().join("topics.yaml"), MANIFESTS).unwrap();
+            let (d, m) = (data.path().to_str().unwrap(), manifests.path().to_str().unwrap());
+            let cli = Cli::try_parse_from([
+                "ferry-sidecar",
+                "--app-id",
+                "shop",
+                "--data-dir",
+                d,
+                "--resources",
+                m,
+                "--resources-poll",
+                "50ms",
+                "--api-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--shutdown-grace",
+                "1s",
+            ])
+            .unwrap();
+            let config = Config::from_args(cli.sidecar).unwrap();
+            let fs = Arc::new(MemFs::new());
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let shutdown = async move {
+                let _ = stop_rx.await;
+            };
+            let task = tokio::spawn(crate::run_on(fs.clone(), config, shutdown, Some(ready_tx)));
+            let started = ready_rx.await.expect("the sidecar started");
+            InProcess { fs, data, manifests, started, stop, task }
+        }
+
+        async fn stop(self) {
+            self.stop.send(()).unwrap();
+            self.task.await.unwrap().expect("the sidecar stopped cleanly");
+        }
+    }
+
     /// A topic added while the disk is full gets no outbox: its produce
     /// calls are 503 (configured, not unknown: 404 would tell the app it
     /// does not exist), and once there is room it is opened and forwarded
     /// without another config change.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_topic_whose_outbox_cannot_be_opened_is_503_and_opened_once_there_is_room() {
-        let data = tempfile::tempdir().unwrap();
-        let manifests = tempfile::tempdir().unwrap();
-        std::fs::write(manifests.path().join("topics.yaml"), MANIFESTS).unwrap();
-        let cli = Cli::try_parse_from([
-            "ferry-sidecar",
-            "--app-id",
-            "shop",
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            "--resources",
-            manifests.path().to_str().unwrap(),
-            "--resources-poll",
-            "50ms",
-            "--api-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--shutdown-grace",
-            "1s",
-        ])
-        .unwrap();
-        let config = Config::from_args(cli.sidecar).unwrap();
-        let fs = Arc::new(MemFs::new());
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let sidecar = tokio::spawn(crate::run_on(
-            fs.clone(),
-            config,
-            async move {
-                let _ = stop_rx.await;
-            },
-            Some(ready_tx),
-        ));
-        let started = ready_rx.await.expect("the sidecar started");
+        let sc = InProcess::start().await;
+        let (fs, manifests, api) = (&sc.fs, &sc.manifests, sc.started.api);
         let client = reqwest::Client::new();
-        let api = started.api;
 
         fs.set_capacity(Some(0)); // the disk is full
         let added = format!(
@@ -204,48 +225,15 @@ mod liveness_tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(body["status"], "forwarded", "{body}");
-
-        stop_tx.send(()).unwrap();
-        sidecar.await.unwrap().expect("the sidecar stopped cleanly");
+        sc.stop().await;
     }
 
     /// A whole sidecar (embedded broker, real HTTP on loopback) whose outbox
     /// logs sit on a `MemFs`: the one way here to make an `fdatasync` fail.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_fdatasync_fails_healthz_and_readyz_over_http_and_only_its_topic_refuses() {
-        let data = tempfile::tempdir().unwrap();
-        let manifests = tempfile::tempdir().unwrap();
-        std::fs::write(manifests.path().join("topics.yaml"), MANIFESTS).unwrap();
-        let cli = Cli::try_parse_from([
-            "ferry-sidecar",
-            "--app-id",
-            "shop",
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            "--resources",
-            manifests.path().to_str().unwrap(),
-            "--api-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--shutdown-grace",
-            "1s",
-        ])
-        .unwrap();
-        let config = Config::from_args(cli.sidecar).unwrap();
-        let fs = Arc::new(MemFs::new());
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let sidecar = tokio::spawn(crate::run_on(
-            fs.clone(),
-            config,
-            async move {
-                let _ = stop_rx.await;
-            },
-            Some(ready_tx),
-        ));
-        let started = ready_rx.await.expect("the sidecar started");
-        let (api, admin) = (started.api, started.admin);
+        let sc = InProcess::start().await;
+        let (fs, data, api, admin) = (&sc.fs, &sc.data, sc.started.api, sc.started.admin);
         let client = reqwest::Client::new();
 
         assert_eq!(produce(&client, api, "orders", "a").await.0, 202);
@@ -275,7 +263,6 @@ mod liveness_tests {
         assert_eq!(produce(&client, api, "audit", "d").await.0, 202);
         assert_eq!(get(&client, format!("http://{admin}/healthz")).await.0, 503, "only a restart mends it");
 
-        stop_tx.send(()).unwrap();
-        sidecar.await.unwrap().expect("the sidecar stopped cleanly");
+        sc.stop().await;
     }
 }

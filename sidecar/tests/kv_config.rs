@@ -16,6 +16,12 @@ use support::*;
 /// A sidecar of app `shop` on `nats`, with no `--resources` (so it follows
 /// the KV bucket); returns it and its API port.
 fn sidecar_of_app_shop(nats: &NatsServer, app: &TestApp, data: &std::path::Path) -> (Process, u16) {
+    let (sc, api, _) = kv_sidecar(nats, app, data);
+    (sc, api)
+}
+
+/// [`sidecar_of_app_shop`], with its admin port too.
+fn kv_sidecar(nats: &NatsServer, app: &TestApp, data: &std::path::Path) -> (Process, u16, u16) {
     let (api, admin) = (free_port(), free_port());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
     cmd.env_remove("RUST_LOG")
@@ -23,20 +29,13 @@ fn sidecar_of_app_shop(nats: &NatsServer, app: &TestApp, data: &std::path::Path)
         .args(["--api-addr", &format!("127.0.0.1:{api}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
         .arg("--data-dir")
         .arg(data);
-    (Process::spawn("ferry-sidecar", cmd), api)
+    (Process::spawn("ferry-sidecar", cmd), api, admin)
 }
 
 /// A sidecar of app `shop` following the KV bucket, started: the process,
 /// its API and its admin base URLs.
-fn kv_sidecar(nats: &NatsServer, app: &TestApp, data: &std::path::Path) -> (Process, String, String) {
-    let (api, admin) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
-    cmd.env_remove("RUST_LOG")
-        .args(["--app-id", "shop", "--broker", &nats.url(), "--app-port", &app.port.to_string()])
-        .args(["--api-addr", &format!("127.0.0.1:{api}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
-        .arg("--data-dir")
-        .arg(data);
-    let mut sc = Process::spawn("ferry-sidecar", cmd);
+fn started_kv_sidecar(nats: &NatsServer, app: &TestApp, data: &std::path::Path) -> (Process, String, String) {
+    let (mut sc, api, admin) = kv_sidecar(nats, app, data);
     sc.wait_for_line("ferry-sidecar started", START_TIMEOUT);
     (sc, format!("http://127.0.0.1:{api}"), format!("http://127.0.0.1:{admin}"))
 }
@@ -55,7 +54,7 @@ async fn before_the_config_bucket_is_read_the_sidecar_is_not_ready_and_produce_i
     let nats = NatsServer::start();
     let app = TestApp::ok().await;
     let data = tempfile::tempdir().unwrap();
-    let (mut sc, api, admin) = kv_sidecar(&nats, &app, data.path());
+    let (mut sc, api, admin) = started_kv_sidecar(&nats, &app, data.path());
     sc.wait_for_line("event: connected", START_TIMEOUT);
     // No operator has made the bucket yet.
     let c = http();
@@ -79,7 +78,7 @@ async fn an_empty_namespace_in_the_config_bucket_is_loaded_and_an_unknown_topic_
     op.apply_topic(&build::topic("elsewhere", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
     let app = TestApp::ok().await;
     let data = tempfile::tempdir().unwrap();
-    let (mut sc, api, admin) = kv_sidecar(&nats, &app, data.path());
+    let (mut sc, api, admin) = started_kv_sidecar(&nats, &app, data.path());
     sc.wait_for_line("configuration loaded from the config bucket", START_TIMEOUT);
     let c = http();
     assert_eq!(status_of(c.get(format!("{admin}/readyz"))).await.0, 200);

@@ -49,16 +49,23 @@ async fn sigterm_drains_the_outbox_to_the_broker_then_exits_0() {
     assert_eq!(stream_messages(&js, "FERRY_default_orders").await.len(), 20);
 }
 
-#[tokio::test]
-async fn sigterm_with_the_broker_down_exits_0_after_the_grace_and_says_what_is_left() {
+/// A sidecar on `data` whose broker is down (grace 300 ms), with three
+/// messages produced to `audit`, each answered 202.
+async fn three_messages_with_the_broker_down(data: &Path) -> (NatsServer, tempfile::TempDir, Sidecar) {
     let nats = NatsServer::stopped();
     let res = manifests(&[("topics.yaml", TOPICS)]);
-    let data = tempfile::tempdir().unwrap();
-    let mut sc = Launch::new(nats.url(), res.path(), data.path()).arg("--shutdown-grace").arg("300ms").start();
+    let sc = Launch::new(nats.url(), res.path(), data).arg("--shutdown-grace").arg("300ms").start();
     for _ in 0..3 {
         let resp = http().post(sc.url("/v1/topics/audit/messages")).body("x").send().await.unwrap();
         assert_eq!(resp.status().as_u16(), 202);
     }
+    (nats, res, sc)
+}
+
+#[tokio::test]
+async fn sigterm_with_the_broker_down_exits_0_after_the_grace_and_says_what_is_left() {
+    let data = tempfile::tempdir().unwrap();
+    let (_nats, _res, mut sc) = three_messages_with_the_broker_down(data.path()).await;
     sc.process.signal(SIGTERM);
     let status = sc.process.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "exit status {status:?}");
@@ -69,19 +76,28 @@ async fn sigterm_with_the_broker_down_exits_0_after_the_grace_and_says_what_is_l
     assert!(text.contains("topic audit:") && text.contains("3 not forwarded"), "{text}");
 }
 
+/// A sidecar on the embedded broker with its admin port on `admin` and
+/// `--resources` only if given (the environment's `FERRY_RESOURCES` is not
+/// inherited).
+fn embedded_sidecar(data: &Path, admin: &str, resources: Option<&Path>) -> Process {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
+    cmd.env_remove("RUST_LOG")
+        .env_remove("FERRY_RESOURCES")
+        .args(["--app-id", "shop", "--api-addr", &format!("127.0.0.1:{}", free_port()), "--admin-addr", admin])
+        .arg("--data-dir")
+        .arg(data);
+    if let Some(dir) = resources {
+        cmd.arg("--resources").arg(dir);
+    }
+    Process::spawn("ferry-sidecar", cmd)
+}
+
 /// The embedded broker without manifests has no topic at all: the sidecar
 /// says so at start rather than answering 404 to every produce unexplained.
 #[tokio::test]
 async fn the_embedded_broker_without_resources_warns_at_start() {
     let data = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
-    cmd.env_remove("RUST_LOG")
-        .env_remove("FERRY_RESOURCES")
-        .args(["--app-id", "shop", "--api-addr", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
-        .arg("--data-dir")
-        .arg(data.path());
-    let mut sc = Process::spawn("ferry-sidecar", cmd);
+    let mut sc = embedded_sidecar(data.path(), &format!("127.0.0.1:{}", free_port()), None);
     let line = sc.wait_for_line("no --resources", START_TIMEOUT);
     assert!(line.contains("WARN") && line.contains("404"), "{line}");
 }
@@ -120,14 +136,7 @@ async fn the_admin_port_on_the_any_address_answers_on_ipv4_and_ipv6() {
     let data = tempfile::tempdir().unwrap();
     let res = manifests(&[("topics.yaml", TOPICS)]);
     let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"));
-    cmd.env_remove("RUST_LOG")
-        .args(["--app-id", "shop", "--api-addr", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin-addr", &format!("[::]:{port}"), "--resources"])
-        .arg(res.path())
-        .arg("--data-dir")
-        .arg(data.path());
-    let mut sc = Process::spawn("ferry-sidecar", cmd);
+    let mut sc = embedded_sidecar(data.path(), &format!("[::]:{port}"), Some(res.path()));
     sc.wait_for_line("ferry-sidecar started", START_TIMEOUT);
     for host in ["127.0.0.1", "[::1]"] {
         let resp = http().get(format!("http://{host}:{port}/healthz")).send().await.unwrap();
@@ -154,14 +163,8 @@ fn sizes(dir: &Path) -> BTreeMap<PathBuf, u64> {
 /// data dir in use, and changes no file.
 #[tokio::test]
 async fn outbox_inspect_refuses_a_data_dir_a_running_sidecar_uses_and_changes_nothing() {
-    let nats = NatsServer::stopped();
-    let res = manifests(&[("topics.yaml", TOPICS)]);
     let data = tempfile::tempdir().unwrap();
-    let mut sc = Launch::new(nats.url(), res.path(), data.path()).arg("--shutdown-grace").arg("300ms").start();
-    for _ in 0..3 {
-        let resp = http().post(sc.url("/v1/topics/audit/messages")).body("x").send().await.unwrap();
-        assert_eq!(resp.status().as_u16(), 202);
-    }
+    let (_nats, _res, mut sc) = three_messages_with_the_broker_down(data.path()).await;
     let before = sizes(data.path());
     let report = Command::new(env!("CARGO_BIN_EXE_ferry-sidecar"))
         .args(["outbox", "inspect", "--data-dir"])
