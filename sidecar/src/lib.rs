@@ -246,8 +246,11 @@ pub const REOPEN_EVERY: Duration = Duration::from_secs(5);
 async fn reopen_outboxes(s: Arc<Sidecar>, forwarders: Arc<tokio::sync::Mutex<Forwarders>>) {
     loop {
         tokio::time::sleep(REOPEN_EVERY).await;
-        let resources = s.resources.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if resources.topics.keys().any(|t| s.outbox.topic(t).is_none()) {
+        let missing = {
+            let resources = s.resources.read().unwrap_or_else(|e| e.into_inner());
+            resources.topics.keys().any(|t| s.outbox.topic(t).is_none()).then(|| resources.clone())
+        };
+        if let Some(resources) = missing {
             forwarders.lock().await.ensure(&s, &resources);
         }
     }

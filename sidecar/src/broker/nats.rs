@@ -111,16 +111,7 @@ impl ReturnsOf {
     /// How many times the message at `sequence` was handed back unpushed.
     async fn count(&self, sequence: u64) -> u32 {
         let Some(kv) = self.broker.returns.store(&self.broker.js).await else { return 0 };
-        let n = match kv.get(self.key(sequence)).await {
-            Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|t| t.parse().ok()).unwrap_or(0),
-            Ok(None) => 0,
-            Err(e) => {
-                tracing::debug!(key = self.key(sequence), error = %e, "returns count not read");
-                0
-            }
-        };
-        tracing::debug!(key = self.key(sequence), n, "returns count");
-        n
+        read_count(&kv, &self.key(sequence)).await
     }
 
     /// Notes one more unpushed hand-back of the message at `sequence`.
@@ -129,10 +120,24 @@ impl ReturnsOf {
     async fn note(&self, sequence: u64) -> Result<(), String> {
         let kv = self.broker.returns.store(&self.broker.js).await.ok_or("no returns bucket")?;
         let key = self.key(sequence);
-        let n = self.count(sequence).await;
-        tracing::debug!(key, n = n + 1, "noting a return");
-        kv.put(key, (n + 1).to_string().into()).await.map(|_| ()).map_err(|e| e.to_string())
+        let n = read_count(&kv, &key).await + 1;
+        tracing::debug!(key, n, "noting a return");
+        kv.put(key, n.to_string().into()).await.map(|_| ()).map_err(|e| e.to_string())
     }
+}
+
+/// The count under `key` in the returns bucket (0: none, or unreadable).
+async fn read_count(kv: &jetstream::kv::Store, key: &str) -> u32 {
+    let n = match kv.get(key).await {
+        Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|t| t.parse().ok()).unwrap_or(0),
+        Ok(None) => 0,
+        Err(e) => {
+            tracing::debug!(key, error = %e, "returns count not read");
+            0
+        }
+    };
+    tracing::debug!(key, n, "returns count");
+    n
 }
 
 /// The server's `max_payload` as last seen, kept in a file on the data

@@ -47,9 +47,8 @@ pub fn resolve(entries: &BTreeMap<String, Bytes>, namespace: &str, app_id: &str)
 
 /// Whether the bucket holds no entry (nor delete marker) of `namespace`.
 /// False when that cannot be told: the watch then says.
-async fn namespace_is_empty(js: &jetstream::Context, namespace: &str) -> bool {
-    let Ok(stream) = js.get_stream(format!("KV_{CONFIG_BUCKET}")).await else { return false };
-    match stream.info_with_subjects(format!("$KV.{CONFIG_BUCKET}.{namespace}.>")).await {
+async fn namespace_is_empty(store: &jetstream::kv::Store, namespace: &str) -> bool {
+    match store.stream.info_with_subjects(format!("{}{namespace}.>", store.prefix)).await {
         Ok(mut subjects) => subjects.next().await.is_none(),
         Err(_) => false,
     }
@@ -79,7 +78,7 @@ pub async fn watch(js: jetstream::Context, namespace: String, app_id: String, tx
         // A namespace with no entry yields nothing to watch: its (empty)
         // state is whole now. Asked after the watch started, so an entry
         // written meanwhile still comes through it.
-        if namespace_is_empty(&js, &namespace).await {
+        if namespace_is_empty(&store, &namespace).await {
             let r = resolve(&entries, &namespace, &app_id);
             if tx.send(r.clone()).await.is_err() {
                 return;

@@ -507,7 +507,7 @@ impl Ctx {
         let mut held = false;
         // The broker connection the publishes in flight went out on; all of
         // them on one (see `Broker::connection_epoch`).
-        let mut sent_on: Option<u64> = None;
+        let mut sent_on = self.broker.connection_epoch();
         let mut last_commit = Instant::now();
         let mut ticker = tokio::time::interval(COMMIT_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -554,8 +554,8 @@ impl Ctx {
                     // (those that did arrive are duplicates, dropped).
                     let epoch = self.broker.connection_epoch();
                     if in_flight.is_empty() {
-                        sent_on = Some(epoch);
-                    } else if sent_on.is_some_and(|e| e != epoch) {
+                        sent_on = epoch;
+                    } else if sent_on != epoch {
                         return Outcome::Failed(BrokerError::Unavailable(
                             "the broker connection was lost and made again while publishes were unconfirmed".into(),
                         ));
@@ -651,21 +651,17 @@ impl Ctx {
                     if let Some(c) = confirmed {
                         let _ = self.confirmed.send(c);
                     }
-                    // While a backlog drains an ack is ready at every turn
-                    // and the ticker below never is: commit from here too,
-                    // or no segment is freed until the drain ends.
-                    if last_commit.elapsed() >= COMMIT_EVERY {
-                        self.start_commit();
-                        last_commit = Instant::now();
-                    }
                 }
                 _ = end.changed(), if in_flight.len() < WINDOW => {}
-                _ = ticker.tick() => {
-                    if last_commit.elapsed() >= COMMIT_EVERY {
-                        self.start_commit();
-                        last_commit = Instant::now();
-                    }
-                }
+                // Wakes an idle pipeline for the commit below.
+                _ = ticker.tick() => {}
+            }
+            // Whichever branch ran: while a backlog drains an ack is ready
+            // at every turn and the ticker never is, and a commit only from
+            // the ticker would free no segment until the drain ended.
+            if last_commit.elapsed() >= COMMIT_EVERY {
+                self.start_commit();
+                last_commit = Instant::now();
             }
         }
     }
