@@ -224,11 +224,15 @@ impl Ctx {
         let mut stop = self.stop.clone();
         let mut backoff = Duration::from_millis(100);
         let push = self.spec.mode == DeliveryMode::Push;
-        if push && self.spec.ordering != Ordering::None && !self.wait_out_leases(&mut stop).await {
-            return;
+        let mut recovered = VecDeque::new();
+        if push && self.spec.ordering != Ordering::None {
+            match self.recover_leases(&mut stop).await {
+                Some(first) => recovered = first,
+                None => return,
+            }
         }
         let fetched_ahead = if push && self.spec.batch.max_messages <= 1 {
-            self.push_loop(&mut tasks, &mut stop).await
+            self.push_loop(&mut tasks, &mut stop, recovered).await
         } else {
             VecDeque::new()
         };
@@ -396,15 +400,17 @@ impl Ctx {
     /// as many as make `capacity` wait; they are pushed in the order
     /// fetched, and kept leased while they wait. (A fetch only for the free
     /// slots, after the last one returned, left slots idle for a round trip
-    /// to the broker each time: a quarter of them under load.) Returns what
-    /// was fetched and not yet pushed when stopping, to hand back.
+    /// to the broker each time: a quarter of them under load.) `first` is
+    /// pushed before anything it fetches. Returns what was fetched and not
+    /// yet pushed when stopping, to hand back.
     async fn push_loop(
         self: &Arc<Self>,
         tasks: &mut JoinSet<()>,
         stop: &mut watch::Receiver<bool>,
+        first: VecDeque<Fetched>,
     ) -> VecDeque<Fetched> {
         type Fetch = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Fetched>, BrokerError>> + Send>>;
-        let mut ahead: VecDeque<Fetched> = VecDeque::new();
+        let mut ahead: VecDeque<Fetched> = first;
         // Payload size of recent messages (0: none seen yet).
         let mut avg_bytes = 0usize;
         let mut fetch: Option<Fetch> = None;
@@ -469,22 +475,84 @@ impl Ctx {
 
     /// Ordered subscriptions only: when messages are still leased at start
     /// (fetched by a sidecar that died, or by another pod), waits one
-    /// processing timeout, so the broker redelivers them before anything
-    /// later of their key is fetched here. Returns false when stopped.
-    async fn wait_out_leases(&self, stop: &mut watch::Receiver<bool>) -> bool {
-        let leased = match self.consumer().await {
-            Ok(c) => c.leased().await.unwrap_or(0),
-            Err(_) => 0,
+    /// processing timeout, so that the broker takes back every lease of a
+    /// dead sidecar before anything later of their keys is fetched here,
+    /// then fetches what it redelivers, in stream order (see
+    /// [`Ctx::gather_redelivered`]). Where the broker cannot say what is
+    /// leased, it waits all the same. Returns the messages to push first, or
+    /// `None` when stopped.
+    async fn recover_leases(&self, stop: &mut watch::Receiver<bool>) -> Option<VecDeque<Fetched>> {
+        let leased = match self.leased_count().await {
+            Ok(0) => return Some(VecDeque::new()),
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(subscription = %self.name, error = %e, "could not ask the broker what is leased; waiting one processing timeout as if something were");
+                None
+            }
         };
-        if leased == 0 {
-            return true;
-        }
         let wait = self.spec.processing_timeout.get();
-        tracing::info!(subscription = %self.name, leased, ?wait, "waiting out leased messages so each key stays in order");
+        let leased = leased.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+        tracing::info!(subscription = %self.name, %leased, ?wait, "waiting out leased messages so each key stays in order");
         tokio::select! {
-            _ = tokio::time::sleep(wait) => true,
-            _ = stop.changed() => false,
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return None,
         }
+        tokio::select! {
+            gathered = self.gather_redelivered() => Some(gathered),
+            _ = stop.changed() => None,
+        }
+    }
+
+    async fn leased_count(&self) -> Result<u64, BrokerError> {
+        self.consumer().await?.leased().await
+    }
+
+    /// After [`Ctx::recover_leases`]'s wait: fetches until the broker has
+    /// handed out as many messages as it counts leased (or has no more), and
+    /// sorts them by stream sequence. JetStream queues expired leases for
+    /// redelivery in the order they expired, not in stream order (a message
+    /// whose lease was refreshed later comes back later), and ahead of
+    /// anything new; pushed in the order fetched, a key's later message
+    /// could reach the app before an earlier one (seen in the kill -9 fault
+    /// test). What comes after the redeliveries is new, later than all of
+    /// them, so sorting the whole set keeps every key in order.
+    async fn gather_redelivered(&self) -> VecDeque<Fetched> {
+        let mut gathered: Vec<Fetched> = Vec::new();
+        let want = match self.leased_count().await {
+            Ok(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            Err(e) => {
+                tracing::warn!(subscription = %self.name, error = %e, "could not ask the broker what is leased; fetching as usual");
+                return VecDeque::new();
+            }
+        };
+        let round_wait = FETCH_WAIT.min(self.heartbeat_every());
+        while gathered.len() < want {
+            let asked = want - gathered.len();
+            let got = match self.consumer().await {
+                Ok(c) => c.fetch(asked, round_wait).await,
+                Err(e) => Err(e),
+            };
+            match got {
+                Ok(more) => {
+                    let short = more.len() < asked;
+                    gathered.extend(more);
+                    if short {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(subscription = %self.name, error = %e, gathered = gathered.len(), "fetching the redelivered messages failed; pushing what came");
+                    break;
+                }
+            }
+            // Each round takes up to a heartbeat period: keep what came leased.
+            for m in &gathered {
+                let _ = m.settle.settle(Settlement::Progress).await;
+            }
+        }
+        gathered.sort_by_key(|m| m.sequence);
+        tracing::info!(subscription = %self.name, leased = want, fetched = gathered.len(), "redelivered messages fetched, pushing them in stream order");
+        gathered.into()
     }
 
     fn prune(&self) {
