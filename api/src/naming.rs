@@ -25,10 +25,14 @@ pub const CONFIG_BUCKET: &str = "ferry-config";
 pub const RETURNS_BUCKET: &str = "ferry-returns";
 
 /// Key in [`RETURNS_BUCKET`] of one message (its stream sequence) of one
-/// consumer, made at `created` (seconds since the Unix epoch, so a consumer
-/// or stream made again under the same name starts afresh).
-pub fn returns_key(stream: &str, consumer: &str, created: i64, sequence: u64) -> String {
-    format!("{stream}.{consumer}.{created}.{sequence}")
+/// consumer. Not its creation time: nats-server reports a durable
+/// consumer's `created` anew after every restart, which made every note
+/// unreadable once the broker had restarted. A note also holds the
+/// delivery count of its last hand-back, so that a note left by an
+/// earlier consumer of the same name is told apart (see the sidecar's
+/// nats backend).
+pub fn returns_key(stream: &str, consumer: &str, sequence: u64) -> String {
+    format!("{stream}.{consumer}.{sequence}")
 }
 
 /// Header names Ferry reads and writes (HTTP and broker messages).

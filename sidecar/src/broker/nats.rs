@@ -100,44 +100,75 @@ struct ReturnsOf {
     broker: NatsBroker,
     stream: String,
     consumer: String,
-    created: i64,
+}
+
+/// A note in the returns bucket: `{count} {delivered}`, how many times a
+/// message was handed back unpushed, and JetStream's delivery count at the
+/// last of them. Delivery counts only grow while a consumer lives, so a
+/// note whose count is not below a later delivery's was left by an earlier
+/// consumer of the same name (deleted and made again), and is void.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReturnsNote {
+    count: u32,
+    /// 0 in a note without it.
+    delivered: u32,
+}
+
+impl ReturnsNote {
+    fn parse(text: &str) -> Option<ReturnsNote> {
+        let mut parts = text.split_whitespace();
+        let count = parts.next()?.parse().ok()?;
+        let delivered = parts.next().map_or(Some(0), |d| d.parse().ok())?;
+        Some(ReturnsNote { count, delivered })
+    }
+
+    /// The count that holds for a delivery with JetStream's count `delivered`.
+    fn count_for(self, delivered: u32) -> u32 {
+        if self.delivered >= delivered {
+            0
+        } else {
+            self.count
+        }
+    }
 }
 
 impl ReturnsOf {
     fn key(&self, sequence: u64) -> String {
-        ferry_api::naming::returns_key(&self.stream, &self.consumer, self.created, sequence)
+        ferry_api::naming::returns_key(&self.stream, &self.consumer, sequence)
     }
 
-    /// How many times the message at `sequence` was handed back unpushed.
-    async fn count(&self, sequence: u64) -> u32 {
+    /// How many times the message at `sequence`, now delivered for the
+    /// `delivered`th time by JetStream's count, was handed back unpushed.
+    async fn count(&self, sequence: u64, delivered: u32) -> u32 {
         let Some(kv) = self.broker.returns.store(&self.broker.js).await else { return 0 };
-        read_count(&kv, &self.key(sequence)).await
+        read_note(&kv, &self.key(sequence)).await.map_or(0, |n| n.count_for(delivered))
     }
 
-    /// Notes one more unpushed hand-back of the message at `sequence`.
-    /// Only the sidecar holding the message writes its key, so no
-    /// compare-and-set.
-    async fn note(&self, sequence: u64) -> Result<(), String> {
+    /// Notes one more unpushed hand-back of the message at `sequence`,
+    /// delivered for the `delivered`th time. Only the sidecar holding the
+    /// message writes its key, so no compare-and-set.
+    async fn note(&self, sequence: u64, delivered: u32) -> Result<(), String> {
         let kv = self.broker.returns.store(&self.broker.js).await.ok_or("no returns bucket")?;
         let key = self.key(sequence);
-        let n = read_count(&kv, &key).await + 1;
-        tracing::debug!(key, n, "noting a return");
-        kv.put(key, n.to_string().into()).await.map(|_| ()).map_err(|e| e.to_string())
+        let before = read_note(&kv, &key).await.map_or(0, |n| n.count_for(delivered));
+        let note = ReturnsNote { count: before + 1, delivered };
+        tracing::debug!(key, ?note, "noting a return");
+        kv.put(key, format!("{} {}", note.count, note.delivered).into()).await.map(|_| ()).map_err(|e| e.to_string())
     }
 }
 
-/// The count under `key` in the returns bucket (0: none, or unreadable).
-async fn read_count(kv: &jetstream::kv::Store, key: &str) -> u32 {
-    let n = match kv.get(key).await {
-        Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|t| t.parse().ok()).unwrap_or(0),
-        Ok(None) => 0,
+/// The note under `key` in the returns bucket (`None`: none, or unreadable).
+async fn read_note(kv: &jetstream::kv::Store, key: &str) -> Option<ReturnsNote> {
+    let note = match kv.get(key).await {
+        Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(ReturnsNote::parse),
+        Ok(None) => None,
         Err(e) => {
-            tracing::debug!(key, error = %e, "returns count not read");
-            0
+            tracing::debug!(key, error = %e, "returns note not read");
+            None
         }
     };
-    tracing::debug!(key, n, "returns count");
-    n
+    tracing::debug!(key, ?note, "returns note");
+    note
 }
 
 /// The server's `max_payload` as last seen, kept in a file on the data
@@ -304,13 +335,8 @@ impl Broker for NatsBroker {
     async fn consumer(&self, plan: &ConsumerPlan) -> Result<Arc<dyn Consumer>, BrokerError> {
         let stream = self.js.get_stream(&plan.stream).await.map_err(|e| self.classify(e))?;
         let consumer = stream.create_consumer(plan.to_jetstream()).await.map_err(|e| self.classify(e))?;
-        let created = consumer.cached_info().created.unix_timestamp();
-        let returns = Arc::new(ReturnsOf {
-            broker: self.clone(),
-            stream: plan.stream.clone(),
-            consumer: plan.name.clone(),
-            created,
-        });
+        let returns =
+            Arc::new(ReturnsOf { broker: self.clone(), stream: plan.stream.clone(), consumer: plan.name.clone() });
         Ok(Arc::new(NatsConsumer { consumer, broker: self.clone(), returns }))
     }
 
@@ -389,6 +415,8 @@ struct NatsConsumer {
 struct NatsSettle {
     acker: Acker,
     sequence: u64,
+    /// JetStream's delivery count of this delivery.
+    delivered: u32,
     returns: Arc<ReturnsOf>,
 }
 
@@ -398,7 +426,7 @@ impl Settle for NatsSettle {
         if how == Settlement::ReleaseUnpushed {
             // Noted before the nak, so the next delivery finds it. A note
             // that fails leaves this one counted as an attempt.
-            if let Err(e) = self.returns.note(self.sequence).await {
+            if let Err(e) = self.returns.note(self.sequence, self.delivered).await {
                 tracing::debug!(sequence = self.sequence, error = %e, "hand-back not noted");
             }
         }
@@ -473,7 +501,7 @@ impl Consumer for NatsConsumer {
                 sequence,
                 delivered,
                 published_ms,
-                settle: Arc::new(NatsSettle { acker, sequence, returns: self.returns.clone() }),
+                settle: Arc::new(NatsSettle { acker, sequence, delivered, returns: self.returns.clone() }),
             });
         }
         // Deliveries that were handed back unpushed were no attempts. Asked
@@ -486,7 +514,7 @@ impl Consumer for NatsConsumer {
         }
         let counts = futures::future::join_all(out.iter().map(|m| async move {
             if m.delivered > 1 {
-                self.returns.count(m.sequence).await
+                self.returns.count(m.sequence, m.delivered).await
             } else {
                 0
             }
@@ -496,5 +524,24 @@ impl Consumer for NatsConsumer {
             m.delivered = m.delivered.saturating_sub(returned).max(1);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReturnsNote;
+
+    #[test]
+    fn a_returns_note_counts_for_later_deliveries_only() {
+        let note = ReturnsNote::parse("3 4").unwrap();
+        assert_eq!(note, ReturnsNote { count: 3, delivered: 4 });
+        assert_eq!(note.count_for(5), 3, "delivered again after the hand-back");
+        assert_eq!(note.count_for(4), 0, "a count not above the note's: an earlier consumer's note");
+        assert_eq!(note.count_for(2), 0);
+        // A note of the first format (a count alone) holds for any redelivery.
+        assert_eq!(ReturnsNote::parse("2").unwrap().count_for(2), 2);
+        assert_eq!(ReturnsNote::parse("x 1"), None);
+        assert_eq!(ReturnsNote::parse("1 x"), None);
+        assert_eq!(ReturnsNote::parse(""), None);
     }
 }
