@@ -316,6 +316,44 @@ conformance!(
     a_consumer_asked_for_with_another_start_position_is_refused,
 );
 
+/// NATS only (the embedded broker un-counts a hand-back in its own state):
+/// a message's note in the returns bucket is deleted once it is acked, and
+/// a note left for a message of a stream since made again under the same
+/// name (sequences start over) does not lower the new message's count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_returns_notes_are_deleted_on_ack_and_void_for_another_message_at_their_sequence() {
+    let h = Harness::nats().await;
+    let url = h.nats.as_ref().unwrap().url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let plan = h.setup(Duration::from_secs(5)).await;
+    h.publish("old").await;
+    let c = h.consumer(&plan).await;
+    let first = fetch_n(&c, 1, Duration::from_secs(5)).await;
+    first[0].settle.settle(Settlement::ReleaseUnpushed).await.unwrap();
+    let kv = js.get_key_value(ferry_api::naming::RETURNS_BUCKET).await.unwrap();
+    let key = ferry_api::naming::returns_key(&plan.stream, &plan.name, 1);
+    let noted = kv.get(&key).await.unwrap().expect("the hand-back is noted");
+    let second = fetch_n(&c, 1, Duration::from_secs(5)).await;
+    assert_eq!(second[0].delivered, 1, "handed back unpushed: no attempt");
+    second[0].settle.settle(Settlement::Ack).await.unwrap();
+    assert_eq!(kv.get(&key).await.unwrap(), None, "acked: its note is gone");
+
+    // The same note left behind (a consumer deleted with the message
+    // unsettled), then the stream made again: its sequence 1 is another
+    // message, stored at another time.
+    kv.put(&key, noted).await.unwrap();
+    js.delete_stream(&plan.stream).await.unwrap();
+    let plan = h.setup(Duration::from_secs(5)).await;
+    assert_eq!(h.publish("new").await, (1, false));
+    let c = h.consumer(&plan).await;
+    let first = fetch_n(&c, 1, Duration::from_secs(5)).await;
+    assert_eq!((ids(&first), first[0].delivered), (vec!["new".to_owned()], 1));
+    first[0].settle.settle(Settlement::Release).await.unwrap();
+    let second = fetch_n(&c, 1, Duration::from_secs(5)).await;
+    assert_eq!(second[0].delivered, 2, "pushed, handed back: an attempt, whatever the old note says");
+    second[0].settle.settle(Settlement::Ack).await.unwrap();
+}
+
 /// The embedded broker forgets an id once its duplicate window passed, in
 /// memory and after a reopen (its window is rebuilt from the log); within
 /// the window a repeat is a duplicate of the stored sequence. `u`, stored

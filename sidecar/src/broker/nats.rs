@@ -102,29 +102,40 @@ struct ReturnsOf {
     consumer: String,
 }
 
-/// A note in the returns bucket: `{count} {delivered}`, how many times a
-/// message was handed back unpushed, and JetStream's delivery count at the
-/// last of them. Delivery counts only grow while a consumer lives, so a
-/// note whose count is not below a later delivery's was left by an earlier
-/// consumer of the same name (deleted and made again), and is void.
+/// A note in the returns bucket: `{count} {delivered} {published_ms}`, how
+/// many times a message was handed back unpushed, JetStream's delivery
+/// count at the last of them, and when the message was stored. A note is
+/// void for a message stored at another time (its stream was made again
+/// under the same name, sequences starting over) and for a delivery count
+/// not above the note's (counts only grow while a consumer lives: an
+/// earlier consumer of the same name left it). A message's note is deleted
+/// once the message is acked or rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ReturnsNote {
     count: u32,
-    /// 0 in a note without it.
     delivered: u32,
+    published_ms: u64,
 }
 
 impl ReturnsNote {
     fn parse(text: &str) -> Option<ReturnsNote> {
         let mut parts = text.split_whitespace();
-        let count = parts.next()?.parse().ok()?;
-        let delivered = parts.next().map_or(Some(0), |d| d.parse().ok())?;
-        Some(ReturnsNote { count, delivered })
+        let note = ReturnsNote {
+            count: parts.next()?.parse().ok()?,
+            delivered: parts.next()?.parse().ok()?,
+            published_ms: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(note)
     }
 
-    /// The count that holds for a delivery with JetStream's count `delivered`.
-    fn count_for(self, delivered: u32) -> u32 {
-        if self.delivered >= delivered {
+    fn text(self) -> String {
+        format!("{} {} {}", self.count, self.delivered, self.published_ms)
+    }
+
+    /// The count that holds for a delivery of the message stored at
+    /// `published_ms` with JetStream's count `delivered`.
+    fn count_for(self, delivered: u32, published_ms: u64) -> u32 {
+        if self.published_ms != published_ms || self.delivered >= delivered {
             0
         } else {
             self.count
@@ -132,28 +143,44 @@ impl ReturnsNote {
     }
 }
 
+/// One delivered message, as its returns note knows it.
+#[derive(Debug, Clone, Copy)]
+struct Delivery {
+    sequence: u64,
+    /// JetStream's delivery count (not less what the note says).
+    delivered: u32,
+    published_ms: u64,
+}
+
 impl ReturnsOf {
     fn key(&self, sequence: u64) -> String {
         ferry_api::naming::returns_key(&self.stream, &self.consumer, sequence)
     }
 
-    /// How many times the message at `sequence`, now delivered for the
-    /// `delivered`th time by JetStream's count, was handed back unpushed.
-    async fn count(&self, sequence: u64, delivered: u32) -> u32 {
+    /// How many times the message of `d` was handed back unpushed.
+    async fn count(&self, d: Delivery) -> u32 {
         let Some(kv) = self.broker.returns.store(&self.broker.js).await else { return 0 };
-        read_note(&kv, &self.key(sequence)).await.map_or(0, |n| n.count_for(delivered))
+        read_note(&kv, &self.key(d.sequence)).await.map_or(0, |n| n.count_for(d.delivered, d.published_ms))
     }
 
-    /// Notes one more unpushed hand-back of the message at `sequence`,
-    /// delivered for the `delivered`th time. Only the sidecar holding the
-    /// message writes its key, so no compare-and-set.
-    async fn note(&self, sequence: u64, delivered: u32) -> Result<(), String> {
+    /// Notes one more unpushed hand-back of the message of `d`. Only the
+    /// sidecar holding the message writes its key, so no compare-and-set.
+    async fn note(&self, d: Delivery) -> Result<(), String> {
         let kv = self.broker.returns.store(&self.broker.js).await.ok_or("no returns bucket")?;
-        let key = self.key(sequence);
-        let before = read_note(&kv, &key).await.map_or(0, |n| n.count_for(delivered));
-        let note = ReturnsNote { count: before + 1, delivered };
+        let key = self.key(d.sequence);
+        let before = read_note(&kv, &key).await.map_or(0, |n| n.count_for(d.delivered, d.published_ms));
+        let note = ReturnsNote { count: before + 1, delivered: d.delivered, published_ms: d.published_ms };
         tracing::debug!(key, ?note, "noting a return");
-        kv.put(key, format!("{} {}", note.count, note.delivered).into()).await.map(|_| ()).map_err(|e| e.to_string())
+        kv.put(key, note.text().into()).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Deletes the note of a message that was acked or rejected.
+    async fn forget(&self, sequence: u64) {
+        let Some(kv) = self.broker.returns.store(&self.broker.js).await else { return };
+        let key = self.key(sequence);
+        if let Err(e) = kv.delete(&key).await {
+            tracing::debug!(key, error = %e, "returns note not deleted (it expires on its own)");
+        }
     }
 }
 
@@ -414,9 +441,10 @@ struct NatsConsumer {
 
 struct NatsSettle {
     acker: Acker,
-    sequence: u64,
-    /// JetStream's delivery count of this delivery.
-    delivered: u32,
+    delivery: Delivery,
+    /// A returns note was found for this delivery: deleted once it is
+    /// acked or rejected.
+    noted: std::sync::atomic::AtomicBool,
     returns: Arc<ReturnsOf>,
 }
 
@@ -426,9 +454,13 @@ impl Settle for NatsSettle {
         if how == Settlement::ReleaseUnpushed {
             // Noted before the nak, so the next delivery finds it. A note
             // that fails leaves this one counted as an attempt.
-            if let Err(e) = self.returns.note(self.sequence, self.delivered).await {
-                tracing::debug!(sequence = self.sequence, error = %e, "hand-back not noted");
+            if let Err(e) = self.returns.note(self.delivery).await {
+                tracing::debug!(sequence = self.delivery.sequence, error = %e, "hand-back not noted");
             }
+        }
+        if matches!(how, Settlement::Ack | Settlement::Reject) && self.noted.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.returns.forget(self.delivery.sequence).await;
         }
         let kind = match how {
             Settlement::Ack => AckKind::Ack,
@@ -459,6 +491,7 @@ impl Consumer for NatsConsumer {
             .await
             .map_err(|e| self.broker.classify(e))?;
         let mut out = Vec::new();
+        let mut settles: Vec<Arc<NatsSettle>> = Vec::new();
         while let Some(next) = batch.next().await {
             let msg = match next {
                 Ok(msg) => msg,
@@ -493,6 +526,13 @@ impl Consumer for NatsConsumer {
                     }
                 }
             }
+            let settle = Arc::new(NatsSettle {
+                acker,
+                delivery: Delivery { sequence, delivered, published_ms },
+                noted: false.into(),
+                returns: self.returns.clone(),
+            });
+            settles.push(settle.clone());
             out.push(Fetched {
                 id: id.unwrap_or_else(|| format!("seq-{sequence}")),
                 subject: message.subject.to_string(),
@@ -501,7 +541,7 @@ impl Consumer for NatsConsumer {
                 sequence,
                 delivered,
                 published_ms,
-                settle: Arc::new(NatsSettle { acker, sequence, delivered, returns: self.returns.clone() }),
+                settle,
             });
         }
         // Deliveries that were handed back unpushed were no attempts. Asked
@@ -512,15 +552,18 @@ impl Consumer for NatsConsumer {
         if out.iter().all(|m| m.delivered <= 1) {
             return Ok(out);
         }
-        let counts = futures::future::join_all(out.iter().map(|m| async move {
-            if m.delivered > 1 {
-                self.returns.count(m.sequence, m.delivered).await
+        let counts = futures::future::join_all(settles.iter().map(|s| async move {
+            if s.delivery.delivered > 1 {
+                self.returns.count(s.delivery).await
             } else {
                 0
             }
         }))
         .await;
-        for (m, returned) in out.iter_mut().zip(counts) {
+        for ((m, s), returned) in out.iter_mut().zip(&settles).zip(counts) {
+            if returned > 0 {
+                s.noted.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             m.delivered = m.delivered.saturating_sub(returned).max(1);
         }
         Ok(out)
@@ -532,16 +575,16 @@ mod tests {
     use super::ReturnsNote;
 
     #[test]
-    fn a_returns_note_counts_for_later_deliveries_only() {
-        let note = ReturnsNote::parse("3 4").unwrap();
-        assert_eq!(note, ReturnsNote { count: 3, delivered: 4 });
-        assert_eq!(note.count_for(5), 3, "delivered again after the hand-back");
-        assert_eq!(note.count_for(4), 0, "a count not above the note's: an earlier consumer's note");
-        assert_eq!(note.count_for(2), 0);
-        // A note of the first format (a count alone) holds for any redelivery.
-        assert_eq!(ReturnsNote::parse("2").unwrap().count_for(2), 2);
-        assert_eq!(ReturnsNote::parse("x 1"), None);
-        assert_eq!(ReturnsNote::parse("1 x"), None);
-        assert_eq!(ReturnsNote::parse(""), None);
+    fn a_returns_note_counts_for_later_deliveries_of_its_message_only() {
+        let note = ReturnsNote::parse("3 4 1700").unwrap();
+        assert_eq!(note, ReturnsNote { count: 3, delivered: 4, published_ms: 1700 });
+        assert_eq!(ReturnsNote::parse(&note.text()), Some(note));
+        assert_eq!(note.count_for(5, 1700), 3, "delivered again after the hand-back");
+        assert_eq!(note.count_for(4, 1700), 0, "a count not above the note's: an earlier consumer's note");
+        assert_eq!(note.count_for(2, 1700), 0);
+        assert_eq!(note.count_for(5, 1800), 0, "another message at that sequence (a stream made again)");
+        for bad in ["", "2", "2 3", "x 1 2", "1 x 2", "1 2 x", "1 2 3 4"] {
+            assert_eq!(ReturnsNote::parse(bad), None, "{bad:?}");
+        }
     }
 }

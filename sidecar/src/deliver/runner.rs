@@ -479,8 +479,9 @@ impl Ctx {
     /// dead sidecar before anything later of their keys is fetched here,
     /// then fetches what it redelivers, in stream order (see
     /// [`Ctx::gather_redelivered`]). Where the broker cannot say what is
-    /// leased, it waits all the same. Returns the messages to push first, or
-    /// `None` when stopped.
+    /// leased, it waits all the same. Returns the messages to push first
+    /// (handed back, like anything fetched, if the subscription stopped
+    /// meanwhile), or `None` when stopped during the wait.
     async fn recover_leases(&self, stop: &mut watch::Receiver<bool>) -> Option<VecDeque<Fetched>> {
         let leased = match self.leased_count().await {
             Ok(0) => return Some(VecDeque::new()),
@@ -497,61 +498,50 @@ impl Ctx {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return None,
         }
-        tokio::select! {
-            gathered = self.gather_redelivered() => Some(gathered),
-            _ = stop.changed() => None,
-        }
+        // Not cut short by a stop: a fetch dropped half-way would leave
+        // what the broker sent meanwhile leased until its ack wait.
+        Some(self.gather_redelivered().await)
     }
 
     async fn leased_count(&self) -> Result<u64, BrokerError> {
         self.consumer().await?.leased().await
     }
 
-    /// After [`Ctx::recover_leases`]'s wait: fetches until the broker has
-    /// handed out as many messages as it counts leased (or has no more), and
-    /// sorts them by stream sequence. JetStream queues expired leases for
-    /// redelivery in the order they expired, not in stream order (a message
-    /// whose lease was refreshed later comes back later), and ahead of
-    /// anything new; pushed in the order fetched, a key's later message
-    /// could reach the app before an earlier one (seen in the kill -9 fault
-    /// test). What comes after the redeliveries is new, later than all of
-    /// them, so sorting the whole set keeps every key in order.
+    /// After [`Ctx::recover_leases`]'s wait: fetches as many messages as the
+    /// broker counts leased, and sorts them by stream sequence. JetStream
+    /// queues expired leases for redelivery in the order they expired, not
+    /// in stream order (a message whose lease was refreshed later comes back
+    /// later), and hands them out ahead of anything new; pushed in the order
+    /// fetched, a key's later message could reach the app before an earlier
+    /// one (seen in the kill -9 fault test). What comes after the
+    /// redeliveries is new, later than all of them, so sorting the whole set
+    /// keeps every key in order. At most twice `maxInFlight`, what one
+    /// sidecar of the group can hold (as many fetched ahead as push slots):
+    /// the count includes leases that live pods hold, and taking that many
+    /// new messages instead would park up to `maxAckPending` here.
     async fn gather_redelivered(&self) -> VecDeque<Fetched> {
-        let mut gathered: Vec<Fetched> = Vec::new();
-        let want = match self.leased_count().await {
+        let leased = match self.leased_count().await {
             Ok(n) => usize::try_from(n).unwrap_or(usize::MAX),
             Err(e) => {
                 tracing::warn!(subscription = %self.name, error = %e, "could not ask the broker what is leased; fetching as usual");
                 return VecDeque::new();
             }
         };
-        let round_wait = FETCH_WAIT.min(self.heartbeat_every());
-        while gathered.len() < want {
-            let asked = want - gathered.len();
-            let got = match self.consumer().await {
-                Ok(c) => c.fetch(asked, round_wait).await,
-                Err(e) => Err(e),
-            };
-            match got {
-                Ok(more) => {
-                    let short = more.len() < asked;
-                    gathered.extend(more);
-                    if short {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(subscription = %self.name, error = %e, gathered = gathered.len(), "fetching the redelivered messages failed; pushing what came");
-                    break;
-                }
-            }
-            // Each round takes up to a heartbeat period: keep what came leased.
-            for m in &gathered {
-                let _ = m.settle.settle(Settlement::Progress).await;
-            }
+        let want = leased.min(2 * self.capacity);
+        if want == 0 {
+            return VecDeque::new();
         }
+        let wait = FETCH_WAIT.min(self.heartbeat_every());
+        let mut gathered = match self.consumer().await {
+            Ok(c) => c.fetch(want, wait).await,
+            Err(e) => Err(e),
+        }
+        .unwrap_or_else(|e| {
+            tracing::warn!(subscription = %self.name, error = %e, "fetching the redelivered messages failed; fetching as usual");
+            Vec::new()
+        });
         gathered.sort_by_key(|m| m.sequence);
-        tracing::info!(subscription = %self.name, leased = want, fetched = gathered.len(), "redelivered messages fetched, pushing them in stream order");
+        tracing::info!(subscription = %self.name, leased, fetched = gathered.len(), "redelivered messages fetched, pushing them in stream order");
         gathered.into()
     }
 
