@@ -684,8 +684,7 @@ async fn disk_full_run(embedded: bool) {
             }
         });
     }
-    let wait = Duration::from_secs(30);
-    let reach = |rx: &watch::Receiver<usize>, n: usize, what: &'static str| {
+    let reach = |rx: &watch::Receiver<usize>, n: usize, what: &'static str, wait: Duration| {
         let mut rx = rx.clone();
         async move {
             tokio::time::timeout(wait, rx.wait_for(|v| *v >= n))
@@ -699,13 +698,17 @@ async fn disk_full_run(embedded: bool) {
     let mut full_answers = 0;
     for _ in 0..cycles {
         let now = *acked.borrow();
-        reach(&acked, now + per_phase, "acknowledged produces").await;
+        reach(&acked, now + per_phase, "acknowledged produces", Duration::from_secs(30)).await;
         let filler = blocking(|| fill(mnt.path()));
         let before = *full.borrow();
-        reach(&full, before + 20, "507 answers").await;
+        // The first 507 comes once the outbox's preallocated reserve (4 MiB
+        // ahead of its active segment) is used up: ~6 000 of these messages,
+        // over 20 s at the rate a loaded 2-core machine reached.
+        reach(&full, before + 20, "507 answers", Duration::from_secs(120)).await;
         std::fs::remove_file(&filler).unwrap();
         let freed_at = *acked.borrow();
-        reach(&acked, freed_at + per_phase, "acknowledged produces after space returned").await;
+        reach(&acked, freed_at + per_phase, "acknowledged produces after space returned", Duration::from_secs(30))
+            .await;
         full_answers = *full.borrow();
     }
     stop_tx.send(true).unwrap();
