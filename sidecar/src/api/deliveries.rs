@@ -136,9 +136,7 @@ pub async fn pull(
 ) -> Result<Json<Value>, ApiError> {
     let Path(name) = arg(path)?;
     let Query(q) = arg(query)?;
-    if s.is_shutting_down() {
-        return Err(ApiError::ShuttingDown);
-    }
+    super::not_shutting_down(&s)?;
     let Some(ctx) = s.delivery.pull_ctx(&name) else {
         // Configured but not running yet (starting, or its broker side is
         // not there yet): come back shortly. Unknown: 404.

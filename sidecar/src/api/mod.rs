@@ -123,9 +123,7 @@ fn check_encoding(h: &HeaderMap) -> Result<(), ApiError> {
 
 /// Checks the topic and the sidecar's state; returns the payload limits.
 fn admit(s: &Sidecar, topic: &str) -> Result<(Arc<crate::outbox::TopicLog>, Limits), ApiError> {
-    if s.is_shutting_down() {
-        return Err(ApiError::ShuttingDown);
-    }
+    not_shutting_down(s)?;
     let unknown = || {
         if s.is_config_loaded() {
             ApiError::UnknownTopic(topic.to_owned())
@@ -164,10 +162,11 @@ pub fn arg<T, R: std::fmt::Display>(r: Result<T, R>) -> Result<T, ApiError> {
     r.map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-/// Checked again once the body is in (a slow upload may outlast the start
-/// of a shutdown): an append after the drain began could be answered 202
-/// and never forwarded before the process exits.
-fn still_open(s: &Sidecar) -> Result<(), ApiError> {
+/// 503 once the shutdown began. A produce call checks it on admission and
+/// again once the body is in (a slow upload may outlast the start of a
+/// shutdown): an append after the drain began could be answered 202 and
+/// never forwarded before the process exits.
+pub(crate) fn not_shutting_down(s: &Sidecar) -> Result<(), ApiError> {
     if s.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
@@ -191,7 +190,7 @@ async fn produce_one(
         let body = read_body(&headers, body, limits.max_payload + ENVELOPE_ALLOWANCE, "request body").await?;
         let record = produce::single(&headers, body, limits)?;
         let id = record.id.clone();
-        still_open(&s)?;
+        not_shutting_down(&s)?;
         let confirmations = confirmations(&s, &topic, mode)?;
         let range = s
             .outbox
@@ -233,7 +232,7 @@ async fn produce_batch(
         let body = read_body(&headers, body, s.config.max_batch_bytes, "batch body").await?;
         let records = produce::batch(&headers, &body, limits)?;
         let ids = || records.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
-        still_open(&s)?;
+        not_shutting_down(&s)?;
         let confirmations = confirmations(&s, &topic, mode)?;
         let range = s.outbox.append(&tl, &records).await.map_err(|e| append_failed(e, ids))?;
         s.metrics

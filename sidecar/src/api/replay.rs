@@ -83,9 +83,7 @@ pub async fn replay(
             Some(ms)
         }
     };
-    if s.is_shutting_down() {
-        return Err(ApiError::ShuttingDown);
-    }
+    super::not_shutting_down(&s)?;
     let unknown = || ApiError::UnknownTopic(topic.clone());
     let tl = s.outbox.topic(&topic).ok_or_else(unknown)?;
     let link = s.link(&topic).ok_or_else(unknown)?;

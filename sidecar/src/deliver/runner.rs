@@ -224,13 +224,14 @@ impl Ctx {
         let mut stop = self.stop.clone();
         let mut backoff = Duration::from_millis(100);
         let push = self.spec.mode == DeliveryMode::Push;
-        let mut recovered = VecDeque::new();
-        if push && self.spec.ordering != Ordering::None {
+        let recovered = if push && self.spec.ordering != Ordering::None {
             match self.recover_leases(&mut stop).await {
-                Some(first) => recovered = first,
+                Some(first) => first,
                 None => return,
             }
-        }
+        } else {
+            VecDeque::new()
+        };
         let fetched_ahead = if push && self.spec.batch.max_messages <= 1 {
             self.push_loop(&mut tasks, &mut stop, recovered).await
         } else {
