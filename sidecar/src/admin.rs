@@ -123,6 +123,26 @@ mod liveness_tests {
         (resp.status().as_u16(), resp.json().await.unwrap_or_default())
     }
 
+    /// Asks `probe` every `every` until its answer is `done`, at most
+    /// `within`; returns the last answer (for the caller's assertion). For
+    /// state no event announces (a config reload, the outbox reopen, the
+    /// forwarder).
+    async fn until<T, F: std::future::Future<Output = T>>(
+        within: Duration,
+        every: Duration,
+        mut probe: impl FnMut() -> F,
+        done: impl Fn(&T) -> bool,
+    ) -> T {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let answer = probe().await;
+            if done(&answer) || std::time::Instant::now() > deadline {
+                return answer;
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     /// A whole sidecar in this process (embedded broker, real HTTP on
     /// loopback, the `MANIFESTS` polled every 50 ms) whose outbox logs sit
     /// on a `MemFs`, to make its disk fail.
@@ -193,37 +213,20 @@ mod liveness_tests {
         );
         std::fs::write(manifests.path().join("topics.yaml"), added).unwrap();
         // The new topic is configured (the reload polls every 50 ms), without an outbox.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let (status, body) = loop {
-            let (status, body) = produce(&client, api, "late", "l-1").await;
-            if status != 404 || std::time::Instant::now() > deadline {
-                break (status, body);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let ms = Duration::from_millis;
+        let (status, body) =
+            until(Duration::from_secs(10), ms(20), || produce(&client, api, "late", "l-1"), |(s, _)| *s != 404).await;
         assert_eq!(status, 503, "{body}");
         assert!(body["error"]["message"].as_str().unwrap().contains("could not be opened"), "{body}");
 
         fs.set_capacity(None);
         // Opened again within REOPEN_EVERY; no event says when.
-        let deadline = std::time::Instant::now() + crate::REOPEN_EVERY * 3;
-        let status = loop {
-            let (status, _) = produce(&client, api, "late", "l-1").await;
-            if status == 202 || std::time::Instant::now() > deadline {
-                break status;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let (status, _) =
+            until(crate::REOPEN_EVERY * 3, ms(50), || produce(&client, api, "late", "l-1"), |(s, _)| *s == 202).await;
         assert_eq!(status, 202);
         // And its forwarder runs: the message reaches the broker.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let body = loop {
-            let (_, body) = get(&client, format!("http://{api}/v1/messages/l-1")).await;
-            if body["status"] == "forwarded" || std::time::Instant::now() > deadline {
-                break body;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let status = || get(&client, format!("http://{api}/v1/messages/l-1"));
+        let (_, body) = until(Duration::from_secs(10), ms(20), status, |(_, b)| b["status"] == "forwarded").await;
         assert_eq!(body["status"], "forwarded", "{body}");
         sc.stop().await;
     }

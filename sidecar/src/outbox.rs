@@ -607,6 +607,15 @@ mod fsync_policy_tests {
 mod open_tests {
     use super::*;
 
+    /// An outbox of `limit` bytes on `fs` with one durable topic, `orders`.
+    fn orders_outbox(fs: Arc<dyn ferry_log::Fs>, limit: u64) -> (tempfile::TempDir, Outbox, Arc<TopicLog>) {
+        let data = tempfile::tempdir().unwrap();
+        let spec = BTreeMap::from([("orders".to_owned(), (Persistence::Durable, 1))]);
+        let (outbox, _) = Outbox::open_on(fs, data.path(), limit, FsyncPolicy::Always, &spec).unwrap();
+        let tl = outbox.topic("orders").unwrap();
+        (data, outbox, tl)
+    }
+
     #[test]
     fn a_log_found_on_disk_takes_its_topics_partitions_once_the_spec_is_known() {
         let data = tempfile::tempdir().unwrap();
@@ -633,13 +642,8 @@ mod open_tests {
 
     #[tokio::test]
     async fn the_replay_window_keeps_forwarded_segments_until_produce_needs_the_room() {
-        use ferry_log::memfs::MemFs;
-        let data = tempfile::tempdir().unwrap();
-        let spec = BTreeMap::from([("orders".to_owned(), (Persistence::Durable, 1))]);
         let limit = 100 << 20;
-        let (outbox, _) =
-            Outbox::open_on(Arc::new(MemFs::new()), data.path(), limit, FsyncPolicy::Always, &spec).unwrap();
-        let tl = outbox.topic("orders").unwrap();
+        let (_data, outbox, tl) = orders_outbox(Arc::new(ferry_log::memfs::MemFs::new()), limit);
         tl.log.commit(RETAINED, 0).unwrap(); // as the forwarder sets it up with a window
         for i in 0..70 {
             outbox.append(&tl, &[mib(format!("m{i}"))]).await.unwrap();
@@ -677,13 +681,8 @@ mod open_tests {
     /// left to forward.
     #[tokio::test]
     async fn forwarded_records_in_the_active_segment_make_room_when_the_outbox_is_full() {
-        use ferry_log::memfs::MemFs;
-        let data = tempfile::tempdir().unwrap();
-        let spec = BTreeMap::from([("orders".to_owned(), (Persistence::Durable, 1))]);
         let limit = 2 << 20;
-        let (outbox, _) =
-            Outbox::open_on(Arc::new(MemFs::new()), data.path(), limit, FsyncPolicy::Always, &spec).unwrap();
-        let tl = outbox.topic("orders").unwrap();
+        let (_data, outbox, tl) = orders_outbox(Arc::new(ferry_log::memfs::MemFs::new()), limit);
         assert!(tl.log.options().segment_bytes > limit, "the case: a segment is larger than the limit");
         let batch = |name: String| -> Vec<NewRecord> {
             (0..64).map(|j| NewRecord::new(format!("{name}-{j}"), vec![1u8; 1024])).collect()
@@ -714,10 +713,7 @@ mod open_tests {
 
     #[tokio::test]
     async fn parked_records_are_known_by_offset_and_id_so_a_re_read_passes_them() {
-        let data = tempfile::tempdir().unwrap();
-        let spec = BTreeMap::from([("orders".to_owned(), (Persistence::Durable, 1))]);
-        let (outbox, _) = Outbox::open(data.path(), 1 << 30, FsyncPolicy::Always, &spec).unwrap();
-        let tl = outbox.topic("orders").unwrap();
+        let (_data, outbox, tl) = orders_outbox(Arc::new(ferry_log::StdFs), 1 << 30);
         let ids: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
         tl.log.append(&ids.iter().map(|id| record(id)).collect::<Vec<_>>()).await.unwrap();
         let recs = tl.log.read(0, 8, 1 << 20).unwrap().records;
@@ -735,10 +731,7 @@ mod open_tests {
 
     #[test]
     fn a_replay_starts_at_the_first_kept_record_produced_since_and_says_if_older_ones_went() {
-        let data = tempfile::tempdir().unwrap();
-        let spec = BTreeMap::from([("orders".to_owned(), (Persistence::Durable, 1))]);
-        let (outbox, _) = Outbox::open(data.path(), 1 << 30, FsyncPolicy::Always, &spec).unwrap();
-        let tl = outbox.topic("orders").unwrap();
+        let (_data, _outbox, tl) = orders_outbox(Arc::new(ferry_log::StdFs), 1 << 30);
         let at = |id: &str, ms: u64| NewRecord { timestamp_ms: ms, ..record(id) };
         tl.log.append_blocking(&[at("a", 1_000), at("b", 2_000), at("c", 3_000), at("d", 4_000)]).unwrap();
         assert_eq!(Outbox::replay_start(&tl, Some(2_500), 4).unwrap(), (2, true));
