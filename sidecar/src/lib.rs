@@ -391,6 +391,7 @@ pub(crate) async fn run_on(
         namespace: config.namespace.clone(),
         app_id: config.app_id.clone(),
         pod_name: config.pod_name.clone(),
+        pod_consumer_ttl: config.pod_consumer_ttl,
         app_port: config.app_port,
         app_token: config.app_token.clone(),
         data_dir: config.data_dir.clone(),
@@ -655,7 +656,7 @@ pub async fn apply_resources(
             tracing::warn!(subscription = %name, topic = %spec.topic, "the subscription's topic is not configured; its consumer waits for it");
             continue;
         }
-        let plan = ferry_api::consumer_plan(&config.namespace, name, spec, Some(&config.pod_name));
+        let plan = deliver::consumer_plan(&config.namespace, name, spec, &config.pod_name, config.pod_consumer_ttl);
         let r = broker.ensure_consumer(&plan).await;
         check(format!("subscription {name}"), r)?;
     }

@@ -354,6 +354,45 @@ async fn nats_returns_notes_are_deleted_on_ack_and_void_for_another_message_at_t
     second[0].settle.settle(Settlement::Ack).await.unwrap();
 }
 
+/// NATS only (the embedded broker never removes a consumer by itself): a
+/// per-pod consumer kept in use by keep-alives outlives its idle limit and
+/// gets no message from them; left alone, the broker removes it, and a
+/// keep-alive for it then fails (the runner makes it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_keep_alive_keeps_an_idle_consumer_without_taking_a_message() {
+    let h = Harness::nats().await;
+    let js = async_nats::jetstream::new(async_nats::connect(&h.nats.as_ref().unwrap().url()).await.unwrap());
+    h.broker.ensure_stream(&stream_plan("conf", "orders", &TopicSpec::default())).await.unwrap();
+    let mut spec = SubscriptionSpec::new("orders", "app");
+    spec.start_position = StartPosition::Earliest;
+    spec.fanout = ferry_api::subscription::Fanout::Pod;
+    let idle = Duration::from_secs(1);
+    let plan = ferry_sidecar::deliver::consumer_plan("conf", "cache", &spec, "pod-a", idle);
+    assert_eq!(plan.inactive_threshold, Some(idle));
+    h.broker.ensure_consumer(&plan).await.unwrap();
+    h.publish("kept").await;
+    let c = h.consumer(&plan).await;
+    let info = || async { js.get_stream(&plan.stream).await.unwrap().consumer_info(&plan.name).await };
+    // Time-based: keep-alives every 200 ms for three idle limits.
+    let until = Instant::now() + 3 * idle;
+    while Instant::now() < until {
+        c.keep_alive().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let kept = info().await.expect("kept past its idle limit");
+    assert_eq!((kept.delivered.stream_sequence, kept.num_ack_pending), (0, 0), "no keep-alive took the message");
+    let got = fetch_n(&c, 1, Duration::from_secs(5)).await;
+    assert_eq!((ids(&got), got[0].delivered), (vec!["kept".to_owned()], 1));
+    got[0].settle.settle(Settlement::Ack).await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while info().await.is_ok() {
+        assert!(Instant::now() < deadline, "never removed once left idle");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(c.keep_alive().await.is_err(), "the keep-alive of a removed consumer fails");
+}
+
 /// The embedded broker forgets an id once its duplicate window passed, in
 /// memory and after a reopen (its window is rebuilt from the log); within
 /// the window a repeat is a duplicate of the stored sequence. `u`, stored

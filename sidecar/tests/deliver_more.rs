@@ -431,6 +431,34 @@ async fn a_restarted_sidecar_without_a_pod_name_keeps_its_per_pod_consumer() {
     assert_eq!(consumers().await, first, "the same per-pod consumer after the restart");
 }
 
+/// A pull subscription with `fanout: Pod` whose app polls less often than
+/// the broker's idle limit for a per-pod consumer: the sidecar keeps the
+/// consumer in use, so what came between two polls is there at the next
+/// (the broker removed it before, and the next poll made it again at the
+/// latest message: both messages were lost to this pod).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_subscription_with_fanout_pod_keeps_its_consumer_between_rare_polls() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription("pulled", "orders", &["mode: Pull", "fanout: Pod"]));
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = start(&nats, res.path(), data.path(), None, &["--pod-name", "shop-a", "--pod-consumer-ttl", "1s"]);
+    sc.process.wait_for_line("starting subscription subscription=pulled", START_TIMEOUT);
+    let consumer = "pulled--shop-a";
+    let ttl = consumer_info(&nats, "FERRY_default_orders", consumer).await.config.inactive_threshold;
+    assert_eq!(ttl, Duration::from_secs(1), "--pod-consumer-ttl sets the broker's idle limit");
+    produce(&sc, "early", None).await;
+    // Time-based behaviour: three idle limits without a poll.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    produce(&sc, "late", None).await;
+    let resp = http().get(sc.url("/v1/subscriptions/pulled/messages?max=5&wait=2s")).send().await.unwrap();
+    let (status, body) = json(resp).await;
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<&str> = body.as_array().expect("events").iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["early", "late"]);
+    let info = consumer_info(&nats, "FERRY_default_orders", consumer).await;
+    assert_eq!(info.num_ack_pending, 2, "both leased to the app, none taken by a keep-alive before");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_long_polls_and_its_deliveries_are_acked_retried_and_rejected_by_callback() {
     let nats = NatsServer::start();

@@ -133,6 +133,12 @@ pub trait Consumer: Send + Sync + 'static {
     async fn fetch(&self, max: usize, wait: std::time::Duration) -> Result<Vec<Fetched>, BrokerError>;
     /// Messages delivered and leased (not settled, not yet due again).
     async fn leased(&self) -> Result<u64, BrokerError>;
+    /// Tells the broker the consumer is in use, without taking a message,
+    /// so that one it removes when idle stays. Nothing to do where the
+    /// broker never removes a consumer by itself.
+    async fn keep_alive(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
 }
 
 /// What the sidecar needs from a broker.

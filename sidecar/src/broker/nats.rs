@@ -481,6 +481,53 @@ impl Consumer for NatsConsumer {
         Ok(info.num_ack_pending as u64)
     }
 
+    /// A pull request for one message of at most one byte, without
+    /// waiting: no message fits, so the server answers "no messages" or
+    /// "message size exceeds max bytes" and delivers none, but counts the
+    /// request as the consumer's activity (nats-server removes a consumer
+    /// with an inactivity threshold only when no pull request came within
+    /// it). A consumer that is gone has no responder: an error.
+    async fn keep_alive(&self) -> Result<(), BrokerError> {
+        let info = self.consumer.cached_info();
+        let subject = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", info.stream_name, info.name);
+        let request = bytes::Bytes::from_static(br#"{"batch":1,"max_bytes":1,"no_wait":true}"#);
+        let answer = self
+            .broker
+            .client
+            .request(subject, request)
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("consumer {}: {e}", info.name)))?;
+        match answer.status {
+            Some(async_nats::StatusCode::NOT_FOUND | async_nats::StatusCode::TIMEOUT) => Ok(()),
+            Some(code)
+                if code.as_u16() == 409 && answer.description.as_deref().is_some_and(|d| d.contains("MaxBytes")) =>
+            {
+                Ok(())
+            }
+            None | Some(async_nats::StatusCode::OK) => {
+                // Not expected (no message is one byte long): hand it back
+                // at once, noted, so it counts as no attempt.
+                let msg = jetstream::Message { message: answer, context: self.broker.js.clone() };
+                if let Ok(i) = msg.info() {
+                    let delivery = Delivery {
+                        sequence: i.stream_sequence,
+                        delivered: u32::try_from(i.delivered).unwrap_or(u32::MAX),
+                        published_ms: u64::try_from(i.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+                    };
+                    let _ = self.returns.note(delivery).await;
+                }
+                msg.ack_with(AckKind::Nak(Some(Duration::from_millis(1))))
+                    .await
+                    .map_err(|e| BrokerError::Unavailable(e.to_string()))
+            }
+            Some(code) => Err(BrokerError::Unavailable(format!(
+                "consumer {}: keep-alive answered {code} {}",
+                info.name,
+                answer.description.unwrap_or_default()
+            ))),
+        }
+    }
+
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Fetched>, BrokerError> {
         let mut batch = self
             .consumer

@@ -118,6 +118,12 @@ pub struct SidecarArgs {
     /// sidecar keeps its per-pod consumers.
     #[arg(long, env = "FERRY_POD_NAME")]
     pub pod_name: Option<String>,
+    /// With `fanout: Pod`: how long the broker keeps this pod's own
+    /// consumer once nothing uses it, so that a pod gone for good leaves
+    /// nothing behind. While the sidecar runs it keeps the consumer in use,
+    /// also for a pull subscription whose app polls seldom.
+    #[arg(long, env = "FERRY_POD_CONSUMER_TTL", default_value = "5m")]
+    pub pod_consumer_ttl: String,
     /// Directory for the outbox and delivery state (a volume in Kubernetes).
     #[arg(long, env = "FERRY_DATA_DIR", default_value = "ferry-data")]
     pub data_dir: PathBuf,
@@ -253,6 +259,8 @@ pub struct Config {
     /// Pod name (empty until [`pod_name_of`] has found it, when neither
     /// `--pod-name` nor `$HOSTNAME` gives one).
     pub pod_name: String,
+    /// How long an unused per-pod consumer is kept by the broker.
+    pub pod_consumer_ttl: Duration,
     /// Data directory.
     pub data_dir: PathBuf,
     /// API address.
@@ -341,6 +349,10 @@ impl Config {
         let dedupe_window = duration("--dedupe-window", &a.dedupe_window);
         let resources_poll = duration("--resources-poll", &a.resources_poll);
         let header_read_timeout = duration("--header-read-timeout", &a.header_read_timeout);
+        let pod_consumer_ttl = duration("--pod-consumer-ttl", &a.pod_consumer_ttl);
+        if pod_consumer_ttl < Duration::from_secs(1) && humantime::parse_duration(&a.pod_consumer_ttl).is_ok() {
+            errors.push(format!("--pod-consumer-ttl: {:?} is shorter than 1s", a.pod_consumer_ttl));
+        }
         if dedupe_window > ferry_api::MAX_DEDUPE_WINDOW {
             errors.push(format!("--dedupe-window: {:?} is longer than 366 days", a.dedupe_window));
         }
@@ -408,6 +420,7 @@ impl Config {
             app_port: a.app_port,
             namespace: a.namespace,
             pod_name,
+            pod_consumer_ttl,
             data_dir: a.data_dir,
             api_addr: api_addr.expect("checked above"),
             admin_addr: admin_addr.expect("checked above"),
@@ -482,7 +495,18 @@ mod tests {
         assert_eq!(c.shutdown_grace, Duration::from_secs(20));
         assert_eq!(c.dedupe_window, Duration::from_secs(600));
         assert_eq!(c.dedupe_max_ids, DEFAULT_DEDUPE_MAX_IDS);
+        assert_eq!(c.pod_consumer_ttl, ferry_api::plan::POD_CONSUMER_INACTIVE);
         assert_eq!(c.broker.urls, ["nats://127.0.0.1:4222"]);
+    }
+
+    #[test]
+    fn a_pod_consumer_ttl_under_a_second_is_refused() {
+        let with = |ttl: &str| parse(&["--app-id", "orders", "--pod-consumer-ttl", ttl]);
+        assert_eq!(with("90s").unwrap().pod_consumer_ttl, Duration::from_secs(90));
+        assert_eq!(with("500ms").unwrap_err(), ["--pod-consumer-ttl: \"500ms\" is shorter than 1s"]);
+        let errors = with("later").unwrap_err();
+        assert_eq!(errors.len(), 1, "one error for a bad value: {errors:?}");
+        assert!(errors[0].starts_with("--pod-consumer-ttl: \"later\" is not a duration"), "{errors:?}");
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct Deps {
     pub app_id: String,
     /// This pod's name (per-pod consumers).
     pub pod_name: String,
+    /// How long the broker keeps an unused per-pod consumer.
+    pub pod_consumer_ttl: Duration,
     /// App port for push.
     pub app_port: Option<u16>,
     /// Token sent to the app.
@@ -58,6 +60,22 @@ pub struct Deps {
     /// The outbox, whose parked logs take a dead letter its topic refuses
     /// for good.
     pub outbox: Arc<crate::outbox::Outbox>,
+}
+
+/// The consumer this pod uses for a subscription: the shared mapping, with
+/// a per-pod consumer (`fanout: Pod`) kept `pod_consumer_ttl` once unused.
+pub fn consumer_plan(
+    namespace: &str,
+    subscription: &str,
+    spec: &SubscriptionSpec,
+    pod_name: &str,
+    pod_consumer_ttl: Duration,
+) -> ferry_api::ConsumerPlan {
+    let mut plan = ferry_api::consumer_plan(namespace, subscription, spec, Some(pod_name));
+    if plan.inactive_threshold.is_some() {
+        plan.inactive_threshold = Some(pod_consumer_ttl);
+    }
+    plan
 }
 
 /// The set of running subscriptions, kept equal to the resources.

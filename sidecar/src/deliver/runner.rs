@@ -194,10 +194,28 @@ impl Ctx {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let plan = ferry_api::consumer_plan(&self.deps.namespace, &self.name, &self.spec, Some(&self.deps.pod_name));
-        let c = self.deps.broker.consumer(&plan).await?;
+        let c = self.deps.broker.consumer(&self.plan()).await?;
         *slot = Some(c.clone());
         Ok(c)
+    }
+
+    fn plan(&self) -> ferry_api::ConsumerPlan {
+        let d = &self.deps;
+        super::consumer_plan(&d.namespace, &self.name, &self.spec, &d.pod_name, d.pod_consumer_ttl)
+    }
+
+    /// A pull subscription's consumer is used only when the app polls: a
+    /// per-pod one would be removed by the broker after its idle time
+    /// between two polls, and made again at its start position, missing
+    /// what came meanwhile. So the runner tells the broker it is in use, a
+    /// few times per idle time, without taking a message.
+    async fn keep_alive(&self) {
+        let kept = async { self.consumer().await?.keep_alive().await };
+        if let Err(e) = kept.await {
+            tracing::debug!(subscription = %self.name, error = %e, "could not keep the consumer in use");
+            // Gone (removed, or the broker lost it): made again next time.
+            self.reset_consumer().await;
+        }
     }
 
     async fn reset_consumer(&self) {
@@ -224,6 +242,10 @@ impl Ctx {
         let mut stop = self.stop.clone();
         let mut backoff = Duration::from_millis(100);
         let push = self.spec.mode == DeliveryMode::Push;
+        // Only consumers the broker removes when idle need it; a push
+        // subscription fetches all the time.
+        let idle_limit = self.plan().inactive_threshold.filter(|_| !push);
+        let mut keep_alive = tokio::time::interval(idle_limit.map_or(PRUNE_EVERY, |t| t / 5));
         let recovered = if push && self.spec.ordering != Ordering::None {
             match self.recover_leases(&mut stop).await {
                 Some(first) => first,
@@ -254,6 +276,7 @@ impl Ctx {
                 tokio::select! {
                     _ = stop.changed() => break,
                     _ = prune.tick() => { self.prune(); continue }
+                    _ = keep_alive.tick(), if idle_limit.is_some() => { self.keep_alive().await; continue }
                 }
             };
             let Some(first) = first else { continue };
