@@ -207,6 +207,16 @@ pub fn validate_subscription(namespace: &str, name: &str, spec: &SubscriptionSpe
         "spec.batch.maxMessages",
         "bulk push (more than 1) needs ordering None",
     );
+    // A pull hands the app several messages at once, one of a key beside
+    // the next, and a retried one would come back behind later ones of its
+    // key. Strict pulls keep their order: the consumer leases one message
+    // at a time (maxAckPending 1), also while one waits for its retry.
+    check(
+        &mut e,
+        !(spec.mode == crate::subscription::DeliveryMode::Pull && spec.ordering == crate::subscription::Ordering::Key),
+        "spec.ordering",
+        "Key needs mode Push (a pull hands out several messages of one key at once); use Strict to pull in order",
+    );
     e
 }
 
@@ -370,6 +380,13 @@ mod tests {
         bulk_keyed.ordering = crate::subscription::Ordering::Key;
         let errors = validate_subscription("shop", "billing", &bulk_keyed);
         assert_eq!(errors.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), ["spec.batch.maxMessages"]);
+        let mut pulled = SubscriptionSpec::new("orders", "billing");
+        pulled.mode = crate::subscription::DeliveryMode::Pull;
+        pulled.ordering = crate::subscription::Ordering::Key;
+        let errors = validate_subscription("shop", "billing", &pulled);
+        assert_eq!(errors.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), ["spec.ordering"]);
+        pulled.ordering = crate::subscription::Ordering::Strict;
+        assert!(validate_subscription("shop", "billing", &pulled).is_empty(), "strict pulls are fine");
         let topic = TopicSpec { partitions: 0, ..TopicSpec::default() };
         let errors = validate_topic("shop", "Orders", &topic);
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();

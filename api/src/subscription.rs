@@ -75,8 +75,8 @@ pub struct SubscriptionSpec {
     #[schemars(length(min = 1, max = 63), regex(pattern = LABEL_PATTERN))]
     pub dead_letter_topic: Option<String>,
     /// `None` (default: fastest, parallel), `Key` (messages of one key one
-    /// at a time, in order; other keys in parallel), or `Strict` (one
-    /// message at a time, in order).
+    /// at a time, in order; other keys in parallel; push only), or `Strict`
+    /// (one message at a time, in order).
     #[serde(default)]
     pub ordering: Ordering,
     /// `Group` (default: each message to one pod of the app) or `Pod`

@@ -459,6 +459,53 @@ async fn a_pull_subscription_with_fanout_pod_keeps_its_consumer_between_rare_pol
     assert_eq!(info.num_ack_pending, 2, "both leased to the app, none taken by a keep-alive before");
 }
 
+/// `ordering: Strict` with `mode: Pull` (`Key` is refused for pull): the
+/// consumer leases one message at a time, so a pull gets only the first
+/// message, and one the app retries comes back before the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_pull_subscription_hands_out_one_message_at_a_time_in_order_also_across_a_retry() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription("pulled", "orders", &["mode: Pull", "ordering: Strict"]));
+    let data = tempfile::tempdir().unwrap();
+    let mut sc = start(&nats, res.path(), data.path(), None, &[]);
+    sc.process.wait_for_line("starting subscription subscription=pulled", START_TIMEOUT);
+    for id in ["s-1", "s-2", "s-3"] {
+        produce(&sc, id, None).await;
+    }
+    let pull = |wait: &str| {
+        let url = sc.url(&format!("/v1/subscriptions/pulled/messages?max=5&wait={wait}"));
+        async move {
+            let (status, body) = json(http().get(url).send().await.unwrap()).await;
+            assert_eq!(status, 200, "{body}");
+            let events = body.as_array().expect("events").clone();
+            let got: Vec<(String, i64)> = events
+                .iter()
+                .map(|e| (e["id"].as_str().unwrap().to_owned(), e["ferryattempt"].as_i64().unwrap()))
+                .collect();
+            let ids: Vec<String> = events.iter().map(|e| e["ferrydeliveryid"].as_str().unwrap().to_owned()).collect();
+            (got, ids)
+        }
+    };
+    let settle = |delivery: &str, how: &str| {
+        let url = sc.url(&format!("/v1/deliveries/{delivery}/{how}"));
+        async move { assert_eq!(http().post(url).send().await.unwrap().status().as_u16(), 200) }
+    };
+    let started = Instant::now();
+    let (got, ids) = pull("20s").await;
+    assert_eq!(got, [("s-1".to_owned(), 1)], "one at a time");
+    // The poll ends with the message, not after its wait.
+    assert!(started.elapsed() < Duration::from_secs(10), "the pull took {:?}", started.elapsed());
+    settle(&ids[0], "retry?delay=200ms").await;
+    let (got, ids) = pull("5s").await;
+    assert_eq!(got, [("s-1".to_owned(), 2)], "the retried message before the next");
+    settle(&ids[0], "ack").await;
+    let (got, ids) = pull("5s").await;
+    assert_eq!(got, [("s-2".to_owned(), 1)]);
+    settle(&ids[0], "ack").await;
+    let (got, _) = pull("5s").await;
+    assert_eq!(got, [("s-3".to_owned(), 1)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_long_polls_and_its_deliveries_are_acked_retried_and_rejected_by_callback() {
     let nats = NatsServer::start();

@@ -1029,8 +1029,11 @@ impl Ctx {
         };
         let stopping = || BrokerError::Unavailable(format!("subscription {} is restarting or stopping", self.name));
         let mut stop = self.stop.clone();
+        // A strict consumer leases one message at a time: a request for
+        // more would hold the poll open for its whole wait after the first.
+        let want = if self.spec.ordering == Ordering::Strict { 1 } else { max };
         let fetched = tokio::select! {
-            r = consumer.fetch(max, wait) => match r {
+            r = consumer.fetch(want, wait) => match r {
                 Ok(f) => f,
                 Err(e) => {
                     self.reset_consumer().await;
