@@ -33,6 +33,8 @@ use crate::naming::LABEL_PATTERN;
 #[x_kube(validation = Rule::new(
     "!has(self.batch) || !has(self.batch.maxMessages) || self.batch.maxMessages <= 1 || !has(self.ordering) || self.ordering == 'None'"
 ).message("bulk push (batch.maxMessages > 1) needs ordering None"))]
+#[x_kube(validation = Rule::new("!has(self.mode) || self.mode != 'Pull' || !has(self.ordering) || self.ordering != 'Key'")
+    .message("ordering Key needs mode Push; use Strict to pull in order"))]
 #[cfg_attr(feature = "cel", kube(cel))]
 #[serde(rename_all = "camelCase")]
 pub struct SubscriptionSpec {

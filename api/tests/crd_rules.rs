@@ -4,7 +4,7 @@
 //! a test rather than a cluster.
 
 use ferry_api::naming::{validate_label, LABEL_PATTERN};
-use ferry_api::subscription::{Fanout, Ordering, StartPosition};
+use ferry_api::subscription::{DeliveryMode, Fanout, Ordering, StartPosition};
 use ferry_api::topic::Storage;
 use ferry_api::{Subscription, SubscriptionSpec, Topic, TopicSpec};
 use kube::CustomResourceExt;
@@ -40,6 +40,12 @@ fn a_subscription_whose_fields_contradict_each_other_is_refused() {
     assert_eq!(errors(bulk.validate_cel()), "", "bulk push with ordering None");
     bulk.spec.ordering = Ordering::Key;
     assert!(errors(bulk.validate_cel()).contains("needs ordering None"));
+    let mut pulled = ok.clone();
+    pulled.spec.mode = DeliveryMode::Pull;
+    pulled.spec.ordering = Ordering::Strict;
+    assert_eq!(errors(pulled.validate_cel()), "", "a strict pull");
+    pulled.spec.ordering = Ordering::Key;
+    assert!(errors(pulled.validate_cel()).contains("ordering Key needs mode Push"));
 }
 
 #[test]
