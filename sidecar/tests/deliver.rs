@@ -111,6 +111,31 @@ async fn a_2xx_answer_acks_and_the_push_carries_the_cloudevent_and_ferry_headers
     assert_eq!(app.received().len(), 1, "acked: never delivered again");
 }
 
+/// The producer's W3C trace context reaches the subscriber: the push
+/// carries the `traceparent` and `tracestate` the produce call came with.
+#[tokio::test]
+async fn the_push_continues_the_trace_of_the_produce_call() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription("billing", ""));
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::start(|_, _| Reply::status(204)).await;
+    let sc = start(&nats, &res, &data, &app).await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let resp = http()
+        .post(sc.url("/v1/topics/orders/messages"))
+        .header("ferry-id", "traced")
+        .header("traceparent", parent)
+        .header("tracestate", "congo=t61rcWkgMzE")
+        .body("one")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let got = app.wait_for(1, WAIT).await;
+    assert_eq!(got[0].header("traceparent"), Some(parent));
+    assert_eq!(got[0].header("tracestate"), Some("congo=t61rcWkgMzE"));
+}
+
 #[tokio::test]
 async fn with_an_app_token_every_push_carries_it_as_a_bearer_token() {
     let nats = NatsServer::start();

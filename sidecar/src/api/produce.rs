@@ -140,9 +140,44 @@ fn record(
 
 /// One message from a single-produce request, within `limits`.
 pub fn single(h: &HeaderMap, body: Bytes, limits: Limits) -> Result<NewRecord, ApiError> {
-    let record = single_record(h, body, limits)?;
+    let mut record = single_record(h, body, limits)?;
+    trace_context(h, &mut record.headers);
     check_sizes(std::slice::from_ref(&record), limits)?;
     Ok(record)
+}
+
+/// Most bytes of a `tracestate` kept (W3C: 512 is what a vendor must take).
+const MAX_TRACESTATE: usize = 512;
+
+/// Keeps the producer's W3C trace context (`traceparent`, with its
+/// `tracestate`) with the message, so that its push to a subscriber
+/// continues the producer's trace. A message that brings its own (a
+/// structured CloudEvent's extension) keeps that one. A malformed
+/// `traceparent` is left out, not refused: W3C has the receiver start a
+/// new trace then.
+fn trace_context(h: &HeaderMap, headers: &mut Vec<(String, String)>) {
+    if headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("traceparent") || n.eq_ignore_ascii_case("ce-traceparent")) {
+        return;
+    }
+    let Some(parent) = h.get("traceparent").and_then(|v| v.to_str().ok()).filter(|v| valid_traceparent(v)) else {
+        return;
+    };
+    headers.push(("traceparent".to_owned(), parent.to_owned()));
+    if let Some(state) =
+        h.get("tracestate").and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty() && v.len() <= MAX_TRACESTATE)
+    {
+        headers.push(("tracestate".to_owned(), state.to_owned()));
+    }
+}
+
+/// A version-00 W3C `traceparent`: `00-{trace id}-{parent id}-{flags}`,
+/// lowercase hex of 32, 16 and 2 digits, neither id all zeros.
+fn valid_traceparent(v: &str) -> bool {
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    let parts: Vec<&str> = v.split('-').collect();
+    matches!(parts[..], [version, trace, parent, flags]
+        if version == "00" && hex(trace, 32) && nonzero(trace) && hex(parent, 16) && nonzero(parent) && hex(flags, 2))
 }
 
 fn single_record(h: &HeaderMap, body: Bytes, limits: Limits) -> Result<NewRecord, ApiError> {
@@ -541,6 +576,43 @@ mod tests {
         h.insert("ferry-id", HeaderValue::from_static("m1"));
         let ok = single(&h, Bytes::from(r#"{"specversion":"1.0","id":"e1","source":"/s","type":"t"}"#), L).unwrap();
         assert_eq!((ok.id.as_str(), ok.key.as_deref()), ("m1", Some("k1")), "a good key is kept");
+    }
+
+    #[test]
+    fn the_producers_trace_context_is_kept_unless_malformed_or_the_event_brings_its_own() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let trace = |r: &NewRecord| -> Vec<(String, String)> {
+            r.headers.iter().filter(|(n, _)| n.contains("trace")).cloned().collect()
+        };
+        let r = single(&hdrs(&[("traceparent", parent), ("tracestate", "a=1")]), "x".into(), L).unwrap();
+        let want = [("traceparent".to_owned(), parent.to_owned()), ("tracestate".to_owned(), "a=1".to_owned())];
+        assert_eq!(trace(&r), want);
+        let binary = hdrs(&[
+            ("ce-specversion", "1.0"),
+            ("ce-id", "e1"),
+            ("ce-source", "/s"),
+            ("ce-type", "t"),
+            ("traceparent", parent),
+        ]);
+        assert_eq!(trace(&single(&binary, "x".into(), L).unwrap()), want[..1], "binary mode");
+        for bad in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
+        ] {
+            let r = single(&hdrs(&[("traceparent", bad), ("tracestate", "a=1")]), "x".into(), L).unwrap();
+            assert_eq!(trace(&r), [], "{bad}: left out, not refused, and its state with it");
+        }
+        let mut h = hdrs(&[("content-type", "application/cloudevents+json"), ("traceparent", parent)]);
+        h.insert("ferry-id", HeaderValue::from_static("m1"));
+        let own = r#"{"specversion":"1.0","id":"e1","source":"/s","type":"t","traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}"#;
+        let r = single(&h, Bytes::from(own), L).unwrap();
+        let kept: Vec<&str> =
+            r.headers.iter().filter(|(n, _)| n.ends_with("traceparent")).map(|(_, v)| v.as_str()).collect();
+        assert_eq!(kept, ["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"], "the event's own");
     }
 
     #[test]

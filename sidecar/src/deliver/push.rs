@@ -130,7 +130,7 @@ impl Target {
 
 /// A W3C `traceparent`: the stored one, else a new trace.
 fn traceparent(m: &Fetched) -> Option<HeaderValue> {
-    if let Some(t) = m.header("traceparent") {
+    if let Some(t) = m.header("traceparent").or_else(|| m.header("ce-traceparent")) {
         return HeaderValue::from_str(t).ok();
     }
     let trace = uuid::Uuid::new_v4().as_u128();
@@ -205,6 +205,9 @@ fn binary_headers(t: &Target, m: &Fetched, delivery_id: &str, attempt: u32) -> H
     }
     if let Some(tp) = traceparent(m) {
         map.append(names::TRACEPARENT, tp);
+    }
+    if let (Some(_), Some(state)) = (m.header("traceparent"), m.header("tracestate")) {
+        add(&mut map, "tracestate", state);
     }
     if let Ok(v) = HeaderValue::from_str(delivery_id) {
         map.append(names::DELIVERY_ID, v);
@@ -348,6 +351,14 @@ pub fn structured(m: &Fetched, source: &str, delivery_id: &str, attempt: u32) ->
     }
     if let Some(ct) = ct {
         ev.insert("datacontenttype".into(), Value::String(ct));
+    }
+    // The producer's trace context, as the CloudEvents distributed tracing
+    // extension's attributes.
+    if let Some(parent) = m.header("traceparent") {
+        ev.entry("traceparent").or_insert_with(|| Value::String(parent.to_owned()));
+        if let Some(state) = m.header("tracestate") {
+            ev.entry("tracestate").or_insert_with(|| Value::String(state.to_owned()));
+        }
     }
     let mut v = Value::Object(ev);
     v["ferrydeliveryid"] = json!(delivery_id);
