@@ -890,6 +890,44 @@ async fn sigterm_hands_a_delivery_held_with_202_to_another_sidecar_at_once() {
     assert_eq!(app_a.received().len(), 1);
 }
 
+/// SIGTERM stops every subscription at once: one whose push hangs (its
+/// stop waits up to 10 s for it) does not keep another fetching meanwhile
+/// (they were stopped one after another, in name order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_every_subscription_at_once_not_behind_one_whose_push_hangs() {
+    let nats = NatsServer::start();
+    let subs = subscription("a-slow", "orders", &[]) + &subscription("b-fast", "orders", &[]);
+    let res = manifests_with(&subs);
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::start(|r, _| {
+        if r.path == "/a-slow" {
+            Reply::slow(200, Duration::from_secs(60))
+        } else {
+            Reply::status(200)
+        }
+    })
+    .await;
+    let mut sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
+    produce(&sc, "first", None).await;
+    app.wait_until(WAIT, |got| got.iter().any(|r| r.path == "/b-fast")).await;
+    let deadline = Instant::now() + WAIT;
+    // No event says "the push is under way"; the app's own list does.
+    while !app.in_progress().iter().any(|r| r.path == "/a-slow") {
+        assert!(Instant::now() < deadline, "a-slow's push never reached the app");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sc.process.signal(15);
+    sc.process.wait_for_line("shutting down", START_TIMEOUT);
+    // Produce calls are refused now: another producer's message.
+    let js = jetstream(&nats.url()).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "after");
+    js.publish_with_headers("ferry.default.orders.0", headers, "m".into()).await.unwrap().await.unwrap();
+    assert!(sc.process.wait_exit(Duration::from_secs(40)).success());
+    let late: Vec<String> = app.received().iter().filter(|r| r.id() == "after").map(|r| r.path.clone()).collect();
+    assert_eq!(late, Vec::<String>::new(), "pushed after SIGTERM");
+}
+
 /// Messages waiting behind their key and handed back on SIGTERM never
 /// reached the app: the next pod pushes them as attempt 1, and with
 /// `maxDeliveries: 1` they are not dead-lettered unpushed (JetStream counted

@@ -149,6 +149,11 @@ impl TestApp {
         self.inner.received.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The requests being answered now (received, not yet answered).
+    pub fn in_progress(&self) -> Vec<Received> {
+        self.inner.active.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Most requests answered at the same time so far.
     pub fn max_concurrent(&self) -> usize {
         *self.inner.max_active.lock().unwrap_or_else(|e| e.into_inner())

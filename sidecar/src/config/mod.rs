@@ -226,7 +226,8 @@ pub enum FsyncPolicy {
     Always,
     /// Every topic synced on an interval.
     Interval,
-    /// No fsync by Ferry.
+    /// No fsync by Ferry (also spelled `none`, as DESIGN.md does).
+    #[value(alias = "none")]
     Never,
 }
 
@@ -497,6 +498,14 @@ mod tests {
         assert_eq!(c.dedupe_max_ids, DEFAULT_DEDUPE_MAX_IDS);
         assert_eq!(c.pod_consumer_ttl, ferry_api::plan::POD_CONSUMER_INACTIVE);
         assert_eq!(c.broker.urls, ["nats://127.0.0.1:4222"]);
+    }
+
+    #[test]
+    fn fsync_never_is_also_spelled_none() {
+        let with = |v: &str| parse(&["--app-id", "orders", "--fsync", v]).map(|c| c.fsync);
+        assert_eq!(with("none").unwrap(), FsyncPolicy::Never);
+        assert_eq!(with("never").unwrap(), FsyncPolicy::Never);
+        assert_eq!(with("interval").unwrap(), FsyncPolicy::Interval);
     }
 
     #[test]

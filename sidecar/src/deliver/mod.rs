@@ -172,15 +172,16 @@ impl Delivery {
         self.lock().contains_key(name)
     }
 
-    /// Stops fetching everywhere and hands back what is not finished.
+    /// Stops fetching everywhere and hands back what is not finished. All
+    /// subscriptions stop at once: one whose pushes hang (each may take up
+    /// to [`runner::STOP_WAIT`]) neither delays the others' stop nor keeps
+    /// them fetching meanwhile.
     pub async fn stop_all(&self) {
         let all: Vec<Runner> = {
             let mut running = self.lock();
             self.closed.store(true, std::sync::atomic::Ordering::Release);
             std::mem::take(&mut *running).into_values().map(|(_, r)| r).collect()
         };
-        for r in all {
-            r.stop().await;
-        }
+        futures::future::join_all(all.into_iter().map(Runner::stop)).await;
     }
 }
