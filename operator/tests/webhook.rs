@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use base64::Engine;
 use ferry_operator::webhook::config::{DataVolumeKind, Fsync, LogFormat, PullPolicy};
-use ferry_operator::webhook::inject::{ANNOTATION_APP_ID, ANNOTATION_APP_PORT, ANNOTATION_CONFIG, ANNOTATION_INJECT};
+use ferry_operator::webhook::inject::{
+    ANNOTATION_API_TOKEN_SECRET, ANNOTATION_APP_ID, ANNOTATION_APP_PORT, ANNOTATION_APP_TOKEN_SECRET,
+    ANNOTATION_CONFIG, ANNOTATION_INJECT,
+};
 use ferry_operator::webhook::tls::dns_names;
 use ferry_operator::webhook::{
     answer, ensure_certificate, keep_ca_bundle, CertArgs, InjectConfig, TlsMaterial, Webhook,
@@ -189,12 +192,24 @@ fn sidecar(pod: &Pod) -> &Container {
     found[0]
 }
 
+/// Each variable's value; one from the pod's fields as
+/// `fieldRef:<path>`, one from a Secret as `secretKeyRef:<name>/<key>`
+/// (`?` after it when the Secret is optional).
 fn env_map(env: &[EnvVar]) -> BTreeMap<&str, String> {
     env.iter()
         .map(|e| {
             let v = match (&e.value, &e.value_from) {
                 (Some(v), _) => v.clone(),
-                (None, Some(from)) => format!("fieldRef:{}", from.field_ref.as_ref().unwrap().field_path),
+                (None, Some(from)) => match (&from.field_ref, &from.secret_key_ref) {
+                    (Some(field), None) => format!("fieldRef:{}", field.field_path),
+                    (None, Some(secret)) => format!(
+                        "secretKeyRef:{}/{}{}",
+                        secret.name,
+                        secret.key,
+                        if secret.optional == Some(true) { "?" } else { "" }
+                    ),
+                    _ => panic!("an env source this test does not know: {from:?}"),
+                },
                 _ => String::new(),
             };
             (e.name.as_str(), v)
@@ -337,7 +352,7 @@ fn each_bad_annotation_is_refused_with_a_message_naming_it_and_the_problem() {
         (with(asking(), ANNOTATION_APP_ID, "Orders_1"), "ferry.dev/app-id: \"Orders_1\"", "DNS-1123 label"),
         (with(asking(), ANNOTATION_APP_ID, "-orders"), "ferry.dev/app-id", "DNS-1123 label"),
         (with(asking(), ANNOTATION_APP_ID, &"a".repeat(64)), "ferry.dev/app-id", "DNS-1123 label"),
-        (json!({ANNOTATION_INJECT: "true", ANNOTATION_APP_ID: "orders"}), "ferry.dev/app-port", "is required"),
+        (with(asking(), ANNOTATION_APP_PORT, ""), "ferry.dev/app-port", "is empty"),
         (with(asking(), ANNOTATION_APP_PORT, "http"), "ferry.dev/app-port: \"http\"", "not a port number"),
         (with(asking(), ANNOTATION_APP_PORT, "0"), "ferry.dev/app-port: \"0\"", "not a port number"),
         (with(asking(), ANNOTATION_APP_PORT, "65536"), "ferry.dev/app-port: \"65536\"", "not a port number"),
@@ -403,8 +418,95 @@ fn an_unknown_or_cluster_owned_override_key_is_refused() {
 
 #[test]
 fn every_problem_of_a_pod_is_reported_at_once() {
-    let message = refusal(json!({ANNOTATION_INJECT: "true", ANNOTATION_APP_ID: "Bad", ANNOTATION_APP_PORT: "http"}));
-    assert!(message.contains("ferry.dev/app-id") && message.contains("ferry.dev/app-port"), "{message}");
+    let message = refusal(json!({
+        ANNOTATION_INJECT: "true", ANNOTATION_APP_ID: "Bad", ANNOTATION_APP_PORT: "http",
+        ANNOTATION_API_TOKEN_SECRET: "", ANNOTATION_APP_TOKEN_SECRET: "App_Token",
+    }));
+    for name in ["ferry.dev/app-id", "ferry.dev/app-port", "ferry.dev/api-token-secret", "ferry.dev/app-token-secret"] {
+        assert!(message.contains(name), "{name}: {message}");
+    }
+}
+
+/// `ferry.dev/api-token-secret` and `ferry.dev/app-token-secret` name
+/// Secrets whose key `token` becomes `FERRY_API_TOKEN` (the bearer token
+/// the app must send) and `FERRY_APP_TOKEN` (the one the sidecar sends on
+/// pushes). Not optional: without the Secret the pod does not start, rather
+/// than run without auth.
+#[test]
+fn token_secret_annotations_become_the_sidecars_token_env_from_those_secrets() {
+    let annotations = with(
+        with(asking(), ANNOTATION_API_TOKEN_SECRET, "orders-api-token"),
+        ANNOTATION_APP_TOKEN_SECRET,
+        "orders.app-token.v2",
+    );
+    let review = review_with(annotations);
+    let response = respond(&review, &InjectConfig::default());
+    assert_eq!(response["allowed"], true, "{response}");
+    let pod = typed(&patched(&review, &response));
+    let env = env_map(sidecar(&pod).env.as_ref().unwrap());
+    assert_eq!(env["FERRY_API_TOKEN"], "secretKeyRef:orders-api-token/token");
+    assert_eq!(env["FERRY_APP_TOKEN"], "secretKeyRef:orders.app-token.v2/token");
+    for c in &pod.spec.as_ref().unwrap().containers {
+        let names: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+        assert!(!names.iter().any(|n| n.ends_with("_TOKEN")), "only the sidecar gets them: {}: {names:?}", c.name);
+    }
+
+    // Each on its own.
+    let review = review_with(with(asking(), ANNOTATION_APP_TOKEN_SECRET, "orders-app-token"));
+    let pod = typed(&patched(&review, &respond(&review, &InjectConfig::default())));
+    let env = env_map(sidecar(&pod).env.as_ref().unwrap());
+    assert_eq!(env["FERRY_APP_TOKEN"], "secretKeyRef:orders-app-token/token");
+    assert!(!env.contains_key("FERRY_API_TOKEN"), "{env:?}");
+}
+
+#[test]
+fn a_token_secret_annotation_that_is_not_a_secret_name_is_refused() {
+    let long = format!("{}.{}", "a".repeat(126), "b".repeat(127)); // 254
+    for key in [ANNOTATION_API_TOKEN_SECRET, ANNOTATION_APP_TOKEN_SECRET] {
+        for bad in
+            ["Orders-Token", "orders_token", "-orders", "orders.", "orders..token", "orders token", long.as_str()]
+        {
+            let message = refusal(with(asking(), key, bad));
+            assert!(
+                message.contains(&format!("annotation {key}: {bad:?} is not a Secret name"))
+                    && message.contains("DNS-1123 subdomain"),
+                "{bad:?}: {message}"
+            );
+        }
+        for empty in ["", "  "] {
+            let message = refusal(with(asking(), key, empty));
+            assert!(message.contains(&format!("annotation {key} is empty")), "{empty:?}: {message}");
+        }
+        // The longest name Kubernetes takes is taken.
+        let longest = &long[1..];
+        let review = review_with(with(asking(), key, longest));
+        assert_eq!(respond(&review, &InjectConfig::default())["allowed"], true, "{} characters", longest.len());
+    }
+}
+
+/// An app that only produces, or only pulls, has no port for pushes: the
+/// sidecar gets no `FERRY_APP_PORT`, and is otherwise the same (its probes
+/// are on its own admin port, not the app's).
+#[test]
+fn a_pod_without_an_app_port_is_injected_without_ferry_app_port() {
+    let mut annotations = asking();
+    annotations.as_object_mut().unwrap().remove(ANNOTATION_APP_PORT);
+    let review = review_with(annotations);
+    let response = respond(&review, &InjectConfig::default());
+    assert_eq!(response["allowed"], true, "{response}");
+    let pod = typed(&patched(&review, &response));
+    let sc = sidecar(&pod);
+    let env = env_map(sc.env.as_ref().unwrap());
+    assert!(!env.contains_key("FERRY_APP_PORT"), "{env:?}");
+    assert_eq!(env["FERRY_APP_ID"], "orders");
+
+    let with_port = review_with(asking());
+    let pod_with_port = typed(&patched(&with_port, &respond(&with_port, &InjectConfig::default())));
+    let mut expected = sidecar(&pod_with_port).clone();
+    expected.env.as_mut().unwrap().retain(|e| e.name != "FERRY_APP_PORT");
+    assert_eq!(sc, &expected, "the same sidecar but for FERRY_APP_PORT");
+    let startup = sc.startup_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+    assert_eq!(startup.port, IntOrString::Int(7601));
 }
 
 #[test]
@@ -656,6 +758,21 @@ fn an_empty_or_partial_inject_config_takes_the_defaults() {
     assert_eq!((d.data_dir.as_str(), d.broker.url.as_str()), ("/var/lib/ferry", "nats://nats.ferry-system.svc:4222"));
     assert_eq!(d.resources.requests.as_ref().unwrap()["memory"].0, "32Mi");
     assert_eq!(d.resources.limits.as_ref().unwrap()["memory"].0, "128Mi");
+}
+
+/// DESIGN.md spells the weakest fsync mode `none`; the sidecar's
+/// `FERRY_FSYNC` spells it `never`.
+#[test]
+fn fsync_none_is_never_and_reaches_the_sidecar_as_never() {
+    let cfg = InjectConfig::from_yaml("fsync: none\n").unwrap();
+    assert_eq!(cfg.fsync, Fsync::Never);
+    let review = review_with(asking());
+    let pod = typed(&patched(&review, &respond(&review, &cfg)));
+    assert_eq!(env_map(sidecar(&pod).env.as_ref().unwrap())["FERRY_FSYNC"], "never");
+
+    let review = review_with(with(asking(), ANNOTATION_CONFIG, r#"{"fsync":"none"}"#));
+    let pod = typed(&patched(&review, &respond(&review, &InjectConfig::default())));
+    assert_eq!(env_map(sidecar(&pod).env.as_ref().unwrap())["FERRY_FSYNC"], "never", "as a pod's override too");
 }
 
 #[test]
@@ -1144,10 +1261,31 @@ fn the_example_deployment_for_a_cluster_gets_its_sidecar() {
 /// webhook and the sidecar cannot drift apart.
 #[test]
 fn the_injected_env_is_what_the_sidecars_own_flag_parser_accepts() {
+    let tokens = with(
+        with(asking(), ANNOTATION_API_TOKEN_SECRET, "orders-api-token"),
+        ANNOTATION_APP_TOKEN_SECRET,
+        "orders-app-token",
+    );
+    let config = sidecar_config_of(tokens);
+    assert_eq!(config.app_port, Some(8080));
+    assert_eq!(
+        (config.api_token.as_deref(), config.app_token.as_deref()),
+        (Some("token from orders-api-token"), Some("token from orders-app-token"))
+    );
+    let mut no_port = asking();
+    no_port.as_object_mut().unwrap().remove(ANNOTATION_APP_PORT);
+    let config = sidecar_config_of(no_port);
+    assert_eq!(config.app_port, None);
+    assert_eq!((config.api_token, config.app_token), (None, None));
+}
+
+/// The sidecar's config from the env the webhook injects for a pod with
+/// `annotations`.
+fn sidecar_config_of(annotations: Value) -> ferry_sidecar::config::Config {
     use clap::CommandFactory;
     let mut cfg = InjectConfig::default();
     cfg.broker.credentials_secret = "nats-creds".into();
-    let review = review_with(asking());
+    let review = review_with(annotations);
     let pod = typed(&patched(&review, &respond(&review, &cfg)));
     let env = env_map(sidecar(&pod).env.as_deref().unwrap_or_default());
     let cmd = ferry_sidecar::config::Cli::command();
@@ -1160,19 +1298,23 @@ fn the_injected_env_is_what_the_sidecars_own_flag_parser_accepts() {
         let value = match value.as_str() {
             "fieldRef:metadata.namespace" => "shop".to_owned(),
             "fieldRef:metadata.name" => "orders-7d4b9c8f6-x2x9p".to_owned(),
-            v => v.to_owned(),
+            v => match v.strip_prefix("secretKeyRef:").and_then(|r| r.strip_suffix("/token")) {
+                Some(secret) => format!("token from {secret}"),
+                None => v.to_owned(),
+            },
         };
         argv.push(format!("--{}={value}", arg.get_long().expect("a long flag")));
     }
     let cli =
         <ferry_sidecar::config::Cli as clap::Parser>::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     let config = ferry_sidecar::config::Config::from_args(cli.sidecar).unwrap_or_else(|e| panic!("{argv:?}: {e:?}"));
-    assert_eq!((config.app_id.as_str(), config.app_port, config.namespace.as_str()), ("orders", Some(8080), "shop"));
+    assert_eq!((config.app_id.as_str(), config.namespace.as_str()), ("orders", "shop"));
     assert_eq!(config.pod_name, "orders-7d4b9c8f6-x2x9p");
     assert_eq!(config.broker.creds.as_deref(), Some(std::path::Path::new("/etc/ferry/broker/creds")));
     assert!(!config.broker.is_embedded(), "injected sidecars use the cluster's broker");
     assert_eq!(config.api_addr.port(), cfg.api_port);
     assert_eq!(config.admin_addr.port(), cfg.admin_port);
+    config
 }
 
 #[tokio::test]

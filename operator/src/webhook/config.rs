@@ -72,7 +72,8 @@ pub struct InjectConfig {
     pub image_pull_policy: PullPolicy,
     /// Where the sidecar's broker is.
     pub broker: BrokerConfig,
-    /// How far the outbox fsyncs (`FERRY_FSYNC`). Default `always`.
+    /// How far the outbox fsyncs (`FERRY_FSYNC`): `always`, `interval` or
+    /// `never` (also spelled `none`). Default `always`.
     pub fsync: Fsync,
     /// The sidecar's log format (`FERRY_LOG_FORMAT`). Default `json`.
     pub log_format: LogFormat,
@@ -142,7 +143,9 @@ pub enum Fsync {
     Always,
     /// Every topic at most an interval behind (a power loss loses that much).
     Interval,
-    /// Left to the OS.
+    /// Left to the OS. Also spelled `none`, as DESIGN.md does; written
+    /// back (and into `FERRY_FSYNC`) as `never`, the sidecar's spelling.
+    #[serde(alias = "none")]
     Never,
 }
 

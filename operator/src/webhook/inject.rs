@@ -13,7 +13,8 @@ use base64::Engine;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, EphemeralVolumeSource,
     HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, PodSpec,
-    Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
+    Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -28,8 +29,17 @@ pub const ANNOTATION_INJECT: &str = "ferry.dev/inject";
 /// The app id (a DNS-1123 label): Subscriptions with `app: <id>` deliver to
 /// this pod. Required with `inject: "true"`.
 pub const ANNOTATION_APP_ID: &str = "ferry.dev/app-id";
-/// The port the app listens on for pushed messages. Required.
+/// The port the app listens on for pushed messages (`FERRY_APP_PORT`).
+/// Optional: an app that only produces, or only pulls, takes no pushes.
 pub const ANNOTATION_APP_PORT: &str = "ferry.dev/app-port";
+/// Optional: the name of a Secret in the pod's namespace whose key
+/// [`TOKEN_KEY`] is the bearer token the app must send on every call to the
+/// sidecar's API (`FERRY_API_TOKEN`). Without it the API takes any caller.
+pub const ANNOTATION_API_TOKEN_SECRET: &str = "ferry.dev/api-token-secret";
+/// Optional: the name of a Secret in the pod's namespace whose key
+/// [`TOKEN_KEY`] is the bearer token the sidecar sends on every push to the
+/// app (`FERRY_APP_TOKEN`), so the app can tell the sidecar from others.
+pub const ANNOTATION_APP_TOKEN_SECRET: &str = "ferry.dev/app-token-secret";
 /// Optional JSON object of [`InjectConfig`] overrides (see
 /// [`InjectConfig::with_overrides`]).
 pub const ANNOTATION_CONFIG: &str = "ferry.dev/config";
@@ -45,6 +55,8 @@ pub const BROKER_VOLUME: &str = "ferry-broker";
 pub const BROKER_MOUNT: &str = "/etc/ferry/broker";
 /// The key of the broker credentials Secret (and its file name).
 pub const BROKER_CREDS_KEY: &str = "creds";
+/// The key of the Secrets the token annotations name.
+pub const TOKEN_KEY: &str = "token";
 /// The env var the app containers find the sidecar's API with.
 pub const FERRY_URL: &str = "FERRY_URL";
 /// The user and group the sidecar runs as (distroless `nonroot`); also the
@@ -158,7 +170,10 @@ pub fn decide(pod: &Value, cfg: &InjectConfig) -> Decision {
 /// The validated request of one pod.
 struct Wanted {
     app_id: String,
-    app_port: u16,
+    app_port: Option<u16>,
+    /// Secret names of `FERRY_API_TOKEN` and `FERRY_APP_TOKEN`.
+    api_token_secret: Option<String>,
+    app_token_secret: Option<String>,
     cfg: InjectConfig,
 }
 
@@ -184,10 +199,15 @@ impl Wanted {
             }
             Some(id) => id.to_owned(),
         };
+        // Absent: the app takes no pushes. Present, even empty, it must be a
+        // port: a typo should not quietly turn pushes off.
         let app_port = match annotations.get(ANNOTATION_APP_PORT).map(|s| s.trim()) {
-            None | Some("") => {
-                problems
-                    .push(format!("annotation {ANNOTATION_APP_PORT} is required with {ANNOTATION_INJECT}: \"true\""));
+            None => None,
+            Some("") => {
+                problems.push(format!(
+                    "annotation {ANNOTATION_APP_PORT} is empty; give the app's port, or leave the annotation out for \
+                     an app that takes no pushes"
+                ));
                 None
             }
             Some(port) => match port.parse::<u16>() {
@@ -198,6 +218,8 @@ impl Wanted {
                 }
             },
         };
+        let api_token_secret = secret_name(annotations, ANNOTATION_API_TOKEN_SECRET, &mut problems);
+        let app_token_secret = secret_name(annotations, ANNOTATION_APP_TOKEN_SECRET, &mut problems);
         let cfg = match annotations.get(ANNOTATION_CONFIG) {
             None => Some(defaults.clone()),
             Some(json) => match defaults.with_overrides(json) {
@@ -218,8 +240,10 @@ impl Wanted {
         } else if let Some(cfg) = &cfg {
             problems.extend(port_conflicts(cfg, app_port, spec));
         }
-        match (app_port, cfg) {
-            (Some(app_port), Some(cfg)) if problems.is_empty() => Ok(Wanted { app_id, app_port, cfg }),
+        match cfg {
+            Some(cfg) if problems.is_empty() => {
+                Ok(Wanted { app_id, app_port, api_token_secret, app_token_secret, cfg })
+            }
             _ => Err(problems),
         }
     }
@@ -336,9 +360,11 @@ impl Wanted {
     /// injected volume's size, so that it fills up before the volume does.
     fn sidecar(&self, own_data_volume: bool) -> Container {
         let cfg = &self.cfg;
-        let mut env = vec![
-            self::env("FERRY_APP_ID", self.app_id.clone()),
-            self::env("FERRY_APP_PORT", self.app_port.to_string()),
+        let mut env = vec![self::env("FERRY_APP_ID", self.app_id.clone())];
+        if let Some(port) = self.app_port {
+            env.push(self::env("FERRY_APP_PORT", port.to_string()));
+        }
+        env.extend([
             field_env("FERRY_NAMESPACE", "metadata.namespace"),
             field_env("FERRY_POD_NAME", "metadata.name"),
             self::env("FERRY_BROKER", cfg.broker.url.trim().to_owned()),
@@ -347,7 +373,13 @@ impl Wanted {
             self::env("FERRY_ADMIN_ADDR", format!("[::]:{}", cfg.admin_port)),
             self::env("FERRY_FSYNC", cfg.fsync.as_str().to_owned()),
             self::env("FERRY_LOG_FORMAT", cfg.log_format.as_str().to_owned()),
-        ];
+        ]);
+        if let Some(secret) = &self.api_token_secret {
+            env.push(secret_env("FERRY_API_TOKEN", secret));
+        }
+        if let Some(secret) = &self.app_token_secret {
+            env.push(secret_env("FERRY_APP_TOKEN", secret));
+        }
         if let Some(n) = cfg.dedupe_max_ids {
             env.push(self::env("FERRY_DEDUPE_MAX_IDS", n.to_string()));
         }
@@ -454,13 +486,48 @@ fn port_conflicts(cfg: &InjectConfig, app_port: Option<u16>, spec: &PodSpec) -> 
     problems
 }
 
+/// The value of the optional Secret-name annotation `key`: `None` when it
+/// is absent, or when it is not a Secret name (then the problem is pushed).
+fn secret_name(
+    annotations: &std::collections::BTreeMap<String, String>,
+    key: &str,
+    problems: &mut Vec<String>,
+) -> Option<String> {
+    let name = annotations.get(key)?.trim();
+    if name.is_empty() {
+        // Not "no token": the pod asked for auth, and would run without it.
+        problems.push(format!("annotation {key} is empty; name a Secret, or leave the annotation out"));
+        None
+    } else if !is_dns1123_subdomain(name) {
+        problems.push(format!(
+            "annotation {key}: {name:?} is not a Secret name (a DNS-1123 subdomain: at most 253 lowercase letters, \
+             digits, '-' and '.', starting and ending with a letter or digit)"
+        ));
+        None
+    } else {
+        Some(name.to_owned())
+    }
+}
+
 /// RFC 1123 label, as Kubernetes checks it: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`,
 /// at most 63 characters.
 pub fn is_dns1123_label(s: &str) -> bool {
+    s.len() <= 63 && is_label_shaped(s)
+}
+
+/// RFC 1123 subdomain (the names of most objects, Secrets among them), as
+/// Kubernetes checks it: labels joined by '.', each
+/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 253 characters in all.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_label_shaped)
+}
+
+/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, of any length.
+fn is_label_shaped(s: &str) -> bool {
     let b = s.as_bytes();
     let inner = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-';
     let edge = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
-    !b.is_empty() && b.len() <= 63 && b.iter().all(inner) && b.first().is_some_and(edge) && b.last().is_some_and(edge)
+    !b.is_empty() && b.iter().all(inner) && b.first().is_some_and(edge) && b.last().is_some_and(edge)
 }
 
 fn env(name: &str, value: String) -> EnvVar {
@@ -473,6 +540,23 @@ fn field_env(name: &str, field: &str) -> EnvVar {
         value: None,
         value_from: Some(EnvVarSource {
             field_ref: Some(ObjectFieldSelector { api_version: None, field_path: field.to_owned() }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+/// `name` from the key [`TOKEN_KEY`] of the Secret `secret`. Not optional:
+/// without the Secret the pod does not start, rather than run without auth.
+fn secret_env(name: &str, secret: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_owned(),
+                key: TOKEN_KEY.to_owned(),
+                optional: None,
+            }),
             ..EnvVarSource::default()
         }),
     }

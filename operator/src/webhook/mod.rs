@@ -3,10 +3,11 @@
 //!
 //! What it promises:
 //! - A pod annotated `ferry.dev/inject: "true"` with a valid
-//!   `ferry.dev/app-id` and `ferry.dev/app-port` is admitted with a JSONPatch
-//!   that adds the Ferry sidecar as a *native sidecar* (the first init
-//!   container, `restartPolicy: Always`, a startup probe on `/readyz`, so the
-//!   app starts after it and stops before it; Kubernetes 1.29 or later), its
+//!   `ferry.dev/app-id` (and, optionally, `ferry.dev/app-port` and the
+//!   token Secret annotations) is admitted with a JSONPatch that adds the
+//!   Ferry sidecar as a *native sidecar* (the first init container,
+//!   `restartPolicy: Always`, a startup probe on `/readyz`, so the app
+//!   starts after it and stops before it; Kubernetes 1.29 or later), its
 //!   data volume, its env, and `FERRY_URL` in every app container
 //!   ([`inject`]).
 //! - A pod without the annotation, with `inject: "false"`, or that already
