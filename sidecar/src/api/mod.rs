@@ -241,7 +241,7 @@ async fn produce_batch(
             .inc_by(records.len() as u64);
         let messages = records.iter().zip(range.clone()).map(|(r, offset)| Produced::new(&r.id, offset));
         let (status, messages): (_, Vec<Produced<'_>>) = match mode {
-            AckMode::Local => (StatusCode::ACCEPTED, messages.collect()),
+            AckMode::Local => (StatusCode::ACCEPTED, messages.map(Produced::pending).collect()),
             AckMode::Broker => {
                 wait_confirmed(&s, confirmations, range.end, ids).await?;
                 refuse_parked(&s, ids())?;
