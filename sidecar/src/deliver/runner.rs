@@ -276,7 +276,13 @@ impl Ctx {
                 tokio::select! {
                     _ = stop.changed() => break,
                     _ = prune.tick() => { self.prune(); continue }
-                    _ = keep_alive.tick(), if idle_limit.is_some() => { self.keep_alive().await; continue }
+                    _ = keep_alive.tick(), if idle_limit.is_some() => {
+                        // Not held up by a broker slow to answer when stopping.
+                        tokio::select! {
+                            () = self.keep_alive() => continue,
+                            _ = stop.changed() => break,
+                        }
+                    }
                 }
             };
             let Some(first) = first else { continue };
