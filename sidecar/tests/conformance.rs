@@ -366,15 +366,15 @@ async fn nats_keep_alive_keeps_an_idle_consumer_without_taking_a_message() {
     let mut spec = SubscriptionSpec::new("orders", "app");
     spec.start_position = StartPosition::Earliest;
     spec.fanout = ferry_api::subscription::Fanout::Pod;
-    let idle = Duration::from_secs(1);
+    let idle = Duration::from_secs(2);
     let plan = ferry_sidecar::deliver::consumer_plan("conf", "cache", &spec, "pod-a", idle);
     assert_eq!(plan.inactive_threshold, Some(idle));
     h.broker.ensure_consumer(&plan).await.unwrap();
     h.publish("kept").await;
     let c = h.consumer(&plan).await;
     let info = || async { js.get_stream(&plan.stream).await.unwrap().consumer_info(&plan.name).await };
-    // Time-based: keep-alives every 200 ms for three idle limits.
-    let until = Instant::now() + 3 * idle;
+    // Time-based: keep-alives every 200 ms for two idle limits.
+    let until = Instant::now() + 2 * idle;
     while Instant::now() < until {
         c.keep_alive().await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;

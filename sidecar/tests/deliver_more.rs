@@ -441,14 +441,14 @@ async fn a_pull_subscription_with_fanout_pod_keeps_its_consumer_between_rare_pol
     let nats = NatsServer::start();
     let res = manifests_with(&subscription("pulled", "orders", &["mode: Pull", "fanout: Pod"]));
     let data = tempfile::tempdir().unwrap();
-    let mut sc = start(&nats, res.path(), data.path(), None, &["--pod-name", "shop-a", "--pod-consumer-ttl", "1s"]);
+    let mut sc = start(&nats, res.path(), data.path(), None, &["--pod-name", "shop-a", "--pod-consumer-ttl", "2s"]);
     sc.process.wait_for_line("starting subscription subscription=pulled", START_TIMEOUT);
     let consumer = "pulled--shop-a";
     let ttl = consumer_info(&nats, "FERRY_default_orders", consumer).await.config.inactive_threshold;
-    assert_eq!(ttl, Duration::from_secs(1), "--pod-consumer-ttl sets the broker's idle limit");
+    assert_eq!(ttl, Duration::from_secs(2), "--pod-consumer-ttl sets the broker's idle limit");
     produce(&sc, "early", None).await;
-    // Time-based behaviour: three idle limits without a poll.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Time-based behaviour: two and a half idle limits without a poll.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     produce(&sc, "late", None).await;
     let resp = http().get(sc.url("/v1/subscriptions/pulled/messages?max=5&wait=2s")).send().await.unwrap();
     let (status, body) = json(resp).await;
