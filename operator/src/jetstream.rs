@@ -5,9 +5,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use ferry_api::naming;
 use ferry_api::topic::DeletionPolicy;
+use futures::TryStreamExt;
 
 use crate::build::{DesiredSubscription, DesiredTopic};
 
@@ -315,6 +317,7 @@ impl JetStream {
     /// How many messages the sidecars dead-lettered for a subscription (the
     /// count they keep in the config bucket; 0 when none was written).
     pub async fn dead_letter_count(&self, namespace: &str, subscription: &str) -> Result<u64, ApplyError> {
+        self.connected()?;
         let bucket = self.bucket().await?;
         let value = bucket
             .get(naming::dead_letter_count_key(namespace, subscription))
@@ -323,20 +326,158 @@ impl JetStream {
         Ok(value.and_then(|v| std::str::from_utf8(&v).ok().and_then(|v| v.parse().ok())).unwrap_or(0))
     }
 
-    /// Pending (lag), ack pending (in flight) and redelivered of a consumer.
-    pub async fn consumer_counts(&self, stream: &str, consumer: &str) -> Result<(u64, u64, u64), ApplyError> {
-        let s = self.js.get_stream(stream).await.map_err(|e| classify(&self.client, e))?;
-        let info = s.consumer_info(consumer).await.map_err(|e| classify(&self.client, e))?;
-        Ok((info.num_pending, info.num_ack_pending as u64, info.num_redelivered as u64))
+    /// The counts of a Subscription's group consumer, or `None` when the
+    /// broker has no such consumer (or not its topic's stream, or the names
+    /// are ones NATS cannot hold).
+    pub async fn consumer_counts(
+        &self,
+        namespace: &str,
+        topic: &str,
+        subscription: &str,
+    ) -> Result<Option<ConsumerCounts>, ApplyError> {
+        let Some(stream) = self.stream_if_any(namespace, topic).await? else { return Ok(None) };
+        match stream.consumer_info(naming::consumer_name(subscription)).await {
+            Ok(info) => Ok(Some(ConsumerCounts::of(&info))),
+            Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound) => {
+                Ok(None)
+            }
+            Err(e) => Err(classify(&self.client, e)),
+        }
     }
 
-    /// Messages and bytes of a topic's stream.
-    pub async fn topic_counts(&self, namespace: &str, name: &str) -> Result<(u64, u64), ApplyError> {
-        let mut s =
-            self.js.get_stream(naming::stream_name(namespace, name)).await.map_err(|e| classify(&self.client, e))?;
-        let info = s.info().await.map_err(|e| classify(&self.client, e))?;
-        Ok((info.state.messages, info.state.bytes))
+    /// The per-pod consumers of a `fanout: Pod` Subscription (those the
+    /// sidecars made: named [`naming::pod_consumer_name`] and with an
+    /// inactive threshold), each with its counts; `None` when the topic's
+    /// stream does not exist.
+    ///
+    /// JetStream can list a stream's consumers only whole (its filter is by
+    /// subject, and every consumer of a topic has the same one), so this
+    /// lists their names (a short string each, 1024 a page) and reads the
+    /// info only of this Subscription's. Reading the info is no activity:
+    /// it does not keep a gone pod's consumer alive past its threshold.
+    /// A name of the form `{subscription}--{x}--{y}` is also the consumer of
+    /// pod `y` of a Subscription `{subscription}--{x}`: the caller, which
+    /// knows the Subscriptions, tells those apart ([`other_owners`]).
+    pub async fn pod_consumer_counts(
+        &self,
+        namespace: &str,
+        topic: &str,
+        subscription: &str,
+    ) -> Result<Option<Vec<(String, ConsumerCounts)>>, ApplyError> {
+        let Some(stream) = self.stream_if_any(namespace, topic).await? else { return Ok(None) };
+        // Paged by offset: a consumer made or deleted meanwhile can shift a
+        // name into two pages, hence the set.
+        let mut names = std::collections::BTreeSet::new();
+        let mut listing = stream.consumer_names();
+        while let Some(name) = listing.try_next().await.map_err(|e| classify(&self.client, e))? {
+            if pod_of(subscription, &name).is_some() {
+                names.insert(name);
+            }
+        }
+        let mut consumers = Vec::with_capacity(names.len());
+        for name in names {
+            match stream.consumer_info(&name).await {
+                // A group consumer (no threshold) named like a pod consumer
+                // is a Subscription `{subscription}--{x}`'s.
+                Ok(info) if info.config.inactive_threshold.is_zero() => {}
+                Ok(info) => consumers.push((name, ConsumerCounts::of(&info))),
+                // Its pod went and its threshold passed since the listing.
+                Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound) => {}
+                Err(e) => return Err(classify(&self.client, e)),
+            }
+        }
+        Ok(Some(consumers))
     }
+
+    /// Messages and bytes of a topic's stream, or `None` when the broker has
+    /// no such stream (or NATS cannot hold its name).
+    pub async fn topic_counts(&self, namespace: &str, name: &str) -> Result<Option<(u64, u64)>, ApplyError> {
+        let Some(mut stream) = self.stream_if_any(namespace, name).await? else { return Ok(None) };
+        let info = stream.info().await.map_err(|e| classify(&self.client, e))?;
+        Ok(Some((info.state.messages, info.state.bytes)))
+    }
+
+    /// A topic's stream, `None` when there is none (or NATS cannot hold its
+    /// name); fails fast while disconnected, for the status readers.
+    async fn stream_if_any(&self, namespace: &str, topic: &str) -> Result<Option<stream::Stream>, ApplyError> {
+        if !valid_names(&[namespace, topic]) {
+            return Ok(None);
+        }
+        self.connected()?;
+        match self.js.get_stream(naming::stream_name(namespace, topic)).await {
+            Ok(stream) => Ok(Some(stream)),
+            Err(e) if stream_not_found(&e) => Ok(None),
+            Err(e) => Err(classify(&self.client, e)),
+        }
+    }
+}
+
+/// What a Subscription's status shows of a consumer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumerCounts {
+    /// Messages not yet delivered to it (`num_pending`): the lag.
+    pub pending: u64,
+    /// Delivered and not yet acknowledged (`num_ack_pending`).
+    pub in_flight: u64,
+    /// Delivered more than once and not yet acknowledged (`num_redelivered`).
+    pub redelivered: u64,
+}
+
+impl ConsumerCounts {
+    fn of(info: &consumer::Info) -> Self {
+        ConsumerCounts {
+            pending: info.num_pending,
+            in_flight: info.num_ack_pending as u64,
+            redelivered: info.num_redelivered as u64,
+        }
+    }
+}
+
+impl std::ops::Add for ConsumerCounts {
+    type Output = ConsumerCounts;
+    fn add(self, other: ConsumerCounts) -> ConsumerCounts {
+        ConsumerCounts {
+            pending: self.pending + other.pending,
+            in_flight: self.in_flight + other.in_flight,
+            redelivered: self.redelivered + other.redelivered,
+        }
+    }
+}
+
+impl std::iter::Sum for ConsumerCounts {
+    fn sum<I: Iterator<Item = ConsumerCounts>>(iter: I) -> ConsumerCounts {
+        iter.fold(ConsumerCounts::default(), std::ops::Add::add)
+    }
+}
+
+/// The pod part of `consumer` when it is named as a per-pod consumer of
+/// `subscription` ([`naming::pod_consumer_name`]: `{subscription}--{pod}`,
+/// the pod name with every character but a letter, digit or `-` made `_`;
+/// a pod name starts with a letter or digit). So `a-b--web-1` is not `a`'s,
+/// while `a--b--web-1` may be: see [`other_owners`].
+pub fn pod_of<'a>(subscription: &str, consumer: &'a str) -> Option<&'a str> {
+    let pod = consumer.strip_prefix(subscription)?.strip_prefix("--")?;
+    let ok = pod.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && pod.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    ok.then_some(pod)
+}
+
+/// The other Subscriptions whose pod consumer `consumer` would also be
+/// named, when it is named as one of `subscription`'s: a Subscription name
+/// may hold `--`, so `a--b--web-1` is pod `b--web-1` of `a` or pod `web-1`
+/// of `a--b`. Empty for the usual pod names, which hold no `--`.
+pub fn other_owners(subscription: &str, consumer: &str) -> Vec<String> {
+    let Some(pod) = pod_of(subscription, consumer) else { return Vec::new() };
+    pod.match_indices("--")
+        .map(|(i, _)| format!("{subscription}--{}", &pod[..i]))
+        .filter(|owner| pod_of(owner, consumer).is_some() && valid_names(&[owner]))
+        .collect()
+}
+
+/// Whether getting a stream failed because the broker has no such stream.
+fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(e)
+        if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
 /// Whether each name is one Ferry could have made broker objects under.
@@ -384,4 +525,32 @@ fn same_stream(have: &stream::Config, want: &stream::Config) -> bool {
         && have.num_replicas == want.num_replicas
         && have.duplicate_window == want.duplicate_window
         && have.max_message_size == want.max_message_size
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_names_formed_as_a_subscriptions_pod_consumers_are_its_own() {
+        for pod in ["web-7d9f-x2x4z", "web-7d9f.a", "0", "A"] {
+            let name = naming::pod_consumer_name("audit", pod);
+            assert_eq!(pod_of("audit", &name).map(str::to_owned), Some(name["audit--".len()..].to_owned()), "{name}");
+        }
+        for other in
+            ["audit", "audit-b--web-1", "auditb--web-1", "audit--", "audit---web", "audit--web.1", "x--audit--w"]
+        {
+            assert_eq!(pod_of("audit", other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_pod_consumer_name_with_a_double_dash_names_its_other_possible_owners() {
+        assert!(other_owners("a", "a--web-1").is_empty());
+        assert!(other_owners("a", "a-b--web-1").is_empty());
+        assert_eq!(other_owners("a", "a--b--web-1"), ["a--b"]);
+        assert_eq!(other_owners("a", "a--b--c--w"), ["a--b", "a--b--c"]);
+        // Pod `-w` of `a--b` (no pod name starts with `-`), or of `a--b-` (no name).
+        assert!(other_owners("a", "a--b---w").is_empty());
+    }
 }

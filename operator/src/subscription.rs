@@ -4,10 +4,12 @@
 //! kept), and recovers by itself when the Topic appears (the controller
 //! watches Topics and maps them to their Subscriptions).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_api::subscription::SubscriptionStatus;
+use ferry_api::naming;
+use ferry_api::subscription::{Fanout, SubscriptionStatus};
 use ferry_api::{Subscription, Topic};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -17,6 +19,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::build;
 use crate::context::{ready_condition, Context, Error, FIELD_MANAGER, FINALIZER};
+use crate::jetstream::{self, ConsumerCounts};
 
 /// How often status counters are refreshed for a ready Subscription.
 pub const REFRESH: Duration = Duration::from_secs(30);
@@ -42,7 +45,6 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
     let ns = s.namespace().unwrap_or_default();
     let name = s.name_any();
     let topics: Api<Topic> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut status = SubscriptionStatus { observed_generation: s.meta().generation, ..SubscriptionStatus::default() };
     let outcome: Result<(String, Option<Duration>), NotReady> = async {
         let desired = build::subscription(&ns, &name, &s.spec).map_err(|errors| {
             let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -73,19 +75,6 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
             .await
             .map_err(|e| (e.category(), e.to_string(), e.retry(|| ctx.backoff(s), REFRESH)))?;
         ctx.reset_backoff(s);
-        if let Some(plan) = &desired.consumer {
-            status.consumer = Some(plan.name.clone());
-            if let Ok((pending, in_flight, redelivered)) = ctx.js.consumer_counts(&plan.stream, &plan.name).await {
-                status.pending = Some(pending);
-                status.in_flight = Some(in_flight);
-                status.redelivered = Some(redelivered);
-            }
-            // A failed read keeps the last count rather than dropping the field.
-            status.dead_lettered = match ctx.js.dead_letter_count(&ns, &name).await {
-                Ok(n) => Some(n),
-                Err(_) => s.status.as_ref().and_then(|st| st.dead_lettered),
-            };
-        }
         if changed {
             ctx.event(s, EventType::Normal, "Reconciled", "consumer and sidecar config are as the spec says").await;
         }
@@ -97,6 +86,8 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
         Ok((message, requeue)) => (true, "Reconciled", message, requeue),
         Err((reason, message, requeue)) => (false, reason, message, requeue),
     };
+    let mut status = observe(api, s, ctx, ok).await;
+    status.observed_generation = s.meta().generation;
     status.conditions = vec![ready_condition(previous, ok, reason, &message, s.meta().generation)];
     if !ok {
         ctx.event(s, EventType::Warning, reason, &message).await;
@@ -106,6 +97,95 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
         .await
         .map_err(Error::Kube)?;
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// The broker's side of the status, read on every pass, ready or not (a
+/// Subscription whose Topic is gone may still have its consumer, and lag):
+/// the consumer, or for `fanout: Pod` the pod consumers, with their counts,
+/// and the dead-letter count. A read that fails keeps the last values (the
+/// status is server-side applied whole: a field left out would be
+/// removed); a consumer the broker no longer has is left out, with its
+/// counts. `applied`: the consumer was just made or checked, so its name
+/// stands even when its counts cannot be read.
+async fn observe(api: &Api<Subscription>, s: &Subscription, ctx: &Context, applied: bool) -> SubscriptionStatus {
+    let ns = s.namespace().unwrap_or_default();
+    let name = s.name_any();
+    let last = s.status.clone().unwrap_or_default();
+    let mut status = SubscriptionStatus::default();
+    let read = match s.spec.fanout {
+        Fanout::Group => ctx
+            .js
+            .consumer_counts(&ns, &s.spec.topic, &name)
+            .await
+            .map(|found| found.map(|counts| (naming::consumer_name(&name), counts)))
+            .map_err(|e| e.to_string()),
+        Fanout::Pod => pod_consumers(api, s, ctx).await,
+    };
+    match read {
+        Ok(Some((consumer, counts))) => {
+            status.consumer = Some(consumer);
+            status.pending = Some(counts.pending);
+            status.in_flight = Some(counts.in_flight);
+            status.redelivered = Some(counts.redelivered);
+        }
+        Ok(None) => {}
+        Err(error) => {
+            tracing::debug!(namespace = %ns, subscription = %name, %error, "consumer counts not read; keeping the last");
+            status.consumer = match s.spec.fanout {
+                Fanout::Group if applied => Some(naming::consumer_name(&name)),
+                _ => last.consumer,
+            };
+            status.pending = last.pending;
+            status.in_flight = last.in_flight;
+            status.redelivered = last.redelivered;
+        }
+    }
+    status.dead_lettered = match ctx.js.dead_letter_count(&ns, &name).await {
+        Ok(n) => Some(n),
+        Err(_) => last.dead_lettered,
+    };
+    status
+}
+
+/// A `fanout: Pod` Subscription's pod consumers on its topic's stream, as
+/// `{name}--* (N consumers)` (one a pod, each kept a while after its pod
+/// goes) with their counts summed; `None` without the stream. A consumer
+/// whose name is also a pod consumer's of another `fanout: Pod`
+/// Subscription of the topic (`a--b--web-1`: pod `b--web-1` of `a`, or pod
+/// `web-1` of `a--b`) counts for the one with the longer name, which exists.
+async fn pod_consumers(
+    api: &Api<Subscription>,
+    s: &Subscription,
+    ctx: &Context,
+) -> Result<Option<(String, ConsumerCounts)>, String> {
+    let ns = s.namespace().unwrap_or_default();
+    let name = s.name_any();
+    let Some(consumers) = ctx.js.pod_consumer_counts(&ns, &s.spec.topic, &name).await.map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let mut theirs: HashMap<String, bool> = HashMap::new();
+    let mut mine = Vec::with_capacity(consumers.len());
+    'consumers: for (consumer, counts) in consumers {
+        for owner in jetstream::other_owners(&name, &consumer) {
+            let claims = match theirs.get(&owner) {
+                Some(claims) => *claims,
+                None => {
+                    let other = api.get_opt(&owner).await.map_err(|e| format!("Subscription {owner:?}: {e}"))?;
+                    let claims = other.is_some_and(|o| o.spec.topic == s.spec.topic && o.spec.fanout == Fanout::Pod);
+                    theirs.insert(owner, claims);
+                    claims
+                }
+            };
+            if claims {
+                continue 'consumers;
+            }
+        }
+        mine.push(counts);
+    }
+    let n = mine.len();
+    let plural = if n == 1 { "" } else { "s" };
+    Ok(Some((format!("{}--* ({n} consumer{plural})", naming::consumer_name(&name)), mine.into_iter().sum())))
 }
 
 async fn cleanup(s: &Subscription, ctx: &Context) -> Result<Action, Error> {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_api::naming;
 use ferry_api::topic::TopicStatus;
 use ferry_api::Topic;
 use kube::api::{Api, Patch, PatchParams};
@@ -35,7 +36,6 @@ pub async fn reconcile(topic: Arc<Topic>, ctx: Arc<Context>) -> Result<Action, E
 async fn apply(api: &Api<Topic>, t: &Topic, ctx: &Context) -> Result<Action, Error> {
     let ns = t.namespace().unwrap_or_default();
     let name = t.name_any();
-    let mut status = TopicStatus { observed_generation: t.meta().generation, ..TopicStatus::default() };
     let (ok, reason, message, requeue) = match build::topic(&ns, &name, &t.spec) {
         Err(errors) => {
             let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -44,11 +44,6 @@ async fn apply(api: &Api<Topic>, t: &Topic, ctx: &Context) -> Result<Action, Err
         Ok(desired) => match ctx.js.apply_topic(&desired).await {
             Ok(changed) => {
                 ctx.reset_backoff(t);
-                status.stream = Some(desired.stream.name.clone());
-                if let Ok((messages, bytes)) = ctx.js.topic_counts(&ns, &name).await {
-                    status.messages = Some(messages);
-                    status.bytes = Some(bytes);
-                }
                 if changed {
                     ctx.event(
                         t,
@@ -67,6 +62,8 @@ async fn apply(api: &Api<Topic>, t: &Topic, ctx: &Context) -> Result<Action, Err
             }
         },
     };
+    let mut status = observe(t, ctx, ok).await;
+    status.observed_generation = t.meta().generation;
     let previous = t.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     status.conditions = vec![ready_condition(previous, ok, reason, &message, t.meta().generation)];
     if !ok {
@@ -81,6 +78,35 @@ async fn apply(api: &Api<Topic>, t: &Topic, ctx: &Context) -> Result<Action, Err
         // Invalid or immutable: nothing changes until the spec does.
         None => Action::await_change(),
     })
+}
+
+/// The broker's side of the status, read on every pass, ready or not (a
+/// Topic whose new spec is refused still has its stream, and messages):
+/// the stream with its counts. A read that fails keeps the last values (the
+/// status is server-side applied whole: a field left out would be
+/// removed); a stream the broker no longer has is left out, with its
+/// counts. `applied`: the stream was just made or checked, so its name
+/// stands even when its counts cannot be read.
+async fn observe(t: &Topic, ctx: &Context, applied: bool) -> TopicStatus {
+    let ns = t.namespace().unwrap_or_default();
+    let name = t.name_any();
+    let last = t.status.clone().unwrap_or_default();
+    let mut status = TopicStatus::default();
+    match ctx.js.topic_counts(&ns, &name).await {
+        Ok(Some((messages, bytes))) => {
+            status.stream = Some(naming::stream_name(&ns, &name));
+            status.messages = Some(messages);
+            status.bytes = Some(bytes);
+        }
+        Ok(None) => {}
+        Err(error) => {
+            tracing::debug!(namespace = %ns, topic = %name, %error, "stream counts not read; keeping the last");
+            status.stream = if applied { Some(naming::stream_name(&ns, &name)) } else { last.stream };
+            status.messages = last.messages;
+            status.bytes = last.bytes;
+        }
+    }
+    status
 }
 
 async fn cleanup(t: &Topic, ctx: &Context) -> Result<Action, Error> {

@@ -3,12 +3,13 @@
 //! resources say.
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
-use ferry_api::subscription::{Ordering, StartPosition, SubscriptionSpec};
+use async_nats::jetstream::AckKind;
+use ferry_api::subscription::{Fanout, Ordering, StartPosition, SubscriptionSpec};
 use ferry_api::topic::{DeletionPolicy, Storage, TopicSpec};
 use ferry_api::Duration as D;
 use ferry_e2e::NatsServer;
 use ferry_operator::build;
-use ferry_operator::jetstream::{ApplyError, JetStream};
+use ferry_operator::jetstream::{ApplyError, ConsumerCounts, JetStream};
 use futures::StreamExt;
 
 async fn connect(nats: &NatsServer) -> (JetStream, async_nats::jetstream::Context) {
@@ -290,4 +291,86 @@ async fn an_existing_config_bucket_gets_the_configured_replicas() {
     assert_eq!(store.get("k").await.unwrap().as_deref(), Some(&b"v"[..]), "the entries stay");
     JetStream::new(client.clone()).with_config_replicas(1).bucket().await.unwrap();
     assert_eq!(replicas().await, 1, "and back");
+}
+
+/// A consumer as a sidecar of pod `pod` makes it for a `fanout: Pod`
+/// Subscription (the same name and inactive threshold).
+async fn pod_consumer(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    spec: &SubscriptionSpec,
+    pod: &str,
+) -> async_nats::jetstream::consumer::PullConsumer {
+    let plan = ferry_api::consumer_plan("shop", name, spec, Some(pod));
+    assert!(plan.inactive_threshold.is_some(), "a per-pod consumer");
+    js.get_stream(&plan.stream).await.unwrap().create_consumer(plan.to_jetstream()).await.unwrap()
+}
+
+/// Fetches up to `n` messages (without acking them).
+async fn fetch(c: &async_nats::jetstream::consumer::PullConsumer, n: usize) -> Vec<async_nats::jetstream::Message> {
+    let batch = c.fetch().max_messages(n).expires(std::time::Duration::from_millis(500)).messages().await.unwrap();
+    batch.collect::<Vec<_>>().await.into_iter().collect::<Result<_, _>>().unwrap()
+}
+
+/// `fanout: Pod`: each sidecar makes its own consumer `{subscription}--{pod}`;
+/// the Subscription's counts are theirs summed. A consumer of another
+/// Subscription whose name starts alike (`audit-b--…`, the group consumer
+/// `audit--x`) is not counted.
+#[tokio::test]
+async fn a_pod_fanout_subscription_counts_its_pod_consumers_and_no_other_subscriptions() {
+    let nats = NatsServer::start();
+    let (op, js) = connect(&nats).await;
+    assert_eq!(op.pod_consumer_counts("shop", "orders", "audit").await.unwrap(), None, "no stream yet");
+    op.apply_topic(&build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let spec = SubscriptionSpec { fanout: Fanout::Pod, ..SubscriptionSpec::new("orders", "audit") };
+    assert_eq!(op.pod_consumer_counts("shop", "orders", "audit").await.unwrap(), Some(vec![]), "no pod yet");
+    let a = pod_consumer(&js, "audit", &spec, "audit-7d9f-a").await;
+    pod_consumer(&js, "audit", &spec, "audit-7d9f-b").await;
+    let other = pod_consumer(&js, "audit-b", &spec, "p1").await;
+    let group = SubscriptionSpec::new("orders", "ledger");
+    op.apply_subscription(&build::subscription("shop", "audit--x", &group).unwrap()).await.unwrap();
+    for i in 0..5 {
+        js.publish(format!("ferry.shop.orders.{i}"), "m".into()).await.unwrap().await.unwrap();
+    }
+    // Pod a: two out, handed back, out again (redelivered), unacked.
+    for m in fetch(&a, 2).await {
+        m.double_ack_with(AckKind::Nak(None)).await.unwrap();
+    }
+    assert_eq!(fetch(&a, 2).await.len(), 2);
+    // The other Subscription's pod holds one.
+    assert_eq!(fetch(&other, 1).await.len(), 1);
+
+    let mine = op.pod_consumer_counts("shop", "orders", "audit").await.unwrap().expect("the stream exists");
+    let names: Vec<&str> = mine.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["audit--audit-7d9f-a", "audit--audit-7d9f-b"]);
+    let sum: ConsumerCounts = mine.into_iter().map(|(_, c)| c).sum();
+    assert_eq!(sum, ConsumerCounts { pending: 3 + 5, in_flight: 2, redelivered: 2 });
+    let theirs = op.pod_consumer_counts("shop", "orders", "audit-b").await.unwrap().unwrap();
+    assert_eq!(theirs, [("audit-b--p1".to_owned(), ConsumerCounts { pending: 4, in_flight: 1, redelivered: 0 })]);
+    assert_eq!(
+        op.consumer_counts("shop", "orders", "audit--x").await.unwrap(),
+        Some(ConsumerCounts { pending: 5, in_flight: 0, redelivered: 0 })
+    );
+    assert_eq!(op.consumer_counts("shop", "orders", "audit").await.unwrap(), None, "no group consumer");
+    assert_eq!(op.consumer_counts("shop", "missing", "audit").await.unwrap(), None, "no stream");
+}
+
+/// The operator reads a gone pod's consumer until the broker drops it:
+/// reading its info is no activity that would keep it past its threshold.
+#[tokio::test]
+async fn reading_pod_consumer_counts_does_not_keep_a_gone_pods_consumer_alive() {
+    let nats = NatsServer::start();
+    let (op, js) = connect(&nats).await;
+    op.apply_topic(&build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let spec = SubscriptionSpec { fanout: Fanout::Pod, ..SubscriptionSpec::new("orders", "audit") };
+    // As a sidecar started with `--pod-consumer-ttl 1s`.
+    let mut plan = ferry_api::consumer_plan("shop", "audit", &spec, Some("web-1"));
+    plan.inactive_threshold = Some(std::time::Duration::from_secs(1));
+    js.get_stream("FERRY_shop_orders").await.unwrap().create_consumer(plan.to_jetstream()).await.unwrap();
+    assert_eq!(op.pod_consumer_counts("shop", "orders", "audit").await.unwrap().unwrap().len(), 1);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !op.pod_consumer_counts("shop", "orders", "audit").await.unwrap().unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the consumer outlived its threshold while being read");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

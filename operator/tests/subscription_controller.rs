@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
-use ferry_api::subscription::SubscriptionSpec;
+use ferry_api::subscription::{Fanout, SubscriptionSpec, SubscriptionStatus};
 use ferry_api::topic::TopicSpec;
 use ferry_api::{Subscription, Topic};
 use ferry_e2e::NatsServer;
-use ferry_operator::context::FINALIZER;
+use ferry_operator::context::{Context, FINALIZER};
+use ferry_operator::jetstream::JetStream;
+use futures::StreamExt;
 use http::{Method, StatusCode};
 use kube::runtime::controller::Action;
 use serde_json::{json, Value};
@@ -143,6 +145,9 @@ async fn a_subscription_whose_topic_was_deleted_leaves_the_sidecars_config_and_k
     let cond = &status["status"]["conditions"][0];
     assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("TopicNotFound")));
     assert!(cond["message"].as_str().unwrap().contains("withdrawn from the sidecars' config"), "{cond}");
+    // The consumer is still there, so the status still names it, with counts.
+    let st = &status["status"];
+    assert_eq!((st["consumer"].as_str(), st["pending"].as_u64()), (Some("invoices"), Some(0)), "{st}");
     assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::context::RETRY_MIN));
 
     assert!(kv.get("shop.app.billing.invoices").await.unwrap().is_none(), "the sidecars' entry is withdrawn");
@@ -274,4 +279,187 @@ async fn topic_not_found_backs_off_and_a_success_resets_the_backoff() {
     expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, reply).await;
     assert_eq!(run.await.unwrap().unwrap(), Action::requeue(std::time::Duration::from_secs(5)));
     expect_no_more(&mut handle).await;
+}
+
+/// `s` with a status as a pass before left it.
+fn with_status(s: &Subscription, status: SubscriptionStatus) -> Arc<Subscription> {
+    let mut s = s.clone();
+    s.status = Some(status);
+    Arc::new(s)
+}
+
+/// What the tests below start from: the counts of an earlier pass.
+fn last_status() -> SubscriptionStatus {
+    SubscriptionStatus {
+        consumer: Some("invoices".into()),
+        pending: Some(7),
+        in_flight: Some(2),
+        redelivered: Some(1),
+        dead_lettered: Some(4),
+        ..SubscriptionStatus::default()
+    }
+}
+
+/// A consumer as a sidecar of pod `pod` makes it (same name, inactive threshold).
+async fn pod_consumer(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    spec: &SubscriptionSpec,
+    pod: &str,
+) -> async_nats::jetstream::consumer::PullConsumer {
+    let plan = ferry_api::consumer_plan("shop", name, spec, Some(pod));
+    js.get_stream(&plan.stream).await.unwrap().create_consumer(plan.to_jetstream()).await.unwrap()
+}
+
+/// `fanout: Pod`: no group consumer, but the pod consumers the sidecars
+/// made: the status names them (`invoices--*` and how many) and sums their
+/// counts. Consumers of other Subscriptions named alike are left out: of
+/// `invoices-b` (`invoices-b--p1`), the group consumer of `invoices--x`, and
+/// `invoices--eu--billing-1`, which is pod `billing-1` of the `fanout: Pod`
+/// Subscription `invoices--eu` that exists (looked up) as much as pod
+/// `eu--billing-1` of `invoices`.
+#[tokio::test]
+async fn a_pod_fanout_subscription_reports_its_pod_consumers_summed_and_no_other_subscriptions() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    ctx.js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut s = (*subscription()).clone();
+    s.spec.fanout = Fanout::Pod;
+    let s = Arc::new(s);
+    let a = pod_consumer(&js, "invoices", &s.spec, "billing-7d9f-a").await;
+    pod_consumer(&js, "invoices", &s.spec, "billing-7d9f-b").await;
+    let others = [
+        pod_consumer(&js, "invoices-b", &s.spec, "p1").await,
+        pod_consumer(&js, "invoices--eu", &s.spec, "billing-1").await,
+    ];
+    let group = SubscriptionSpec::new("orders", "billing");
+    ctx.js
+        .apply_subscription(&ferry_operator::build::subscription("shop", "invoices--x", &group).unwrap())
+        .await
+        .unwrap();
+    for i in 0..3 {
+        js.publish(format!("ferry.shop.orders.{i}"), "m".into()).await.unwrap().await.unwrap();
+    }
+    let fetch = |c: async_nats::jetstream::consumer::PullConsumer| async move {
+        let batch = c.fetch().max_messages(1).expires(std::time::Duration::from_millis(500)).messages().await;
+        let got: Vec<_> = batch.unwrap().collect().await;
+        assert_eq!(got.len(), 1);
+    };
+    fetch(a).await;
+    for c in others {
+        fetch(c).await;
+    }
+
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx));
+    let topic = serde_json::to_value(Topic::new("orders", TopicSpec::default())).unwrap();
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic)).await;
+    let ev = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    assert_eq!(ev["reason"], "Reconciled", "{ev}");
+    let mut eu = Subscription::new("invoices--eu", s.spec.clone());
+    eu.metadata.namespace = Some("shop".into());
+    let path = "/apis/ferry.dev/v1alpha1/namespaces/shop/subscriptions/invoices--eu";
+    expect(&mut handle, Method::GET, path, StatusCode::OK, Some(serde_json::to_value(&eu).unwrap())).await;
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&*s).unwrap())).await;
+    let st = &status["status"];
+    assert_eq!(st["conditions"][0]["status"], "True", "{st}");
+    assert_eq!(st["consumer"], "invoices--* (2 consumers)", "{st}");
+    assert_eq!(
+        (st["pending"].as_u64(), st["inFlight"].as_u64(), st["redelivered"].as_u64()),
+        (Some(2 + 3), Some(1), Some(0)),
+        "{st}"
+    );
+    assert_eq!(st["deadLettered"], 0, "{st}");
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::subscription::REFRESH));
+    expect_no_more(&mut handle).await;
+}
+
+/// The consumer is there but its counts cannot be read (here: the
+/// operator's broker user may not read consumer info, so the read times
+/// out): the status keeps the last counts rather than dropping them;
+/// what could be read (the dead-letter count) is new.
+#[tokio::test]
+async fn a_count_read_that_fails_keeps_the_last_counts() {
+    let mut nats = NatsServer::stopped_with_config(
+        "authorization {\n  users = [\n    {user: admin, password: admin}\n    \
+         {user: op, password: op, permissions: {publish: {allow: \">\", deny: \"$JS.API.CONSUMER.INFO.>\"}}}\n  ]\n}\n",
+    );
+    nats.start_again();
+    let as_user =
+        |user: &str| async_nats::ConnectOptions::with_user_and_password(user.into(), user.into()).connect(nats.url());
+    let admin = JetStream::new(as_user("admin").await.unwrap());
+    admin.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    admin.bucket().await.unwrap().put("_stats.shop.invoices.deadLettered", "5".into()).await.unwrap();
+    let (client, mut handle) = common::mock_client();
+    let reporter = kube::runtime::events::Reporter { controller: "ferry-operator".into(), instance: None };
+    let ctx = Arc::new(Context::new(client, JetStream::new(as_user("op").await.unwrap()), reporter));
+    let s = with_status(&subscription(), last_status());
+
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx));
+    let topic = serde_json::to_value(Topic::new("orders", TopicSpec::default())).unwrap();
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic)).await;
+    expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&*s).unwrap())).await;
+    let st = &status["status"];
+    assert_eq!(st["conditions"][0]["status"], "True", "{st}");
+    assert_eq!(st["consumer"], "invoices", "{st}");
+    assert_eq!(
+        (st["pending"].as_u64(), st["inFlight"].as_u64(), st["redelivered"].as_u64()),
+        (Some(7), Some(2), Some(1)),
+        "the last counts: {st}"
+    );
+    assert_eq!(st["deadLettered"], 5, "read anew: {st}");
+    run.await.unwrap().unwrap();
+}
+
+/// A pass that is not ready because the broker is out of reach keeps the
+/// last consumer and counts: the condition says they are not current.
+#[tokio::test]
+async fn with_the_broker_down_the_status_keeps_the_last_consumer_and_counts() {
+    let mut nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    nats.stop();
+    let s = with_status(&subscription(), last_status());
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx));
+    let topic = serde_json::to_value(Topic::new("orders", TopicSpec::default())).unwrap();
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic)).await;
+    let ev = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    assert_eq!(ev["reason"], "BrokerUnavailable", "{ev}");
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&*s).unwrap())).await;
+    let mut st: SubscriptionStatus = serde_json::from_value(status["status"].clone()).unwrap();
+    assert_eq!((st.conditions[0].status.as_str(), st.conditions[0].reason.as_str()), ("False", "BrokerUnavailable"));
+    st.conditions.clear();
+    assert_eq!(st, SubscriptionStatus { observed_generation: Some(2), ..last_status() });
+    run.await.unwrap().unwrap();
+}
+
+/// A Topic deleted with its stream (`deletionPolicy: Delete`) took the
+/// consumer along: `TopicNotFound`, and the status no longer names the
+/// consumer nor shows its counts.
+#[tokio::test]
+async fn a_subscription_whose_topic_and_stream_were_deleted_no_longer_shows_its_consumer() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    ctx.js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let s = with_status(&subscription(), last_status());
+    ctx.js
+        .apply_subscription(&ferry_operator::build::subscription("shop", "invoices", &s.spec).unwrap())
+        .await
+        .unwrap();
+    ctx.js.delete_topic("shop", "orders", ferry_api::topic::DeletionPolicy::Delete).await.unwrap();
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx));
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::NOT_FOUND, Some(not_found())).await;
+    expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&*s).unwrap())).await;
+    let st = &status["status"];
+    assert_eq!(st["conditions"][0]["reason"], "TopicNotFound", "{st}");
+    for gone in ["consumer", "pending", "inFlight", "redelivered"] {
+        assert!(st.get(gone).is_none(), "{gone}: {st}");
+    }
+    assert_eq!(st["deadLettered"], 0, "the count the sidecars keep is still read: {st}");
+    run.await.unwrap().unwrap();
 }

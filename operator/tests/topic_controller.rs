@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use ferry_api::topic::{DeletionPolicy, Storage, TopicSpec};
+use ferry_api::topic::{DeletionPolicy, Storage, TopicSpec, TopicStatus};
 use ferry_api::Topic;
 use ferry_e2e::NatsServer;
 use ferry_operator::context::FINALIZER;
@@ -230,4 +230,72 @@ async fn with_the_broker_down_retries_back_off_and_the_repeated_warning_is_one_a
     );
     ctx.reset_backoff(&*t);
     assert_eq!(ferry_operator::run::error_policy(t, &err, ctx), Action::requeue(ferry_operator::context::RETRY_MIN));
+}
+
+/// `t` with a status as a pass before left it.
+fn with_status(t: &Topic) -> Arc<Topic> {
+    let mut t = t.clone();
+    t.status = Some(TopicStatus {
+        stream: Some("FERRY_shop_orders".into()),
+        messages: Some(42),
+        bytes: Some(4200),
+        ..TopicStatus::default()
+    });
+    Arc::new(t)
+}
+
+/// A pass that cannot read the stream (the broker is out of reach) keeps
+/// the last stream name and counts; the condition says they are not current.
+#[tokio::test]
+async fn with_the_broker_down_the_status_keeps_the_last_stream_and_counts() {
+    let mut nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    nats.stop();
+    let t = with_status(&topic(TopicSpec::default(), true, false));
+    let run = tokio::spawn(ferry_operator::topic::reconcile(t.clone(), ctx));
+    expect(&mut handle, Method::POST, EVENTS, None).await;
+    let status = expect(&mut handle, Method::PATCH, STATUS, Some(serde_json::to_value(&*t).unwrap())).await;
+    let st = &status["status"];
+    assert_eq!(st["conditions"][0]["reason"], "BrokerUnavailable", "{st}");
+    assert_eq!(
+        (st["stream"].as_str(), st["messages"].as_u64(), st["bytes"].as_u64()),
+        (Some("FERRY_shop_orders"), Some(42), Some(4200)),
+        "{st}"
+    );
+    run.await.unwrap().unwrap();
+}
+
+/// A pass that reads that the broker has no stream (here: it refused to
+/// make it) no longer names one, whatever the last pass showed.
+#[tokio::test]
+async fn a_stream_the_broker_does_not_have_is_not_shown() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    let t = with_status(&topic(TopicSpec { replicas: 3, ..TopicSpec::default() }, true, false));
+    let run = tokio::spawn(ferry_operator::topic::reconcile(t.clone(), ctx));
+    expect(&mut handle, Method::POST, EVENTS, None).await;
+    let status = expect(&mut handle, Method::PATCH, STATUS, Some(serde_json::to_value(&*t).unwrap())).await;
+    let st = &status["status"];
+    assert_eq!(st["conditions"][0]["reason"], "BrokerRefused", "{st}");
+    for gone in ["stream", "messages", "bytes"] {
+        assert!(st.get(gone).is_none(), "{gone}: {st}");
+    }
+    run.await.unwrap().unwrap();
+}
+
+/// A spec the broker refuses to apply to an existing stream (a changed
+/// storage) leaves the stream as it was, and its counts are read anew.
+#[tokio::test]
+async fn a_stream_kept_as_it_was_is_still_counted() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    ctx.js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let t = with_status(&topic(TopicSpec { storage: Storage::Memory, ..TopicSpec::default() }, true, false));
+    let run = tokio::spawn(ferry_operator::topic::reconcile(t.clone(), ctx));
+    expect(&mut handle, Method::POST, EVENTS, None).await;
+    let status = expect(&mut handle, Method::PATCH, STATUS, Some(serde_json::to_value(&*t).unwrap())).await;
+    let st = &status["status"];
+    assert_eq!(st["conditions"][0]["reason"], "ImmutableField", "{st}");
+    assert_eq!((st["stream"].as_str(), st["messages"].as_u64()), (Some("FERRY_shop_orders"), Some(0)), "{st}");
+    run.await.unwrap().unwrap();
 }
