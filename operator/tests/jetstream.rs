@@ -12,6 +12,9 @@ use ferry_operator::build;
 use ferry_operator::jetstream::{ApplyError, ConsumerCounts, JetStream};
 use futures::StreamExt;
 
+mod common;
+use common::pod_consumer;
+
 async fn connect(nats: &NatsServer) -> (JetStream, async_nats::jetstream::Context) {
     let client = async_nats::connect(nats.url()).await.unwrap();
     (JetStream::new(client.clone()), async_nats::jetstream::new(client))
@@ -291,19 +294,6 @@ async fn an_existing_config_bucket_gets_the_configured_replicas() {
     assert_eq!(store.get("k").await.unwrap().as_deref(), Some(&b"v"[..]), "the entries stay");
     JetStream::new(client.clone()).with_config_replicas(1).bucket().await.unwrap();
     assert_eq!(replicas().await, 1, "and back");
-}
-
-/// A consumer as a sidecar of pod `pod` makes it for a `fanout: Pod`
-/// Subscription (the same name and inactive threshold).
-async fn pod_consumer(
-    js: &async_nats::jetstream::Context,
-    name: &str,
-    spec: &SubscriptionSpec,
-    pod: &str,
-) -> async_nats::jetstream::consumer::PullConsumer {
-    let plan = ferry_api::consumer_plan("shop", name, spec, Some(pod));
-    assert!(plan.inactive_threshold.is_some(), "a per-pod consumer");
-    js.get_stream(&plan.stream).await.unwrap().create_consumer(plan.to_jetstream()).await.unwrap()
 }
 
 /// Fetches up to `n` messages (without acking them).

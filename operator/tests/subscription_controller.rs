@@ -15,7 +15,7 @@ use kube::runtime::controller::Action;
 use serde_json::{json, Value};
 
 mod common;
-use common::{context, expect_no_more, expect_status as expect};
+use common::{context, expect_no_more, expect_status as expect, pod_consumer};
 
 fn subscription() -> Arc<Subscription> {
     let mut spec = SubscriptionSpec::new("orders", "billing");
@@ -298,17 +298,6 @@ fn last_status() -> SubscriptionStatus {
         dead_lettered: Some(4),
         ..SubscriptionStatus::default()
     }
-}
-
-/// A consumer as a sidecar of pod `pod` makes it (same name, inactive threshold).
-async fn pod_consumer(
-    js: &async_nats::jetstream::Context,
-    name: &str,
-    spec: &SubscriptionSpec,
-    pod: &str,
-) -> async_nats::jetstream::consumer::PullConsumer {
-    let plan = ferry_api::consumer_plan("shop", name, spec, Some(pod));
-    js.get_stream(&plan.stream).await.unwrap().create_consumer(plan.to_jetstream()).await.unwrap()
 }
 
 /// `fanout: Pod`: no group consumer, but the pod consumers the sidecars

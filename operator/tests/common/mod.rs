@@ -72,3 +72,16 @@ pub async fn expect_no_more(handle: &mut Handle) {
         panic!("unexpected call {} {}", req.method(), req.uri());
     }
 }
+
+/// A consumer as a sidecar of pod `pod` makes it for a `fanout: Pod`
+/// Subscription in namespace `shop` (the same name and inactive threshold).
+pub async fn pod_consumer(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    spec: &ferry_api::SubscriptionSpec,
+    pod: &str,
+) -> async_nats::jetstream::consumer::PullConsumer {
+    let plan = ferry_api::consumer_plan("shop", name, spec, Some(pod));
+    assert!(plan.inactive_threshold.is_some(), "a per-pod consumer");
+    js.get_stream(&plan.stream).await.unwrap().create_consumer(plan.to_jetstream()).await.unwrap()
+}
