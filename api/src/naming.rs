@@ -147,6 +147,18 @@ pub fn pod_consumer_name(subscription: &str, pod: &str) -> String {
     format!("{subscription}--{pod}")
 }
 
+/// The pod part of `consumer` when it is named as a per-pod consumer of
+/// `subscription` by [`pod_consumer_name`] (`{subscription}--{pod}`, the pod
+/// name with every character but a letter, digit or `-` made `_`; a pod
+/// name starts with a letter or digit). So `a-b--web-1` is not `a`'s, while
+/// `a--b--web-1` may be (a subscription name may hold `--`).
+pub fn pod_of_consumer<'a>(subscription: &str, consumer: &'a str) -> Option<&'a str> {
+    let pod = consumer.strip_prefix(subscription)?.strip_prefix("--")?;
+    let ok = pod.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && pod.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    ok.then_some(pod)
+}
+
 /// KV key of a topic's resolved config.
 pub fn topic_key(namespace: &str, topic: &str) -> String {
     format!("{namespace}.topic.{topic}")
@@ -191,6 +203,19 @@ mod tests {
         assert_eq!(subscription_key("shop", "billing-app", "billing"), "shop.app.billing-app.billing");
         assert_eq!(app_keys("shop", "billing-app"), "shop.app.billing-app.>");
         assert_eq!(topic_keys("shop"), "shop.topic.>");
+    }
+
+    #[test]
+    fn only_names_formed_as_a_subscriptions_pod_consumers_are_its_own() {
+        for pod in ["web-7d9f-x2x4z", "web-7d9f.a", "0", "A"] {
+            let name = pod_consumer_name("audit", pod);
+            assert_eq!(pod_of_consumer("audit", &name), Some(&name["audit--".len()..]), "{name}");
+        }
+        for other in
+            ["audit", "audit-b--web-1", "auditb--web-1", "audit--", "audit---web", "audit--web.1", "x--audit--w"]
+        {
+            assert_eq!(pod_of_consumer("audit", other), None, "{other}");
+        }
     }
 
     #[test]

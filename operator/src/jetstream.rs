@@ -370,7 +370,7 @@ impl JetStream {
         let mut names = std::collections::BTreeSet::new();
         let mut listing = stream.consumer_names();
         while let Some(name) = listing.try_next().await.map_err(|e| classify(&self.client, e))? {
-            if pod_of(subscription, &name).is_some() {
+            if naming::pod_of_consumer(subscription, &name).is_some() {
                 names.insert(name);
             }
         }
@@ -450,27 +450,15 @@ impl std::iter::Sum for ConsumerCounts {
     }
 }
 
-/// The pod part of `consumer` when it is named as a per-pod consumer of
-/// `subscription` ([`naming::pod_consumer_name`]: `{subscription}--{pod}`,
-/// the pod name with every character but a letter, digit or `-` made `_`;
-/// a pod name starts with a letter or digit). So `a-b--web-1` is not `a`'s,
-/// while `a--b--web-1` may be: see [`other_owners`].
-pub fn pod_of<'a>(subscription: &str, consumer: &'a str) -> Option<&'a str> {
-    let pod = consumer.strip_prefix(subscription)?.strip_prefix("--")?;
-    let ok = pod.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && pod.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    ok.then_some(pod)
-}
-
 /// The other Subscriptions whose pod consumer `consumer` would also be
 /// named, when it is named as one of `subscription`'s: a Subscription name
 /// may hold `--`, so `a--b--web-1` is pod `b--web-1` of `a` or pod `web-1`
 /// of `a--b`. Empty for the usual pod names, which hold no `--`.
 pub fn other_owners(subscription: &str, consumer: &str) -> Vec<String> {
-    let Some(pod) = pod_of(subscription, consumer) else { return Vec::new() };
+    let Some(pod) = naming::pod_of_consumer(subscription, consumer) else { return Vec::new() };
     pod.match_indices("--")
         .map(|(i, _)| format!("{subscription}--{}", &pod[..i]))
-        .filter(|owner| pod_of(owner, consumer).is_some() && valid_names(&[owner]))
+        .filter(|owner| naming::pod_of_consumer(owner, consumer).is_some() && valid_names(&[owner]))
         .collect()
 }
 
@@ -530,19 +518,6 @@ fn same_stream(have: &stream::Config, want: &stream::Config) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_names_formed_as_a_subscriptions_pod_consumers_are_its_own() {
-        for pod in ["web-7d9f-x2x4z", "web-7d9f.a", "0", "A"] {
-            let name = naming::pod_consumer_name("audit", pod);
-            assert_eq!(pod_of("audit", &name).map(str::to_owned), Some(name["audit--".len()..].to_owned()), "{name}");
-        }
-        for other in
-            ["audit", "audit-b--web-1", "auditb--web-1", "audit--", "audit---web", "audit--web.1", "x--audit--w"]
-        {
-            assert_eq!(pod_of("audit", other), None, "{other}");
-        }
-    }
 
     #[test]
     fn a_pod_consumer_name_with_a_double_dash_names_its_other_possible_owners() {

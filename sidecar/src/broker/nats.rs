@@ -152,6 +152,18 @@ struct Delivery {
     published_ms: u64,
 }
 
+impl Delivery {
+    /// The delivery a JetStream message's reply subject describes.
+    fn of(msg: &jetstream::Message) -> Option<Delivery> {
+        let info = msg.info().ok()?;
+        Some(Delivery {
+            sequence: info.stream_sequence,
+            delivered: u32::try_from(info.delivered).unwrap_or(u32::MAX),
+            published_ms: u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+        })
+    }
+}
+
 impl ReturnsOf {
     fn key(&self, sequence: u64) -> String {
         ferry_api::naming::returns_key(&self.stream, &self.consumer, sequence)
@@ -508,12 +520,7 @@ impl Consumer for NatsConsumer {
                 // Not expected (no message is one byte long): hand it back
                 // at once, noted, so it counts as no attempt.
                 let msg = jetstream::Message { message: answer, context: self.broker.js.clone() };
-                if let Ok(i) = msg.info() {
-                    let delivery = Delivery {
-                        sequence: i.stream_sequence,
-                        delivered: u32::try_from(i.delivered).unwrap_or(u32::MAX),
-                        published_ms: u64::try_from(i.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
-                    };
+                if let Some(delivery) = Delivery::of(&msg) {
                     let _ = self.returns.note(delivery).await;
                 }
                 msg.ack_with(AckKind::Nak(Some(Duration::from_millis(1))))
@@ -551,14 +558,8 @@ impl Consumer for NatsConsumer {
                 }
                 Err(e) => return Err(self.broker.classify(e)),
             };
-            let (sequence, delivered, published_ms) = match msg.info() {
-                Ok(info) => (
-                    info.stream_sequence,
-                    u32::try_from(info.delivered).unwrap_or(u32::MAX),
-                    u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
-                ),
-                Err(_) => continue,
-            };
+            let Some(delivery) = Delivery::of(&msg) else { continue };
+            let Delivery { sequence, delivered, published_ms } = delivery;
             let (message, acker) = msg.split();
             let mut headers = Vec::new();
             let mut id = None;
@@ -573,12 +574,7 @@ impl Consumer for NatsConsumer {
                     }
                 }
             }
-            let settle = Arc::new(NatsSettle {
-                acker,
-                delivery: Delivery { sequence, delivered, published_ms },
-                noted: false.into(),
-                returns: self.returns.clone(),
-            });
+            let settle = Arc::new(NatsSettle { acker, delivery, noted: false.into(), returns: self.returns.clone() });
             settles.push(settle.clone());
             out.push(Fetched {
                 id: id.unwrap_or_else(|| format!("seq-{sequence}")),

@@ -157,7 +157,8 @@ impl Ctx {
             .deliveries
             .get_or_create(&DeliveryLabels { subscription: name.to_owned(), result: "acked" })
             .clone();
-        let consumer_name = ferry_api::consumer_plan(&deps.namespace, name, &spec, Some(&deps.pod_name)).name;
+        let consumer_name =
+            super::consumer_plan(&deps.namespace, name, &spec, &deps.pod_name, deps.pod_consumer_ttl).name;
         Ok(Ctx {
             name: name.to_owned(),
             consumer_name,
