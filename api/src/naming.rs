@@ -6,7 +6,7 @@
 //! | stream of topic `t` in namespace `ns` | `FERRY_{ns}_{t}` |
 //! | its subjects | `ferry.{ns}.{t}.>`; a message goes to `ferry.{ns}.{t}.{partition}` |
 //! | durable consumer of subscription `s` | `{s}` (on the topic's stream) |
-//! | per-pod consumer (`fanout: pod`) | `{s}--{pod}` |
+//! | per-pod consumer (`fanout: Pod`) | `{s}_{pod}` |
 //! | config bucket (NATS KV) | `ferry-config` |
 //! | KV key of a topic | `{ns}.topic.{t}` |
 //! | KV key of a subscription for app `a` | `{ns}.app.{a}.{s}` |
@@ -14,7 +14,8 @@
 //! Namespaces, topic, subscription and app names are DNS-1123 labels
 //! (`[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 bytes), so they contain no
 //! `.`, `_`, `*`, `>` or spaces and the names above are unambiguous.
-//! Pod names may contain dots (DNS-1123 subdomains): those become `_`.
+//! Pod names may contain dots (DNS-1123 subdomains): those become `_`
+//! (after the first `_`, which ends the subscription's name).
 
 /// The JetStream KV bucket holding the resolved configuration.
 pub const CONFIG_BUCKET: &str = "ferry-config";
@@ -141,20 +142,23 @@ pub fn consumer_name(subscription: &str) -> String {
     subscription.to_owned()
 }
 
-/// The per-pod consumer of a `fanout: pod` subscription.
+/// The per-pod consumer of a `fanout: Pod` subscription: `{subscription}_{pod}`,
+/// the pod name with every character but a letter, digit or `-` made `_`.
+/// A subscription name (a DNS-1123 label) holds no `_`, so the first `_`
+/// ends it and no two subscriptions' pod consumers can share a name (with
+/// `--`, the earlier separator, `a--b--web-1` was pod `b--web-1` of `a`
+/// as much as pod `web-1` of `a--b`).
 pub fn pod_consumer_name(subscription: &str, pod: &str) -> String {
     let pod: String = pod.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-    format!("{subscription}--{pod}")
+    format!("{subscription}_{pod}")
 }
 
 /// The pod part of `consumer` when it is named as a per-pod consumer of
-/// `subscription` by [`pod_consumer_name`] (`{subscription}--{pod}`, the pod
-/// name with every character but a letter, digit or `-` made `_`; a pod
-/// name starts with a letter or digit). So `a-b--web-1` is not `a`'s, while
-/// `a--b--web-1` may be (a subscription name may hold `--`).
+/// `subscription` by [`pod_consumer_name`].
 pub fn pod_of_consumer<'a>(subscription: &str, consumer: &'a str) -> Option<&'a str> {
-    let pod = consumer.strip_prefix(subscription)?.strip_prefix("--")?;
-    let ok = pod.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+    let (owner, pod) = consumer.split_once('_')?;
+    let ok = owner == subscription
+        && !pod.is_empty()
         && pod.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     ok.then_some(pod)
 }
@@ -198,7 +202,7 @@ mod tests {
         assert_eq!(topic_subjects("default", "orders"), "ferry.default.orders.>");
         assert_eq!(message_subject("shop", "orders", 3), "ferry.shop.orders.3");
         assert_eq!(consumer_name("billing"), "billing");
-        assert_eq!(pod_consumer_name("audit", "web-7d9f.x"), "audit--web-7d9f_x");
+        assert_eq!(pod_consumer_name("audit", "web-7d9f.x"), "audit_web-7d9f_x");
         assert_eq!(topic_key("shop", "orders"), "shop.topic.orders");
         assert_eq!(subscription_key("shop", "billing-app", "billing"), "shop.app.billing-app.billing");
         assert_eq!(app_keys("shop", "billing-app"), "shop.app.billing-app.>");
@@ -207,15 +211,16 @@ mod tests {
 
     #[test]
     fn only_names_formed_as_a_subscriptions_pod_consumers_are_its_own() {
-        for pod in ["web-7d9f-x2x4z", "web-7d9f.a", "0", "A"] {
+        for pod in ["web-7d9f-x2x4z", "web-7d9f.a", "0", "A", "b--web-1", "-x"] {
             let name = pod_consumer_name("audit", pod);
-            assert_eq!(pod_of_consumer("audit", &name), Some(&name["audit--".len()..]), "{name}");
+            assert_eq!(pod_of_consumer("audit", &name), Some(&name["audit_".len()..]), "{name}");
         }
-        for other in
-            ["audit", "audit-b--web-1", "auditb--web-1", "audit--", "audit---web", "audit--web.1", "x--audit--w"]
-        {
+        for other in ["audit", "audit-b_web-1", "auditb_web-1", "audit_", "audit_web.1", "x_audit_w", "audit--web"] {
             assert_eq!(pod_of_consumer("audit", other), None, "{other}");
         }
+        // A subscription name with `--` owns only its own pods' consumers.
+        let name = pod_consumer_name("a--b", "web-1");
+        assert_eq!((pod_of_consumer("a--b", &name), pod_of_consumer("a", &name)), (Some("web-1"), None));
     }
 
     #[test]

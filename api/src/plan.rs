@@ -296,7 +296,7 @@ mod tests {
         let mut spec = SubscriptionSpec::new("orders", "audit");
         spec.fanout = Fanout::Pod;
         let plan = consumer_plan("shop", "audit", &spec, Some("audit-5f7c"));
-        assert_eq!(plan.name, "audit--audit-5f7c");
+        assert_eq!(plan.name, "audit_audit-5f7c");
         assert_eq!(plan.inactive_threshold, Some(POD_CONSUMER_INACTIVE));
     }
 

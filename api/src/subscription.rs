@@ -188,7 +188,7 @@ pub struct SubscriptionStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// The durable JetStream consumer; for `fanout: Pod`, `{name}--* (N
+    /// The durable JetStream consumer; for `fanout: Pod`, `{name}_* (N
     /// consumers)`: the per-pod consumers the sidecars made, whose counts
     /// the status sums.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -274,12 +274,13 @@ impl JetStream {
         Ok(changed)
     }
 
-    /// Deletes a Subscription's consumer (if its stream still exists) and KV
-    /// entries. Names NATS cannot hold are skipped, as in [`Self::delete_topic`].
-    /// The sidecars' config entry goes first: a sidecar still running it
-    /// would re-create a consumer deleted before it, left behind once the
-    /// finalizer is gone, and adopted, position and all, by the next
-    /// Subscription of that name.
+    /// Deletes a Subscription's consumer and its per-pod consumers (if its
+    /// stream still exists) and KV entries. Names NATS cannot hold are
+    /// skipped, as in [`Self::delete_topic`]. The sidecars' config entry
+    /// goes first: a sidecar still running it would re-create a consumer
+    /// deleted before it, left behind once the finalizer is gone, and
+    /// adopted, position and all, by the next Subscription of that name
+    /// (a per-pod one, too, within its inactive threshold).
     pub async fn delete_subscription(
         &self,
         namespace: &str,
@@ -294,10 +295,14 @@ impl JetStream {
         self.withdraw_subscription(namespace, app, name).await?;
         if valid_names(&[topic]) {
             if let Ok(stream) = self.js.get_stream(naming::stream_name(namespace, topic)).await {
-                match stream.delete_consumer(&naming::consumer_name(name)).await {
-                    Ok(_) => {}
-                    Err(e) if e.to_string().contains("not found") => {}
-                    Err(e) => return Err(classify(&self.client, e)),
+                let mut consumers = pod_consumer_names(&stream, name).await.map_err(|e| classify(&self.client, e))?;
+                consumers.insert(naming::consumer_name(name));
+                for consumer in consumers {
+                    match stream.delete_consumer(&consumer).await {
+                        Ok(_) => {}
+                        Err(e) if e.to_string().contains("not found") => {}
+                        Err(e) => return Err(classify(&self.client, e)),
+                    }
                 }
             }
         }
@@ -355,9 +360,6 @@ impl JetStream {
     /// lists their names (a short string each, 1024 a page) and reads the
     /// info only of this Subscription's. Reading the info is no activity:
     /// it does not keep a gone pod's consumer alive past its threshold.
-    /// A name of the form `{subscription}--{x}--{y}` is also the consumer of
-    /// pod `y` of a Subscription `{subscription}--{x}`: the caller, which
-    /// knows the Subscriptions, tells those apart ([`other_owners`]).
     pub async fn pod_consumer_counts(
         &self,
         namespace: &str,
@@ -365,20 +367,11 @@ impl JetStream {
         subscription: &str,
     ) -> Result<Option<Vec<(String, ConsumerCounts)>>, ApplyError> {
         let Some(stream) = self.stream_if_any(namespace, topic).await? else { return Ok(None) };
-        // Paged by offset: a consumer made or deleted meanwhile can shift a
-        // name into two pages, hence the set.
-        let mut names = std::collections::BTreeSet::new();
-        let mut listing = stream.consumer_names();
-        while let Some(name) = listing.try_next().await.map_err(|e| classify(&self.client, e))? {
-            if naming::pod_of_consumer(subscription, &name).is_some() {
-                names.insert(name);
-            }
-        }
+        let names = pod_consumer_names(&stream, subscription).await.map_err(|e| classify(&self.client, e))?;
         let mut consumers = Vec::with_capacity(names.len());
         for name in names {
             match stream.consumer_info(&name).await {
-                // A group consumer (no threshold) named like a pod consumer
-                // is a Subscription `{subscription}--{x}`'s.
+                // One without a threshold was not made by a sidecar.
                 Ok(info) if info.config.inactive_threshold.is_zero() => {}
                 Ok(info) => consumers.push((name, ConsumerCounts::of(&info))),
                 // Its pod went and its threshold passed since the listing.
@@ -450,16 +443,21 @@ impl std::iter::Sum for ConsumerCounts {
     }
 }
 
-/// The other Subscriptions whose pod consumer `consumer` would also be
-/// named, when it is named as one of `subscription`'s: a Subscription name
-/// may hold `--`, so `a--b--web-1` is pod `b--web-1` of `a` or pod `web-1`
-/// of `a--b`. Empty for the usual pod names, which hold no `--`.
-pub fn other_owners(subscription: &str, consumer: &str) -> Vec<String> {
-    let Some(pod) = naming::pod_of_consumer(subscription, consumer) else { return Vec::new() };
-    pod.match_indices("--")
-        .map(|(i, _)| format!("{subscription}--{}", &pod[..i]))
-        .filter(|owner| naming::pod_of_consumer(owner, consumer).is_some() && valid_names(&[owner]))
-        .collect()
+/// The names of a Subscription's per-pod consumers on `stream`. Listed by
+/// offset, 1024 a page: a consumer made or deleted meanwhile can shift a
+/// name into two pages, hence the set.
+async fn pod_consumer_names(
+    stream: &stream::Stream,
+    subscription: &str,
+) -> Result<std::collections::BTreeSet<String>, jetstream::context::StreamsError> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut listing = stream.consumer_names();
+    while let Some(name) = listing.try_next().await? {
+        if naming::pod_of_consumer(subscription, &name).is_some() {
+            names.insert(name);
+        }
+    }
+    Ok(names)
 }
 
 /// Whether getting a stream failed because the broker has no such stream.
@@ -513,19 +511,4 @@ fn same_stream(have: &stream::Config, want: &stream::Config) -> bool {
         && have.num_replicas == want.num_replicas
         && have.duplicate_window == want.duplicate_window
         && have.max_message_size == want.max_message_size
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_pod_consumer_name_with_a_double_dash_names_its_other_possible_owners() {
-        assert!(other_owners("a", "a--web-1").is_empty());
-        assert!(other_owners("a", "a-b--web-1").is_empty());
-        assert_eq!(other_owners("a", "a--b--web-1"), ["a--b"]);
-        assert_eq!(other_owners("a", "a--b--c--w"), ["a--b", "a--b--c"]);
-        // Pod `-w` of `a--b` (no pod name starts with `-`), or of `a--b-` (no name).
-        assert!(other_owners("a", "a--b---w").is_empty());
-    }
 }

@@ -4,7 +4,6 @@
 //! kept), and recovers by itself when the Topic appears (the controller
 //! watches Topics and maps them to their Subscriptions).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::build;
 use crate::context::{ready_condition, Context, Error, FIELD_MANAGER, FINALIZER};
-use crate::jetstream::{self, ConsumerCounts};
+use crate::jetstream::ConsumerCounts;
 
 /// How often status counters are refreshed for a ready Subscription.
 pub const REFRESH: Duration = Duration::from_secs(30);
@@ -86,7 +85,7 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
         Ok((message, requeue)) => (true, "Reconciled", message, requeue),
         Err((reason, message, requeue)) => (false, reason, message, requeue),
     };
-    let mut status = observe(api, s, ctx, ok).await;
+    let mut status = observe(s, ctx, ok).await;
     status.observed_generation = s.meta().generation;
     status.conditions = vec![ready_condition(previous, ok, reason, &message, s.meta().generation)];
     if !ok {
@@ -107,7 +106,7 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
 /// removed); a consumer the broker no longer has is left out, with its
 /// counts. `applied`: the consumer was just made or checked, so its name
 /// stands even when its counts cannot be read.
-async fn observe(api: &Api<Subscription>, s: &Subscription, ctx: &Context, applied: bool) -> SubscriptionStatus {
+async fn observe(s: &Subscription, ctx: &Context, applied: bool) -> SubscriptionStatus {
     let ns = s.namespace().unwrap_or_default();
     let name = s.name_any();
     let last = s.status.clone().unwrap_or_default();
@@ -119,7 +118,7 @@ async fn observe(api: &Api<Subscription>, s: &Subscription, ctx: &Context, appli
             .await
             .map(|found| found.map(|counts| (naming::consumer_name(&name), counts)))
             .map_err(|e| e.to_string()),
-        Fanout::Pod => pod_consumers(api, s, ctx).await,
+        Fanout::Pod => pod_consumers(s, ctx).await,
     };
     match read {
         Ok(Some((consumer, counts))) => {
@@ -148,44 +147,19 @@ async fn observe(api: &Api<Subscription>, s: &Subscription, ctx: &Context, appli
 }
 
 /// A `fanout: Pod` Subscription's pod consumers on its topic's stream, as
-/// `{name}--* (N consumers)` (one a pod, each kept a while after its pod
-/// goes) with their counts summed; `None` without the stream. A consumer
-/// whose name is also a pod consumer's of another `fanout: Pod`
-/// Subscription of the topic (`a--b--web-1`: pod `b--web-1` of `a`, or pod
-/// `web-1` of `a--b`) counts for the one with the longer name, which exists.
-async fn pod_consumers(
-    api: &Api<Subscription>,
-    s: &Subscription,
-    ctx: &Context,
-) -> Result<Option<(String, ConsumerCounts)>, String> {
+/// `{name}_* (N consumers)` (one a pod, each kept a while after its pod
+/// goes) with their counts summed; `None` without the stream.
+async fn pod_consumers(s: &Subscription, ctx: &Context) -> Result<Option<(String, ConsumerCounts)>, String> {
     let ns = s.namespace().unwrap_or_default();
     let name = s.name_any();
     let Some(consumers) = ctx.js.pod_consumer_counts(&ns, &s.spec.topic, &name).await.map_err(|e| e.to_string())?
     else {
         return Ok(None);
     };
-    let mut theirs: HashMap<String, bool> = HashMap::new();
-    let mut mine = Vec::with_capacity(consumers.len());
-    'consumers: for (consumer, counts) in consumers {
-        for owner in jetstream::other_owners(&name, &consumer) {
-            let claims = match theirs.get(&owner) {
-                Some(claims) => *claims,
-                None => {
-                    let other = api.get_opt(&owner).await.map_err(|e| format!("Subscription {owner:?}: {e}"))?;
-                    let claims = other.is_some_and(|o| o.spec.topic == s.spec.topic && o.spec.fanout == Fanout::Pod);
-                    theirs.insert(owner, claims);
-                    claims
-                }
-            };
-            if claims {
-                continue 'consumers;
-            }
-        }
-        mine.push(counts);
-    }
-    let n = mine.len();
+    let n = consumers.len();
     let plural = if n == 1 { "" } else { "s" };
-    Ok(Some((format!("{}--* ({n} consumer{plural})", naming::consumer_name(&name)), mine.into_iter().sum())))
+    let summed = consumers.into_iter().map(|(_, counts)| counts).sum();
+    Ok(Some((format!("{}_* ({n} consumer{plural})", naming::consumer_name(&name)), summed)))
 }
 
 async fn cleanup(s: &Subscription, ctx: &Context) -> Result<Action, Error> {

@@ -10,7 +10,7 @@ use ferry_api::Duration as D;
 use ferry_e2e::NatsServer;
 use ferry_operator::build;
 use ferry_operator::jetstream::{ApplyError, ConsumerCounts, JetStream};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 mod common;
 use common::pod_consumer;
@@ -302,10 +302,10 @@ async fn fetch(c: &async_nats::jetstream::consumer::PullConsumer, n: usize) -> V
     batch.collect::<Vec<_>>().await.into_iter().collect::<Result<_, _>>().unwrap()
 }
 
-/// `fanout: Pod`: each sidecar makes its own consumer `{subscription}--{pod}`;
+/// `fanout: Pod`: each sidecar makes its own consumer `{subscription}_{pod}`;
 /// the Subscription's counts are theirs summed. A consumer of another
-/// Subscription whose name starts alike (`audit-b--…`, the group consumer
-/// `audit--x`) is not counted.
+/// Subscription whose name starts alike (`audit-b_…`, `audit--b_web-1`,
+/// the group consumer `audit--x`) is not counted.
 #[tokio::test]
 async fn a_pod_fanout_subscription_counts_its_pod_consumers_and_no_other_subscriptions() {
     let nats = NatsServer::start();
@@ -317,6 +317,7 @@ async fn a_pod_fanout_subscription_counts_its_pod_consumers_and_no_other_subscri
     let a = pod_consumer(&js, "audit", &spec, "audit-7d9f-a").await;
     pod_consumer(&js, "audit", &spec, "audit-7d9f-b").await;
     let other = pod_consumer(&js, "audit-b", &spec, "p1").await;
+    pod_consumer(&js, "audit--b", &spec, "web-1").await;
     let group = SubscriptionSpec::new("orders", "ledger");
     op.apply_subscription(&build::subscription("shop", "audit--x", &group).unwrap()).await.unwrap();
     for i in 0..5 {
@@ -332,17 +333,25 @@ async fn a_pod_fanout_subscription_counts_its_pod_consumers_and_no_other_subscri
 
     let mine = op.pod_consumer_counts("shop", "orders", "audit").await.unwrap().expect("the stream exists");
     let names: Vec<&str> = mine.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["audit--audit-7d9f-a", "audit--audit-7d9f-b"]);
+    assert_eq!(names, ["audit_audit-7d9f-a", "audit_audit-7d9f-b"]);
     let sum: ConsumerCounts = mine.into_iter().map(|(_, c)| c).sum();
     assert_eq!(sum, ConsumerCounts { pending: 3 + 5, in_flight: 2, redelivered: 2 });
     let theirs = op.pod_consumer_counts("shop", "orders", "audit-b").await.unwrap().unwrap();
-    assert_eq!(theirs, [("audit-b--p1".to_owned(), ConsumerCounts { pending: 4, in_flight: 1, redelivered: 0 })]);
+    assert_eq!(theirs, [("audit-b_p1".to_owned(), ConsumerCounts { pending: 4, in_flight: 1, redelivered: 0 })]);
     assert_eq!(
         op.consumer_counts("shop", "orders", "audit--x").await.unwrap(),
         Some(ConsumerCounts { pending: 5, in_flight: 0, redelivered: 0 })
     );
     assert_eq!(op.consumer_counts("shop", "orders", "audit").await.unwrap(), None, "no group consumer");
     assert_eq!(op.consumer_counts("shop", "missing", "audit").await.unwrap(), None, "no stream");
+
+    // Deleting the Subscription deletes its pod consumers (a Subscription
+    // made again under its name would otherwise take up their positions
+    // within their threshold), and no other Subscription's.
+    op.delete_subscription("shop", "audit", "orders", "audit").await.unwrap();
+    let stream = js.get_stream("FERRY_shop_orders").await.unwrap();
+    let left: std::collections::BTreeSet<String> = stream.consumer_names().try_collect().await.unwrap();
+    assert_eq!(left, ["audit--b_web-1", "audit--x", "audit-b_p1"].map(String::from).into());
 }
 
 /// The operator reads a gone pod's consumer until the broker drops it:

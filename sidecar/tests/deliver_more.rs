@@ -380,8 +380,8 @@ async fn fanout_pod_gives_every_sidecar_of_the_app_every_message() {
     }
     app_a.wait_for(N, WAIT).await;
     app_b.wait_for(N, WAIT).await;
-    wait_settled(&nats, "cache--shop-a").await;
-    wait_settled(&nats, "cache--shop-b").await;
+    wait_settled(&nats, "cache_shop-a").await;
+    wait_settled(&nats, "cache_shop-b").await;
     let want: BTreeMap<String, usize> = (0..N).map(|i| (format!("f-{i:02}"), 1)).collect();
     assert_eq!(counts(&app_a.received()), want, "pod a");
     assert_eq!(counts(&app_b.received()), want, "pod b");
@@ -416,7 +416,7 @@ async fn a_restarted_sidecar_without_a_pod_name_keeps_its_per_pod_consumer() {
     };
     let first = consumers().await;
     assert_eq!(first.len(), 1, "{first:?}");
-    assert!(first[0].starts_with("cache--shop-"), "{first:?}");
+    assert!(first[0].starts_with("cache_shop-"), "{first:?}");
     sc.process.signal(15);
     assert!(sc.process.wait_exit(START_TIMEOUT).success());
 
@@ -443,7 +443,7 @@ async fn a_pull_subscription_with_fanout_pod_keeps_its_consumer_between_rare_pol
     let data = tempfile::tempdir().unwrap();
     let mut sc = start(&nats, res.path(), data.path(), None, &["--pod-name", "shop-a", "--pod-consumer-ttl", "2s"]);
     sc.process.wait_for_line("starting subscription subscription=pulled", START_TIMEOUT);
-    let consumer = "pulled--shop-a";
+    let consumer = "pulled_shop-a";
     let ttl = consumer_info(&nats, "FERRY_default_orders", consumer).await.config.inactive_threshold;
     assert_eq!(ttl, Duration::from_secs(2), "--pod-consumer-ttl sets the broker's idle limit");
     produce(&sc, "early", None).await;
