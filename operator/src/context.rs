@@ -33,12 +33,19 @@ pub enum Error {
 }
 
 impl Error {
-    /// The label of the failure metric and the event reason.
+    /// The label of the failure metric and the event reason. Every error
+    /// of a reconcile comes wrapped by the finalizer machinery: the
+    /// category is that of the error inside (was `Finalizer` for all).
     pub fn category(&self) -> &'static str {
+        use kube::runtime::finalizer::Error as F;
         match self {
             Error::Kube(_) => "KubeApi",
             Error::Apply(e) => e.category(),
-            Error::Finalizer(_) => "Finalizer",
+            Error::Finalizer(e) => match &**e {
+                F::ApplyFailed(inner) | F::CleanupFailed(inner) => inner.category(),
+                F::AddFinalizer(_) | F::RemoveFinalizer(_) => "KubeApi",
+                _ => "Finalizer",
+            },
             Error::MissingNamespace => "MissingNamespace",
         }
     }

@@ -90,13 +90,21 @@ mod tests {
         let m = Metrics::default();
         m.observe("topic", &Ok::<(), Error>(()), Instant::now());
         m.observe::<()>("topic", &Err(Error::MissingNamespace), Instant::now());
+        // As a reconcile returns its errors: wrapped by the finalizer.
+        use kube::runtime::finalizer::Error as F;
+        let down = Error::Apply(crate::jetstream::ApplyError::BrokerUnavailable("no connection".into()));
+        m.observe::<()>("topic", &Err(Error::Finalizer(Box::new(F::CleanupFailed(down)))), Instant::now());
+        let wrapped = Error::Finalizer(Box::new(F::ApplyFailed(Error::MissingNamespace)));
+        m.observe::<()>("subscription", &Err(wrapped), Instant::now());
         m.set_leader(true);
         let text = m.encode();
         for line in [
             "ferry_operator_reconciles_total{controller=\"topic\",result=\"ok\"} 1",
-            "ferry_operator_reconciles_total{controller=\"topic\",result=\"error\"} 1",
+            "ferry_operator_reconciles_total{controller=\"topic\",result=\"error\"} 2",
             "ferry_operator_reconcile_failures_total{controller=\"topic\",category=\"MissingNamespace\"} 1",
-            "ferry_operator_reconcile_duration_seconds_count 2",
+            "ferry_operator_reconcile_failures_total{controller=\"topic\",category=\"BrokerUnavailable\"} 1",
+            "ferry_operator_reconcile_failures_total{controller=\"subscription\",category=\"MissingNamespace\"} 1",
+            "ferry_operator_reconcile_duration_seconds_count 4",
             "ferry_operator_leader 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
