@@ -68,8 +68,8 @@ pub struct Metrics {
     pub deliveries: Family<DeliveryLabels, Counter>,
     /// Pushes to the app (every attempt).
     pub push_attempts: Family<SubscriptionLabels, Counter>,
-    /// Push latency until the app's answer (seconds).
-    pub push_duration: Histogram,
+    /// Push latency until the app's answer (seconds), by subscription.
+    pub push_duration: Family<SubscriptionLabels, Histogram, fn() -> Histogram>,
     /// Deliveries pushed or awaiting a callback.
     pub in_flight: Family<SubscriptionLabels, Gauge>,
     /// Messages per fetch from the broker, for pushed subscriptions.
@@ -102,7 +102,7 @@ impl Metrics {
             broker_connected: Gauge::default(),
             deliveries: Family::default(),
             push_attempts: Family::default(),
-            push_duration: latency(),
+            push_duration: Family::new_with_constructor(latency),
             in_flight: Family::default(),
             fetch_messages: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             dedupe_ids: Family::default(),

@@ -543,9 +543,14 @@ async fn pull_long_polls_and_its_deliveries_are_acked_retried_and_rejected_by_ca
     assert_eq!(ev["ferrykey"], "k1");
     let delivery = ev["ferrydeliveryid"].as_str().expect("ferrydeliveryid").to_owned();
     assert!(!delivery.is_empty());
+    // Handed to the app: an attempt, in flight until its callback.
+    let in_flight = "ferry_deliveries_in_flight{subscription=\"pulled\"}";
+    assert_eq!(metric(&sc, "ferry_push_attempts_total{subscription=\"pulled\"}").await, Some(1.0));
+    assert_eq!(metric(&sc, in_flight).await, Some(1.0));
     let resp = http().post(sc.url(&format!("/v1/deliveries/{delivery}/ack"))).send().await.unwrap();
     let (status, body) = json(resp).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("acked")), "{body}");
+    assert_eq!(metric(&sc, in_flight).await, Some(0.0));
     wait_settled(&nats, "pulled").await;
     let again = pull(sc.url("/v1/subscriptions/pulled/messages?max=5&wait=300ms")).await;
     assert!(again.is_empty(), "acked, yet pulled again: {again:?}");
@@ -766,8 +771,11 @@ async fn a_bulk_push_keeps_its_messages_leased_while_the_app_takes_its_time() {
     let sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
     produce_to(&sc, "orders", "slow-1", None, "x").await;
     app.wait_for(1, WAIT).await;
+    let in_flight = "ferry_deliveries_in_flight{subscription=\"bulk\"}";
+    assert_eq!(metric(&sc, in_flight).await, Some(1.0), "while the app holds the batch");
     wait_settled(&nats, "bulk").await;
     assert_eq!(metric(&sc, &deliveries("bulk", "acked")).await, Some(1.0));
+    assert_eq!(metric(&sc, in_flight).await, Some(0.0));
     // Had the lease run out (2 s after the fetch, before the app answered),
     // the broker would have sent the message a second time.
     let info = consumer_info(&nats, "FERRY_default_orders", "bulk").await;
@@ -994,6 +1002,7 @@ async fn metrics_count_deliveries_by_subscription_and_result() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(metric(&sc, "ferry_push_attempts_total{subscription=\"billing\"}").await, Some(5.0));
+    assert_eq!(metric(&sc, "ferry_push_duration_seconds_count{subscription=\"billing\"}").await, Some(5.0));
     // Each message came in one fetch (none was redelivered).
     assert_eq!(metric(&sc, "ferry_fetch_messages_sum").await, Some(5.0));
     assert_eq!(metric(&sc, &deliveries("billing", "retried")).await, None);

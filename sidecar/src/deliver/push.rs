@@ -57,10 +57,15 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &str) -> Outcome {
     }
 }
 
-/// `Retry-After` in seconds (HTTP dates are not used by apps on localhost
-/// and are treated as absent).
+/// `Retry-After` as delay-seconds or as an HTTP date (RFC 9110 §10.2.3);
+/// a date in the past is no delay. Anything else is treated as absent.
 fn parse_retry_after(v: &str) -> Option<Duration> {
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
 /// The client pushes go through: pooled keep-alive HTTP/1.1 connections to
@@ -444,6 +449,19 @@ mod tests {
             matches!(classify(429, Some("7"), ""), Outcome::Retry { after: Some(d), .. } if d == Duration::from_secs(7))
         );
         assert!(matches!(classify(503, None, ""), Outcome::Retry { after: None, .. }));
+        assert!(
+            matches!(classify(503, Some(" 7 "), ""), Outcome::Retry { after: Some(d), .. } if d == Duration::from_secs(7))
+        );
+        // As an HTTP date: the time until then (a past one: at once).
+        let at = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(120));
+        let after = match classify(429, Some(&at), "") {
+            Outcome::Retry { after: Some(d), .. } => d,
+            other => panic!("{other:?}"),
+        };
+        assert!((Duration::from_secs(118)..=Duration::from_secs(120)).contains(&after), "{after:?}");
+        let past = "Sun, 06 Nov 1994 08:49:37 GMT";
+        assert!(matches!(classify(503, Some(past), ""), Outcome::Retry { after: Some(Duration::ZERO), .. }));
+        assert!(matches!(classify(429, Some("soon"), ""), Outcome::Retry { after: None, .. }));
         for s in [400, 409, 410, 422] {
             assert!(
                 matches!(classify(s, None, "bad"), Outcome::Reject { ref status, ref error } if *status == s.to_string() && error == "bad")

@@ -26,6 +26,7 @@ use crate::broker::{BrokerError, Consumer, Fetched, OutMessage, Settle, Settleme
 use crate::metrics::{DeliveryLabels, SubscriptionLabels};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Longest a fetch waits for the first message.
 pub const FETCH_WAIT: Duration = Duration::from_secs(1);
@@ -122,6 +123,8 @@ pub struct Ctx {
     /// This subscription's series of the hot metrics, looked up once.
     attempts: Counter,
     in_flight: Gauge,
+    /// This subscription's push latency histogram.
+    push_duration: Histogram,
     acked: Counter,
 }
 
@@ -153,6 +156,7 @@ impl Ctx {
         let metrics = &deps.metrics;
         let attempts = metrics.push_attempts.get_or_create(&labels).clone();
         let in_flight_gauge = metrics.in_flight.get_or_create(&labels).clone();
+        let push_duration = metrics.push_duration.get_or_create(&labels).clone();
         let acked = metrics
             .deliveries
             .get_or_create(&DeliveryLabels { subscription: name.to_owned(), result: "acked" })
@@ -177,6 +181,7 @@ impl Ctx {
             spec,
             attempts,
             in_flight: in_flight_gauge,
+            push_duration,
             acked,
         })
     }
@@ -229,11 +234,7 @@ impl Ctx {
 
     /// Exponential backoff for `attempt` (1-based) with equal jitter.
     fn backoff(&self, attempt: u32) -> Duration {
-        let b = self.spec.backoff;
-        let exp = b.initial.get().saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(b.max.get());
-        let half = exp / 2;
-        let r = (uuid::Uuid::new_v4().as_u128() as u64 % 1000) as u32;
-        half + half * r / 1000
+        backoff(self.spec.backoff, attempt, (uuid::Uuid::new_v4().as_u128() % 1000) as u32)
     }
 
     async fn run(self: Arc<Self>) {
@@ -710,7 +711,7 @@ impl Ctx {
                     Ok(cb) = &mut callback => Err(cb),
                 }
             };
-            self.deps.metrics.push_duration.observe(started.elapsed().as_secs_f64());
+            self.push_duration.observe(started.elapsed().as_secs_f64());
             let (outcome, done) = match answered {
                 Ok(Outcome::Deferred) => self.await_callback(&msg, &delivery_id, callback).await,
                 Ok(other) => {
@@ -1001,16 +1002,20 @@ impl Ctx {
             fresh.iter().map(|m| (m, uuid::Uuid::now_v7().to_string(), m.delivered)).collect();
         let mut callbacks: Vec<_> = batch.iter().map(|(_, id, _)| Some(self.deps.callbacks.register(id))).collect();
         self.attempts.inc_by(batch.len() as u64);
+        // Each message is in flight until its answer or callback settles it.
+        let mut in_flight: Vec<InFlight> = batch.iter().map(|_| InFlight::new(&self.in_flight)).collect();
         let started = Instant::now();
         let outcomes = self.all_leased(&fresh, push::push_batch(&self.deps.client, &self.target, &batch)).await;
-        self.deps.metrics.push_duration.observe(started.elapsed().as_secs_f64());
+        self.push_duration.observe(started.elapsed().as_secs_f64());
         let mut settles = Vec::new();
         for (((m, delivery_id, attempt), outcome), callback) in batch.iter().zip(outcomes).zip(callbacks.iter_mut()) {
             let ctx = self.clone();
             let delivery_id = delivery_id.clone();
             let attempt = *attempt;
             let callback = callback.take().expect("one receiver per message");
+            let in_flight = in_flight.pop();
             settles.push(async move {
+                let _in_flight = in_flight;
                 let (outcome, done) = match outcome {
                     Outcome::Deferred => ctx.await_callback(m, &delivery_id, callback).await,
                     other => {
@@ -1067,8 +1072,14 @@ impl Ctx {
             let ctx = self.clone();
             // Registered before the answer leaves, so an immediate callback finds it.
             let callback = ctx.deps.callbacks.register(&delivery_id);
+            // Handed to the app: an attempt, in flight until its callback.
+            ctx.attempts.inc();
+            let in_flight = InFlight::new(&ctx.in_flight);
             tokio::spawn(async move {
-                let (outcome, done) = ctx.await_callback(&msg, &delivery_id, callback).await;
+                let (outcome, done) = {
+                    let _in_flight = in_flight;
+                    ctx.await_callback(&msg, &delivery_id, callback).await
+                };
                 ctx.finish_unordered(&msg, attempt, outcome, done).await;
             });
         }
@@ -1123,16 +1134,16 @@ impl Drop for Registered<'_> {
 }
 
 /// One push under way in the in-flight gauge, counted down when dropped.
-struct InFlight<'a>(&'a Gauge);
+struct InFlight(Gauge);
 
-impl<'a> InFlight<'a> {
-    fn new(gauge: &'a Gauge) -> Self {
+impl InFlight {
+    fn new(gauge: &Gauge) -> Self {
         gauge.inc();
-        InFlight(gauge)
+        InFlight(gauge.clone())
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
     }
@@ -1154,6 +1165,36 @@ fn outcome_word(outcome: &Outcome) -> String {
         Outcome::Deferred => "deferred".into(),
         Outcome::Retry { status, .. } => format!("{status}: retrying"),
         Outcome::Reject { status, .. } => format!("{status}: rejected"),
+    }
+}
+
+/// The delay before retry `attempt` (1-based): `initial` doubled per attempt
+/// up to `max`, of which a half is fixed and the other half scaled by
+/// `jitter` (0..1000), so pods that failed at once retry spread out.
+fn backoff(b: ferry_api::subscription::Backoff, attempt: u32, jitter: u32) -> Duration {
+    let exp = b.initial.get().saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(b.max.get());
+    let half = exp / 2;
+    half + half * jitter.min(999) / 1000
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+    use ferry_api::subscription::Backoff;
+
+    #[test]
+    fn retries_back_off_exponentially_with_jitter_up_to_the_cap() {
+        let b = Backoff { initial: "1s".parse().unwrap(), max: "60s".parse().unwrap() };
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // Attempt n: between half and all of 2^(n-1) s, capped at 60 s.
+        for (attempt, full) in [(1, s(1)), (2, s(2)), (3, s(4)), (6, s(32)), (7, s(60)), (40, s(60))] {
+            assert_eq!(backoff(b, attempt, 0), full / 2, "attempt {attempt}");
+            assert_eq!(backoff(b, attempt, 500), full * 3 / 4, "attempt {attempt}");
+            let most = backoff(b, attempt, 999);
+            assert!(most < full && most >= full - ms(60), "attempt {attempt}: {most:?}");
+        }
+        assert_eq!(backoff(b, 0, 0), ms(500), "as the first");
     }
 }
 
