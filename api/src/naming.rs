@@ -191,6 +191,18 @@ pub fn dead_letter_count_key(namespace: &str, subscription: &str) -> String {
     format!("_stats.{namespace}.{subscription}.deadLettered")
 }
 
+/// KV key of the count of a subscription's messages dropped for want of a
+/// dead-letter topic (as [`dead_letter_count_key`]).
+pub fn dropped_count_key(namespace: &str, subscription: &str) -> String {
+    format!("_stats.{namespace}.{subscription}.dropped")
+}
+
+/// KV key of why the last of those was dropped (its id, attempts, the
+/// app's last status and error), which the operator reports beside the count.
+pub fn last_dropped_key(namespace: &str, subscription: &str) -> String {
+    format!("_stats.{namespace}.{subscription}.lastDropped")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +211,8 @@ mod tests {
     fn broker_names_follow_the_documented_scheme() {
         assert_eq!(stream_name("default", "orders"), "FERRY_default_orders");
         assert_eq!(dead_letter_count_key("shop", "invoices"), "_stats.shop.invoices.deadLettered");
+        assert_eq!(dropped_count_key("shop", "invoices"), "_stats.shop.invoices.dropped");
+        assert_eq!(last_dropped_key("shop", "invoices"), "_stats.shop.invoices.lastDropped");
         assert_eq!(topic_subjects("default", "orders"), "ferry.default.orders.>");
         assert_eq!(message_subject("shop", "orders", 3), "ferry.shop.orders.3");
         assert_eq!(consumer_name("billing"), "billing");

@@ -205,6 +205,14 @@ pub struct SubscriptionStatus {
     /// Messages sent to the dead-letter topic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_lettered: Option<u64>,
+    /// Messages given up on (rejected, or out of attempts) and dropped, as
+    /// the Subscription has no dead-letter topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u64>,
+    /// Why the last dropped message was dropped: its id, attempts, the
+    /// app's last status and error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_dropped: Option<String>,
 }
 
 fn default_path() -> String {

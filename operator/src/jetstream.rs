@@ -306,7 +306,9 @@ impl JetStream {
                 }
             }
         }
-        self.delete_key(&naming::dead_letter_count_key(namespace, name)).await
+        self.delete_key(&naming::dead_letter_count_key(namespace, name)).await?;
+        self.delete_key(&naming::dropped_count_key(namespace, name)).await?;
+        self.delete_key(&naming::last_dropped_key(namespace, name)).await
     }
 
     /// Removes a Subscription's entry from the sidecars' config, keeping its
@@ -322,13 +324,25 @@ impl JetStream {
     /// How many messages the sidecars dead-lettered for a subscription (the
     /// count they keep in the config bucket; 0 when none was written).
     pub async fn dead_letter_count(&self, namespace: &str, subscription: &str) -> Result<u64, ApplyError> {
+        let value = self.stat(&naming::dead_letter_count_key(namespace, subscription)).await?;
+        Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
+
+    /// How many messages the sidecars dropped for a subscription without a
+    /// dead-letter topic, and why the last one was (their notes in the
+    /// config bucket; 0 and `None` when none was written).
+    pub async fn dropped(&self, namespace: &str, subscription: &str) -> Result<(u64, Option<String>), ApplyError> {
+        let count = self.stat(&naming::dropped_count_key(namespace, subscription)).await?;
+        let last = self.stat(&naming::last_dropped_key(namespace, subscription)).await?;
+        Ok((count.and_then(|v| v.parse().ok()).unwrap_or(0), last))
+    }
+
+    /// A note the sidecars keep in the config bucket, as text.
+    async fn stat(&self, key: &str) -> Result<Option<String>, ApplyError> {
         self.connected()?;
         let bucket = self.bucket().await?;
-        let value = bucket
-            .get(naming::dead_letter_count_key(namespace, subscription))
-            .await
-            .map_err(|e| classify(&self.client, e))?;
-        Ok(value.and_then(|v| std::str::from_utf8(&v).ok().and_then(|v| v.parse().ok())).unwrap_or(0))
+        let value = bucket.get(key).await.map_err(|e| classify(&self.client, e))?;
+        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// The counts of a Subscription's group consumer, or `None` when the

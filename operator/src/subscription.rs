@@ -91,6 +91,15 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
     if !ok {
         ctx.event(s, EventType::Warning, reason, &message).await;
     }
+    let dropped_before = s.status.as_ref().and_then(|st| st.dropped).unwrap_or(0);
+    if let Some(n) = status.dropped.filter(|&n| n > dropped_before) {
+        let last = status.last_dropped.as_deref().unwrap_or("not noted");
+        let note = format!(
+            "{} message(s) dropped since the last look ({n} in all): no deadLetterTopic to send them to; last: {last}",
+            n - dropped_before
+        );
+        ctx.event(s, EventType::Warning, "MessagesDropped", &note).await;
+    }
     let patch = serde_json::json!({ "apiVersion": "ferry.dev/v1alpha1", "kind": "Subscription", "status": status });
     api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
         .await
@@ -142,6 +151,11 @@ async fn observe(s: &Subscription, ctx: &Context, applied: bool) -> Subscription
     status.dead_lettered = match ctx.js.dead_letter_count(&ns, &name).await {
         Ok(n) => Some(n),
         Err(_) => last.dead_lettered,
+    };
+    (status.dropped, status.last_dropped) = match ctx.js.dropped(&ns, &name).await {
+        Ok((0, _)) => (Some(0), None),
+        Ok((n, why)) => (Some(n), why),
+        Err(_) => (last.dropped, last.last_dropped),
     };
     status
 }

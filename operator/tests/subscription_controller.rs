@@ -53,6 +53,47 @@ async fn a_subscription_before_its_topic_reports_topic_not_found_and_retries() {
     assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::context::RETRY_MIN));
 }
 
+/// Messages dropped for want of a dead-letter topic (the sidecars count them
+/// and note the last one's reason in the KV bucket): the status shows the
+/// count and the reason, and a Warning event says how many were dropped since
+/// the status last showed, once: the next pass, with nothing new, posts none.
+#[tokio::test]
+async fn dropped_messages_are_in_the_status_and_a_warning_event_once() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    let ctx2 = ctx.clone();
+    ctx.js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let kv = ctx.js.bucket().await.unwrap();
+    kv.put("_stats.shop.invoices.dropped", "3".into()).await.unwrap();
+    let why = "order-7: 5 attempt(s), last status 500: out of stock";
+    kv.put("_stats.shop.invoices.lastDropped", why.into()).await.unwrap();
+    let mut s = (*subscription()).clone();
+    s.status = Some(SubscriptionStatus { dropped: Some(1), ..Default::default() });
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(Arc::new(s.clone()), ctx));
+    let topic = serde_json::to_value(Topic::new("orders", TopicSpec::default())).unwrap();
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic.clone())).await;
+    let ev = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    assert_eq!(ev["reason"], "Reconciled");
+    let ev = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    assert_eq!((ev["reason"].as_str(), ev["type"].as_str()), (Some("MessagesDropped"), Some("Warning")), "{ev}");
+    let note = ev["note"].as_str().unwrap();
+    assert!(note.starts_with("2 message(s) dropped since the last look (3 in all)") && note.ends_with(why), "{note}");
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&s).unwrap())).await;
+    let st = &status["status"];
+    assert_eq!((st["dropped"].as_u64(), st["lastDropped"].as_str()), (Some(3), Some(why)), "{st}");
+    run.await.unwrap().unwrap();
+
+    s.status = serde_json::from_value(st.clone()).unwrap();
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(Arc::new(s.clone()), ctx2));
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic)).await;
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&s).unwrap())).await;
+    assert_eq!(status["status"]["dropped"].as_u64(), Some(3));
+    run.await.unwrap().unwrap();
+    expect_no_more(&mut handle).await;
+}
+
 #[tokio::test]
 async fn once_its_topic_exists_a_subscription_gets_its_consumer_and_a_ready_status() {
     let nats = NatsServer::start();

@@ -164,6 +164,52 @@ async fn dead_lettered_messages_are_counted_where_the_operator_reads_them() {
     assert_eq!(op.dead_letter_count("default", "billing").await.unwrap(), 0);
 }
 
+/// Without a dead-letter topic, a message the app rejects is dropped: the
+/// sidecar counts it and notes why where the operator reads both (for the
+/// status and a Warning event), beside its log line and metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_messages_are_counted_with_the_last_reason_where_the_operator_reads_them() {
+    let nats = NatsServer::start();
+    let op = JetStream::new(async_nats::connect(nats.url()).await.unwrap());
+    op.apply_topic(&build::topic("default", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    op.apply_subscription(
+        &build::subscription("default", "billing", &SubscriptionSpec::new("orders", "shop")).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(op.dropped("default", "billing").await.unwrap(), (0, None));
+
+    let app = TestApp::start(|_, _| Reply::status(422).with_body("no such customer")).await;
+    let data = tempfile::tempdir().unwrap();
+    let (mut sc, api) = sidecar_of_app_shop(&nats, &app, data.path());
+    sc.wait_for_line("starting subscription subscription=billing", START_TIMEOUT);
+    for (n, id) in ["drop-1", "drop-2"].into_iter().enumerate() {
+        let resp = http()
+            .post(format!("http://127.0.0.1:{api}/v1/topics/orders/messages"))
+            .header("ferry-id", id)
+            .body("refused")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+        sc.wait_for_lines("dropping a message: no dead-letter topic", n + 1, START_TIMEOUT);
+        // Written off the delivery path, soon after.
+        let want = (n as u64 + 1, Some(format!("{id}: 1 attempt(s), last status 422: no such customer")));
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        loop {
+            let now = op.dropped("default", "billing").await.unwrap();
+            if now == want {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never {want:?}: {now:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Deleting the Subscription removes both notes.
+    op.delete_subscription("default", "billing", "orders", "shop").await.unwrap();
+    assert_eq!(op.dropped("default", "billing").await.unwrap(), (0, None));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_whose_topic_is_gone_does_not_keep_the_others_from_starting() {
     let nats = NatsServer::start();

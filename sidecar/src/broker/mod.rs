@@ -175,4 +175,9 @@ pub trait Broker: Send + Sync + 'static {
     /// (and an update that timed out but was applied is counted twice). The
     /// embedded broker has no operator to read it, so it keeps none.
     async fn count_dead_letter(&self, _namespace: &str, _subscription: &str) {}
+    /// Adds one to the subscription's count of messages dropped for want of
+    /// a dead-letter topic and notes `reason` as the last one's, for the
+    /// operator to show (and to post as an event). As best effort as
+    /// [`Broker::count_dead_letter`].
+    async fn count_dropped(&self, _namespace: &str, _subscription: &str, _reason: &str) {}
 }

@@ -414,6 +414,23 @@ impl Broker for NatsBroker {
             tracing::debug!(key, error = %e, "dead-letter count not written");
         }
     }
+
+    async fn count_dropped(&self, namespace: &str, subscription: &str, reason: &str) {
+        use ferry_api::naming::{dropped_count_key, last_dropped_key};
+        // The reason first: the operator posts it when it sees the count rise.
+        let key = last_dropped_key(namespace, subscription);
+        let noted = match self.js.get_key_value(ferry_api::naming::CONFIG_BUCKET).await {
+            Ok(kv) => kv.put(&key, reason.to_owned().into()).await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = noted {
+            tracing::debug!(key, error = %e, "last drop reason not written");
+        }
+        let key = dropped_count_key(namespace, subscription);
+        if let Err(e) = add_one(&self.js, &key).await {
+            tracing::debug!(key, error = %e, "drop count not written");
+        }
+    }
 }
 
 /// Adds one to a counter in the config bucket (compare-and-set, retried on

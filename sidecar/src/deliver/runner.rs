@@ -892,6 +892,10 @@ impl Ctx {
             tracing::warn!(subscription = %self.name, id = %msg.id, attempts, status, error, "dropping a message: no dead-letter topic");
             self.count("dropped");
             let _ = msg.settle.settle(Settlement::Reject).await;
+            let error: String = error.chars().filter(|c| !c.is_control()).take(500).collect();
+            let reason = format!("{}: {attempts} attempt(s), last status {status}: {error}", msg.id);
+            let (broker, namespace, name) = (self.deps.broker.clone(), self.deps.namespace.clone(), self.name.clone());
+            tokio::spawn(async move { broker.count_dropped(&namespace, &name, reason.trim_end()).await });
             return;
         };
         let mut hdrs: Vec<(String, String)> = msg
