@@ -134,6 +134,48 @@ fn fails(id: &str, attempt: u32) -> bool {
     attempt < 5 && h % 10 < 3
 }
 
+/// A key whose message waits to be retried holds back only its own key: its
+/// later messages wait without taking push slots, so with `maxInFlight: 4`
+/// and six of them behind it, the other keys' messages are all pushed before
+/// the held one is tried again (its backoff is 3-6 s). Before, each waiting
+/// message kept a slot, and the other keys waited for the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_held_up_by_a_retry_does_not_take_the_push_slots_of_the_other_keys() {
+    let nats = NatsServer::start();
+    let res = manifests_with(&subscription(
+        "hot",
+        "orders",
+        &["ordering: Key", "maxInFlight: 4", "backoff: {initial: 6s, max: 6s}"],
+    ));
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::start(|r, _| Reply::status(if r.id() == "hot-0" && r.attempt() == 1 { 500 } else { 200 })).await;
+    let sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
+    produce(&sc, "hot-0", Some("hot")).await;
+    app.wait_for(1, WAIT).await;
+    for i in 1..=6 {
+        produce(&sc, &format!("hot-{i}"), Some("hot")).await;
+    }
+    for i in 0..5 {
+        produce(&sc, &format!("cold-{i}"), Some(&format!("cold-{i}"))).await;
+    }
+    let retried = |got: &[Received]| got.iter().any(|r| r.id() == "hot-0" && r.attempt() == 2);
+    let cold = |got: &[Received]| got.iter().filter(|r| r.id().starts_with("cold-")).count();
+    let got = app.wait_until(WAIT, |got| cold(got) == 5 || retried(got)).await;
+    let seen: Vec<String> = got.iter().map(|r| format!("{}#{}", r.id(), r.attempt())).collect();
+    assert!(!retried(&got), "the other keys waited for the hot key's retry: {seen:?}");
+    assert_eq!(cold(&got), 5, "{seen:?}");
+
+    // Then the hot key, in order, each once.
+    let got = app.wait_until(WAIT, |got| got.len() == 1 + 1 + 6 + 5).await;
+    wait_settled(&nats, "hot").await;
+    let hot: Vec<String> =
+        got.iter().filter(|r| r.key() == Some("hot")).map(|r| format!("{}#{}", r.id(), r.attempt())).collect();
+    let want: Vec<String> =
+        ["hot-0#1", "hot-0#2"].into_iter().map(String::from).chain((1..=6).map(|i| format!("hot-{i}#1"))).collect();
+    assert_eq!(hot, want);
+    assert_eq!(app.received().len(), 13, "nothing twice");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_key_ordering_keeps_each_keys_order_under_random_retries_while_other_keys_keep_flowing() {
     const KEYS: [&str; 3] = ["alpha", "beta", "gamma"];

@@ -113,7 +113,10 @@ pub struct Ctx {
     /// Pushes allowed at once (the permits' total).
     capacity: usize,
     /// Per-key queues of messages waiting behind one of their key.
-    keys: Mutex<HashMap<String, VecDeque<(Fetched, OwnedSemaphorePermit)>>>,
+    keys: Mutex<KeyQueues>,
+    /// Signalled when a message leaves a key queue (fetching may have
+    /// stopped for a full one: see [`Ctx::queue_full`]).
+    dequeued: tokio::sync::Notify,
     stop_tx: watch::Sender<bool>,
     stop: watch::Receiver<bool>,
     /// Messages of deliveries abandoned unsettled when stopping, to hand back.
@@ -173,7 +176,8 @@ impl Ctx {
             consumer: tokio::sync::Mutex::new(None),
             permits: Arc::new(Semaphore::new(in_flight)),
             capacity: in_flight,
-            keys: Mutex::new(HashMap::new()),
+            keys: Mutex::new(KeyQueues::default()),
+            dequeued: tokio::sync::Notify::new(),
             stop_tx,
             stop,
             abandoned: Mutex::new(Vec::new()),
@@ -368,13 +372,7 @@ impl Ctx {
         // Stopping: take what waits behind a key (so no key task pushes it),
         // hand back what was fetched ahead and what waited, and let pushes
         // under way finish (they hand back or settle on their own).
-        let queued: Vec<Fetched> = self
-            .keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .flat_map(|(_, q)| q.into_iter().map(|(m, _)| m))
-            .collect();
+        let queued: Vec<Fetched> = self.keys.lock().unwrap_or_else(|e| e.into_inner()).drain();
         let mut waiting: Vec<Fetched> = fetched_ahead.into_iter().chain(queued).collect();
         if self.spec.ordering == Ordering::None {
             self.release_unpushed(waiting).await;
@@ -461,7 +459,12 @@ impl Ctx {
                     Err(_) => break,
                 }
             }
-            let max = fetch_size(self.capacity, self.permits.available_permits(), ahead.len(), avg_bytes);
+            let queue_full = self.queue_full(avg_bytes);
+            let max = if queue_full {
+                0
+            } else {
+                fetch_size(self.capacity, self.permits.available_permits(), ahead.len(), avg_bytes)
+            };
             if fetch.is_none() && retry_at.is_none() && max > 0 {
                 let ctx = self.clone();
                 fetch = Some(Box::pin(async move { ctx.consumer().await?.fetch(max, FETCH_WAIT).await }));
@@ -492,6 +495,7 @@ impl Ctx {
                 () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
                     retry_at = None;
                 }
+                () = self.dequeued.notified(), if queue_full => {}
                 _ = stop.changed() => break,
                 _ = heartbeat.tick() => {
                     for m in &ahead {
@@ -589,8 +593,9 @@ impl Ctx {
             .keys
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .by_key
             .values()
-            .flat_map(|q| q.iter().map(|(m, _)| m.settle.clone()))
+            .flat_map(|q| q.iter().map(|m| m.settle.clone()))
             .collect();
         for s in settles {
             let _ = s.settle(Settlement::Progress).await;
@@ -621,40 +626,67 @@ impl Ctx {
         };
         {
             let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(queue) = keys.get_mut(&key) {
-                queue.push_back((msg, permit));
+            if let Some(queue) = keys.by_key.get_mut(&key) {
+                // It waits without a push slot: a key whose message is
+                // retried for a while must not take every slot from the
+                // other keys (up to [`Ctx::queue_full`]).
+                queue.push_back(msg);
+                keys.queued += 1;
                 return;
             }
-            keys.insert(key.clone(), VecDeque::new());
+            keys.by_key.insert(key.clone(), VecDeque::new());
         }
         let ctx = self.clone();
         tasks.spawn(async move {
+            let mut stop = ctx.stop.clone();
             let mut current = Some((msg, permit));
             while let Some((msg, permit)) = current.take() {
                 let unsettled = HandBack::one(&ctx, &msg);
                 Box::pin(ctx.deliver(msg, true)).await;
                 unsettled.settled();
                 drop(permit);
-                let waiting = {
+                let next = {
+                    // Under the lock: the runner takes the queues when stopping.
                     let mut keys = ctx.keys.lock().unwrap_or_else(|e| e.into_inner());
-                    if ctx.stopped() {
-                        // Stopping (and the runner may not have taken this
-                        // key's queue yet): no new push starts; what waits
-                        // goes back unpushed, after the one just settled.
-                        keys.remove(&key).unwrap_or_default()
-                    } else {
-                        match keys.get_mut(&key).and_then(VecDeque::pop_front) {
-                            Some(next) => current = Some(next),
-                            None => {
-                                keys.remove(&key);
-                            }
-                        }
-                        VecDeque::new()
-                    }
+                    (!ctx.stopped()).then(|| keys.pop(&key)).flatten()
                 };
-                ctx.release_unpushed(waiting.into_iter().map(|(m, _)| m).collect()).await;
+                let Some(next) = next else {
+                    // Stopping (and the runner may not have taken this
+                    // key's queue yet): no new push starts; what waits
+                    // goes back unpushed, after the one just settled.
+                    let waiting = ctx.keys.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                    ctx.release_unpushed(waiting).await;
+                    break;
+                };
+                ctx.dequeued.notify_one();
+                // Its push slot, taken in turn with the runner's.
+                let permit = tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => None,
+                    p = ctx.permits.clone().acquire_owned() => p.ok().filter(|_| !ctx.stopped()),
+                };
+                match permit {
+                    Some(permit) => current = Some((next, permit)),
+                    None => {
+                        let rest = ctx.keys.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                        ctx.release_unpushed(std::iter::once(next).chain(rest).collect()).await;
+                    }
+                }
             }
         });
+    }
+
+    /// Whether the key queues hold as many messages as may wait there: four
+    /// times `maxInFlight`, and about 4 × [`AHEAD_BYTES`] by the size of
+    /// recent messages. Fetching stops meanwhile (every message fetched
+    /// could be of the key that holds them up), to resume as they leave.
+    fn queue_full(&self, avg_bytes: usize) -> bool {
+        if self.spec.ordering != Ordering::Key {
+            return false;
+        }
+        let by_bytes = (4 * AHEAD_BYTES).checked_div(avg_bytes).unwrap_or(usize::MAX).max(1);
+        let most = (4 * self.capacity).min(by_bytes);
+        self.keys.lock().unwrap_or_else(|e| e.into_inner()).queued >= most
     }
 
     /// Runs `fut` while keeping the message leased.
@@ -1134,6 +1166,42 @@ struct Registered<'a>(&'a super::callbacks::Callbacks, &'a str);
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.0.forget(self.1);
+    }
+}
+
+/// The messages of an ordered subscription waiting behind one of their key
+/// (that one being pushed), with how many they are.
+#[derive(Default)]
+struct KeyQueues {
+    by_key: HashMap<String, VecDeque<Fetched>>,
+    queued: usize,
+}
+
+impl KeyQueues {
+    /// The next message of `key`, or `None` (and the key forgotten: a new
+    /// message of it is pushed at once) when none waits.
+    fn pop(&mut self, key: &str) -> Option<Fetched> {
+        let next = self.by_key.get_mut(key).and_then(VecDeque::pop_front);
+        match next {
+            Some(_) => self.queued -= 1,
+            None => {
+                self.by_key.remove(key);
+            }
+        }
+        next
+    }
+
+    /// What waits behind `key`, the key forgotten.
+    fn remove(&mut self, key: &str) -> Vec<Fetched> {
+        let rest: Vec<Fetched> = self.by_key.remove(key).unwrap_or_default().into();
+        self.queued -= rest.len();
+        rest
+    }
+
+    /// Everything that waits, every key forgotten.
+    fn drain(&mut self) -> Vec<Fetched> {
+        self.queued = 0;
+        self.by_key.drain().flat_map(|(_, q)| q).collect()
     }
 }
 
