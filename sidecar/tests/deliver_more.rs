@@ -812,9 +812,15 @@ async fn a_bulk_push_keeps_its_messages_leased_while_the_app_takes_its_time() {
     let app = TestApp::start(|_, _| Reply::slow(200, Duration::from_millis(1500)).with_body("[]")).await;
     let sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
     produce_to(&sc, "orders", "slow-1", None, "x").await;
-    app.wait_for(1, WAIT).await;
+    // The app records a request as it answers: watch it arrive instead.
+    let deadline = Instant::now() + WAIT;
+    while app.in_progress().is_empty() {
+        assert!(Instant::now() < deadline, "the batch never reached the app");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let in_flight = "ferry_deliveries_in_flight{subscription=\"bulk\"}";
     assert_eq!(metric(&sc, in_flight).await, Some(1.0), "while the app holds the batch");
+    app.wait_for(1, WAIT).await;
     wait_settled(&nats, "bulk").await;
     assert_eq!(metric(&sc, &deliveries("bulk", "acked")).await, Some(1.0));
     assert_eq!(metric(&sc, in_flight).await, Some(0.0));
