@@ -163,7 +163,8 @@ impl Default for Backoff {
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Batch {
-    /// Most messages per push request (1-1000; default 1 = no bulk push).
+    /// Most messages per push request (1-1000; default 1 = no bulk push);
+    /// at most `maxInFlight` go in one, as each is in flight.
     #[serde(default = "default_batch_max")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_messages: u32,
@@ -199,7 +200,8 @@ pub struct SubscriptionStatus {
     /// Messages delivered and not yet acknowledged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<u64>,
-    /// Messages delivered more than once.
+    /// Messages delivered more than once and not yet acknowledged (now,
+    /// not a running total: JetStream's `num_redelivered`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redelivered: Option<u64>,
     /// Messages sent to the dead-letter topic.

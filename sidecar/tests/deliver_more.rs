@@ -727,7 +727,7 @@ async fn bulk_push_sends_cloudevent_batches_and_dead_letters_only_the_message_th
         let events: Vec<Value> = serde_json::from_slice(&r.body).unwrap_or_default();
         if events.iter().any(|e| e["id"] == "b-3") {
             // b-3 is invalid; the others (missing from the list) are fine.
-            return Reply::status(200).with_body(r#"[{"id":"b-3","status":422}]"#);
+            return Reply::status(200).with_body(r#"[{"id":"b-3","status":422,"error":"no such order"}]"#);
         }
         Reply::status(200)
     })
@@ -753,6 +753,7 @@ async fn bulk_push_sends_cloudevent_batches_and_dead_letters_only_the_message_th
     assert_eq!(dead, ["bulk:b-3"]);
     assert_eq!(header(&dl[0], "ferry-origin-id").as_deref(), Some("b-3"));
     assert_eq!(header(&dl[0], "ferry-last-status").as_deref(), Some("422"));
+    assert_eq!(header(&dl[0], "ferry-last-error").as_deref(), Some("no such order"), "the entry's own reason");
     assert_eq!(metric(&sc, &deliveries("bulk", "acked")).await, Some(9.0));
     assert_eq!(metric(&sc, &deliveries("bulk", "dead_lettered")).await, Some(1.0));
     assert_eq!(app.received().len(), 1, "nothing was pushed again");

@@ -299,7 +299,9 @@ async fn exchange(
 /// Pushes several messages as one `application/cloudevents-batch+json`
 /// request. The app answers with a status for all, or 200 with a body
 /// `[{"id": "...", "status": 200}, ...]` giving one per message (a message
-/// missing from the list is acknowledged).
+/// missing from the list is acknowledged); an entry may also carry
+/// `"error"` (the reason a dead letter records) and `"retryAfter"` (as the
+/// header: seconds or an HTTP date, for a 429 or 503).
 pub async fn push_batch(client: &Client, t: &Target, batch: &[(&Fetched, String, u32)]) -> Vec<Outcome> {
     let events: Vec<Value> =
         batch.iter().map(|(m, delivery_id, attempt)| structured(m, &t.source, delivery_id, *attempt)).collect();
@@ -321,12 +323,24 @@ pub async fn push_batch(client: &Client, t: &Target, batch: &[(&Fetched, String,
                 .map(|(m, _, _)| {
                     per.iter()
                         .find(|r| r.get("id").and_then(Value::as_str) == Some(m.id.as_str()))
-                        .and_then(|r| r.get("status").and_then(Value::as_u64))
-                        .map_or(Outcome::Ack, |s| classify(s as u16, None, ""))
+                        .map_or(Outcome::Ack, per_message)
                 })
                 .collect()
         }
     }
+}
+
+/// One entry of a bulk push's per-message results as an outcome (no
+/// status: acknowledged, as a message missing from the list).
+fn per_message(r: &Value) -> Outcome {
+    let Some(status) = r.get("status").and_then(Value::as_u64) else { return Outcome::Ack };
+    let retry_after = match r.get("retryAfter") {
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let error = r.get("error").and_then(Value::as_str).unwrap_or("");
+    classify(u16::try_from(status).unwrap_or(500), retry_after.as_deref(), error)
 }
 
 /// A message as a structured-mode CloudEvent (for batches and pull).
@@ -438,6 +452,24 @@ mod tests {
         assert_eq!(map.get("content-type").unwrap(), "text/plain");
         assert_eq!(map.get("ferry-key").unwrap(), "k1");
         assert_eq!(map.get("traceparent").unwrap(), "00-abc-def-01", "a stored trace is carried on");
+    }
+
+    #[test]
+    fn a_bulk_pushs_per_message_results_carry_a_reason_and_a_delay() {
+        let r = |v: Value| per_message(&v);
+        assert_eq!(r(json!({"id": "a"})), Outcome::Ack);
+        assert_eq!(r(json!({"id": "a", "status": 204})), Outcome::Ack);
+        assert_eq!(
+            r(json!({"id": "a", "status": 422, "error": "no such order"})),
+            Outcome::Reject { status: "422".into(), error: "no such order".into() }
+        );
+        for after in [json!(7), json!("7")] {
+            assert!(
+                matches!(r(json!({"status": 429, "retryAfter": after})), Outcome::Retry { after: Some(d), .. } if d == Duration::from_secs(7))
+            );
+        }
+        assert!(matches!(r(json!({"status": 503})), Outcome::Retry { after: None, .. }));
+        assert!(matches!(r(json!({"status": 70000})), Outcome::Retry { ref status, .. } if status == "500"));
     }
 
     #[test]
