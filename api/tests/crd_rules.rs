@@ -91,3 +91,50 @@ fn names_in_a_subscription_spec_carry_the_label_pattern() {
         assert_eq!(pattern.is_match(value), validate_label("app id", value).is_ok(), "{value:?}");
     }
 }
+
+/// Every key of `written` is in `read` (the manifest read into the type and
+/// written out again): a misspelt or unknown field would be dropped silently.
+fn no_unknown_fields(path: &str, written: &serde_json::Value, read: &serde_json::Value) {
+    if let (Some(w), Some(r)) = (written.as_object(), read.as_object()) {
+        for (k, v) in w {
+            let back = r.get(k).unwrap_or_else(|| panic!("{path}.{k}: not a field of the type"));
+            no_unknown_fields(&format!("{path}.{k}"), v, back);
+        }
+    }
+}
+
+/// The manifests README's install steps apply (`examples/k8s/`) and the
+/// quickstart's (`examples/quickstart/`) read into the types with no field
+/// left over, pass the CRDs' rules and the operator's validation.
+#[test]
+fn the_example_manifests_are_valid_topics_and_subscriptions() {
+    let mut seen = (0, 0);
+    for file in ["k8s/topic.yaml", "k8s/subscription.yaml", "quickstart/topics.yaml", "quickstart/subscriptions.yaml"] {
+        let path = format!("{}/../examples/{file}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let written: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+            let name = written["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            let ns = written["metadata"]["namespace"].as_str().unwrap_or("default").to_owned();
+            match written["kind"].as_str() {
+                Some("Topic") => {
+                    let t: Topic = serde_json::from_value(written.clone()).unwrap();
+                    no_unknown_fields(&format!("{file} {name}"), &written, &serde_json::to_value(&t).unwrap());
+                    assert_eq!(errors(t.validate_cel()), "", "{file} {name}");
+                    assert!(ferry_api::plan::validate_topic(&ns, &name, &t.spec).is_empty(), "{file} {name}");
+                    seen.0 += 1;
+                }
+                Some("Subscription") => {
+                    let s: Subscription = serde_json::from_value(written.clone()).unwrap();
+                    no_unknown_fields(&format!("{file} {name}"), &written, &serde_json::to_value(&s).unwrap());
+                    assert_eq!(errors(s.validate_cel()), "", "{file} {name}");
+                    let invalid = ferry_api::plan::validate_subscription(&ns, &name, &s.spec);
+                    assert!(invalid.is_empty(), "{file} {name}: {invalid:?}");
+                    seen.1 += 1;
+                }
+                other => panic!("{file}: a {other:?}"),
+            }
+        }
+    }
+    assert!(seen.0 >= 3 && seen.1 >= 2, "{seen:?}");
+}

@@ -37,6 +37,36 @@ fn not_found() -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "topics.ferry.dev \"orders\" not found"})
 }
 
+/// The dead-letter topic is looked up like the topic: a Subscription whose
+/// `deadLetterTopic` names no Topic is not made (a dead letter would have
+/// nowhere to go) and says which field is wrong.
+#[tokio::test]
+async fn a_subscription_whose_dead_letter_topic_is_missing_reports_topic_not_found() {
+    let nats = NatsServer::start();
+    let (ctx, mut handle) = context(&nats).await;
+    ctx.js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
+    let mut s = (*subscription()).clone();
+    s.spec.dead_letter_topic = Some("orders-dlq".into());
+    let s = Arc::new(s);
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(s.clone(), ctx));
+    let topic = serde_json::to_value(Topic::new("orders", TopicSpec::default())).unwrap();
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic)).await;
+    let dlq = "/apis/ferry.dev/v1alpha1/namespaces/shop/topics/orders-dlq";
+    expect(&mut handle, Method::GET, dlq, StatusCode::NOT_FOUND, Some(not_found())).await;
+    let ev = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
+    assert_eq!((ev["type"].as_str(), ev["reason"].as_str()), (Some("Warning"), Some("TopicNotFound")));
+    assert!(ev["note"].as_str().unwrap().starts_with("spec.deadLetterTopic: no Topic \"orders-dlq\""), "{ev}");
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&*s).unwrap())).await;
+    let cond = &status["status"]["conditions"][0];
+    assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("TopicNotFound")));
+    assert_eq!(run.await.unwrap().unwrap(), Action::requeue(ferry_operator::context::RETRY_MIN));
+    expect_no_more(&mut handle).await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = js.get_stream("FERRY_shop_orders").await.unwrap();
+    assert!(stream.consumer_info("invoices").await.is_err(), "no consumer made");
+}
+
 #[tokio::test]
 async fn a_subscription_before_its_topic_reports_topic_not_found_and_retries() {
     let nats = NatsServer::start();
