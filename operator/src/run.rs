@@ -1,7 +1,8 @@
 //! Running the controllers: watches, error policy, health endpoints.
 //!
-//! Not covered by tests here (no API server can run on these machines):
-//! the reconcile functions it drives are, with a mock API server.
+//! The watches are not covered by tests here (no API server can run on
+//! these machines): the reconcile functions they drive are, with a mock API
+//! server; the health endpoints are, below.
 
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
@@ -48,12 +49,22 @@ where
     }
 }
 
-/// Serves `/healthz`, `/readyz` (ready once the controllers run) and
-/// `/metrics` on `addr`.
+/// Serves [`admin_router`] on `addr`.
 async fn serve_admin(addr: std::net::SocketAddr, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+    let router = admin_router(metrics, ready);
+    match bind(addr).await {
+        Ok(listener) => {
+            let _ = axum::serve(listener, router).await;
+        }
+        Err(e) => tracing::error!(%addr, error = %e, "cannot bind the metrics address"),
+    }
+}
+
+/// `/healthz`, `/readyz` (ready once the controllers run) and `/metrics`.
+fn admin_router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> axum::Router {
     use axum::http::StatusCode;
     use axum::routing::get;
-    let router = axum::Router::new()
+    axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
@@ -74,13 +85,7 @@ async fn serve_admin(addr: std::net::SocketAddr, metrics: Arc<Metrics>, ready: A
                 let text = metrics.encode();
                 async move { ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text) }
             }),
-        );
-    match bind(addr).await {
-        Ok(listener) => {
-            let _ = axum::serve(listener, router).await;
-        }
-        Err(e) => tracing::error!(%addr, error = %e, "cannot bind the metrics address"),
-    }
+        )
 }
 
 /// Binds `addr`; `[::]` (the chart's default, for IPv6 and dual-stack
@@ -289,6 +294,32 @@ mod tests {
     use super::*;
     use ferry_api::TopicSpec;
     use kube::api::ObjectMeta;
+
+    #[tokio::test]
+    async fn the_health_endpoints_say_live_ready_once_the_controllers_run_and_serve_the_metrics() {
+        use tower::ServiceExt;
+        let (metrics, ready) = (Arc::new(Metrics::default()), Arc::new(AtomicBool::new(false)));
+        metrics.set_leader(true);
+        let router = admin_router(metrics, ready.clone());
+        let get = |path: &'static str| {
+            let router = router.clone();
+            async move {
+                let req = axum::http::Request::get(path).body(axum::body::Body::empty()).unwrap();
+                let resp = router.oneshot(req).await.unwrap();
+                let status = resp.status().as_u16();
+                let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+                (status, String::from_utf8(body.to_vec()).unwrap())
+            }
+        };
+        assert_eq!(get("/healthz").await, (200, "ok".into()));
+        assert_eq!(get("/readyz").await, (503, "starting".into()));
+        ready.store(true, AtomicOrdering::Release);
+        assert_eq!(get("/readyz").await, (200, "ready".into()));
+        let (status, text) = get("/metrics").await;
+        assert_eq!(status, 200);
+        assert!(text.lines().any(|l| l == "ferry_operator_leader 1"), "{text}");
+        assert_eq!(get("/nothing").await.0, 404);
+    }
 
     #[test]
     fn a_status_write_does_not_wake_a_reconcile_but_a_spec_change_a_finalizer_or_a_deletion_does() {
