@@ -114,9 +114,9 @@ pub struct Ctx {
     capacity: usize,
     /// Per-key queues of messages waiting behind one of their key.
     keys: Mutex<KeyQueues>,
-    /// Signalled when a message leaves a key queue (fetching may have
-    /// stopped for a full one: see [`Ctx::queue_full`]).
-    dequeued: tokio::sync::Notify,
+    /// Signalled when a push ends or a message waiting behind its key gets
+    /// its push slot (fetching may wait for room: see [`Ctx::fetch_room`]).
+    room_freed: tokio::sync::Notify,
     stop_tx: watch::Sender<bool>,
     stop: watch::Receiver<bool>,
     /// Messages of deliveries abandoned unsettled when stopping, to hand back.
@@ -177,7 +177,7 @@ impl Ctx {
             permits: Arc::new(Semaphore::new(in_flight)),
             capacity: in_flight,
             keys: Mutex::new(KeyQueues::default()),
-            dequeued: tokio::sync::Notify::new(),
+            room_freed: tokio::sync::Notify::new(),
             stop_tx,
             stop,
             abandoned: Mutex::new(Vec::new()),
@@ -459,12 +459,8 @@ impl Ctx {
                     Err(_) => break,
                 }
             }
-            let queue_full = self.queue_full(avg_bytes);
-            let max = if queue_full {
-                0
-            } else {
-                fetch_size(self.capacity, self.permits.available_permits(), ahead.len(), avg_bytes)
-            };
+            let room = self.fetch_room(ahead.len());
+            let max = fetch_size(self.capacity, self.permits.available_permits(), ahead.len(), avg_bytes).min(room);
             if fetch.is_none() && retry_at.is_none() && max > 0 {
                 let ctx = self.clone();
                 fetch = Some(Box::pin(async move { ctx.consumer().await?.fetch(max, FETCH_WAIT).await }));
@@ -495,7 +491,7 @@ impl Ctx {
                 () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
                     retry_at = None;
                 }
-                () = self.dequeued.notified(), if queue_full => {}
+                () = self.room_freed.notified(), if room == 0 => {}
                 _ = stop.changed() => break,
                 _ = heartbeat.tick() => {
                     for m in &ahead {
@@ -621,6 +617,7 @@ impl Ctx {
                 Box::pin(ctx.deliver(msg, false)).await;
                 unsettled.settled();
                 drop(permit);
+                ctx.room_freed.notify_one();
             });
             return;
         };
@@ -629,7 +626,7 @@ impl Ctx {
             if let Some(queue) = keys.by_key.get_mut(&key) {
                 // It waits without a push slot: a key whose message is
                 // retried for a while must not take every slot from the
-                // other keys (up to [`Ctx::queue_full`]).
+                // other keys (within [`Ctx::fetch_room`]).
                 queue.push_back(msg);
                 keys.queued += 1;
                 return;
@@ -645,6 +642,7 @@ impl Ctx {
                 Box::pin(ctx.deliver(msg, true)).await;
                 unsettled.settled();
                 drop(permit);
+                ctx.room_freed.notify_one();
                 let next = {
                     // Under the lock: the runner takes the queues when stopping.
                     let mut keys = ctx.keys.lock().unwrap_or_else(|e| e.into_inner());
@@ -658,13 +656,13 @@ impl Ctx {
                     ctx.release_unpushed(waiting).await;
                     break;
                 };
-                ctx.dequeued.notify_one();
                 // Its push slot, taken in turn with the runner's.
                 let permit = tokio::select! {
                     biased;
                     _ = stop.wait_for(|s| *s) => None,
                     p = ctx.permits.clone().acquire_owned() => p.ok().filter(|_| !ctx.stopped()),
                 };
+                ctx.keys.lock().unwrap_or_else(|e| e.into_inner()).slotted();
                 match permit {
                     Some(permit) => current = Some((next, permit)),
                     None => {
@@ -676,17 +674,20 @@ impl Ctx {
         });
     }
 
-    /// Whether the key queues hold as many messages as may wait there: four
-    /// times `maxInFlight`, and about 4 × [`AHEAD_BYTES`] by the size of
-    /// recent messages. Fetching stops meanwhile (every message fetched
-    /// could be of the key that holds them up), to resume as they leave.
-    fn queue_full(&self, avg_bytes: usize) -> bool {
-        if self.spec.ordering != Ordering::Key {
-            return false;
+    /// How many more messages an ordered subscription may fetch: what this
+    /// sidecar holds (pushes under way, messages waiting behind their key,
+    /// `ahead` fetched for the free slots) stays within twice `maxInFlight`,
+    /// which a sidecar started after this one died gathers back in stream
+    /// order ([`Ctx::gather_redelivered`]); more, and their redeliveries
+    /// could come out of order. Unbounded without ordering (the slots and
+    /// [`fetch_size`] bound it).
+    fn fetch_room(&self, ahead: usize) -> usize {
+        if self.spec.ordering == Ordering::None {
+            return usize::MAX;
         }
-        let by_bytes = (4 * AHEAD_BYTES).checked_div(avg_bytes).unwrap_or(usize::MAX).max(1);
-        let most = (4 * self.capacity).min(by_bytes);
-        self.keys.lock().unwrap_or_else(|e| e.into_inner()).queued >= most
+        let pushing = self.capacity.saturating_sub(self.permits.available_permits());
+        let waiting = self.keys.lock().unwrap_or_else(|e| e.into_inner()).queued;
+        (2 * self.capacity).saturating_sub(pushing + waiting + ahead)
     }
 
     /// Runs `fut` while keeping the message leased.
@@ -1170,7 +1171,8 @@ impl Drop for Registered<'_> {
 }
 
 /// The messages of an ordered subscription waiting behind one of their key
-/// (that one being pushed), with how many they are.
+/// (that one being pushed), and how many wait without a push slot (those
+/// and the next of a key until it has one).
 #[derive(Default)]
 struct KeyQueues {
     by_key: HashMap<String, VecDeque<Fetched>>,
@@ -1178,23 +1180,26 @@ struct KeyQueues {
 }
 
 impl KeyQueues {
-    /// The next message of `key`, or `None` (and the key forgotten: a new
+    /// The next message of `key` (counted as waiting until
+    /// [`KeyQueues::slotted`]), or `None` (and the key forgotten: a new
     /// message of it is pushed at once) when none waits.
     fn pop(&mut self, key: &str) -> Option<Fetched> {
         let next = self.by_key.get_mut(key).and_then(VecDeque::pop_front);
-        match next {
-            Some(_) => self.queued -= 1,
-            None => {
-                self.by_key.remove(key);
-            }
+        if next.is_none() {
+            self.by_key.remove(key);
         }
         next
+    }
+
+    /// A message popped has its push slot (or went back).
+    fn slotted(&mut self) {
+        self.queued = self.queued.saturating_sub(1);
     }
 
     /// What waits behind `key`, the key forgotten.
     fn remove(&mut self, key: &str) -> Vec<Fetched> {
         let rest: Vec<Fetched> = self.by_key.remove(key).unwrap_or_default().into();
-        self.queued -= rest.len();
+        self.queued = self.queued.saturating_sub(rest.len());
         rest
     }
 
