@@ -35,7 +35,9 @@ const ALL_OPTIONAL: &[&str] = &[
     "nats.replicas=3",
     "nats.jetstream.storageClassName=fast",
     "broker.credentialsSecret=ferry-operator-nats",
+    "broker.tlsCASecret=ferry-operator-nats-ca",
     "sidecar.broker.credentialsSecret=ferry-nats",
+    "sidecar.broker.tlsCASecret=ferry-nats-ca",
     "sidecar.broker.url=nats://nats-leaf.ferry-system.svc:4222",
     "sidecar.dataVolume.type=ephemeral",
     "sidecar.dataVolume.storageClassName=fast",
@@ -288,6 +290,16 @@ fn the_operators_args_and_env_are_accepted_by_its_own_flag_parser() {
     find(&docs, "Service", "ferry-nats");
     let creds = args.broker_creds.expect("broker credentials");
     assert_eq!(creds.parent().and_then(|p| p.to_str()), Some(mount_of(&container, "broker-creds")));
+    let ca = args.broker_tls_ca.expect("the broker's CA");
+    assert_eq!(ca.parent().and_then(|p| p.to_str()), Some(mount_of(&container, "broker-ca")));
+    assert_eq!(ca.file_name(), Some(OsStr::new("ca.crt")));
+    let deployment = find(&docs, "Deployment", "ferry-operator");
+    let volumes = deployment["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    let secret = &volumes.iter().find(|v| v["name"] == "broker-ca").expect("the CA's volume")["secret"];
+    assert_eq!(
+        secret,
+        &json!({"secretName": "ferry-operator-nats-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]})
+    );
     let cert_dir = args.webhook_cert_dir.expect("cert-manager's certificate");
     assert_eq!(cert_dir.to_str(), Some(mount_of(&container, "webhook-tls")));
     let certificate = find(&docs, "Certificate", "ferry-webhook");
@@ -394,7 +406,7 @@ fn every_sidecar_value_reaches_the_webhooks_inject_config() {
     let cfg = serde_json::to_value(cfg).expect("InjectConfig serializes");
     assert_eq!(
         cfg["broker"],
-        json!({"url": "nats://nats-leaf.ferry-system.svc:4222", "credentialsSecret": "ferry-nats"})
+        json!({"url": "nats://nats-leaf.ferry-system.svc:4222", "credentialsSecret": "ferry-nats", "tlsCASecret": "ferry-nats-ca"})
     );
     assert_eq!(cfg["dataVolume"], json!({"type": "ephemeral", "sizeLimit": "2Gi", "storageClassName": "fast"}));
     assert_eq!((cfg["fsync"].as_str(), cfg["logFormat"].as_str()), (Some("interval"), Some("text")));

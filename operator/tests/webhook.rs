@@ -607,6 +607,24 @@ fn broker_credentials_are_mounted_read_only_and_named_in_ferry_broker_creds() {
 }
 
 #[test]
+fn the_brokers_ca_is_mounted_read_only_and_named_in_ferry_broker_tls_ca() {
+    let review = review_with(asking());
+    let pod = typed(&patched(&review, &respond(&review, &InjectConfig::default())));
+    assert!(!env_map(sidecar(&pod).env.as_ref().unwrap()).contains_key("FERRY_BROKER_TLS_CA"), "none by default");
+    let mut cfg = InjectConfig::default();
+    cfg.broker.tls_ca_secret = "nats-ca".into();
+    let pod = typed(&patched(&review, &respond(&review, &cfg)));
+    let sc = sidecar(&pod);
+    assert_eq!(env_map(sc.env.as_ref().unwrap())["FERRY_BROKER_TLS_CA"], "/etc/ferry/broker-ca/ca.crt");
+    let mount = sc.volume_mounts.as_ref().unwrap().iter().find(|m| m.mount_path == "/etc/ferry/broker-ca").unwrap();
+    assert_eq!(mount.read_only, Some(true));
+    let volume = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap().iter().find(|v| v.name == mount.name).unwrap();
+    let secret = volume.secret.as_ref().unwrap();
+    assert_eq!(secret.secret_name.as_deref(), Some("nats-ca"));
+    assert_eq!(secret.items.as_ref().unwrap()[0].key, "ca.crt");
+}
+
+#[test]
 fn an_ephemeral_data_volume_is_a_claim_per_pod_and_the_pod_gets_an_fs_group() {
     let mut cfg = InjectConfig::default();
     cfg.data_volume.kind = DataVolumeKind::Ephemeral;

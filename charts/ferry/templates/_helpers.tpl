@@ -85,6 +85,7 @@ imagePullPolicy: {{ .Values.sidecar.image.pullPolicy }}
 broker:
   url: {{ .Values.sidecar.broker.url | default (include "ferry.brokerURL" .) | quote }}
   credentialsSecret: {{ .Values.sidecar.broker.credentialsSecret | quote }}
+  tlsCASecret: {{ .Values.sidecar.broker.tlsCASecret | quote }}
 fsync: {{ .Values.sidecar.fsync }}
 logFormat: {{ .Values.sidecar.logFormat }}
 apiPort: {{ .Values.sidecar.apiPort }}

@@ -131,6 +131,12 @@ pub struct BrokerConfig {
     /// credentials file); mounted read-only at `/etc/ferry/broker`. Empty
     /// (the default): no credentials.
     pub credentials_secret: String,
+    /// Name of a Secret in the pod's namespace with the key `ca.crt`: the
+    /// CA that signed the broker's TLS certificate, when no public one did
+    /// (`FERRY_BROKER_TLS_CA`); mounted read-only at `/etc/ferry/broker-ca`.
+    /// Empty (the default): the system's roots.
+    #[serde(rename = "tlsCASecret")]
+    pub tls_ca_secret: String,
 }
 
 /// `FERRY_FSYNC`: how far the sidecar's outbox fsyncs.
@@ -253,7 +259,11 @@ impl Default for InjectConfig {
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        BrokerConfig { url: DEFAULT_BROKER_URL.to_owned(), credentials_secret: String::new() }
+        BrokerConfig {
+            url: DEFAULT_BROKER_URL.to_owned(),
+            credentials_secret: String::new(),
+            tls_ca_secret: String::new(),
+        }
     }
 }
 

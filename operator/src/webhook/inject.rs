@@ -55,6 +55,13 @@ pub const BROKER_VOLUME: &str = "ferry-broker";
 pub const BROKER_MOUNT: &str = "/etc/ferry/broker";
 /// The key of the broker credentials Secret (and its file name).
 pub const BROKER_CREDS_KEY: &str = "creds";
+/// Name of the volume of the CA that signed the broker's TLS certificate.
+pub const BROKER_CA_VOLUME: &str = "ferry-broker-ca";
+/// Where the broker CA Secret is mounted.
+pub const BROKER_CA_MOUNT: &str = "/etc/ferry/broker-ca";
+/// The key of the broker CA Secret (and its file name), as cert-manager
+/// and `kubectl create secret tls` name a CA certificate.
+pub const BROKER_CA_KEY: &str = "ca.crt";
 /// The key of the Secrets the token annotations name.
 pub const TOKEN_KEY: &str = "token";
 /// The env var the app containers find the sidecar's API with.
@@ -303,6 +310,10 @@ impl Wanted {
         Some(self.cfg.broker.credentials_secret.trim()).filter(|s| !s.is_empty())
     }
 
+    fn tls_ca_secret(&self) -> Option<&str> {
+        Some(self.cfg.broker.tls_ca_secret.trim()).filter(|s| !s.is_empty())
+    }
+
     /// The volumes the sidecar needs (the pod's own of the same name win).
     fn volumes(&self) -> Vec<Volume> {
         let dv = &self.cfg.data_volume;
@@ -335,21 +346,21 @@ impl Wanted {
                 ..Volume::default()
             },
         };
+        let secret_volume = |name: &str, secret: &str, key: &str| Volume {
+            name: name.to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.to_owned()),
+                items: Some(vec![KeyToPath { key: key.to_owned(), path: key.to_owned(), ..KeyToPath::default() }]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        };
         let mut volumes = vec![data];
         if let Some(secret) = self.credentials_secret() {
-            volumes.push(Volume {
-                name: BROKER_VOLUME.to_owned(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(secret.to_owned()),
-                    items: Some(vec![KeyToPath {
-                        key: BROKER_CREDS_KEY.to_owned(),
-                        path: BROKER_CREDS_KEY.to_owned(),
-                        ..KeyToPath::default()
-                    }]),
-                    ..SecretVolumeSource::default()
-                }),
-                ..Volume::default()
-            });
+            volumes.push(secret_volume(BROKER_VOLUME, secret, BROKER_CREDS_KEY));
+        }
+        if let Some(secret) = self.tls_ca_secret() {
+            volumes.push(secret_volume(BROKER_CA_VOLUME, secret, BROKER_CA_KEY));
         }
         volumes
     }
@@ -404,14 +415,19 @@ impl Wanted {
             mount_path: cfg.data_dir.clone(),
             ..VolumeMount::default()
         }];
+        let read_only = |name: &str, path: &str| VolumeMount {
+            name: name.to_owned(),
+            mount_path: path.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        };
         if self.credentials_secret().is_some() {
             env.push(self::env("FERRY_BROKER_CREDS", format!("{BROKER_MOUNT}/{BROKER_CREDS_KEY}")));
-            mounts.push(VolumeMount {
-                name: BROKER_VOLUME.to_owned(),
-                mount_path: BROKER_MOUNT.to_owned(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            });
+            mounts.push(read_only(BROKER_VOLUME, BROKER_MOUNT));
+        }
+        if self.tls_ca_secret().is_some() {
+            env.push(self::env("FERRY_BROKER_TLS_CA", format!("{BROKER_CA_MOUNT}/{BROKER_CA_KEY}")));
+            mounts.push(read_only(BROKER_CA_VOLUME, BROKER_CA_MOUNT));
         }
         let http_probe = |path: &str| Probe {
             http_get: Some(HTTPGetAction {
