@@ -18,38 +18,8 @@ use support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Topics `orders` (two partitions) and `orders-dlq`.
-const TOPICS: &str = "\
-apiVersion: ferry.dev/v1alpha1
-kind: Topic
-metadata: {name: orders}
-spec: {partitions: 2}
----
-apiVersion: ferry.dev/v1alpha1
-kind: Topic
-metadata: {name: orders-dlq}
-spec: {}
-";
-
 const STREAM: &str = "FERRY_default_orders";
 const DLQ_STREAM: &str = "FERRY_default_orders-dlq";
-
-/// A Subscription of app `shop` to `topic`, pushed to `/{name}`, dead
-/// letters to `orders-dlq`, with more spec fields (one per line).
-fn subscription(name: &str, topic: &str, fields: &[&str]) -> String {
-    let mut s = format!(
-        "---\napiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {name}}}\nspec:\n  topic: {topic}\n  \
-         app: shop\n  path: /{name}\n  deadLetterTopic: orders-dlq\n"
-    );
-    for f in fields {
-        s.push_str(&format!("  {f}\n"));
-    }
-    s
-}
-
-fn manifests_with(subs: &str) -> tempfile::TempDir {
-    manifests(&[("topics.yaml", TOPICS), ("subs.yaml", subs)])
-}
 
 /// Starts a sidecar pushing to `app` and waits until it configured the broker.
 fn start(nats: &NatsServer, res: &Path, data: &Path, app: &TestApp, extra: &[&str]) -> Sidecar {

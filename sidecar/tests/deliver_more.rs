@@ -16,42 +16,6 @@ use support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Topics `orders` (two partitions), `orders-dlq`, and `once` whose broker
-/// duplicate window is only one second.
-const TOPICS: &str = "\
-apiVersion: ferry.dev/v1alpha1
-kind: Topic
-metadata: {name: orders}
-spec: {partitions: 2}
----
-apiVersion: ferry.dev/v1alpha1
-kind: Topic
-metadata: {name: orders-dlq}
-spec: {}
----
-apiVersion: ferry.dev/v1alpha1
-kind: Topic
-metadata: {name: once}
-spec: {duplicateWindow: 1s}
-";
-
-/// A Subscription of app `shop` to `topic`, pushed to `/{name}`, dead
-/// letters to `orders-dlq`, with more spec fields (one per line).
-fn subscription(name: &str, topic: &str, fields: &[&str]) -> String {
-    let mut s = format!(
-        "---\napiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {name}}}\nspec:\n  topic: {topic}\n  \
-         app: shop\n  path: /{name}\n  deadLetterTopic: orders-dlq\n"
-    );
-    for f in fields {
-        s.push_str(&format!("  {f}\n"));
-    }
-    s
-}
-
-fn manifests_with(subs: &str) -> tempfile::TempDir {
-    manifests(&[("topics.yaml", TOPICS), ("subs.yaml", subs)])
-}
-
 /// Starts a sidecar pushing to `app` (if any) and waits until it configured the broker.
 fn start(nats: &NatsServer, res: &Path, data: &Path, app: Option<&TestApp>, extra: &[&str]) -> Sidecar {
     let mut launch = Launch::new(nats.url(), res, data);
@@ -659,7 +623,7 @@ async fn pull_long_polls_and_its_deliveries_are_acked_retried_and_rejected_by_ca
 async fn a_subscription_added_at_run_time_starts_receiving_and_removing_it_stops_it() {
     let nats = NatsServer::start();
     // `steady` runs throughout; `late` comes and goes.
-    let res = manifests(&[("topics.yaml", TOPICS), ("steady.yaml", &subscription("steady", "orders", &[]))]);
+    let res = manifests(&[("topics.yaml", DELIVERY_TOPICS), ("steady.yaml", &subscription("steady", "orders", &[]))]);
     let data = tempfile::tempdir().unwrap();
     let app = TestApp::ok().await;
     let mut sc = start(&nats, res.path(), data.path(), Some(&app), &["--resources-poll", "200ms"]);
@@ -704,7 +668,7 @@ async fn bulk_push_sends_cloudevent_batches_and_dead_letters_only_the_message_th
     // The ten messages are in the stream before the subscription exists (a
     // first sidecar without it produces them), so the subscription's first
     // fetch finds all of them: one batch, whatever the timing.
-    let topics_only = manifests(&[("topics.yaml", TOPICS)]);
+    let topics_only = manifests(&[("topics.yaml", DELIVERY_TOPICS)]);
     let data_producer = tempfile::tempdir().unwrap();
     let producer = start(&nats, topics_only.path(), data_producer.path(), None, &[]);
     let entries: Vec<Value> = (0..N).map(|i| serde_json::json!({"id": format!("b-{i}"), "data": {"n": i}})).collect();

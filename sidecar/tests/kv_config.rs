@@ -126,6 +126,13 @@ async fn a_subscription_the_operator_writes_reaches_a_running_sidecar_and_is_del
     assert!(!sc.output().iter().any(|l| l.contains("subscription=audit")), "{:#?}", sc.output());
 }
 
+/// Produces a message (`ack=local`) the test app will refuse.
+async fn produce_refused(api: u16, id: &str) {
+    let url = format!("http://127.0.0.1:{api}/v1/topics/orders/messages");
+    let resp = http().post(url).header("ferry-id", id).body("refused").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_lettered_messages_are_counted_where_the_operator_reads_them() {
     let nats = NatsServer::start();
@@ -143,14 +150,7 @@ async fn dead_lettered_messages_are_counted_where_the_operator_reads_them() {
     let (mut sc, api) = sidecar_of_app_shop(&nats, &app, data.path());
     sc.wait_for_line("starting subscription subscription=billing", START_TIMEOUT);
     for (n, id) in ["dl-1", "dl-2"].into_iter().enumerate() {
-        let resp = http()
-            .post(format!("http://127.0.0.1:{api}/v1/topics/orders/messages"))
-            .header("ferry-id", id)
-            .body("refused")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 202);
+        produce_refused(api, id).await;
         sc.wait_for_lines("dead-lettered", n + 1, START_TIMEOUT);
         // The count is written off the delivery path, soon after.
         let deadline = std::time::Instant::now() + START_TIMEOUT;
@@ -184,14 +184,7 @@ async fn dropped_messages_are_counted_with_the_last_reason_where_the_operator_re
     let (mut sc, api) = sidecar_of_app_shop(&nats, &app, data.path());
     sc.wait_for_line("starting subscription subscription=billing", START_TIMEOUT);
     for (n, id) in ["drop-1", "drop-2"].into_iter().enumerate() {
-        let resp = http()
-            .post(format!("http://127.0.0.1:{api}/v1/topics/orders/messages"))
-            .header("ferry-id", id)
-            .body("refused")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 202);
+        produce_refused(api, id).await;
         sc.wait_for_lines("dropping a message: no dead-letter topic", n + 1, START_TIMEOUT);
         // Written off the delivery path, soon after.
         let want = (n as u64 + 1, Some(format!("{id}: 1 attempt(s), last status 422: no such customer")));

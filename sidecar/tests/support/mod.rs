@@ -27,6 +27,42 @@ metadata:
 spec: {}
 ";
 
+/// The delivery tests' topics: `orders` (two partitions), `orders-dlq`, and `once` whose broker
+/// duplicate window is only one second.
+pub const DELIVERY_TOPICS: &str = "\
+apiVersion: ferry.dev/v1alpha1
+kind: Topic
+metadata: {name: orders}
+spec: {partitions: 2}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: Topic
+metadata: {name: orders-dlq}
+spec: {}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: Topic
+metadata: {name: once}
+spec: {duplicateWindow: 1s}
+";
+
+/// A Subscription of app `shop` to `topic`, pushed to `/{name}`, dead
+/// letters to `orders-dlq`, with more spec fields (one per line).
+pub fn subscription(name: &str, topic: &str, fields: &[&str]) -> String {
+    let mut s = format!(
+        "---\napiVersion: ferry.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {name}}}\nspec:\n  topic: {topic}\n  \
+         app: shop\n  path: /{name}\n  deadLetterTopic: orders-dlq\n"
+    );
+    for f in fields {
+        s.push_str(&format!("  {f}\n"));
+    }
+    s
+}
+
+pub fn manifests_with(subs: &str) -> tempfile::TempDir {
+    manifests(&[("topics.yaml", DELIVERY_TOPICS), ("subs.yaml", subs)])
+}
+
 /// A running `ferry-sidecar` process.
 pub struct Sidecar {
     pub process: Process,
