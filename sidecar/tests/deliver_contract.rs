@@ -10,37 +10,16 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_e2e::app::{Received, Reply, TestApp};
+use ferry_e2e::app::{Reply, TestApp};
 use support::*;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 const STREAM: &str = "FERRY_default_orders";
 const DLQ_STREAM: &str = "FERRY_default_orders-dlq";
 
-/// Starts a sidecar pushing to `app` and waits until it configured the broker.
-fn start(nats: &NatsServer, res: &Path, data: &Path, app: &TestApp, extra: &[&str]) -> Sidecar {
-    let mut launch = Launch::new(nats.url(), res, data).arg("--app-port").arg(&app.port.to_string());
-    for a in extra {
-        launch = launch.arg(a);
-    }
-    let mut sc = launch.start();
-    sc.wait_configured();
-    sc
-}
-
 async fn produce(sc: &Sidecar, id: &str) {
     produce_to(sc, "orders", id, None, &format!("body of {id}")).await;
-}
-
-async fn consumer_info(nats: &NatsServer, consumer: &str) -> async_nats::jetstream::consumer::Info {
-    let js = jetstream(&nats.url()).await;
-    let stream = js.get_stream(STREAM).await.unwrap();
-    let mut c: async_nats::jetstream::consumer::PullConsumer = stream.get_consumer(consumer).await.unwrap();
-    c.info().await.unwrap().clone()
 }
 
 /// The names of the consumers of the `orders` stream.
@@ -48,35 +27,6 @@ async fn consumer_names(nats: &NatsServer) -> Vec<String> {
     let js = jetstream(&nats.url()).await;
     let stream = js.get_stream(STREAM).await.unwrap();
     futures::StreamExt::collect(futures::StreamExt::map(stream.consumer_names(), |n| n.unwrap())).await
-}
-
-/// Waits until the broker shows nothing pending or unacked for the consumer.
-async fn wait_settled(nats: &NatsServer, consumer: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let info = consumer_info(nats, consumer).await;
-        if (info.num_pending, info.num_ack_pending) == (0, 0) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "consumer {consumer} never settled: pending {}, ack pending {}",
-            info.num_pending,
-            info.num_ack_pending
-        );
-        // The broker offers no event for "consumer idle"; poll its info.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The value of one series on the admin `/metrics` page.
-async fn metric(sc: &Sidecar, series: &str) -> Option<f64> {
-    let text = http().get(format!("{}/metrics", sc.admin)).send().await.unwrap().text().await.unwrap();
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-fn deliveries(subscription: &str, result: &str) -> String {
-    format!("ferry_deliveries_total{{subscription=\"{subscription}\",result=\"{result}\"}}")
 }
 
 /// Polls the metrics page until `series` reads `want` (the counters move
@@ -93,15 +43,6 @@ async fn wait_metric(sc: &Sidecar, series: &str, want: f64) {
     }
 }
 
-/// How many requests the app got for each id.
-fn counts<'a>(reqs: impl IntoIterator<Item = &'a Received>) -> BTreeMap<String, usize> {
-    let mut out = BTreeMap::new();
-    for r in reqs {
-        *out.entry(r.id().to_owned()).or_insert(0) += 1;
-    }
-    out
-}
-
 /// 20 messages are all at the broker well before the first push is
 /// answered (each takes 500 ms), so without the bound the sidecar would have
 /// up to its default of 32 at the app at once; with `maxInFlight: 4` the app
@@ -113,7 +54,7 @@ async fn max_in_flight_bounds_the_pushes_at_the_app_at_once() {
     let res = manifests_with(&subscription("bounded", "orders", &["maxInFlight: 4"]));
     let data = tempfile::tempdir().unwrap();
     let app = TestApp::start(|_, _| Reply::slow(200, Duration::from_millis(500))).await;
-    let sc = start(&nats, res.path(), data.path(), &app, &[]);
+    let sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
     for i in 0..N {
         produce(&sc, &format!("m-{i:02}")).await;
     }
@@ -123,7 +64,7 @@ async fn max_in_flight_bounds_the_pushes_at_the_app_at_once() {
     let want: BTreeMap<String, usize> = (0..N).map(|i| (format!("m-{i:02}"), 1)).collect();
     assert_eq!(counts(&app.received()), want, "each message pushed once");
     wait_metric(&sc, &deliveries("bounded", "acked"), N as f64).await;
-    let info = consumer_info(&nats, "bounded").await;
+    let info = consumer_info(&nats, STREAM, "bounded").await;
     assert_eq!(info.ack_floor.stream_sequence, N as u64, "every message acked at the broker: {info:?}");
     assert_eq!(info.delivered.consumer_sequence, N as u64, "none delivered twice by the broker: {info:?}");
 }
@@ -141,8 +82,8 @@ async fn a_202_keeps_the_message_leased_past_the_brokers_ack_wait_until_the_call
     let res = manifests_with(&subscription("deferred", "orders", &["processingTimeout: 4s"]));
     let data = tempfile::tempdir().unwrap();
     let app = TestApp::start(|_, _| Reply::slow(202, Duration::from_millis(2500))).await;
-    let sc = start(&nats, res.path(), data.path(), &app, &[]);
-    let info = consumer_info(&nats, "deferred").await;
+    let sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
+    let info = consumer_info(&nats, STREAM, "deferred").await;
     assert_eq!(info.config.ack_wait, ACK_WAIT, "processingTimeout is the broker's ack wait");
     assert!(info.config.backoff.is_empty(), "no BackOff replacing the ack wait: {:?}", info.config.backoff);
 
@@ -159,7 +100,7 @@ async fn a_202_keeps_the_message_leased_past_the_brokers_ack_wait_until_the_call
     assert_eq!((status, body["status"].as_str()), (200, Some("acked")), "{body}");
     wait_settled(&nats, "deferred").await;
 
-    let info = consumer_info(&nats, "deferred").await;
+    let info = consumer_info(&nats, STREAM, "deferred").await;
     assert_eq!(info.delivered.consumer_sequence, 1, "the broker delivered the message again: {info:?}");
     assert_eq!(info.num_redelivered, 0, "{info:?}");
     assert_eq!(info.ack_floor.stream_sequence, 1, "acked at the broker: {info:?}");
@@ -181,7 +122,7 @@ async fn a_dead_letter_is_stored_before_its_original_is_settled() {
     let res = manifests_with(&subscription("rejects", "orders", &["processingTimeout: 1s"]));
     let data = tempfile::tempdir().unwrap();
     let app = TestApp::start(|_, _| Reply::status(422).with_body("no such order")).await;
-    let mut sc = start(&nats, res.path(), data.path(), &app, &[]);
+    let mut sc = start(&nats, res.path(), data.path(), Some(&app), &[]);
     let js = jetstream(&nats.url()).await;
     let config = js.get_stream(DLQ_STREAM).await.unwrap().info().await.unwrap().config.clone();
     assert!(js.delete_stream(DLQ_STREAM).await.unwrap().success);
@@ -193,7 +134,7 @@ async fn a_dead_letter_is_stored_before_its_original_is_settled() {
     // dead letter refused; had the original been settled, or its lease run
     // out, the broker would show it.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let info = consumer_info(&nats, "rejects").await;
+    let info = consumer_info(&nats, STREAM, "rejects").await;
     assert_eq!(info.num_ack_pending, 1, "the original is settled though its dead letter is not stored: {info:?}");
     assert_eq!(info.ack_floor.stream_sequence, 0, "{info:?}");
     assert_eq!(info.delivered.consumer_sequence, 1, "its lease ran out: the broker delivered it again: {info:?}");
@@ -210,7 +151,7 @@ async fn a_dead_letter_is_stored_before_its_original_is_settled() {
     assert_eq!(header(&letters[0], "ferry-last-status").as_deref(), Some("422"));
     assert_eq!(letters[0].payload.as_ref(), b"body of r-1");
     wait_metric(&sc, &deliveries("rejects", "dead_lettered"), 1.0).await;
-    let info = consumer_info(&nats, "rejects").await;
+    let info = consumer_info(&nats, STREAM, "rejects").await;
     assert_eq!(info.delivered.consumer_sequence, 1, "delivered by the broker once: {info:?}");
     assert_eq!(info.ack_floor.stream_sequence, 1, "the original settled: {info:?}");
     assert_eq!(app.received().len(), 1, "not pushed again");
@@ -227,7 +168,8 @@ async fn a_fanout_pod_push_consumer_stays_while_its_sidecar_runs_and_goes_once_i
     let res = manifests_with(&subscription("cache", "orders", &["fanout: Pod"]));
     let data = tempfile::tempdir().unwrap();
     let app = TestApp::ok().await;
-    let mut sc = start(&nats, res.path(), data.path(), &app, &["--pod-name", "shop-a", "--pod-consumer-ttl", "1s"]);
+    let mut sc =
+        start(&nats, res.path(), data.path(), Some(&app), &["--pod-name", "shop-a", "--pod-consumer-ttl", "1s"]);
     let consumer = "cache_shop-a";
     let deadline = Instant::now() + WAIT;
     // The broker offers no event for a consumer made; poll its list.
@@ -235,7 +177,7 @@ async fn a_fanout_pod_push_consumer_stays_while_its_sidecar_runs_and_goes_once_i
         assert!(Instant::now() < deadline, "the per-pod consumer never appeared: {:?}", consumer_names(&nats).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let info = consumer_info(&nats, consumer).await;
+    let info = consumer_info(&nats, STREAM, consumer).await;
     assert_eq!(info.config.inactive_threshold, TTL, "--pod-consumer-ttl is the broker's idle limit");
 
     // Time-based behaviour: twice the idle limit with no message, the

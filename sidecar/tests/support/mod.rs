@@ -3,10 +3,12 @@
 //! back with async-nats.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use ferry_e2e::app::{Received, TestApp};
 #[allow(unused_imports)]
 pub use ferry_e2e::{free_port, manifests, NatsServer, Process, TmpfsMount, START_TIMEOUT};
 
@@ -221,4 +223,74 @@ pub async fn json(resp: reqwest::Response) -> (u16, serde_json::Value) {
     let body = resp.text().await.expect("response body");
     let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
     (status, value)
+}
+
+/// How long the delivery tests wait for what should come soon.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Starts a sidecar pushing to `app` (if any) and waits until it configured the broker.
+pub fn start(nats: &NatsServer, res: &Path, data: &Path, app: Option<&TestApp>, extra: &[&str]) -> Sidecar {
+    let mut launch = Launch::new(nats.url(), res, data);
+    if let Some(app) = app {
+        launch = launch.arg("--app-port").arg(&app.port.to_string());
+    }
+    for a in extra {
+        launch = launch.arg(a);
+    }
+    let mut sc = launch.start();
+    sc.wait_configured();
+    sc
+}
+
+pub async fn consumer_info(nats: &NatsServer, stream: &str, consumer: &str) -> async_nats::jetstream::consumer::Info {
+    let js = jetstream(&nats.url()).await;
+    let stream = js.get_stream(stream).await.unwrap();
+    let mut c: async_nats::jetstream::consumer::PullConsumer = stream.get_consumer(consumer).await.unwrap();
+    c.info().await.unwrap().clone()
+}
+
+/// Waits until the broker shows nothing pending or unacked for the consumer.
+pub async fn wait_settled_on(nats: &NatsServer, stream: &str, consumer: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let info = consumer_info(nats, stream, consumer).await;
+        if (info.num_pending, info.num_ack_pending) == (0, 0) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumer {consumer} never settled: pending {}, ack pending {}",
+            info.num_pending,
+            info.num_ack_pending
+        );
+        // The broker offers no event for "consumer idle"; poll its info.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn wait_settled(nats: &NatsServer, consumer: &str) {
+    wait_settled_on(nats, "FERRY_default_orders", consumer).await;
+}
+
+pub async fn dead_letters(nats: &NatsServer) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    stream_messages(&jetstream(&nats.url()).await, "FERRY_default_orders-dlq").await
+}
+
+/// The value of one series on the admin `/metrics` page.
+pub async fn metric(sc: &Sidecar, series: &str) -> Option<f64> {
+    let text = http().get(format!("{}/metrics", sc.admin)).send().await.unwrap().text().await.unwrap();
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+pub fn deliveries(subscription: &str, result: &str) -> String {
+    format!("ferry_deliveries_total{{subscription=\"{subscription}\",result=\"{result}\"}}")
+}
+
+/// How many requests the app got for each id.
+pub fn counts<'a>(reqs: impl IntoIterator<Item = &'a Received>) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for r in reqs {
+        *out.entry(r.id().to_owned()).or_insert(0) += 1;
+    }
+    out
 }
