@@ -491,7 +491,8 @@ impl Ctx {
                 () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
                     retry_at = None;
                 }
-                () = self.room_freed.notified(), if room == 0 => {}
+                // Nothing to fetch now: a push ending may change that.
+                () = self.room_freed.notified(), if max == 0 => {}
                 _ = stop.changed() => break,
                 _ = heartbeat.tick() => {
                     for m in &ahead {
@@ -643,26 +644,41 @@ impl Ctx {
                 unsettled.settled();
                 drop(permit);
                 ctx.room_freed.notify_one();
+                // One decision under one lock: the runner takes the queues
+                // when stopping, and once the key is forgotten (nothing
+                // waits) a new task may own it at once.
                 let next = {
-                    // Under the lock: the runner takes the queues when stopping.
                     let mut keys = ctx.keys.lock().unwrap_or_else(|e| e.into_inner());
-                    (!ctx.stopped()).then(|| keys.pop(&key)).flatten()
+                    if ctx.stopped() {
+                        // Stopping (and the runner may not have taken this
+                        // key's queue yet): no new push starts; what waits
+                        // goes back unpushed, after the one just settled.
+                        Err(keys.remove(&key))
+                    } else {
+                        Ok(keys.pop(&key))
+                    }
                 };
-                let Some(next) = next else {
-                    // Stopping (and the runner may not have taken this
-                    // key's queue yet): no new push starts; what waits
-                    // goes back unpushed, after the one just settled.
-                    let waiting = ctx.keys.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-                    ctx.release_unpushed(waiting).await;
-                    break;
+                let next = match next {
+                    Ok(Some(next)) => next,
+                    Ok(None) => break,
+                    Err(waiting) => {
+                        ctx.release_unpushed(waiting).await;
+                        break;
+                    }
                 };
-                // Its push slot, taken in turn with the runner's.
-                let permit = tokio::select! {
-                    biased;
-                    _ = stop.wait_for(|s| *s) => None,
-                    p = ctx.permits.clone().acquire_owned() => p.ok().filter(|_| !ctx.stopped()),
-                };
+                // Its push slot, taken in turn with the runner's; leased
+                // meanwhile (the slots may stay taken for a long time).
+                let permit = ctx
+                    .leased(&next, async {
+                        tokio::select! {
+                            biased;
+                            _ = stop.wait_for(|s| *s) => None,
+                            p = ctx.permits.clone().acquire_owned() => p.ok().filter(|_| !ctx.stopped()),
+                        }
+                    })
+                    .await;
                 ctx.keys.lock().unwrap_or_else(|e| e.into_inner()).slotted();
+                ctx.room_freed.notify_one();
                 match permit {
                     Some(permit) => current = Some((next, permit)),
                     None => {
