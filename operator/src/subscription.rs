@@ -92,18 +92,26 @@ async fn apply(api: &Api<Subscription>, s: &Subscription, ctx: &Context) -> Resu
         ctx.event(s, EventType::Warning, reason, &message).await;
     }
     let dropped_before = s.status.as_ref().and_then(|st| st.dropped).unwrap_or(0);
-    if let Some(n) = status.dropped.filter(|&n| n > dropped_before) {
-        let last = status.last_dropped.as_deref().unwrap_or("not noted");
-        let note = format!(
-            "{} message(s) dropped since the last look ({n} in all): no deadLetterTopic to send them to; last: {last}",
-            n - dropped_before
-        );
-        ctx.event(s, EventType::Warning, "MessagesDropped", &note).await;
-    }
     let patch = serde_json::json!({ "apiVersion": "ferry.dev/v1alpha1", "kind": "Subscription", "status": status });
-    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+    let patched = api
+        .patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
         .await
         .map_err(Error::Kube)?;
+    // Posted once the status shows the new count, so that the next pass,
+    // which compares with it, does not post it again (nor every pass when
+    // the CRD is older than the `dropped` field and the API server drops it).
+    if let Some(n) = status.dropped.filter(|&n| n > dropped_before) {
+        if patched.status.as_ref().and_then(|st| st.dropped) == Some(n) {
+            let last = status.last_dropped.as_deref().unwrap_or("not noted");
+            let note = format!(
+                "{} message(s) dropped since the last look ({n} in all): no deadLetterTopic to send them to; last: {last}",
+                n - dropped_before
+            );
+            ctx.event(s, EventType::Warning, "MessagesDropped", &note).await;
+        } else {
+            tracing::warn!(namespace = %ns, subscription = %name, dropped = n, "messages were dropped, but the status does not keep the count (is the Subscription CRD current?); no event posted");
+        }
+    }
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
 

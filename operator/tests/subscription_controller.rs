@@ -86,12 +86,13 @@ async fn a_subscription_before_its_topic_reports_topic_not_found_and_retries() {
 /// Messages dropped for want of a dead-letter topic (the sidecars count them
 /// and note the last one's reason in the KV bucket): the status shows the
 /// count and the reason, and a Warning event says how many were dropped since
-/// the status last showed, once: the next pass, with nothing new, posts none.
+/// the status last showed, once the status shows it: the next pass, with
+/// nothing new, posts none, nor does one whose status does not keep it.
 #[tokio::test]
 async fn dropped_messages_are_in_the_status_and_a_warning_event_once() {
     let nats = NatsServer::start();
     let (ctx, mut handle) = context(&nats).await;
-    let ctx2 = ctx.clone();
+    let (ctx2, ctx3) = (ctx.clone(), ctx.clone());
     ctx.js.apply_topic(&ferry_operator::build::topic("shop", "orders", &TopicSpec::default()).unwrap()).await.unwrap();
     let kv = ctx.js.bucket().await.unwrap();
     kv.put("_stats.shop.invoices.dropped", "3".into()).await.unwrap();
@@ -104,22 +105,38 @@ async fn dropped_messages_are_in_the_status_and_a_warning_event_once() {
     expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic.clone())).await;
     let ev = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
     assert_eq!(ev["reason"], "Reconciled");
+    // The API server answers with the status as it keeps it.
+    let mut shown = s.clone();
+    shown.status = Some(SubscriptionStatus { dropped: Some(3), last_dropped: Some(why.into()), ..Default::default() });
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&shown).unwrap())).await;
+    let st = &status["status"];
+    assert_eq!((st["dropped"].as_u64(), st["lastDropped"].as_str()), (Some(3), Some(why)), "{st}");
     let ev = expect(&mut handle, Method::POST, EVENTS, StatusCode::OK, None).await;
     assert_eq!((ev["reason"].as_str(), ev["type"].as_str()), (Some("MessagesDropped"), Some("Warning")), "{ev}");
     let note = ev["note"].as_str().unwrap();
     assert!(note.starts_with("2 message(s) dropped since the last look (3 in all)") && note.ends_with(why), "{note}");
-    let status =
-        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&s).unwrap())).await;
-    let st = &status["status"];
-    assert_eq!((st["dropped"].as_u64(), st["lastDropped"].as_str()), (Some(3), Some(why)), "{st}");
     run.await.unwrap().unwrap();
 
+    // The next pass, with nothing new, posts none.
     s.status = serde_json::from_value(st.clone()).unwrap();
     let run = tokio::spawn(ferry_operator::subscription::reconcile(Arc::new(s.clone()), ctx2));
-    expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic)).await;
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic.clone())).await;
     let status =
         expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&s).unwrap())).await;
     assert_eq!(status["status"]["dropped"].as_u64(), Some(3));
+    run.await.unwrap().unwrap();
+
+    // A status that does not keep the count (a CRD from before the field):
+    // no event, or one would go out on every pass.
+    kv.put("_stats.shop.invoices.dropped", "4".into()).await.unwrap();
+    let run = tokio::spawn(ferry_operator::subscription::reconcile(Arc::new(s.clone()), ctx3));
+    expect(&mut handle, Method::GET, TOPIC, StatusCode::OK, Some(topic)).await;
+    let mut pruned = s.clone();
+    pruned.status.as_mut().unwrap().dropped = None;
+    let status =
+        expect(&mut handle, Method::PATCH, STATUS, StatusCode::OK, Some(serde_json::to_value(&pruned).unwrap())).await;
+    assert_eq!(status["status"]["dropped"].as_u64(), Some(4), "sent, but not kept");
     run.await.unwrap().unwrap();
     expect_no_more(&mut handle).await;
 }
