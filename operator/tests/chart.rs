@@ -35,7 +35,6 @@ const ALL_OPTIONAL: &[&str] = &[
     "nats.replicas=3",
     "nats.jetstream.storageClassName=fast",
     "broker.credentialsSecret=ferry-operator-nats",
-    "broker.tlsCASecret=ferry-operator-nats-ca",
     "sidecar.broker.credentialsSecret=ferry-nats",
     "sidecar.broker.tlsCASecret=ferry-nats-ca",
     "sidecar.broker.url=nats://nats-leaf.ferry-system.svc:4222",
@@ -290,6 +289,19 @@ fn the_operators_args_and_env_are_accepted_by_its_own_flag_parser() {
     find(&docs, "Service", "ferry-nats");
     let creds = args.broker_creds.expect("broker credentials");
     assert_eq!(creds.parent().and_then(|p| p.to_str()), Some(mount_of(&container, "broker-creds")));
+    assert_eq!(args.broker_tls_ca, None, "the bundled NATS serves no TLS");
+    let cert_dir = args.webhook_cert_dir.expect("cert-manager's certificate");
+    assert_eq!(cert_dir.to_str(), Some(mount_of(&container, "webhook-tls")));
+    let certificate = find(&docs, "Certificate", "ferry-webhook");
+    assert_eq!(certificate["spec"]["secretName"], args.webhook_secret.as_str());
+    let dns = format!("{}.{NAMESPACE}.svc", args.webhook_service);
+    assert!(certificate["spec"]["dnsNames"].as_array().unwrap().contains(&json!(dns)), "{certificate:#}");
+
+    assert_eq!(args.config_replicas, 3, "operator.configReplicas");
+
+    // A NATS of one's own, with TLS from a private CA.
+    let docs = render(&["broker.url=tls://nats.example:4222", "broker.tlsCASecret=ferry-operator-nats-ca"]);
+    let (args, container) = (operator_args(&docs), operator_container(&docs));
     let ca = args.broker_tls_ca.expect("the broker's CA");
     assert_eq!(ca.parent().and_then(|p| p.to_str()), Some(mount_of(&container, "broker-ca")));
     assert_eq!(ca.file_name(), Some(OsStr::new("ca.crt")));
@@ -300,14 +312,13 @@ fn the_operators_args_and_env_are_accepted_by_its_own_flag_parser() {
         secret,
         &json!({"secretName": "ferry-operator-nats-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]})
     );
-    let cert_dir = args.webhook_cert_dir.expect("cert-manager's certificate");
-    assert_eq!(cert_dir.to_str(), Some(mount_of(&container, "webhook-tls")));
-    let certificate = find(&docs, "Certificate", "ferry-webhook");
-    assert_eq!(certificate["spec"]["secretName"], args.webhook_secret.as_str());
-    let dns = format!("{}.{NAMESPACE}.svc", args.webhook_service);
-    assert!(certificate["spec"]["dnsNames"].as_array().unwrap().contains(&json!(dns)), "{certificate:#}");
-
-    assert_eq!(args.config_replicas, 3, "operator.configReplicas");
+    // A CA for the bundled NATS, which serves no TLS, is refused.
+    for sets in
+        [&["nats.enabled=true", "broker.tlsCASecret=ca"][..], &["nats.enabled=true", "sidecar.broker.tlsCASecret=ca"]]
+    {
+        let err = template(sets).expect_err("refused");
+        assert!(err.contains("serves no TLS"), "{sets:?}: {err}");
+    }
 
     let args = operator_args(&render(WATCH_ONE_NAMESPACE));
     assert_eq!(args.namespace.as_deref(), Some("shop"));
