@@ -157,19 +157,20 @@ async fn a_dead_letter_is_stored_before_its_original_is_settled() {
     assert_eq!(app.received().len(), 1, "not pushed again");
 }
 
-/// A `fanout: Pod` push subscription with `--pod-consumer-ttl 1s`: its
+/// A `fanout: Pod` push subscription with `--pod-consumer-ttl 2s` (longer
+/// than a fetch's 1 s expiry, so no gap between two fetches reaches it): its
 /// per-pod consumer stays for twice that idle limit while the sidecar runs
 /// with nothing to deliver (its fetches keep it in use), and the broker
 /// removes it once the sidecar is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fanout_pod_push_consumer_stays_while_its_sidecar_runs_and_goes_once_it_is_gone() {
-    const TTL: Duration = Duration::from_secs(1);
+    const TTL: Duration = Duration::from_secs(2);
     let nats = NatsServer::start();
     let res = manifests_with(&subscription("cache", "orders", &["fanout: Pod"]));
     let data = tempfile::tempdir().unwrap();
     let app = TestApp::ok().await;
     let mut sc =
-        start(&nats, res.path(), data.path(), Some(&app), &["--pod-name", "shop-a", "--pod-consumer-ttl", "1s"]);
+        start(&nats, res.path(), data.path(), Some(&app), &["--pod-name", "shop-a", "--pod-consumer-ttl", "2s"]);
     let consumer = "cache_shop-a";
     let deadline = Instant::now() + WAIT;
     // The broker offers no event for a consumer made; poll its list.
