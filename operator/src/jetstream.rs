@@ -321,28 +321,25 @@ impl JetStream {
         self.delete_key(&naming::subscription_key(namespace, app, name)).await
     }
 
-    /// How many messages the sidecars dead-lettered for a subscription (the
-    /// count they keep in the config bucket; 0 when none was written).
-    pub async fn dead_letter_count(&self, namespace: &str, subscription: &str) -> Result<u64, ApplyError> {
-        let value = self.stat(&naming::dead_letter_count_key(namespace, subscription)).await?;
-        Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0))
-    }
-
-    /// How many messages the sidecars dropped for a subscription without a
-    /// dead-letter topic, and why the last one was (their notes in the
-    /// config bucket; 0 and `None` when none was written).
-    pub async fn dropped(&self, namespace: &str, subscription: &str) -> Result<(u64, Option<String>), ApplyError> {
-        let count = self.stat(&naming::dropped_count_key(namespace, subscription)).await?;
-        let last = self.stat(&naming::last_dropped_key(namespace, subscription)).await?;
-        Ok((count.and_then(|v| v.parse().ok()).unwrap_or(0), last))
-    }
-
-    /// A note the sidecars keep in the config bucket, as text.
-    async fn stat(&self, key: &str) -> Result<Option<String>, ApplyError> {
+    /// What the sidecars note of a subscription in the config bucket (its
+    /// dead-letter and drop counts, why the last drop happened), read with
+    /// one lookup of the bucket.
+    pub async fn sidecar_stats(&self, namespace: &str, subscription: &str) -> Result<SidecarStats, ApplyError> {
         self.connected()?;
         let bucket = self.bucket().await?;
-        let value = bucket.get(key).await.map_err(|e| classify(&self.client, e))?;
-        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        let read = |key: String| {
+            let bucket = &bucket;
+            async move {
+                let value = bucket.get(key).await.map_err(|e| classify(&self.client, e))?;
+                Ok::<_, ApplyError>(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+            }
+        };
+        let count = |v: Option<String>| v.and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok(SidecarStats {
+            dead_lettered: count(read(naming::dead_letter_count_key(namespace, subscription)).await?),
+            dropped: count(read(naming::dropped_count_key(namespace, subscription)).await?),
+            last_dropped: read(naming::last_dropped_key(namespace, subscription)).await?,
+        })
     }
 
     /// The counts of a Subscription's group consumer, or `None` when the
@@ -417,6 +414,18 @@ impl JetStream {
             Err(e) => Err(classify(&self.client, e)),
         }
     }
+}
+
+/// What the sidecars note of a subscription in the config bucket; 0 and
+/// `None` where they wrote nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SidecarStats {
+    /// Messages sent to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// Messages dropped for want of a dead-letter topic.
+    pub dropped: u64,
+    /// Why the last of those was dropped.
+    pub last_dropped: Option<String>,
 }
 
 /// What a Subscription's status shows of a consumer.

@@ -156,14 +156,12 @@ async fn observe(s: &Subscription, ctx: &Context, applied: bool) -> Subscription
             status.redelivered = last.redelivered;
         }
     }
-    status.dead_lettered = match ctx.js.dead_letter_count(&ns, &name).await {
-        Ok(n) => Some(n),
-        Err(_) => last.dead_lettered,
-    };
-    (status.dropped, status.last_dropped) = match ctx.js.dropped(&ns, &name).await {
-        Ok((0, _)) => (Some(0), None),
-        Ok((n, why)) => (Some(n), why),
-        Err(_) => (last.dropped, last.last_dropped),
+    (status.dead_lettered, status.dropped, status.last_dropped) = match ctx.js.sidecar_stats(&ns, &name).await {
+        Ok(stats) => {
+            let why = stats.last_dropped.filter(|_| stats.dropped > 0);
+            (Some(stats.dead_lettered), Some(stats.dropped), why)
+        }
+        Err(_) => (last.dead_lettered, last.dropped, last.last_dropped),
     };
     status
 }

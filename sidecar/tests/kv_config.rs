@@ -143,7 +143,7 @@ async fn dead_lettered_messages_are_counted_where_the_operator_reads_them() {
     let spec =
         SubscriptionSpec { dead_letter_topic: Some("orders-dlq".into()), ..SubscriptionSpec::new("orders", "shop") };
     op.apply_subscription(&build::subscription("default", "billing", &spec).unwrap()).await.unwrap();
-    assert_eq!(op.dead_letter_count("default", "billing").await.unwrap(), 0);
+    assert_eq!(op.sidecar_stats("default", "billing").await.unwrap().dead_lettered, 0);
 
     let app = TestApp::start(|_, _| Reply::status(422)).await;
     let data = tempfile::tempdir().unwrap();
@@ -154,14 +154,20 @@ async fn dead_lettered_messages_are_counted_where_the_operator_reads_them() {
         sc.wait_for_lines("dead-lettered", n + 1, START_TIMEOUT);
         // The count is written off the delivery path, soon after.
         let deadline = std::time::Instant::now() + START_TIMEOUT;
-        while op.dead_letter_count("default", "billing").await.unwrap() != n as u64 + 1 {
+        while op.sidecar_stats("default", "billing").await.unwrap().dead_lettered != n as u64 + 1 {
             assert!(std::time::Instant::now() < deadline, "the count never reached {}", n + 1);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     // Deleting the Subscription removes its count too.
     op.delete_subscription("default", "billing", "orders", "shop").await.unwrap();
-    assert_eq!(op.dead_letter_count("default", "billing").await.unwrap(), 0);
+    assert_eq!(op.sidecar_stats("default", "billing").await.unwrap().dead_lettered, 0);
+}
+
+/// Subscription `billing`'s drop count and last reason, as the operator reads them.
+async fn dropped(op: &JetStream) -> (u64, Option<String>) {
+    let stats = op.sidecar_stats("default", "billing").await.unwrap();
+    (stats.dropped, stats.last_dropped)
 }
 
 /// Without a dead-letter topic, a message the app rejects is dropped: the
@@ -177,7 +183,7 @@ async fn dropped_messages_are_counted_with_the_last_reason_where_the_operator_re
     )
     .await
     .unwrap();
-    assert_eq!(op.dropped("default", "billing").await.unwrap(), (0, None));
+    assert_eq!(dropped(&op).await, (0, None));
 
     let app = TestApp::start(|_, _| Reply::status(422).with_body("no such customer")).await;
     let data = tempfile::tempdir().unwrap();
@@ -190,7 +196,7 @@ async fn dropped_messages_are_counted_with_the_last_reason_where_the_operator_re
         let want = (n as u64 + 1, Some(format!("{id}: 1 attempt(s), last status 422: no such customer")));
         let deadline = std::time::Instant::now() + START_TIMEOUT;
         loop {
-            let now = op.dropped("default", "billing").await.unwrap();
+            let now = dropped(&op).await;
             if now == want {
                 break;
             }
@@ -200,7 +206,7 @@ async fn dropped_messages_are_counted_with_the_last_reason_where_the_operator_re
     }
     // Deleting the Subscription removes both notes.
     op.delete_subscription("default", "billing", "orders", "shop").await.unwrap();
-    assert_eq!(op.dropped("default", "billing").await.unwrap(), (0, None));
+    assert_eq!(dropped(&op).await, (0, None));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
