@@ -318,6 +318,12 @@ impl NatsBroker {
 }
 
 impl NatsBroker {
+    /// The config bucket the operator made (none without an operator: then
+    /// there is nothing to count into).
+    async fn config_bucket(&self) -> Result<jetstream::kv::Store, String> {
+        self.js.get_key_value(ferry_api::naming::CONFIG_BUCKET).await.map_err(|e| e.to_string())
+    }
+
     /// A failed API call is `Unavailable` when the connection is down or the
     /// call timed out (worth retrying), else the broker `Refused` it.
     fn classify(&self, e: impl std::fmt::Display) -> BrokerError {
@@ -410,33 +416,39 @@ impl Broker for NatsBroker {
 
     async fn count_dead_letter(&self, namespace: &str, subscription: &str) {
         let key = ferry_api::naming::dead_letter_count_key(namespace, subscription);
-        if let Err(e) = add_one(&self.js, &key).await {
+        let counted = match self.config_bucket().await {
+            Ok(kv) => add_one(&kv, &key).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = counted {
             tracing::debug!(key, error = %e, "dead-letter count not written");
         }
     }
 
     async fn count_dropped(&self, namespace: &str, subscription: &str, reason: &str) {
         use ferry_api::naming::{dropped_count_key, last_dropped_key};
+        let kv = match self.config_bucket().await {
+            Ok(kv) => kv,
+            Err(e) => {
+                tracing::debug!(subscription, error = %e, "drop count not written");
+                return;
+            }
+        };
         // The reason first: the operator posts it when it sees the count rise.
         let key = last_dropped_key(namespace, subscription);
-        let noted = match self.js.get_key_value(ferry_api::naming::CONFIG_BUCKET).await {
-            Ok(kv) => kv.put(&key, reason.to_owned().into()).await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = noted {
+        if let Err(e) = kv.put(&key, reason.to_owned().into()).await {
             tracing::debug!(key, error = %e, "last drop reason not written");
         }
         let key = dropped_count_key(namespace, subscription);
-        if let Err(e) = add_one(&self.js, &key).await {
+        if let Err(e) = add_one(&kv, &key).await {
             tracing::debug!(key, error = %e, "drop count not written");
         }
     }
 }
 
 /// Adds one to a counter in the config bucket (compare-and-set, retried on
-/// a concurrent writer). No bucket (no operator): nothing to count into.
-async fn add_one(js: &jetstream::Context, key: &str) -> Result<(), String> {
-    let kv = js.get_key_value(ferry_api::naming::CONFIG_BUCKET).await.map_err(|e| e.to_string())?;
+/// a concurrent writer).
+async fn add_one(kv: &jetstream::kv::Store, key: &str) -> Result<(), String> {
     for _ in 0..16 {
         let entry = kv.entry(key).await.map_err(|e| e.to_string())?;
         let written = match entry.filter(|e| e.operation == jetstream::kv::Operation::Put) {

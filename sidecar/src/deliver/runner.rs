@@ -937,11 +937,12 @@ impl Ctx {
     /// Sends a message to the dead-letter topic (confirmed by the broker)
     /// and only then settles the original; without one, drops it loudly.
     async fn dead_letter(&self, msg: &Fetched, attempts: u32, status: &str, error: &str) {
+        // As a header or a note: no control characters, at most 500.
+        let error: String = error.chars().filter(|c| !c.is_control()).take(500).collect();
         let Some(dlq) = &self.spec.dead_letter_topic else {
             tracing::warn!(subscription = %self.name, id = %msg.id, attempts, status, error, "dropping a message: no dead-letter topic");
             self.count("dropped");
             let _ = msg.settle.settle(Settlement::Reject).await;
-            let error: String = error.chars().filter(|c| !c.is_control()).take(500).collect();
             let reason = format!("{}: {attempts} attempt(s), last status {status}: {error}", msg.id);
             let (broker, namespace, name) = (self.deps.broker.clone(), self.deps.namespace.clone(), self.name.clone());
             tokio::spawn(async move { broker.count_dropped(&namespace, &name, reason.trim_end()).await });
@@ -960,7 +961,6 @@ impl Ctx {
             })
             .cloned()
             .collect();
-        let error: String = error.chars().filter(|c| !c.is_control()).take(500).collect();
         hdrs.push((headers::ORIGIN_TOPIC.into(), self.spec.topic.clone()));
         hdrs.push((headers::ORIGIN_SUBSCRIPTION.into(), self.name.clone()));
         hdrs.push((headers::ORIGIN_ID.into(), msg.id.clone()));
